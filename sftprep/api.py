@@ -1,0 +1,309 @@
+"""The public Python surface: `build(config)` and `load(dir)`."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+from collections import Counter
+from itertools import islice
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+import numpy as np
+import pyarrow as pa
+
+from . import __version__
+from .config import BuildConfig, ConfigError
+from .encode import Encoded, Encoder
+from .labels import IGNORE_INDEX
+from .manifest import MANIFEST, fsync_dir, read_manifest, write_manifest
+from .packing import fill_ratio, pack_bfd, pack_wrapped
+from .readers import expand_inputs, iter_records
+from .shards import open_shard, rows_table, shard_name, write_table
+from .tokenizer import load_tokenizer, pad_id, tokenizer_identity
+
+BATCH = 1000
+SAMPLES_FILE = "samples.arrow"
+REJECTS_FILE = "rejects.jsonl"
+
+
+class BuildError(RuntimeError):
+    """The build ran but its result must not be used (e.g. too many rejected records)."""
+
+
+def build(config: BuildConfig, progress: Callable[[int], None] | None = None) -> dict[str, Any]:
+    """Read, render, tokenize, label, pack and write shards; return the manifest.
+
+    Args:
+        config: the resolved build configuration.
+        progress: called with the number of records just processed, batch by batch.
+
+    Raises:
+        ConfigError / FileNotFoundError: a setting is wrong (nothing is written).
+        RecordError: a bad record under `on_error="fail"` (no manifest is written).
+        BuildError: too many records rejected (shards and rejects are left, no manifest).
+    """
+    tok = load_tokenizer(config.tokenize.tokenizer)
+    inputs = expand_inputs(config.read.inputs)
+    encoder = Encoder(config, tok)  # validates template settings before any work
+    identity = tokenizer_identity(tok, config.tokenize.tokenizer)
+    input_info = [{"path": str(p), "sha256": _hash_input(p)} for p in inputs]
+    build_id = _build_id(config, input_info, identity)
+    out = _prepare_out(Path(config.out), build_id, config.overwrite)
+
+    store, rejects, read = _encode_all(config, encoder, progress)
+    _check_rejects(config, rejects, read, out)
+    rows, pieces = _pack(config, store)
+    shards = _write_shards(config, out, store, rows, pieces, identity["pad_id"])
+    _write_samples(out, store)
+    _write_rejects(out, rejects)
+
+    tokens = sum(s["tokens"] for s in shards)
+    n_rows = sum(s["rows"] for s in shards)
+    trained = sum(s["trained_tokens"] for s in shards)
+    totals = {
+        "records_read": read,
+        "samples_kept": len(store.ids),
+        "samples_dropped": len(rejects),
+        "dropped_by_reason": dict(sorted(Counter(r["reason"] for r in rejects).items())),
+        "samples_truncated": int(sum(store.truncated)),
+        "tokens": tokens,
+        "trained_tokens": trained,
+        "rows": n_rows,
+        "fill_ratio": round(fill_ratio(tokens, n_rows, config.tokenize.max_length), 6)
+        if config.pack.mode != "none" else None,
+    }
+    manifest = {
+        "tool": {"name": "sftprep", "version": __version__},
+        "build_id": build_id,
+        "config": config.to_dict(),
+        "inputs": input_info,
+        "template": encoder.renderer.description,
+        "tokenizer": identity,
+        "max_length": config.tokenize.max_length,
+        "packing": config.pack.mode,
+        "shards": [{k: s[k] for k in ("file", "rows", "tokens", "sha256")} for s in shards],
+        "samples_file": SAMPLES_FILE,
+        "rejects_file": REJECTS_FILE,
+        "totals": totals,
+    }
+    write_manifest(out, manifest)
+    return manifest
+
+
+def load(path: str | Path) -> pa.Table:
+    """All shards of a build as one memory-mapped `pyarrow.Table` (zero-copy); `.to_pandas()` away."""
+    manifest = read_manifest(path)
+    tables = [open_shard(Path(path) / s["file"]) for s in manifest["shards"]]
+    if not tables:
+        from .shards import SCHEMA
+        return SCHEMA.empty_table()
+    return pa.concat_tables(tables)
+
+
+# -- stages ----------------------------------------------------------------------------------
+
+class _Store:
+    """Tokenized samples kept for packing (about 8 bytes per token in memory)."""
+
+    def __init__(self) -> None:
+        self.ids: list[np.ndarray] = []
+        self.labels: list[np.ndarray] = []
+        self.sample_ids: list[int] = []
+        self.sources: list[str] = []
+        self.truncated: list[bool] = []
+
+    def add(self, enc: Encoded) -> None:
+        self.ids += enc.ids
+        self.labels += enc.labels
+        self.sample_ids += enc.sample_ids
+        self.sources += enc.sources
+        self.truncated += enc.truncated
+
+
+def _batches(config: BuildConfig) -> Iterator[list]:
+    records = enumerate(iter_records(config.read.inputs))
+    if config.read.num_samples:
+        records = islice(records, config.read.num_samples)
+    while batch := list(islice(records, BATCH)):
+        yield batch
+
+
+_worker_encoder: Encoder | None = None
+
+
+def _init_worker(config: BuildConfig) -> None:
+    global _worker_encoder
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    _worker_encoder = Encoder(config, load_tokenizer(config.tokenize.tokenizer))
+
+
+def _run_worker(batch: list) -> tuple[int, Encoded]:
+    return len(batch), _worker_encoder(batch)
+
+
+def _encode_all(config: BuildConfig, encoder: Encoder, progress) -> tuple[_Store, list, int]:
+    store, rejects, read = _Store(), [], 0
+    pool = None
+    if config.workers > 1:
+        import multiprocessing as mp
+
+        pool = mp.get_context("spawn").Pool(config.workers, _init_worker, (config,))
+        results: Iterable[tuple[int, Encoded]] = pool.imap(_run_worker, _batches(config), 1)
+    else:
+        results = ((len(b), encoder(b)) for b in _batches(config))
+    try:
+        for n, enc in results:
+            store.add(enc)
+            rejects += enc.rejects
+            read += n
+            if progress:
+                progress(n)
+    finally:
+        if pool is not None:
+            pool.terminate()
+    return store, rejects, read
+
+
+def _check_rejects(config: BuildConfig, rejects: list, read: int, out: Path) -> None:
+    if read == 0:
+        raise BuildError("the inputs hold no records")
+    ratio = len(rejects) / read
+    if rejects and ratio > config.read.max_reject_ratio:
+        _write_rejects(out, rejects)
+        reasons = ", ".join(f"{k}: {v}" for k, v in Counter(r["reason"] for r in rejects).most_common())
+        raise BuildError(f"{len(rejects)} of {read} records rejected ({ratio:.0%} > max_reject_ratio "
+                         f"{config.read.max_reject_ratio:.0%}; {reasons}); first: {rejects[0]['source']}: "
+                         f"{rejects[0]['message']}. All are listed in {out / REJECTS_FILE}")
+
+
+def _pack(config: BuildConfig, store: _Store) -> tuple[list[list[int]], list | None]:
+    lengths = [len(x) for x in store.ids]
+    mode, max_length = config.pack.mode, config.tokenize.max_length
+    if mode == "bfd":
+        rows, pieces = pack_bfd(lengths, max_length), None
+    elif mode == "wrapped":
+        pieces = pack_wrapped(lengths, max_length)
+        rows = list(range(len(pieces)))
+    else:
+        rows, pieces = [[i] for i in range(len(lengths))], None
+    order = list(range(len(rows)))
+    if mode == "bfd":  # BFD emits rows by fill; shuffle so shard position says nothing of length
+        random.Random(config.pack.seed).shuffle(order)
+        rows = [rows[i] for i in order]
+    return rows, pieces
+
+
+def _write_shards(config: BuildConfig, out: Path, store: _Store, rows: list, pieces: list | None,
+                  pad: int) -> list[dict[str, Any]]:
+    max_length = config.tokenize.max_length
+    padded = config.pack.mode != "none"
+    shards = []
+    size = config.pack.shard_size
+    for k, start in enumerate(range(0, len(rows), size)):
+        ids, labels, row_off, seq_lens, seq_off, sids = [], [], [0], [], [0], []
+        for row in rows[start:start + size]:
+            parts = pieces[row] if pieces is not None else [(i, 0, len(store.ids[i])) for i in row]
+            n = 0
+            for i, a, b in parts:
+                ids.append(store.ids[i][a:b])
+                lab = store.labels[i][a:b]
+                if a > 0:  # a wrapped piece starts a new sample in this row
+                    lab = lab.copy()
+                    lab[0] = IGNORE_INDEX
+                labels.append(lab)
+                seq_lens.append(b - a)
+                sids.append(store.sample_ids[i])
+                n += b - a
+            if padded and n < max_length:
+                ids.append(np.full(max_length - n, pad, dtype=np.int32))
+                labels.append(np.full(max_length - n, IGNORE_INDEX, dtype=np.int32))
+            row_off.append(row_off[-1] + (max_length if padded else n))
+            seq_off.append(len(seq_lens))
+        lab_all = np.concatenate(labels)
+        table = rows_table(np.concatenate(ids), lab_all, np.asarray(row_off), np.asarray(seq_lens),
+                           np.asarray(seq_off), np.asarray(sids))
+        name = shard_name(k)
+        digest = write_table(out / name, table)
+        shards.append({"file": name, "rows": table.num_rows, "tokens": int(sum(seq_lens)),
+                       "trained_tokens": int((lab_all != IGNORE_INDEX).sum()), "sha256": digest})
+    return shards
+
+
+def _write_samples(out: Path, store: _Store) -> None:
+    """Per-sample side table: provenance, length and trained tokens of every kept sample."""
+    table = pa.table({
+        "sample_id": pa.array(store.sample_ids, pa.int64()),
+        "source": pa.array(store.sources, pa.string()),
+        "num_tokens": pa.array([len(x) for x in store.ids], pa.int32()),
+        "num_trained": pa.array([int((x != IGNORE_INDEX).sum()) for x in store.labels], pa.int32()),
+        "truncated": pa.array(store.truncated, pa.bool_()),
+    })
+    write_table(out / SAMPLES_FILE, table)
+
+
+def _write_rejects(out: Path, rejects: list[dict[str, Any]]) -> None:
+    tmp = out / (REJECTS_FILE + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for r in rejects:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    os.replace(tmp, out / REJECTS_FILE)
+
+
+# -- output folder and identity ----------------------------------------------------------------
+
+def _prepare_out(out: Path, build_id: str, overwrite: bool) -> Path:
+    """Make `out` ready: refuse a folder holding another build unless `overwrite`; then remove the
+    manifest first (so the folder never claims a finished build mid-way) and old shards."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file, not a folder")
+    if out.exists():
+        previous = _previous_build_id(out)
+        foreign = previous is None and any(p for p in out.iterdir() if not p.name.startswith("."))
+        if not overwrite and (foreign or (previous is not None and previous != build_id)):
+            what = "files that are not a sftprep build" if foreign else "a different build"
+            raise ConfigError(f"--out {out} already holds {what}; pass --overwrite to replace it, "
+                              "or choose another folder")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MANIFEST).unlink(missing_ok=True)
+    (out / ".build_id").write_text(build_id + "\n")
+    for old in [*out.glob("shard-*.arrow"), *out.glob("*.tmp"), out / SAMPLES_FILE, out / REJECTS_FILE]:
+        old.unlink(missing_ok=True)
+    fsync_dir(out)
+    return out
+
+
+def _previous_build_id(out: Path) -> str | None:
+    marker = out / ".build_id"
+    if marker.exists():
+        return marker.read_text().strip()
+    if (out / MANIFEST).exists():
+        try:
+            return read_manifest(out).get("build_id")
+        except (ValueError, FileNotFoundError):
+            return "unreadable"
+    return None
+
+
+def _hash_input(path: Path) -> str:
+    from .shards import sha256_file
+
+    if path.is_file():
+        return sha256_file(path)
+    h = hashlib.sha256()
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        h.update(str(f.relative_to(path)).encode())
+        h.update(sha256_file(f).encode())
+    return h.hexdigest()
+
+
+def _build_id(config: BuildConfig, inputs: list[dict], identity: dict) -> str:
+    """What makes two builds the same: settings that change the shards, inputs, tokenizer, version."""
+    cfg = config.to_dict()
+    for volatile in ("out", "workers", "overwrite"):
+        cfg.pop(volatile)
+    key = {"config": cfg, "inputs": [i["sha256"] for i in inputs], "tokenizer": identity["vocab_hash"],
+           "version": __version__}
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]

@@ -1,0 +1,264 @@
+"""Build configuration: frozen dataclasses, one per stage, nested under `BuildConfig`.
+
+The YAML file mirrors the tree (``read: {inputs: [...]}``, ``template: {name: chatml}``, ...), and
+top-level shortcuts name the commonest keys (``inputs``, ``tokenizer``, ``max_length``, ...).
+Unknown keys are errors, with the closest known key suggested. Every problem found is collected
+and raised once as a `ConfigError` that names the YAML key / CLI flag to fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+FORMATS = ("auto", "text", "prompt_completion", "messages", "sharegpt", "alpaca")
+TRAIN_ON = ("auto", "completion", "assistant", "last", "all")
+TRUNCATION = ("keep_start", "keep_end", "drop")
+PACKING = ("bfd", "wrapped", "none")
+ON_ERROR = ("skip", "fail")
+
+
+class ConfigError(ValueError):
+    """A setting is wrong; the message lists every problem and how to fix it."""
+
+
+@dataclass(frozen=True)
+class ReadConfig:
+    """Where records come from and how they become conversations."""
+
+    inputs: tuple[str, ...] = ()
+    """Input files, folders (`datasets.save_to_disk`) or glob patterns (--input, repeatable)."""
+    format: str = "auto"
+    """Record format: auto, text, prompt_completion, messages, sharegpt, alpaca (--format)."""
+    fields: Mapping[str, str] = field(default_factory=dict)
+    """Map our field names to yours, e.g. {prompt: question, completion: answer} (--field K=V)."""
+    num_samples: int | None = None
+    """Read only the first N records (preview a build) (--num-samples)."""
+    on_error: str = "skip"
+    """What a bad record does: skip (listed in rejects.jsonl) or fail (stop, exit 2) (--on-error)."""
+    max_reject_ratio: float = 0.5
+    """Stop the build when more than this share of records is rejected (--max-reject-ratio)."""
+
+
+@dataclass(frozen=True)
+class TemplateConfig:
+    """How a conversation becomes one string plus the character spans that are trained."""
+
+    name: str | None = None
+    """Preset (chatml, alpaca, llama2, mistral, vicuna, qa), `tokenizer` for the tokenizer's own
+    chat_template, or `module:function` for a Python callable (--template)."""
+    prompt: str | None = None
+    """Format string over record fields for the prompt, e.g. '### Q: {question}\\n' (--prompt)."""
+    completion: str | None = None
+    """Format string over record fields for the trained part, e.g. '{answer}' (--completion)."""
+    system: str | None = None
+    """System prompt used when a record has none (--system)."""
+    response_template: str | None = None
+    """TRL-style: train only on text after this marker, matched on characters (--response-template)."""
+    instruction_template: str | None = None
+    """TRL-style: with response_template, a marker that starts an untrained turn (--instruction-template)."""
+
+
+@dataclass(frozen=True)
+class TokenizeConfig:
+    """Tokenizer, labels and truncation."""
+
+    tokenizer: str | None = None
+    """Local tokenizer folder (with tokenizer.json) (--tokenizer)."""
+    max_length: int = 2048
+    """Tokens per training sequence (--max-length)."""
+    truncation: str = "keep_start"
+    """Samples longer than max_length: keep_start, keep_end or drop (--truncation)."""
+    train_on: str = "auto"
+    """Which tokens are trained: completion, assistant, last, all; auto picks per format (--train-on)."""
+
+
+@dataclass(frozen=True)
+class PackConfig:
+    """How samples become rows, and rows become shards."""
+
+    mode: str = "bfd"
+    """bfd (best-fit-decreasing, no sample split), wrapped (fixed chunks), none (--packing)."""
+    shard_size: int = 10_000
+    """Rows per shard file at most (--shard-size)."""
+    seed: int = 0
+    """Seed of the row order written to the shards (--seed)."""
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    """Everything `sftprep build` needs; saved whole in the manifest."""
+
+    read: ReadConfig = field(default_factory=ReadConfig)
+    template: TemplateConfig = field(default_factory=TemplateConfig)
+    tokenize: TokenizeConfig = field(default_factory=TokenizeConfig)
+    pack: PackConfig = field(default_factory=PackConfig)
+    out: str | None = None
+    """Output folder for shards and manifest (--out)."""
+    workers: int = 1
+    """Processes that render and tokenize in parallel (--workers)."""
+    overwrite: bool = False
+    """Replace an output folder that holds a different build (--overwrite)."""
+
+    def __post_init__(self) -> None:
+        problems = _check(self)
+        if problems:
+            raise ConfigError("invalid build config:\n  - " + "\n  - ".join(problems))
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_plain(dataclasses.asdict(self))
+
+
+def _check(c: BuildConfig) -> list[str]:
+    p: list[str] = []
+
+    def choice(value: str, allowed: tuple[str, ...], key: str) -> None:
+        if value not in allowed:
+            p.append(f"{key}={value!r} is not one of {', '.join(allowed)}{_did_you_mean(value, allowed)}")
+
+    if not c.read.inputs:
+        p.append("no input: give --input FILE (or `inputs:` in the YAML)")
+    if not c.tokenize.tokenizer:
+        p.append("no tokenizer: give --tokenizer PATH (a local folder with tokenizer.json)")
+    if not c.out:
+        p.append("no output folder: give --out DIR")
+    choice(c.read.format, FORMATS, "format")
+    choice(c.read.on_error, ON_ERROR, "on_error")
+    choice(c.tokenize.truncation, TRUNCATION, "truncation")
+    choice(c.tokenize.train_on, TRAIN_ON, "train_on")
+    choice(c.pack.mode, PACKING, "packing")
+    if c.tokenize.max_length < 8:
+        p.append(f"max_length={c.tokenize.max_length} is too small (at least 8 tokens)")
+    if c.pack.shard_size < 1:
+        p.append(f"shard_size={c.pack.shard_size} must be at least 1 row")
+    if c.workers < 1:
+        p.append(f"workers={c.workers} must be at least 1")
+    if c.read.num_samples is not None and c.read.num_samples < 1:
+        p.append(f"num_samples={c.read.num_samples} must be at least 1")
+    if not 0 <= c.read.max_reject_ratio <= 1:
+        p.append(f"max_reject_ratio={c.read.max_reject_ratio} must be between 0 and 1")
+    t = c.template
+    if (t.prompt is None) != (t.completion is None):
+        p.append("template.prompt and template.completion go together: give both (--prompt and --completion)")
+    if t.prompt is not None and t.name is not None:
+        p.append("give either a template name (--template) or a prompt/completion format pair, not both")
+    if t.instruction_template and not t.response_template:
+        p.append("instruction_template needs response_template too (--response-template)")
+    if t.response_template and t.name is not None and t.name != "none":
+        p.append("response_template applies to text you render yourself; it cannot be combined with "
+                 f"--template {t.name} (the template already knows what the assistant says)")
+    return p
+
+
+def _did_you_mean(value: str, known: tuple[str, ...] | list[str]) -> str:
+    close = difflib.get_close_matches(str(value), list(known), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _to_plain(x: Any) -> Any:
+    if isinstance(x, Mapping):
+        return {k: _to_plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_to_plain(v) for v in x]
+    return x
+
+
+# Top-level YAML shortcuts and CLI override keys: name -> (section, field).
+SHORTCUTS: dict[str, tuple[str | None, str]] = {
+    "inputs": ("read", "inputs"),
+    "input": ("read", "inputs"),
+    "format": ("read", "format"),
+    "fields": ("read", "fields"),
+    "num_samples": ("read", "num_samples"),
+    "on_error": ("read", "on_error"),
+    "max_reject_ratio": ("read", "max_reject_ratio"),
+    "tokenizer": ("tokenize", "tokenizer"),
+    "max_length": ("tokenize", "max_length"),
+    "truncation": ("tokenize", "truncation"),
+    "train_on": ("tokenize", "train_on"),
+    "packing": ("pack", "mode"),
+    "shard_size": ("pack", "shard_size"),
+    "seed": ("pack", "seed"),
+    "system": ("template", "system"),
+    "prompt": ("template", "prompt"),
+    "completion": ("template", "completion"),
+    "response_template": ("template", "response_template"),
+    "instruction_template": ("template", "instruction_template"),
+}
+_SECTIONS = {"read": ReadConfig, "template": TemplateConfig, "tokenize": TokenizeConfig, "pack": PackConfig}
+_TOP = ("out", "workers", "overwrite")
+
+
+def config_from_dict(data: Mapping[str, Any], overrides: Mapping[str, Any] | None = None,
+                     source: str = "config") -> BuildConfig:
+    """Build a `BuildConfig` from a YAML-shaped dict, then apply CLI overrides (same key names).
+
+    `template` may be a string (the preset name) or a mapping. Unknown keys raise `ConfigError`.
+    """
+    sections: dict[str, dict[str, Any]] = {name: {} for name in _SECTIONS}
+    top: dict[str, Any] = {}
+    problems: list[str] = []
+
+    def put(key: str, value: Any, where: str) -> None:
+        if key == "template" and not isinstance(value, Mapping):
+            sections["template"]["name"] = value
+        elif key in _SECTIONS:
+            if not isinstance(value, Mapping):
+                problems.append(f"{where}: `{key}` must be a mapping, got {type(value).__name__}")
+                return
+            known = [f.name for f in dataclasses.fields(_SECTIONS[key])]
+            for k, v in value.items():
+                if k in known:
+                    sections[key][k] = v
+                else:
+                    problems.append(f"{where}: unknown key `{key}.{k}`{_did_you_mean(k, known)}")
+        elif key in SHORTCUTS:
+            section, name = SHORTCUTS[key]
+            sections[section][name] = value
+        elif key in _TOP:
+            top[key] = value
+        else:
+            known = list(_SECTIONS) + list(SHORTCUTS) + list(_TOP) + ["template"]
+            problems.append(f"{where}: unknown key `{key}`{_did_you_mean(key, known)}")
+
+    for k, v in (data or {}).items():
+        put(k, v, source)
+    for k, v in (overrides or {}).items():
+        if v is not None:
+            put(k, v, "command line")
+    if problems:
+        raise ConfigError("invalid build config:\n  - " + "\n  - ".join(problems))
+
+    read = sections["read"]
+    if isinstance(read.get("inputs"), (str, Path)):
+        read["inputs"] = [read["inputs"]]
+    if "inputs" in read:
+        read["inputs"] = tuple(str(i) for i in read["inputs"])
+    if "fields" in read:
+        read["fields"] = dict(read["fields"] or {})
+    try:
+        built = {name: cls(**sections[name]) for name, cls in _SECTIONS.items()}
+        return BuildConfig(**built, **top)
+    except TypeError as e:  # a value of the wrong shape reached a dataclass
+        raise ConfigError(f"invalid build config: {e}") from None
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML config file into a dict, with clear errors for a missing or malformed file."""
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"config file {p} does not exist")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: not valid YAML: {e}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: expected a mapping of keys at the top level, got {type(data).__name__}")
+    return data

@@ -1,0 +1,246 @@
+"""Normalize: one input record -> one `Conversation`.
+
+Formats (auto-detected from the record's keys, or set with --format):
+
+    text               {"text": ...}                                   language modelling
+    prompt_completion  {"prompt": ..., "completion": ...}              (+ optional "system")
+    messages           {"messages": [{"role", "content"}...], "tools"}  OpenAI chat
+    sharegpt           {"conversations": [{"from", "value"}...], "tools", "system"}
+    alpaca             {"instruction", "input", "output"}              (+ "system", "history")
+
+Your own field names map onto ours with `fields` (--field prompt=question --field completion=answer).
+Errors are `FormatError`s that name the field and what was expected; the caller adds file:line.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from .config import FORMATS, _did_you_mean
+
+
+class FormatError(ValueError):
+    """A record does not fit its format. `reason` is a short category for counting."""
+
+    def __init__(self, message: str, reason: str = "bad_record") -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+ROLES = ("system", "user", "assistant", "tool")
+
+
+@dataclass(slots=True)
+class Message:
+    role: str  # one of ROLES
+    content: str
+    tool_call: bool = False  # an assistant turn that calls a function (ShareGPT `function_call`)
+
+
+@dataclass(slots=True)
+class Conversation:
+    """A normalized record.
+
+    kind: "text" (train on all of `text`), "completion" (prompt -> completion pair, as two
+    messages) or "chat" (any number of turns). `fields` keeps the record's own fields (after the
+    name mapping) for format-string templates.
+    """
+
+    kind: str
+    messages: list[Message] = field(default_factory=list)
+    text: str | None = None
+    tools: str | None = None
+    fields: Mapping[str, Any] = field(default_factory=dict)
+
+
+_SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                   "model": "assistant", "chatgpt": "assistant", "bing": "assistant", "bard": "assistant",
+                   "system": "system", "function_call": "assistant", "observation": "tool",
+                   "tool": "tool", "function": "tool"}
+_MESSAGE_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant",
+                  "tool": "tool", "function": "tool", "ipython": "tool"}
+
+
+def detect(rec: Mapping[str, Any]) -> str:
+    """The format of a record, from its keys; raises `FormatError` when none or several fit."""
+    found = []
+    if "messages" in rec:
+        found.append("messages")
+    if "conversations" in rec:
+        found.append("sharegpt")
+    if "instruction" in rec and "output" in rec:
+        found.append("alpaca")
+    if "prompt" in rec and "completion" in rec:
+        found.append("prompt_completion")
+    if "text" in rec:
+        found.append("text")
+    if len(found) == 1:
+        return found[0]
+    keys = ", ".join(sorted(rec)) or "(none)"
+    if not found:
+        raise FormatError(
+            f"cannot tell the record's format from its keys ({keys}); expected one of: text, "
+            "prompt+completion, messages, conversations, instruction+output. Map your names with "
+            "--field, e.g. --field prompt=question --field completion=answer", "unknown_format")
+    raise FormatError(f"record fits several formats ({', '.join(found)}; keys: {keys}); "
+                      f"choose one with --format", "ambiguous_format")
+
+
+def normalize(rec: Mapping[str, Any], fmt: str = "auto",
+              fields: Mapping[str, str] | None = None) -> Conversation:
+    """Turn one record into a `Conversation`; `fields` maps our names to the record's names."""
+    if fields:
+        rec = _rename(rec, fields)
+    if fmt == "auto":
+        fmt = detect(rec)
+    if fmt not in _NORMALIZERS:
+        raise FormatError(f"unknown format {fmt!r}{_did_you_mean(fmt, FORMATS)}", "config")
+    conv = _NORMALIZERS[fmt](rec)
+    conv.fields = rec
+    return conv
+
+
+def _rename(rec: Mapping[str, Any], fields: Mapping[str, str]) -> dict[str, Any]:
+    out = dict(rec)
+    for ours, theirs in fields.items():
+        if theirs in rec:
+            out[ours] = rec[theirs]
+    return out
+
+
+def _text_field(rec: Mapping[str, Any], name: str, *, optional: bool = False,
+                allow_empty: bool = True) -> str | None:
+    if name not in rec or rec[name] is None:
+        if optional:
+            return None
+        state = "null" if name in rec else "missing"
+        keys = ", ".join(sorted(rec)) or "(none)"
+        raise FormatError(f'field "{name}" is {state} (keys found: {keys}); map another field to it '
+                          f"with --field {name}=YOUR_FIELD", f"missing_{name}")
+    value = rec[name]
+    if not isinstance(value, str):
+        raise FormatError(f'field "{name}" must be text, got {type(value).__name__}: {_short(value)}',
+                          "wrong_type")
+    if not allow_empty and not value.strip():
+        raise FormatError(f'field "{name}" is empty', f"empty_{name}")
+    return value
+
+
+def _short(value: Any, n: int = 60) -> str:
+    s = json.dumps(value, ensure_ascii=False, default=str)
+    return s if len(s) <= n else s[: n - 3] + "..."
+
+
+def _tools(rec: Mapping[str, Any]) -> str | None:
+    tools = rec.get("tools")
+    if tools in (None, "", "[]", []):
+        return None
+    return tools if isinstance(tools, str) else json.dumps(tools, ensure_ascii=False)
+
+
+def _from_text(rec: Mapping[str, Any]) -> Conversation:
+    return Conversation("text", text=_text_field(rec, "text", allow_empty=False))
+
+
+def _from_prompt_completion(rec: Mapping[str, Any]) -> Conversation:
+    prompt, completion = rec.get("prompt"), rec.get("completion")
+    if isinstance(prompt, list) and isinstance(completion, list):  # TRL's conversational form
+        conv = _from_message_list(prompt + completion, "prompt+completion", _MESSAGE_ROLES,
+                                  "role", "content")
+        conv.tools = _tools(rec)
+        return conv
+    msgs = []
+    system = _text_field(rec, "system", optional=True)
+    if system:
+        msgs.append(Message("system", system))
+    msgs.append(Message("user", _text_field(rec, "prompt")))
+    msgs.append(Message("assistant", _text_field(rec, "completion", allow_empty=False)))
+    return Conversation("completion", msgs)
+
+
+def _from_alpaca(rec: Mapping[str, Any]) -> Conversation:
+    msgs = []
+    system = _text_field(rec, "system", optional=True)
+    if system:
+        msgs.append(Message("system", system))
+    history = rec.get("history") or []
+    if not isinstance(history, list):
+        raise FormatError(f'field "history" must be a list of [instruction, output] pairs, got '
+                          f"{type(history).__name__}", "wrong_type")
+    for i, pair in enumerate(history):
+        if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and all(isinstance(x, str) for x in pair)):
+            raise FormatError(f'history[{i}] must be a pair of texts, got {_short(pair)}', "wrong_type")
+        msgs += [Message("user", pair[0]), Message("assistant", pair[1])]
+    instruction = _text_field(rec, "instruction")
+    extra = _text_field(rec, "input", optional=True)
+    user = f"{instruction}\n{extra}" if extra else instruction
+    msgs += [Message("user", user), Message("assistant", _text_field(rec, "output", allow_empty=False))]
+    return Conversation("completion" if not history else "chat", msgs)
+
+
+def _from_messages(rec: Mapping[str, Any]) -> Conversation:
+    conv = _from_message_list(rec.get("messages"), "messages", _MESSAGE_ROLES, "role", "content")
+    conv.tools = _tools(rec)
+    return conv
+
+
+def _from_sharegpt(rec: Mapping[str, Any]) -> Conversation:
+    turns = rec.get("conversations")
+    conv = _from_message_list(turns, "conversations", _SHAREGPT_ROLES, "from", "value")
+    system = _text_field(rec, "system", optional=True)
+    if system and not (conv.messages and conv.messages[0].role == "system"):
+        conv.messages.insert(0, Message("system", system))
+    conv.tools = _tools(rec)
+    return conv
+
+
+def _from_message_list(turns: Any, name: str, roles: Mapping[str, str], role_key: str,
+                       content_key: str) -> Conversation:
+    if not isinstance(turns, list) or not turns:
+        got = "missing" if turns is None else f"{type(turns).__name__} {_short(turns)}"
+        raise FormatError(f'field "{name}" must be a non-empty list of turns, got {got}', "wrong_type")
+    msgs = []
+    for i, turn in enumerate(turns):
+        if not isinstance(turn, Mapping):
+            raise FormatError(f"{name}[{i}] must be an object with {role_key!r} and {content_key!r}, "
+                              f"got {_short(turn)}", "wrong_type")
+        raw_role = turn.get(role_key)
+        if raw_role not in roles:
+            raise FormatError(f"{name}[{i}]: unknown role {raw_role!r}; expected one of "
+                              f"{', '.join(roles)}{_did_you_mean(str(raw_role), list(roles))}", "unknown_role")
+        content = turn.get(content_key)
+        tool_call = raw_role == "function_call"
+        if content is None and turn.get("tool_calls"):  # OpenAI assistant tool calls
+            content, tool_call = json.dumps(turn["tool_calls"], ensure_ascii=False), True
+        if not isinstance(content, str):
+            raise FormatError(f"{name}[{i}].{content_key} must be text, got "
+                              f"{'null' if content is None else type(content).__name__}", "wrong_type")
+        msgs.append(Message(roles[raw_role], content, tool_call))
+    _check_order(msgs, name)
+    return Conversation("chat", msgs)
+
+
+def _check_order(msgs: list[Message], name: str) -> None:
+    prev = None
+    for i, m in enumerate(msgs):
+        if m.role == "system" and i != 0:
+            raise FormatError(f"{name}[{i}]: a system turn may only come first", "role_order")
+        if m.role == "user" and prev == "user":
+            raise FormatError(f"{name}[{i}]: two user turns in a row (roles out of order)", "role_order")
+        if m.role == "assistant" and prev in (None, "system"):
+            raise FormatError(f"{name}[{i}]: the conversation starts with an assistant turn; "
+                              "expected a user turn first (roles out of order)", "role_order")
+        if m.role == "tool" and prev != "assistant" and prev != "tool":
+            raise FormatError(f"{name}[{i}]: a tool/observation turn must follow an assistant "
+                              "(function call) turn (roles out of order)", "role_order")
+        if m.role == "assistant" and not m.content.strip():
+            raise FormatError(f"{name}[{i}]: assistant turn is empty", "empty_completion")
+        prev = m.role
+    if not any(m.role == "assistant" for m in msgs):
+        raise FormatError(f'"{name}" has no assistant turn, so nothing would be trained', "no_assistant_turn")
+
+
+_NORMALIZERS = {"text": _from_text, "prompt_completion": _from_prompt_completion,
+                "messages": _from_messages, "sharegpt": _from_sharegpt, "alpaca": _from_alpaca}

@@ -1,0 +1,77 @@
+"""Labels from character spans: the one rule that decides which tokens are trained.
+
+A token is trained iff the first non-whitespace character it covers lies in a trained span (its
+first character when it covers only whitespace or nothing). Tokenizers glue a word's leading space
+onto the word (`"▁Paris"`), so a completion that starts right after `"Answer: "` still has its
+first word trained; a token that merges prompt and completion text starts in the prompt and is
+not trained. Because the labels come from the one tokenization of the full text, the tokens
+trained on are exactly the tokens the model sees at inference.
+
+Trained positions carry the token id, all others `IGNORE_INDEX`. The first token of every sample
+is never trained (labels are unshifted; in a packed row it would otherwise learn to predict the
+next sample from the previous one).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+IGNORE_INDEX = -100
+
+# Code points treated as whitespace when finding a token's first real character.
+_SPACES = np.array([9, 10, 11, 12, 13, 32, 0x85, 0xA0, 0x1680, 0x2028, 0x2029, 0x202F, 0x205F,
+                    0x3000, *range(0x2000, 0x200B)], dtype=np.uint32)
+
+
+def char_codes(text: str) -> np.ndarray:
+    """The code points of `text` (Python string indices = positions in this array)."""
+    return np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+
+
+def span_mask(n_chars: int, spans: Sequence[tuple[int, int]]) -> np.ndarray:
+    """Boolean per character: inside one of `spans` (half-open, any order)."""
+    delta = np.zeros(n_chars + 1, dtype=np.int32)
+    if len(spans):
+        s = np.asarray(spans, dtype=np.int64).reshape(-1, 2)
+        np.add.at(delta, np.clip(s[:, 0], 0, n_chars), 1)
+        np.add.at(delta, np.clip(s[:, 1], 0, n_chars), -1)
+    return np.cumsum(delta[:-1]) > 0
+
+
+def trained_tokens(starts: np.ndarray, ends: np.ndarray, codes: np.ndarray,
+                   trained_chars: np.ndarray) -> np.ndarray:
+    """Which tokens are trained, given their character offsets into one text (or many texts laid
+    end to end: offsets then index the concatenation).
+
+    Args:
+        starts, ends: int arrays, the characters each token covers (`[start, end)`).
+        codes: code points of the text (`char_codes`).
+        trained_chars: bool per character, True inside a trained span.
+    """
+    n = len(codes)
+    if n == 0:
+        return np.zeros(len(starts), dtype=bool)
+    is_space = np.isin(codes, _SPACES)
+    # next_real[i] = first index >= i that is not whitespace (n if none)
+    idx = np.where(is_space, n, np.arange(n))
+    next_real = np.minimum.accumulate(idx[::-1])[::-1]
+    starts = np.clip(starts, 0, n - 1)
+    anchor = next_real[starts]
+    anchor = np.where(anchor < ends, anchor, starts)
+    return trained_chars[anchor]
+
+
+def labels_from_spans(ids: Sequence[int], offsets: Sequence[tuple[int, int]], text: str,
+                      spans: Sequence[tuple[int, int]]) -> np.ndarray:
+    """Labels (int32) for one tokenized text: the id where trained, `IGNORE_INDEX` elsewhere,
+    and the first token never trained."""
+    ids = np.asarray(ids, dtype=np.int32)
+    off = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
+    codes = char_codes(text)
+    mask = trained_tokens(off[:, 0], off[:, 1], codes, span_mask(len(codes), spans))
+    labels = np.where(mask, ids, IGNORE_INDEX).astype(np.int32)
+    if len(labels):
+        labels[0] = IGNORE_INDEX
+    return labels

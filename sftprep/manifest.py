@@ -1,0 +1,51 @@
+"""The manifest: written last and atomically; a build is complete iff it exists."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+VERSION = 1
+MANIFEST = "manifest.json"
+
+
+def write_manifest(out: Path, manifest: dict[str, Any]) -> None:
+    """Write `manifest.json` via a temporary file, fsync and rename (atomic on POSIX)."""
+    tmp = out / (MANIFEST + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump({"version": VERSION, **manifest}, f, indent=2, ensure_ascii=False)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, out / MANIFEST)
+    fsync_dir(out)
+
+
+def read_manifest(path: str | Path) -> dict[str, Any]:
+    """Read and check a build's manifest; `path` is the build folder or the manifest itself."""
+    p = Path(path)
+    m = p / MANIFEST if p.is_dir() else p
+    if not m.exists():
+        if p.is_dir() and any(p.glob("shard-*.arrow")):
+            raise FileNotFoundError(f"{p} has shards but no {MANIFEST}: the build did not finish; "
+                                    "run `sftprep build` again")
+        raise FileNotFoundError(f"{p} is not a sftprep build (no {MANIFEST})")
+    try:
+        data = json.loads(m.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{m} is not valid JSON ({e}); rebuild with `sftprep build --overwrite`") from None
+    version = data.get("version") if isinstance(data, dict) else None
+    if version != VERSION:
+        raise ValueError(f"{m} has manifest version {version!r}; this sftprep reads version {VERSION} "
+                         "(upgrade sftprep or rebuild the shards)")
+    return data
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,69 @@
+"""Readers: one module per file type, each yielding `Record`s with their provenance.
+
+`iter_records(patterns)` expands globs and folders, picks the reader by file type and streams
+records in a deterministic order (inputs in the order given, globs sorted).
+"""
+
+from __future__ import annotations
+
+import glob
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+__all__ = ["Record", "expand_inputs", "iter_records", "reader_for"]
+
+
+@dataclass(slots=True)
+class Record:
+    """One input record. `fields` is None when the record could not be parsed; `error` says why."""
+
+    fields: dict[str, Any] | None
+    source: str  # "file:line" for text formats, "file:row N" for tabular ones
+    error: str | None = None
+
+
+def expand_inputs(patterns: tuple[str, ...] | list[str]) -> list[Path]:
+    """Resolve files, folders and glob patterns to a sorted, de-duplicated list of input paths."""
+    paths: list[Path] = []
+    for pattern in patterns:
+        if any(ch in pattern for ch in "*?["):
+            matches = sorted(glob.glob(pattern, recursive=True))
+            if not matches:
+                raise FileNotFoundError(f"input pattern {pattern!r} matches no file")
+            paths.extend(Path(m) for m in matches)
+        else:
+            p = Path(pattern)
+            if not p.exists():
+                raise FileNotFoundError(f"input {pattern} does not exist")
+            paths.append(p)
+    seen: set[Path] = set()
+    unique = [p for p in paths if not (p in seen or seen.add(p))]
+    for p in unique:
+        reader_for(p)  # fail early on an unsupported file type
+    return unique
+
+
+def reader_for(path: Path):
+    """The reader module's `read(path)` for a path, by extension (or folder layout)."""
+    from . import arrow, csvfile, hf_disk, jsonfile, parquet
+
+    if path.is_dir():
+        if any((path / n).exists() for n in ("state.json", "dataset_dict.json")):
+            return hf_disk.read
+        raise ValueError(f"input folder {path} is not a `datasets.save_to_disk` folder (no state.json); "
+                         "pass the files inside it, or a glob such as '{path}/*.jsonl'")
+    suffix = "".join(path.suffixes[-2:]) if path.suffix == ".gz" else path.suffix
+    by_suffix = {".jsonl": jsonfile.read_lines, ".ndjson": jsonfile.read_lines, ".jsonl.gz": jsonfile.read_lines,
+                 ".json": jsonfile.read_json, ".csv": csvfile.read, ".tsv": csvfile.read, ".parquet": parquet.read,
+                 ".arrow": arrow.read, ".feather": arrow.read, ".ipc": arrow.read}
+    if suffix.lower() not in by_suffix:
+        raise ValueError(f"input {path}: unsupported file type {suffix or '(none)'!r}; expected one of "
+                         f"{', '.join(sorted(by_suffix))} or a `datasets.save_to_disk` folder")
+    return by_suffix[suffix.lower()]
+
+
+def iter_records(patterns: tuple[str, ...] | list[str]) -> Iterator[Record]:
+    """Stream every record of every input, in order."""
+    for path in expand_inputs(patterns):
+        yield from reader_for(path)(path)

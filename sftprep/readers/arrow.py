@@ -1,0 +1,29 @@
+"""Arrow IPC files (Feather v2) and streams, read batch by batch from a memory map."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator
+
+from . import Record
+
+
+def iter_batches(path: Path):
+    import pyarrow as pa
+
+    source = pa.memory_map(str(path))
+    try:
+        reader = pa.ipc.open_file(source)
+        for i in range(reader.num_record_batches):
+            yield reader.get_batch(i)
+    except pa.ArrowInvalid:  # not the file format: try the stream format (`datasets` caches)
+        source.seek(0)
+        yield from pa.ipc.open_stream(source)
+
+
+def read(path: Path) -> Iterator[Record]:
+    row = 0
+    for batch in iter_batches(path):
+        for rec in batch.to_pylist():
+            yield Record(rec, f"{path}:row {row}")
+            row += 1

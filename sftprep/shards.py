@@ -1,0 +1,69 @@
+"""Shard files: Arrow IPC *file* format, written to a temporary name and renamed.
+
+Columns (one row = one training sequence): `input_ids`, `labels` (list<int32>, `max_length` long
+when packed), `seq_lens` (list<int32>, lengths of the samples in the row), `sample_ids`
+(list<int64>, their indices in the input). Any Arrow reader opens them: `pandas.read_feather`,
+`pyarrow.ipc.open_file(pyarrow.memory_map(path))`, polars, DuckDB.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+SCHEMA = pa.schema([
+    ("input_ids", pa.list_(pa.int32())),
+    ("labels", pa.list_(pa.int32())),
+    ("seq_lens", pa.list_(pa.int32())),
+    ("sample_ids", pa.list_(pa.int64())),
+])
+
+
+def shard_name(i: int) -> str:
+    return f"shard-{i:05d}.arrow"
+
+
+def _list_array(values: np.ndarray, offsets: np.ndarray) -> pa.Array:
+    return pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), pa.array(values))
+
+
+def write_table(path: Path, table: pa.Table, batch_rows: int = 1024) -> str:
+    """Write `table` atomically to `path` as an Arrow IPC file; returns its sha256."""
+    tmp = path.with_name(path.name + ".tmp")
+    with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+        writer.write_table(table, max_chunksize=batch_rows)
+    digest = sha256_file(tmp)
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return digest
+
+
+def rows_table(ids: np.ndarray, labels: np.ndarray, row_offsets: np.ndarray, seq_lens: np.ndarray,
+               seq_offsets: np.ndarray, sample_ids: np.ndarray) -> pa.Table:
+    """A shard table from flat arrays: `row_offsets` cut ids/labels into rows, `seq_offsets` cut
+    seq_lens/sample_ids into rows."""
+    return pa.Table.from_arrays([
+        _list_array(ids.astype(np.int32, copy=False), row_offsets),
+        _list_array(labels.astype(np.int32, copy=False), row_offsets),
+        _list_array(seq_lens.astype(np.int32, copy=False), seq_offsets),
+        _list_array(sample_ids.astype(np.int64, copy=False), seq_offsets),
+    ], schema=SCHEMA)
+
+
+def open_shard(path: str | Path) -> pa.Table:
+    """A shard as a memory-mapped table (zero-copy; pages are read on demand)."""
+    # The map is not closed here: the table's buffers keep it alive and unmap it when freed.
+    return pa.ipc.open_file(pa.memory_map(str(path))).read_all()
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
