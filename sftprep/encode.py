@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from .config import BuildConfig
-from .formats import FormatError, normalize
+from .formats import FormatError, as_fields, normalize
 from .labels import IGNORE_INDEX, char_codes, span_mask, trained_tokens
 from .readers import Record
 from .templates import Renderer
@@ -47,6 +47,8 @@ class Encoder:
         self.max_length = cfg.tokenize.max_length
         self.truncation = None if cfg.pack.mode == "wrapped" else cfg.tokenize.truncation
         self.fail_fast = cfg.read.on_error == "fail"
+        # format strings and callables read the record's fields themselves: no format detection
+        self.raw_fields = cfg.template.prompt is not None or self.renderer.fn is not None
 
     def __call__(self, batch: list[tuple[int, Record]]) -> Encoded:
         out = Encoded()
@@ -55,7 +57,10 @@ class Encoder:
             try:
                 if rec.error is not None:
                     raise FormatError(rec.error, "unreadable")
-                conv = normalize(rec.fields, self.cfg.read.format, self.cfg.read.fields)
+                if self.raw_fields:
+                    conv = as_fields(rec.fields, self.cfg.read.fields)
+                else:
+                    conv = normalize(rec.fields, self.cfg.read.format, self.cfg.read.fields)
                 text, sp = self.renderer.render(conv)
             except FormatError as e:
                 self._reject(out, sid, rec.source, e.reason, str(e))

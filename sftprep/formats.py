@@ -102,6 +102,13 @@ def normalize(rec: Mapping[str, Any], fmt: str = "auto",
     return conv
 
 
+def as_fields(rec: Mapping[str, Any], fields: Mapping[str, str] | None = None) -> Conversation:
+    """A record used as plain fields, for templates that read fields themselves (format strings,
+    Python callables): no format detection."""
+    rec = _rename(rec, fields) if fields else rec
+    return Conversation("completion", fields=rec)
+
+
 def _rename(rec: Mapping[str, Any], fields: Mapping[str, str]) -> dict[str, Any]:
     out = dict(rec)
     for ours, theirs in fields.items():

@@ -1,0 +1,164 @@
+"""`sftprep` command line: a thin click layer over `sftprep.api`."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from typing import Any
+
+import click
+
+from .config import FORMATS, PACKING, TRAIN_ON, TRUNCATION
+
+
+def user_errors(fn):
+    """Turn library errors about the user's input or settings into one line and exit code 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from .api import BuildError
+        from .encode import RecordError
+
+        try:
+            return fn(*args, **kwargs)
+        except (ValueError, FileNotFoundError, BuildError, RecordError, PermissionError) as e:
+            click.echo(f"Error: {e}", err=True)
+            sys.exit(2)
+        except OSError as e:  # disk full, unwritable folder...
+            click.echo(f"Error: {e.strerror or e}: {e.filename or ''}".rstrip(": "), err=True)
+            sys.exit(2)
+
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="sftprep")
+def main() -> None:
+    """Build SFT data once: raw records -> tokenized, label-masked, packed Arrow shards.
+
+    \b
+      sftprep build --input data.jsonl --tokenizer tok/ --template chatml --out shards/
+      python -c "import pandas as pd; print(pd.read_feather('shards/shard-00000.arrow'))"
+    """
+
+
+def _field_pairs(ctx, param, values) -> dict[str, str] | None:
+    pairs = {}
+    for v in values:
+        if "=" not in v:
+            raise click.BadParameter(f"{v!r} is not OURS=YOURS, e.g. prompt=question")
+        k, _, theirs = v.partition("=")
+        pairs[k.strip()] = theirs.strip()
+    return pairs or None
+
+
+@main.command()
+@click.argument("config", required=False, type=click.Path(dir_okay=False))
+@click.option("-i", "--input", "inputs", multiple=True, help="Input file, folder or glob (repeatable). "
+              "JSONL, JSON, CSV/TSV, Parquet, Arrow/Feather or a datasets.save_to_disk folder.")
+@click.option("-t", "--tokenizer", help="Local tokenizer folder (with tokenizer.json).")
+@click.option("--template", help="chatml, alpaca, llama2, mistral, vicuna, qa; `tokenizer` for its "
+              "chat_template; `module:function`; omit for text / prompt+completion as they are.")
+@click.option("--prompt", help="Format string over record fields for the prompt, e.g. 'Q: {question}\\n'.")
+@click.option("--completion", help="Format string for the trained part, e.g. '{answer}'.")
+@click.option("--system", help="System prompt for records that have none.")
+@click.option("--response-template", help="TRL style: train only after this marker (matched on characters).")
+@click.option("--instruction-template", help="TRL style: marker that starts an untrained turn.")
+@click.option("--format", "format_", type=click.Choice(FORMATS), help="Record format (default: auto).")
+@click.option("--field", "fields", multiple=True, callback=_field_pairs,
+              help="Map a field: OURS=YOURS, e.g. --field prompt=question --field completion=answer.")
+@click.option("--train-on", type=click.Choice(TRAIN_ON), help="Which tokens are trained (default: auto: "
+              "all for text, completion for prompt/completion and alpaca, assistant turns for chat).")
+@click.option("--max-length", type=int, help="Tokens per row (default 2048).")
+@click.option("--truncation", type=click.Choice(TRUNCATION), help="Longer samples (default keep_start).")
+@click.option("--packing", type=click.Choice(PACKING), help="bfd (default), wrapped or none.")
+@click.option("--shard-size", type=int, help="Rows per shard file at most (default 10000).")
+@click.option("--seed", type=int, help="Seed of the row order (default 0).")
+@click.option("--workers", type=int, help="Processes that render and tokenize (default 1).")
+@click.option("-n", "--num-samples", type=int, help="Only the first N records (preview a build).")
+@click.option("--on-error", type=click.Choice(["skip", "fail"]),
+              help="Bad record: skip it (listed in rejects.jsonl, default) or fail (exit 2).")
+@click.option("--max-reject-ratio", type=float, help="Fail when more records than this share are "
+              "rejected (default 0.5).")
+@click.option("-o", "--out", help="Output folder.")
+@click.option("--overwrite", is_flag=True, default=None, help="Replace a folder holding another build.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")
+@user_errors
+def build(config: str | None, quiet: bool, format_: str | None, **flags: Any) -> None:
+    """Build shards from CONFIG (a YAML file) and/or flags; flags override the file.
+
+    \b
+    Example:
+      sftprep build --input fixtures/data/alpaca_en.json --tokenizer fixtures/tokenizers/mistral \\
+                    --template alpaca --max-length 1024 --out shards/
+    """
+    from .api import build as run_build
+    from .config import config_from_dict, load_yaml
+
+    data = load_yaml(config) if config else {}
+    flags["format"] = format_
+    flags["inputs"] = list(flags.pop("inputs")) or None
+    cfg = config_from_dict(data, flags, source=config or "config")
+    with _progress(quiet) as advance:
+        manifest = run_build(cfg, progress=advance)
+    if not quiet:
+        print_summary(manifest)
+
+
+class _progress:
+    """A rich progress line counting records (no total: inputs are streamed)."""
+
+    def __init__(self, quiet: bool) -> None:
+        self.quiet = quiet
+
+    def __enter__(self):
+        if self.quiet:
+            return None
+        from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+        self.bar = Progress(SpinnerColumn(), TextColumn("{task.description}"),
+                            TextColumn("{task.completed:,} records"), TimeElapsedColumn(),
+                            transient=True, console=_console())
+        self.bar.__enter__()
+        task = self.bar.add_task("tokenizing", total=None)
+        return lambda n: self.bar.advance(task, n)
+
+    def __exit__(self, *exc) -> None:
+        if not self.quiet:
+            self.bar.__exit__(*exc)
+
+
+def _console():
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+def print_summary(manifest: dict[str, Any]) -> None:
+    """The end-of-build table: what was read, kept, dropped (by reason), tokens and fill."""
+    from rich.console import Console
+    from rich.table import Table
+
+    t = manifest["totals"]
+    table = Table(title=f"sftprep build -> {len(manifest['shards'])} shard(s)", show_header=False)
+    table.add_column(style="bold")
+    table.add_column(justify="right")
+    table.add_row("records read", f"{t['records_read']:,}")
+    table.add_row("samples kept", f"{t['samples_kept']:,}")
+    table.add_row("samples dropped", f"{t['samples_dropped']:,}")
+    for reason, n in t["dropped_by_reason"].items():
+        table.add_row(f"  {reason}", f"{n:,}")
+    table.add_row("samples truncated", f"{t['samples_truncated']:,}")
+    table.add_row("tokens", f"{t['tokens']:,}")
+    share = t["trained_tokens"] / t["tokens"] if t["tokens"] else 0
+    table.add_row("trained tokens", f"{t['trained_tokens']:,} ({share:.1%})")
+    table.add_row("rows", f"{t['rows']:,} x {manifest['max_length']}")
+    if t["fill_ratio"] is not None:
+        table.add_row("fill ratio", f"{t['fill_ratio']:.4f}")
+    Console().print(table)
+    if t["samples_dropped"]:
+        click.echo(f"dropped samples are listed in {manifest['config']['out']}/{manifest['rejects_file']}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,69 @@
+"""Shared test helpers: real tokenizers from fixtures/, builds into tmp_path, decoding of labels."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
+MISTRAL = str(FIXTURES / "tokenizers" / "mistral")
+CHATML_TOK = str(FIXTURES / "tokenizers" / "mistral-chatml")
+DATA = FIXTURES / "data"
+
+
+@pytest.fixture(scope="session")
+def mistral():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(MISTRAL)
+
+
+@pytest.fixture(scope="session")
+def mistral_chatml():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(CHATML_TOK)
+
+
+def write_jsonl(path: Path, records: list) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        for r in records:
+            f.write((r if isinstance(r, str) else json.dumps(r, ensure_ascii=False)) + "\n")
+    return path
+
+
+def build_records(tmp_path: Path, records: list, tokenizer: str = MISTRAL, name: str = "out", **settings):
+    """Write `records` as JSONL, build with `settings`, return (manifest, table of rows)."""
+    from sftprep import build, config_from_dict, load
+
+    data = write_jsonl(tmp_path / f"{name}.jsonl", records)
+    cfg = {"inputs": [str(data)], "tokenizer": tokenizer, "out": str(tmp_path / name),
+           "max_length": 256, **settings}
+    manifest = build(config_from_dict(cfg))
+    return manifest, load(tmp_path / name)
+
+
+def samples_of(table) -> list[tuple[list[int], list[int], int]]:
+    """Unpack rows into samples: (ids, labels, sample_id), ordered by sample_id."""
+    out = []
+    for row in table.to_pylist():
+        pos = 0
+        for n, sid in zip(row["seq_lens"], row["sample_ids"]):
+            out.append((row["input_ids"][pos:pos + n], row["labels"][pos:pos + n], sid))
+            pos += n
+    return sorted(out, key=lambda s: s[2])
+
+
+def trained_runs(tok, labels: list[int]) -> list[str]:
+    """Decode each maximal run of trained labels (what the model is taught to write)."""
+    runs, cur = [], []
+    for lab in labels + [-100]:
+        if lab != -100:
+            cur.append(lab)
+        elif cur:
+            runs.append(tok.decode(cur))
+            cur = []
+    return runs

@@ -1,0 +1,180 @@
+"""What is trained is exactly what should be learned: completion / assistant turns + their end token."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.conftest import CHATML_TOK, DATA, MISTRAL, build_records, samples_of, trained_runs
+
+CHAT = {"messages": [
+    {"role": "system", "content": "You are terse."},
+    {"role": "user", "content": "Hi"},
+    {"role": "assistant", "content": "Hi there!"},
+    {"role": "user", "content": "Bye"},
+    {"role": "assistant", "content": "Goodbye."},
+]}
+
+
+def one_sample(tmp_path, records, tokenizer=MISTRAL, **settings):
+    _, table = build_records(tmp_path, records, tokenizer, packing="none", **settings)
+    return samples_of(table)
+
+
+def test_prompt_completion_without_template_trains_completion_and_eos(tmp_path, mistral):
+    ids, labels, _ = one_sample(tmp_path, [{"prompt": "How do you say cat in Spanish?", "completion": " gato"}])[0]
+    assert ids == [mistral.bos_token_id] + mistral("How do you say cat in Spanish? gato</s>",
+                                                   add_special_tokens=False)["input_ids"]
+    assert trained_runs(mistral, labels) == ["gato</s>"]
+    assert labels[-1] == mistral.eos_token_id  # the model learns to stop
+
+
+def test_merge_across_prompt_completion_boundary(tmp_path, mistral):
+    # "The cat" + "s sleep." tokenizes as ▁The ▁cats ▁sleep . </s>: "▁cats" starts in the prompt.
+    ids, labels, _ = one_sample(tmp_path, [{"prompt": "The cat", "completion": "s sleep."}])[0]
+    pieces = mistral.convert_ids_to_tokens(ids)
+    assert pieces == ["<s>", "▁The", "▁cats", "▁sleep", ".", "</s>"]  # the tokens seen at inference
+    assert trained_runs(mistral, labels) == ["sleep.</s>"]
+    assert labels[2] == -100  # the merged token is not trained: it starts in the prompt
+
+
+def test_completion_after_trailing_space_keeps_first_word(tmp_path, mistral):
+    # The space before the answer belongs to the untrained header, but "▁Paris" is still trained.
+    _, labels, _ = one_sample(tmp_path, [{"question": "Capital of France?", "answer": "Paris"}],
+                              prompt="Q: {question}\nA: ", completion="{answer}")[0]
+    assert trained_runs(mistral, labels) == ["Paris</s>"]
+
+
+@pytest.mark.parametrize("tokenizer", [CHATML_TOK, MISTRAL], ids=["special-tokens", "plain-text"])
+@pytest.mark.parametrize("policy,expected", [
+    ("auto", ["Hi there!<|im_end|>", "Goodbye.<|im_end|>"]),
+    ("assistant", ["Hi there!<|im_end|>", "Goodbye.<|im_end|>"]),
+    ("last", ["Goodbye.<|im_end|>"]),
+])
+def test_chatml_assistant_turns(tmp_path, tokenizer, policy, expected, mistral):
+    ids, labels, _ = one_sample(tmp_path, [CHAT], tokenizer, template="chatml", train_on=policy)[0]
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer)
+    assert [r.strip() for r in trained_runs(tok, labels)] == expected
+    if tokenizer == CHATML_TOK:
+        assert labels.count(tok.convert_tokens_to_ids("<|im_end|>")) == len(expected)
+
+
+def test_chatml_train_on_all_trains_everything_but_the_first_token(tmp_path, mistral_chatml):
+    ids, labels, _ = one_sample(tmp_path, [CHAT], CHATML_TOK, template="chatml", train_on="all")[0]
+    assert labels[0] == -100 and labels[1:] == ids[1:]
+
+
+def test_tokenizer_chat_template_matches_chatml_preset(tmp_path, mistral_chatml):
+    a = one_sample(tmp_path / "a", [CHAT], CHATML_TOK, template="tokenizer")[0]
+    b = one_sample(tmp_path / "b", [CHAT], CHATML_TOK, template="chatml")[0]
+    assert a[0] == b[0] and a[1] == b[1]
+    assert trained_runs(mistral_chatml, a[1]) == ["Hi there!<|im_end|>", "Goodbye.<|im_end|>"]
+
+
+@pytest.mark.parametrize("template,expected_text", [
+    ("alpaca", "Below is an instruction that describes a task. Write a response that appropriately "
+               "completes the request.\n\n### Instruction:\nTranslate\nbonjour\n\n### Response:\nhello</s>\n\n"),
+    ("vicuna", None), ("qa", "### Question: Translate\nbonjour\n ### Answer: hello</s>\n"),
+    ("mistral", "[INST] Translate\nbonjour [/INST]hello</s>"),
+    ("llama2", "[INST] Translate\nbonjour [/INST] hello </s>"),
+])
+def test_plain_text_presets_train_completion_and_eos(tmp_path, mistral, template, expected_text):
+    rec = {"instruction": "Translate", "input": "bonjour", "output": "hello"}
+    ids, labels, _ = one_sample(tmp_path, [rec], template=template)[0]
+    runs = trained_runs(mistral, labels)
+    assert runs in (["hello</s>"], ["hello </s>"])
+    if expected_text:
+        assert mistral.decode(ids[1:]) == mistral.decode(mistral(expected_text, add_special_tokens=False)["input_ids"])
+
+
+def test_alpaca_empty_input_and_real_data(tmp_path, mistral):
+    import json
+
+    recs = json.loads((DATA / "alpaca_en.json").read_text())[:5]
+    assert any(r["input"] == "" for r in recs)
+    samples = one_sample(tmp_path, recs, template="alpaca", max_length=2048)
+    for (ids, labels, sid), rec in zip(samples, recs):
+        assert trained_runs(mistral, labels) == [rec["output"].strip() + "</s>"] or \
+            "".join(trained_runs(mistral, labels)) == rec["output"] + "</s>"
+        assert "### Input" not in mistral.decode(ids) if rec["input"] == "" else True
+
+
+def test_sharegpt_tool_calls_are_trained_observations_are_not(tmp_path, mistral_chatml):
+    import json
+
+    recs = [json.loads(line) for line in (DATA / "glaive_toolcall.jsonl").read_text().splitlines()[:3]]
+    samples = one_sample(tmp_path, recs, CHATML_TOK, template="chatml", max_length=4096)
+    for (ids, labels, _), rec in zip(samples, recs):
+        expected = []
+        for turn in rec["conversations"]:
+            if turn["from"] == "gpt":
+                expected.append(turn["value"] + "<|im_end|>")
+            elif turn["from"] == "function_call":
+                expected.append(f"<tool_call>\n{turn['value']}\n</tool_call><|im_end|>")
+        assert trained_runs(mistral_chatml, labels) == expected
+        text = mistral_chatml.decode(ids)
+        has_tools = rec["tools"] not in ("", "[]")
+        assert ("You have access to the following functions" in text) == has_tools  # tools reach the prompt
+        assert ("<|im_start|>tool\n" in text) == any(t["from"] == "observation" for t in rec["conversations"])
+
+
+def test_text_format_trains_all_and_appends_eos(tmp_path, mistral):
+    ids, labels, _ = one_sample(tmp_path, [{"text": "Plain language modelling text."}])[0]
+    assert trained_runs(mistral, labels) == ["Plain language modelling text.</s>"]
+    assert ids[0] == mistral.bos_token_id and ids.count(mistral.bos_token_id) == 1
+
+
+def test_response_template_on_characters(tmp_path, mistral):
+    text = "### Question: What is 2+2?\n ### Answer: 4"
+    _, labels, _ = one_sample(tmp_path, [{"text": text}], response_template="### Answer:")[0]
+    assert trained_runs(mistral, labels) == ["4</s>"]
+
+
+def test_response_and_instruction_template_multi_turn(tmp_path, mistral):
+    text = "### Human: hi\n### Assistant: hello\n### Human: bye\n### Assistant: ciao"
+    _, labels, _ = one_sample(tmp_path, [{"text": text}], response_template="### Assistant:",
+                              instruction_template="### Human:")[0]
+    assert trained_runs(mistral, labels) == ["hello\n", "ciao</s>"]
+
+
+def test_response_template_missing_is_rejected_with_reason(tmp_path):
+    manifest, _ = build_records(tmp_path, [{"text": "no marker here"}, {"text": "A: ok"}],
+                                response_template="A:", packing="none")
+    assert manifest["totals"]["dropped_by_reason"] == {"response_template_not_found": 1}
+    rejects = (tmp_path / "out" / "rejects.jsonl").read_text()
+    assert "out.jsonl:1" in rejects and "not found" in rejects
+
+
+def test_custom_fields_qlora_seed_csv(tmp_path, mistral_chatml):
+    """The seed QLoRA recipe: CSV columns system/question/chosen, ChatML."""
+    import csv
+
+    from sftprep import build, config_from_dict, load
+
+    path = tmp_path / "train.csv"
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["system", "question", "chosen"])
+        w.writerow(["Be brief.", "2+2?", "4"])
+    cfg = config_from_dict({"inputs": [str(path)], "tokenizer": CHATML_TOK, "template": "chatml",
+                            "fields": {"prompt": "question", "completion": "chosen"},
+                            "out": str(tmp_path / "o"), "packing": "none", "max_length": 128})
+    build(cfg)
+    ids, labels, _ = samples_of(load(tmp_path / "o"))[0]
+    assert mistral_chatml.decode(ids) == ("<s><|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n"
+                                          "2+2?<|im_end|>\n<|im_start|>assistant\n4<|im_end|>\n")
+    assert trained_runs(mistral_chatml, labels) == ["4<|im_end|>"]
+
+
+def test_python_callable_template(tmp_path, mistral):
+    _, labels, _ = one_sample(tmp_path, [{"q": "2+2?", "a": "4"}], template="tests.helpers_template:render")[0]
+    assert trained_runs(mistral, labels) == ["4</s>"]
+
+
+def test_chinese_text_round_trips(tmp_path, mistral):
+    import json
+
+    recs = [json.loads(line) for line in (DATA / "alpaca_zh.jsonl").read_text().splitlines()[:5]]
+    for (ids, labels, _), rec in zip(one_sample(tmp_path, recs, max_length=2048), recs):
+        assert "".join(trained_runs(mistral, labels)) == rec["output"] + "</s>"
