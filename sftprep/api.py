@@ -304,6 +304,8 @@ def _build_id(config: BuildConfig, inputs: list[dict], identity: dict) -> str:
     cfg = config.to_dict()
     for volatile in ("out", "workers", "overwrite"):
         cfg.pop(volatile)
+    cfg["read"].pop("inputs")  # identified by content below, wherever the files lie
+    cfg["tokenize"].pop("tokenizer")
     key = {"config": cfg, "inputs": [i["sha256"] for i in inputs], "tokenizer": identity["vocab_hash"],
            "version": __version__}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]

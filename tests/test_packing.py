@@ -1,0 +1,104 @@
+"""Packing invariants on real builds: real tokens, -100 padding and sample starts, no split, determinism."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from sftprep.packing import fill_ratio, pack_bfd, pack_wrapped
+from tests.conftest import DATA, MISTRAL, build_records, samples_of
+
+
+def alpaca(n=40):
+    return json.loads((DATA / "alpaca_en.json").read_text())[:n]
+
+
+def test_pack_bfd_is_best_fit_decreasing():
+    bins = pack_bfd([5, 7, 3, 2, 9, 1], 10)
+    assert sorted(i for b in bins for i in b) == list(range(6))
+    assert all(sum([5, 7, 3, 2, 9, 1][i] for i in b) <= 10 for b in bins)
+    assert bins == [[4, 5], [1, 2], [0, 3]]  # 9+1, 7+3, 5+2 (best fit puts 2 beside 5)
+
+
+def test_pack_bfd_refuses_oversized_sample():
+    with pytest.raises(ValueError, match="sample 1 has 11 tokens"):
+        pack_bfd([3, 11], 10)
+
+
+def test_pack_wrapped_cuts_constant_chunks():
+    rows = pack_wrapped([4, 7, 2], 5)
+    assert rows == [[(0, 0, 4), (1, 0, 1)], [(1, 1, 6)], [(1, 6, 7), (2, 0, 2)]]
+    assert fill_ratio(13, 3, 5) == pytest.approx(13 / 15)
+
+
+def test_bfd_rows_keep_the_shard_contract(tmp_path, mistral):
+    manifest, table = build_records(tmp_path, alpaca(), template="alpaca", max_length=512)
+    _, unpacked = build_records(tmp_path, alpaca(), template="alpaca", max_length=512, packing="none",
+                                name="single")
+    single = {sid: (ids, labels) for ids, labels, sid in samples_of(unpacked)}
+    pad = manifest["tokenizer"]["pad_id"]
+    seen = []
+    for row in table.to_pylist():
+        ids, labels, lens = row["input_ids"], row["labels"], row["seq_lens"]
+        assert len(ids) == len(labels) == 512
+        n = sum(lens)
+        assert all(x == pad for x in ids[n:]) and all(x == -100 for x in labels[n:])
+        pos = 0
+        for length, sid in zip(lens, row["sample_ids"]):
+            assert labels[pos] == -100  # first token of every sample
+            # no sample is split or altered by packing
+            assert (ids[pos:pos + length], labels[pos:pos + length]) == single[sid]
+            pos += length
+        seen += row["sample_ids"]
+    assert sorted(seen) == list(range(40))
+    t = manifest["totals"]
+    assert t["tokens"] == sum(sum(r) for r in table.column("seq_lens").to_pylist())
+    assert t["fill_ratio"] == pytest.approx(t["tokens"] / (t["rows"] * 512), abs=1e-6)
+    assert t["rows"] < 40  # it really packed
+
+
+def test_build_is_deterministic(tmp_path):
+    a, _ = build_records(tmp_path / "a", alpaca(), template="alpaca", max_length=512, shard_size=4)
+    b, _ = build_records(tmp_path / "b", alpaca(), template="alpaca", max_length=512, shard_size=4)
+    assert len(a["shards"]) > 1  # bounded shard size
+    for sa, sb in zip(a["shards"], b["shards"]):
+        assert (tmp_path / "a" / "out" / sa["file"]).read_bytes() == (tmp_path / "b" / "out" / sb["file"]).read_bytes()
+    assert a["build_id"] == b["build_id"]
+
+
+def test_wrapped_packing_for_plain_text(tmp_path):
+    recs = [json.loads(line) for line in (DATA / "c4.jsonl").read_text().splitlines()[:10]]
+    manifest, table = build_records(tmp_path, recs, packing="wrapped", max_length=128)
+    rows = table.to_pylist()
+    assert all(sum(r["seq_lens"]) == 128 for r in rows[:-1])
+    for r in rows:
+        pos = 0
+        for n in r["seq_lens"]:
+            assert r["labels"][pos] == -100
+            pos += n
+    assert manifest["totals"]["samples_truncated"] == 0  # wrapped never truncates
+
+
+@pytest.mark.parametrize("mode,expect_len", [("keep_start", 16), ("keep_end", 16)])
+def test_truncation_keeps_start_or_end(tmp_path, mistral, mode, expect_len):
+    rec = {"prompt": "Count:", "completion": " " + " ".join(str(i) for i in range(40))}
+    manifest, table = build_records(tmp_path, [rec], packing="none", max_length=16, truncation=mode)
+    ids, labels, _ = samples_of(table)[0]
+    assert len(ids) == expect_len and manifest["totals"]["samples_truncated"] == 1
+    assert ids[0] == mistral.bos_token_id  # BOS kept in front either way
+    text = mistral.decode(ids[1:])
+    assert (text.startswith("Count:") if mode == "keep_start" else text.endswith("39</s>"))
+
+
+def test_truncation_drop_and_fully_masked_samples_are_rejected(tmp_path):
+    long = {"prompt": "Count:", "completion": " " + " ".join(str(i) for i in range(40))}
+    masked = {"prompt": " ".join(["word"] * 40), "completion": " end"}
+    manifest, _ = build_records(tmp_path, [long, {"prompt": "a", "completion": " b"}], packing="none",
+                                max_length=16, truncation="drop")
+    assert manifest["totals"]["dropped_by_reason"] == {"too_long": 1}
+    manifest, _ = build_records(tmp_path, [masked, {"prompt": "a", "completion": " b"}], packing="none",
+                                max_length=16, name="masked")
+    assert manifest["totals"]["dropped_by_reason"] == {"no_trained_tokens_after_truncation": 1}
+    reject = json.loads((tmp_path / "masked" / "rejects.jsonl").read_text())
+    assert reject["source"].endswith("masked.jsonl:1") and reject["sample_id"] == 0

@@ -1,0 +1,67 @@
+"""Every input type gives the same records, with provenance; identical shards whatever the container."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow as pa
+import pyarrow.feather as feather
+import pyarrow.parquet as pq
+
+from sftprep import build, config_from_dict, load
+from sftprep.readers import iter_records
+from tests.conftest import MISTRAL, write_jsonl
+
+RECS = [{"prompt": f"Say {w}", "completion": f" {w}!"} for w in ["yes", "no", "maybe", "héllo 你好"]]
+
+
+def write_all(tmp_path):
+    paths = {"jsonl": write_jsonl(tmp_path / "d.jsonl", RECS)}
+    paths["json"] = tmp_path / "d.json"
+    paths["json"].write_text(json.dumps(RECS, ensure_ascii=False))
+    paths["csv"] = tmp_path / "d.csv"
+    paths["csv"].write_text("prompt,completion\n" + "".join(f'"{r["prompt"]}","{r["completion"]}"\n' for r in RECS))
+    table = pa.Table.from_pylist(RECS)
+    paths["parquet"] = tmp_path / "d.parquet"
+    pq.write_table(table, paths["parquet"])
+    paths["feather"] = tmp_path / "d.arrow"
+    feather.write_feather(table, paths["feather"])
+    import datasets
+
+    paths["hf"] = tmp_path / "hf"
+    datasets.Dataset.from_list(RECS).save_to_disk(str(paths["hf"]))
+    return paths
+
+
+def test_all_readers_agree_and_keep_provenance(tmp_path):
+    paths = write_all(tmp_path)
+    for kind, path in paths.items():
+        recs = list(iter_records([str(path)]))
+        assert [r.fields for r in recs] == RECS, kind
+    sources = {k: [r.source for r in iter_records([str(p)])] for k, p in paths.items()}
+    assert sources["jsonl"][2].endswith("d.jsonl:3")
+    assert sources["csv"][2].endswith("d.csv:4")  # header is line 1
+    assert sources["json"][2].endswith("d.json[2]")
+    assert sources["parquet"][2].endswith("d.parquet:row 2")
+    assert sources["hf"][2].endswith("hf:row 2")
+
+
+def test_same_shards_from_every_container(tmp_path):
+    digests = set()
+    for kind, path in write_all(tmp_path).items():
+        m = build(config_from_dict({"inputs": [str(path)], "tokenizer": MISTRAL, "out": str(tmp_path / f"o-{kind}"),
+                                    "max_length": 64}))
+        digests.add(m["shards"][0]["sha256"])
+    assert len(digests) == 1
+
+
+def test_globs_and_several_inputs_in_order(tmp_path):
+    write_jsonl(tmp_path / "b.jsonl", RECS[2:])
+    write_jsonl(tmp_path / "a.jsonl", RECS[:2])
+    recs = list(iter_records([str(tmp_path / "*.jsonl")]))
+    assert [r.fields for r in recs] == RECS
+    m = build(config_from_dict({"inputs": [str(tmp_path / "*.jsonl")], "tokenizer": MISTRAL,
+                                "out": str(tmp_path / "o"), "max_length": 64, "packing": "none"}))
+    assert m["totals"]["samples_kept"] == 4 and len(m["inputs"]) == 2
+    assert all(len(i["sha256"]) == 64 for i in m["inputs"])
+    assert len(load(tmp_path / "o")) == 4
