@@ -13,7 +13,7 @@ import numpy as np
 
 from .config import BuildConfig
 from .formats import FormatError, as_fields, normalize
-from .labels import IGNORE_INDEX, char_codes, span_mask, trained_tokens
+from .labels import IGNORE_INDEX, token_ranges
 from .readers import Record
 from .templates import Renderer
 from .tokenizer import adds_bos
@@ -79,28 +79,20 @@ class Encoder:
 
     def _tokenize(self, out: Encoded, texts: list[str], spans: list, kept: list) -> None:
         encs = self.backend.encode_batch(texts, add_special_tokens=False)
-        counts = np.fromiter((len(e.ids) for e in encs), dtype=np.int64, count=len(encs))
-        tok_base = np.concatenate([[0], np.cumsum(counts)])
-        char_base = np.concatenate([[0], np.cumsum([len(t) for t in texts])])
-        ids = np.fromiter((i for e in encs for i in e.ids), dtype=np.int32, count=int(tok_base[-1]))
-        off = np.fromiter((o for e in encs for pair in e.offsets for o in pair), dtype=np.int64,
-                          count=2 * int(tok_base[-1])).reshape(-1, 2)
-        shift = np.repeat(char_base[:-1], counts)
-        codes = char_codes("".join(texts))
-        all_spans = [(a + b, c + b) for sp, b in zip(spans, char_base[:-1].tolist()) for a, c in sp]
-        mask = trained_tokens(off[:, 0] + shift, off[:, 1] + shift, codes, span_mask(len(codes), all_spans))
-        labels = np.where(mask, ids, IGNORE_INDEX).astype(np.int32)
-        for k, (sid, source) in enumerate(kept):
-            a, b = tok_base[k], tok_base[k + 1]
-            s_ids, s_labels = ids[a:b], labels[a:b]
-            if self.bos_id is not None and not texts[k].startswith(self.bos):
-                s_ids = np.concatenate([[self.bos_id], s_ids]).astype(np.int32)
-                s_labels = np.concatenate([[IGNORE_INDEX], s_labels]).astype(np.int32)
-            else:
-                s_labels = s_labels.copy()
-            if len(s_labels):
-                s_labels[0] = IGNORE_INDEX
-            self._add(out, sid, source, s_ids, s_labels)
+        bos = self.bos_id is not None
+        for enc, text, sp, (sid, source) in zip(encs, texts, spans, kept):
+            tok_ids = enc.ids
+            head = 1 if bos and not text.startswith(self.bos) else 0
+            ids = np.empty(len(tok_ids) + head, dtype=np.int32)
+            if head:
+                ids[0] = self.bos_id
+            ids[head:] = tok_ids
+            labels = np.full(len(ids), IGNORE_INDEX, dtype=np.int32)
+            for i, j in token_ranges(enc, text, sp, len(tok_ids)):
+                labels[i + head:j + head] = ids[i + head:j + head]
+            if len(labels):
+                labels[0] = IGNORE_INDEX
+            self._add(out, sid, source, ids, labels)
 
     def _add(self, out: Encoded, sid: int, source: str, ids: np.ndarray, labels: np.ndarray) -> None:
         truncated = False

@@ -63,6 +63,36 @@ def trained_tokens(starts: np.ndarray, ends: np.ndarray, codes: np.ndarray,
     return trained_chars[anchor]
 
 
+def first_token_from(enc, text: str, pos: int, n_tokens: int) -> int:
+    """Index of the first token whose anchor (see module doc) is at or after character `pos`.
+
+    `enc` is a `tokenizers.Encoding` of `text`; only a few calls into it are made (no offset
+    lists are built), which is what keeps labelling cheap next to tokenization.
+    """
+    c = pos
+    while c < len(text):
+        t = enc.char_to_token(c)
+        if t is not None:
+            start, end = enc.token_to_chars(t)
+            piece = text[start:end]
+            lead = len(piece) - len(piece.lstrip())
+            anchor = start + lead if lead < len(piece) else start
+            return t if anchor >= pos else t + 1
+        c += 1  # a character no token covers (a dropped space): look further
+    return n_tokens
+
+
+def token_ranges(enc, text: str, spans: Sequence[tuple[int, int]], n_tokens: int) -> list[tuple[int, int]]:
+    """The trained token ranges `[i, j)` for trained character spans; same rule as
+    `trained_tokens`, computed from the span boundaries alone."""
+    out = []
+    for a, b in spans:
+        i, j = first_token_from(enc, text, a, n_tokens), first_token_from(enc, text, b, n_tokens)
+        if j > i:
+            out.append((i, j))
+    return out
+
+
 def labels_from_spans(ids: Sequence[int], offsets: Sequence[tuple[int, int]], text: str,
                       spans: Sequence[tuple[int, int]]) -> np.ndarray:
     """Labels (int32) for one tokenized text: the id where trained, `IGNORE_INDEX` elsewhere,
