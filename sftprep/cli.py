@@ -24,6 +24,10 @@ def user_errors(fn):
         except (ValueError, FileNotFoundError, BuildError, RecordError, PermissionError) as e:
             click.echo(f"Error: {e}", err=True)
             sys.exit(2)
+        except KeyboardInterrupt:
+            click.echo("Interrupted: nothing was marked complete (no manifest written); run the same "
+                       "command again to finish.", err=True)
+            sys.exit(130)
         except OSError as e:  # disk full, unwritable folder...
             click.echo(f"Error: {e.strerror or e}: {e.filename or ''}".rstrip(": "), err=True)
             sys.exit(2)
@@ -95,6 +99,9 @@ def build(config: str | None, quiet: bool, format_: str | None, **flags: Any) ->
     from .api import build as run_build
     from .config import config_from_dict, load_yaml
 
+    import signal
+
+    signal.signal(signal.SIGTERM, _raise_interrupt)  # a killed build says so, like Ctrl-C
     data = load_yaml(config) if config else {}
     flags["format"] = format_
     flags["inputs"] = list(flags.pop("inputs")) or None
@@ -103,6 +110,10 @@ def build(config: str | None, quiet: bool, format_: str | None, **flags: Any) ->
         manifest = run_build(cfg, progress=advance)
     if not quiet:
         print_summary(manifest)
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 class _progress:
@@ -158,6 +169,114 @@ def print_summary(manifest: dict[str, Any]) -> None:
     Console().print(table)
     if t["samples_dropped"]:
         click.echo(f"dropped samples are listed in {manifest['config']['out']}/{manifest['rejects_file']}")
+
+
+
+def _out_console(color: bool | None = None):
+    """A rich console on stdout: colour when asked or on a terminal; wide when piped."""
+    from rich.console import Console
+
+    if color:
+        return Console(force_terminal=True, color_system="standard", highlight=False)
+    tty = sys.stdout.isatty()
+    return Console(highlight=False, width=None if tty else 120)
+
+
+@main.command("inspect")
+@click.argument("build_dir", metavar="DIR", type=click.Path())
+@click.option("--row", type=int, help="Packed row to show (0-based over all shards; default 0).")
+@click.option("--sample", "sample_id", type=int, help="Sample id to show (its index in the input).")
+@click.option("--tokens", is_flag=True, help="Token by token: position, id, piece, label.")
+@click.option("--plain", is_flag=True, help="No colour: trained text inside ⟦…⟧ (the default when piped).")
+@click.option("--color", is_flag=True, help="Colour even when piped (e.g. into `less -R`).")
+@click.option("-t", "--tokenizer", help="Tokenizer folder, when the manifest's path has moved.")
+@user_errors
+def inspect_(build_dir: str, row: int | None, sample_id: int | None, tokens: bool, plain: bool,
+             color: bool, tokenizer: str | None) -> None:
+    """Show a packed row or one sample decoded, trained text marked, with each sample's source.
+
+    \b
+      sftprep inspect shards/ --row 12
+      sftprep inspect shards/ --sample 345 --tokens
+    """
+    from .samples import build_tokenizer, open_build
+    from .view import render_plain, render_rich, view_row, view_sample
+
+    if row is not None and sample_id is not None:
+        raise ValueError("give --row or --sample, not both")
+    folder, manifest = open_build(build_dir)
+    tok = build_tokenizer(manifest, tokenizer)
+    if sample_id is not None:
+        blocks = view_sample(folder, manifest, tok, sample_id, tokens)
+    else:
+        blocks = view_row(folder, manifest, tok, row or 0, tokens)
+    if color or (not plain and sys.stdout.isatty()):
+        render_rich(blocks, _out_console(color=True if color else None))
+    else:
+        click.echo(render_plain(blocks), nl=False)
+
+
+@main.command()
+@click.argument("build_dir", metavar="DIR", type=click.Path())
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False),
+              help="Also draw the histograms into this picture (e.g. stats.png).")
+@click.option("--json", "as_json", is_flag=True, help="Print the statistics as JSON.")
+@user_errors
+def stats(build_dir: str, plot_path: str | None, as_json: bool) -> None:
+    """Totals and distributions: sample lengths, trained tokens, fill, drops, per input file.
+
+    \b
+      sftprep stats shards/ --plot stats.png
+    """
+    import json
+
+    from .stats import collect, plot, render, summarize
+
+    collected = collect(build_dir)
+    result = summarize(collected)
+    if as_json:
+        click.echo(json.dumps(result, indent=2, ensure_ascii=False))
+    else:
+        render(result, _out_console())
+    if plot_path:
+        out = plot(collected, plot_path)
+        click.echo(f"histograms written to {out}", err=as_json)
+
+
+@main.command()
+@click.argument("build_dir", metavar="DIR", type=click.Path())
+@click.option("--max-errors", type=int, default=20, show_default=True, help="Violations to list.")
+@user_errors
+def verify(build_dir: str, max_errors: int) -> None:
+    """Re-check checksums and every invariant of the shard contract; exit 1 when one fails.
+
+    \b
+      sftprep verify shards/ && sfttrain run shards/ ...
+    """
+    from .verify import render, verify as run_verify
+
+    report = run_verify(build_dir)
+    click.echo(render(report, max_errors), nl=False)
+    if not report.ok:
+        sys.exit(1)
+
+
+@main.command("diff")
+@click.argument("build_a", metavar="A", type=click.Path())
+@click.argument("build_b", metavar="B", type=click.Path())
+@click.option("--show", type=int, default=3, show_default=True,
+              help="Changed samples to show decoded (unified diff).")
+@click.option("-t", "--tokenizer", help="Tokenizer folder, when the manifests' path has moved.")
+@user_errors
+def diff_(build_a: str, build_b: str, show: int, tokenizer: str | None) -> None:
+    """What changed from build A to build B: settings, tokenizer, totals, and samples (decoded).
+
+    \b
+      sftprep diff shards-alpaca/ shards-chatml/ --show 5
+    """
+    from .diff import diff, render
+
+    click.echo(render(diff(build_a, build_b), show, tokenizer), nl=False)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from .config import BuildConfig
+from .config import BuildConfig, ConfigError
 from .formats import FormatError, as_fields, normalize
 from .labels import IGNORE_INDEX, token_ranges
 from .readers import Record
@@ -49,6 +49,17 @@ class Encoder:
         self.fail_fast = cfg.read.on_error == "fail"
         # format strings and callables read the record's fields themselves: no format detection
         self.raw_fields = cfg.template.prompt is not None or self.renderer.fn is not None
+        self._check_overhead()
+
+    def _check_overhead(self) -> None:
+        """Refuse a max_length that the template's own tokens (plus one trained token) already fill."""
+        text = self.renderer.overhead_text()
+        if text is None:
+            return
+        n = len(self.backend.encode(text, add_special_tokens=False).ids) + (self.bos_id is not None)
+        if n + 1 >= self.max_length:
+            raise ConfigError(f"max_length={self.max_length} leaves no room for text: template "
+                              f"{self.cfg.template.name!r} alone takes {n} tokens per turn; raise --max-length")
 
     def __call__(self, batch: list[tuple[int, Record]]) -> Encoded:
         out = Encoded()

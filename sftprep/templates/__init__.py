@@ -49,7 +49,10 @@ class Renderer:
         self.fn: Callable | None = None
         name = cfg.name
         if name in (None, "none"):
-            pass
+            if not eos:
+                raise ConfigError("the tokenizer has no eos_token, and without a chat template EOS is what "
+                                  "ends each trained text (the model must learn to stop); use a tokenizer "
+                                  "with an eos_token or a template with its own end marker (--template chatml)")
         elif name == "tokenizer":
             if tokenizer is None or not getattr(tokenizer, "chat_template", None):
                 raise ConfigError("--template tokenizer: the tokenizer has no chat_template; "
@@ -64,6 +67,16 @@ class Renderer:
         else:
             raise ConfigError(f"unknown template {name!r}{_did_you_mean(name, list(PRESETS))}; expected "
                               f"one of {', '.join(PRESETS)}, `tokenizer` or `module:function`")
+
+    def overhead_text(self) -> str | None:
+        """The text a one-turn conversation with empty messages renders to (None if not a chat template)."""
+        if self.preset is None and self.cfg.name != "tokenizer":
+            return None
+        conv = Conversation("chat", [Message("user", ""), Message("assistant", "")])
+        try:
+            return "".join(s for s, _ in self._segments(conv))
+        except FormatError:  # a template that refuses empty turns: records will say why
+            return None
 
     @property
     def description(self) -> str:

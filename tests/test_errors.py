@@ -1,0 +1,183 @@
+"""Bad input and bad settings: each gets a specific one-line message (file:line, field, what was
+expected), exit code 2 and no traceback; nothing is lost or half-written."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from sftprep.cli import main
+from tests.conftest import CHATML_TOK, DATA, MISTRAL
+
+GOOD = json.dumps({"prompt": "Say yes", "completion": " yes"})
+CHAT_OK = {"role": "user", "content": "hi"}
+
+# (case, the bad JSONL line, extra flags, the message a user reads)
+BAD_RECORDS = [
+    ("invalid JSON", '{"prompt": "a", ', [], "bad.jsonl:2: invalid JSON: Expecting property name enclosed in double quotes"),
+    ("not an object", "[1, 2]", [], "bad.jsonl:2: expected a JSON object, got list"),
+    ("missing field", json.dumps({"prompt": "a", "answer": "b"}), ["--format", "prompt_completion"],
+     'bad.jsonl:2: field "completion" is missing (keys found: answer, prompt); map another field to it with --field completion=YOUR_FIELD'),
+    ("null field", json.dumps({"prompt": "a", "completion": None}), [], 'bad.jsonl:2: field "completion" is null'),
+    ("wrong type", json.dumps({"prompt": "a", "completion": 42}), [], 'bad.jsonl:2: field "completion" must be text, got int: 42'),
+    ("empty completion", json.dumps({"prompt": "a", "completion": "  "}), [], 'bad.jsonl:2: field "completion" is empty'),
+    ("no assistant turn", json.dumps({"messages": [CHAT_OK]}), ["--template", "chatml"],
+     'bad.jsonl:2: "messages" has no assistant turn, so nothing would be trained'),
+    ("roles out of order", json.dumps({"messages": [{"role": "assistant", "content": "x"}, CHAT_OK]}),
+     ["--template", "chatml"], "bad.jsonl:2: messages[0]: the conversation starts with an assistant turn"),
+    ("unknown role", json.dumps({"messages": [CHAT_OK, {"role": "asistant", "content": "x"}]}),
+     ["--template", "chatml"], "bad.jsonl:2: messages[1]: unknown role 'asistant'; expected one of system, developer, user, assistant, tool, function, ipython (did you mean 'assistant'?)"),
+    ("missing template field", json.dumps({"prompt": "a"}), ["--prompt", "Q: {prompt}\nA:", "--completion", "{completion}"],
+     "bad.jsonl:2: template completion uses field {completion}, which the record lacks (keys found: prompt)"),
+    ("ambiguous format", json.dumps({"text": "a", "prompt": "b", "completion": "c"}), [],
+     "bad.jsonl:2: record fits several formats (prompt_completion, text; keys: completion, prompt, text); choose one with --format"),
+]
+
+
+def write(tmp_path, lines: list[str | bytes]) -> str:
+    path = tmp_path / "bad.jsonl"
+    path.write_bytes(b"".join((x if isinstance(x, bytes) else x.encode()) + b"\n" for x in lines))
+    return str(path)
+
+
+def build(*args):
+    return CliRunner().invoke(main, ["build", *map(str, args)])
+
+
+@pytest.mark.parametrize("case,line,flags,message", BAD_RECORDS, ids=[c[0] for c in BAD_RECORDS])
+def test_bad_record_fail_mode_names_file_line_field(tmp_path, case, line, flags, message):
+    path = write(tmp_path, [GOOD, line, GOOD])
+    r = build("-i", path, "-t", MISTRAL, "-o", tmp_path / "o", "--on-error", "fail", "-q", *flags)
+    assert r.exit_code == 2, r.output
+    assert message in r.output
+    assert "Traceback" not in r.output
+    assert not (tmp_path / "o" / "manifest.json").exists()
+
+
+@pytest.mark.parametrize("case,line,flags,message", BAD_RECORDS, ids=[c[0] for c in BAD_RECORDS])
+def test_bad_record_skip_mode_lists_it_in_rejects(tmp_path, case, line, flags, message):
+    path = write(tmp_path, [GOOD, line, GOOD])
+    r = build("-i", path, "-t", MISTRAL, "-o", tmp_path / "o", *flags)
+    assert r.exit_code == 0, r.output
+    assert "samples dropped" in r.output and "rejects.jsonl" in r.output
+    (reject,) = [json.loads(x) for x in (tmp_path / "o" / "rejects.jsonl").read_text().splitlines()]
+    assert message.split("bad.jsonl:2: ")[1] in reject["message"]
+    assert reject["source"].endswith("bad.jsonl:2") and reject["sample_id"] == 1
+    manifest = json.loads((tmp_path / "o" / "manifest.json").read_text())
+    assert manifest["totals"]["samples_dropped"] == 1 and manifest["totals"]["samples_kept"] == 2
+
+
+def test_invalid_utf8(tmp_path):
+    path = write(tmp_path, [GOOD, b'{"prompt": "caf\xe9", "completion": "x"}'])
+    r = build("-i", path, "-t", MISTRAL, "-o", tmp_path / "o", "--on-error", "fail")
+    assert r.exit_code == 2 and "bad.jsonl:2: invalid UTF-8 at byte 15 of the line" in r.output
+
+
+def test_chat_template_that_raises(tmp_path):
+    import shutil
+
+    tok = tmp_path / "tok"
+    shutil.copytree(CHATML_TOK, tok)
+    (tok / "chat_template.jinja").write_text("{{ raise_exception('only user/assistant roles are supported') }}")
+    path = write(tmp_path, [json.dumps({"messages": [CHAT_OK, {"role": "assistant", "content": "x"}]})])
+    r = build("-i", path, "-t", tok, "--template", "tokenizer", "-o", tmp_path / "o", "--on-error", "fail")
+    assert r.exit_code == 2
+    assert "bad.jsonl:1: the tokenizer's chat_template failed: TemplateError: only user/assistant roles are supported" in r.output
+
+
+def test_record_far_longer_than_max_length_follows_truncation(tmp_path):
+    huge = json.dumps({"prompt": "Count:", "completion": " " + " ".join(map(str, range(5000)))})
+    path = write(tmp_path, [GOOD, huge])
+    r = build("-i", path, "-t", MISTRAL, "-o", tmp_path / "o", "--max-length", 64, "--truncation", "drop")
+    assert r.exit_code == 0 and "too_long" in r.output
+    reject = json.loads((tmp_path / "o" / "rejects.jsonl").read_text())
+    assert reject["message"].endswith("tokens > max_length 64 (--truncation drop)")
+
+
+def test_max_reject_ratio_stops_a_mostly_broken_build(tmp_path):
+    path = write(tmp_path, [GOOD, "nope", "nope", "nope"])
+    r = build("-i", path, "-t", MISTRAL, "-o", tmp_path / "o", "--max-reject-ratio", "0.5")
+    assert r.exit_code == 2
+    assert "3 of 4 records rejected (75% > max_reject_ratio 50%; unreadable: 3)" in r.output
+    assert not (tmp_path / "o" / "manifest.json").exists()
+    assert len((tmp_path / "o" / "rejects.jsonl").read_text().splitlines()) == 3  # still listed
+
+
+# (case, flags, the message a user reads) — all stop before any heavy work, exit 2.
+BAD_SETTINGS = [
+    ("unknown template", ["--template", "chatlm"], "unknown template 'chatlm' (did you mean 'chatml'?)"),
+    ("unknown format", ["--format", "sharegtp"], "Invalid value for '--format': 'sharegtp' is not one of"),
+    ("tokenizer missing", ["-t", "/nonexistent/tok"], "tokenizer folder /nonexistent/tok does not exist"),
+    ("max_length below template overhead", ["--template", "alpaca", "--max-length", "16"],
+     "max_length=16 leaves no room for text: template 'alpaca' alone takes"),
+    ("no input", ["-i", "/nonexistent/data.jsonl"], "input /nonexistent/data.jsonl does not exist"),
+    ("unsupported input type", ["-i", "README.md"], "unsupported file type '.md'"),
+    ("prompt without completion", ["--prompt", "Q: {q}"], "template.prompt and template.completion go together"),
+]
+
+
+@pytest.mark.parametrize("case,flags,message", BAD_SETTINGS, ids=[c[0] for c in BAD_SETTINGS])
+def test_bad_settings(tmp_path, case, flags, message):
+    path = write(tmp_path, [GOOD])
+    args = ["-i", path, "-t", MISTRAL, "-o", tmp_path / "o"]
+    for flag in ("-i", "-t"):  # let the case replace the default input/tokenizer
+        if flag in flags:
+            k = args.index(flag)
+            del args[k:k + 2]
+    r = build(*args, *flags)
+    assert r.exit_code == 2, r.output
+    assert message in r.output
+    assert "Traceback" not in r.output
+    assert not (tmp_path / "o").exists()  # refused before writing anything
+
+
+def test_tokenizer_without_fast_tokenizer(tmp_path):
+    (tmp_path / "slow").mkdir()
+    (tmp_path / "slow" / "tokenizer_config.json").write_text("{}")
+    r = build("-i", write(tmp_path, [GOOD]), "-t", tmp_path / "slow", "-o", tmp_path / "o")
+    assert r.exit_code == 2 and "has no tokenizer.json: sftprep needs a fast (Rust) tokenizer" in r.output
+
+
+def test_tokenizer_without_eos(tmp_path):
+    import shutil
+
+    tok = tmp_path / "tok"
+    shutil.copytree(MISTRAL, tok)
+    cfg = json.loads((tok / "tokenizer_config.json").read_text())
+    cfg["eos_token"] = None
+    (tok / "tokenizer_config.json").write_text(json.dumps(cfg))
+    r = build("-i", write(tmp_path, [GOOD]), "-t", tok, "-o", tmp_path / "o")
+    assert r.exit_code == 2 and "the tokenizer has no eos_token" in r.output
+
+
+def test_out_folder_with_a_different_build_needs_overwrite(tmp_path):
+    path = write(tmp_path, [GOOD])
+    assert build("-i", path, "-t", MISTRAL, "-o", tmp_path / "o", "-q").exit_code == 0
+    again = build("-i", path, "-t", MISTRAL, "-o", tmp_path / "o", "-q")  # same build: fine
+    assert again.exit_code == 0
+    r = build("-i", path, "-t", MISTRAL, "-o", tmp_path / "o", "--max-length", 100)
+    assert r.exit_code == 2 and "already holds a different build; pass --overwrite" in r.output
+    assert build("-i", path, "-t", MISTRAL, "-o", tmp_path / "o", "--max-length", 100, "--overwrite").exit_code == 0
+
+
+def test_out_folder_with_other_files_is_refused(tmp_path):
+    (tmp_path / "o").mkdir()
+    (tmp_path / "o" / "thesis.tex").write_text("precious")
+    r = build("-i", write(tmp_path, [GOOD]), "-t", MISTRAL, "-o", tmp_path / "o")
+    assert r.exit_code == 2 and "already holds files that are not a sftprep build" in r.output
+
+
+def test_unwritable_output_is_reported(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    r = build("-i", write(tmp_path, [GOOD]), "-t", MISTRAL, "-o", tmp_path / "afile" / "o")
+    assert r.exit_code == 2 and "Traceback" not in r.output and "afile" in r.output
+
+
+def test_unknown_yaml_keys_and_bad_values(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("template:\n  nmae: chatml\npacking: bdf\n")
+    r = CliRunner().invoke(main, ["build", str(cfg), "-i", write(tmp_path, [GOOD]), "-t", MISTRAL, "-o", str(tmp_path / "o")])
+    assert r.exit_code == 2
+    assert "unknown key `template.nmae` (did you mean 'name'?)" in r.output
