@@ -102,3 +102,10 @@ def test_truncation_drop_and_fully_masked_samples_are_rejected(tmp_path):
     assert manifest["totals"]["dropped_by_reason"] == {"no_trained_tokens_after_truncation": 1}
     reject = json.loads((tmp_path / "masked" / "rejects.jsonl").read_text())
     assert reject["source"].endswith("masked.jsonl:1") and reject["sample_id"] == 0
+
+
+def test_workers_give_the_same_shards(tmp_path):
+    one, _ = build_records(tmp_path / "a", alpaca(), template="alpaca", max_length=512)
+    two, _ = build_records(tmp_path / "b", alpaca(), template="alpaca", max_length=512, workers=2)
+    assert [s["sha256"] for s in one["shards"]] == [s["sha256"] for s in two["shards"]]
+    assert one["totals"] == two["totals"]
