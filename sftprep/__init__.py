@@ -10,6 +10,9 @@ from .config import (BuildConfig, ConfigError, PackConfig, ReadConfig, TemplateC
                      TokenizeConfig, config_from_dict)
 from .labels import IGNORE_INDEX  # noqa: E402
 from .manifest import read_manifest  # noqa: E402
+from .samples import samples  # noqa: E402
+from .verify import verify  # noqa: E402
 
 __all__ = ["BuildConfig", "BuildError", "ConfigError", "IGNORE_INDEX", "PackConfig", "ReadConfig",
-           "TemplateConfig", "TokenizeConfig", "build", "config_from_dict", "load", "read_manifest"]
+           "TemplateConfig", "TokenizeConfig", "build", "config_from_dict", "load", "read_manifest", "samples",
+           "verify"]

@@ -171,7 +171,6 @@ def print_summary(manifest: dict[str, Any]) -> None:
         click.echo(f"dropped samples are listed in {manifest['config']['out']}/{manifest['rejects_file']}")
 
 
-
 def _out_console(color: bool | None = None):
     """A rich console on stdout: colour when asked or on a terminal; wide when piped."""
     from rich.console import Console

@@ -1,0 +1,250 @@
+"""Unpack packed rows back into samples: the per-sample view that `inspect`, `diff` and
+`sftprep.samples()` share.
+
+A shard row holds whole samples laid end to end (or, with `packing: wrapped`, pieces of them),
+then padding. Flattening a shard's list columns gives one long array per column; `seq_lens` cuts
+each row into its samples, so every sample is a `[start, start + length)` range of the flat
+`input_ids` / `labels`:
+
+    row 0:  input_ids  [ s3 s3 s3 s3 | s7 s7 s7 | pad pad ]    seq_lens [4, 3]   sample_ids [3, 7]
+    row 1:  input_ids  [ s1 s1 s1 s1 s1 s1 | pad pad pad ]    seq_lens [6]      sample_ids [1]
+    flat:   s3 s3 s3 s3 s7 s7 s7 pad pad s1 s1 s1 s1 s1 s1 pad pad pad
+    pieces: (start 0, len 4, sid 3)  (start 4, len 3, sid 7)  (start 9, len 6, sid 1)
+
+Everything here is vectorized with numpy over those flat arrays, so it stays fast on big builds.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from .labels import IGNORE_INDEX
+from .manifest import read_manifest
+from .shards import open_shard
+
+_SOURCE = re.compile(r"^(.*?)(?::\d+|\[\d+\]|:row \d+)$")
+
+
+def open_build(path: str | Path) -> tuple[Path, dict[str, Any]]:
+    """The build folder and its manifest; a clear error when the folder is not a build."""
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"{p} does not exist (expected a folder written by `sftprep build`)")
+    manifest = read_manifest(p)
+    return (p if p.is_dir() else p.parent), manifest
+
+
+def build_tokenizer(manifest: dict[str, Any], override: str | Path | None = None):
+    """The tokenizer a build was made with (its path from the manifest, or `override`).
+
+    Raises:
+        FileNotFoundError: the manifest's tokenizer folder is gone and no override was given.
+        ValueError: `override` is not the tokenizer the shards were built with.
+    """
+    from .tokenizer import load_tokenizer, tokenizer_identity
+
+    path = override or manifest["tokenizer"]["path"]
+    if override is None and not Path(path).exists():
+        raise FileNotFoundError(f"the build's tokenizer {path} (from manifest.json) is not found from "
+                                f"{Path.cwd()}; pass --tokenizer PATH")
+    tok = load_tokenizer(path)
+    want = manifest["tokenizer"].get("vocab_hash")
+    if override is not None and want and tokenizer_identity(tok, path)["vocab_hash"] != want:
+        raise ValueError(f"--tokenizer {path} is not the tokenizer these shards were built with "
+                         f"({manifest['tokenizer'].get('name')}, vocab hash {want[:12]}); "
+                         "decoding with it would show the wrong text")
+    return tok
+
+
+def source_file(source: str) -> str:
+    """`"data.jsonl:17"` / `"data.json[3]"` / `"t.csv:row 4"` -> the file part."""
+    m = _SOURCE.match(source)
+    return m.group(1) if m else source
+
+
+def list_parts(column: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """A list column as (flat values, zero-based offsets with one entry per row plus one)."""
+    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    offsets = arr.offsets.to_numpy().astype(np.int64)
+    return arr.flatten().to_numpy(), offsets - offsets[0]
+
+
+@dataclass(slots=True)
+class Flat:
+    """A shard table as flat numpy arrays plus the pieces (samples or wrapped parts) in it.
+
+    `ids`/`labels` are cut into rows by `row_off`; piece `j` sits in row `piece_row[j]` at flat
+    positions `[piece_start[j], piece_start[j] + seq_lens[j])`.
+    """
+
+    ids: np.ndarray
+    labels: np.ndarray
+    row_off: np.ndarray
+    seq_lens: np.ndarray
+    seq_off: np.ndarray
+    sample_ids: np.ndarray
+    piece_row: np.ndarray
+    piece_start: np.ndarray
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.row_off) - 1
+
+    @property
+    def row_lens(self) -> np.ndarray:
+        return np.diff(self.row_off)
+
+    @property
+    def real_tokens(self) -> np.ndarray:
+        """Per row: the sum of its `seq_lens` (tokens that are not padding)."""
+        cs = np.concatenate([[0], np.cumsum(self.seq_lens, dtype=np.int64)])
+        return cs[self.seq_off[1:]] - cs[self.seq_off[:-1]]
+
+
+def flatten(table: pa.Table) -> Flat:
+    """Flatten a shard table (or `sftprep.load()`'s table of all shards)."""
+    ids, row_off = list_parts(table.column("input_ids"))
+    labels, _ = list_parts(table.column("labels"))
+    seq_lens, seq_off = list_parts(table.column("seq_lens"))
+    sample_ids, _ = list_parts(table.column("sample_ids"))
+    piece_row = np.repeat(np.arange(len(seq_off) - 1), np.diff(seq_off))
+    cs = np.concatenate([[0], np.cumsum(seq_lens, dtype=np.int64)])
+    within = cs[:-1] - cs[seq_off[:-1]][piece_row]  # offset of each piece inside its row
+    return Flat(ids, labels, row_off, seq_lens.astype(np.int64), seq_off, sample_ids.astype(np.int64),
+                piece_row, row_off[:-1][piece_row] + within)
+
+
+def gather(flat: Flat, pieces: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Flat positions of `pieces` (indices into the piece arrays) laid end to end, and the offsets
+    that cut them back into pieces."""
+    lens = flat.seq_lens[pieces]
+    off = np.concatenate([[0], np.cumsum(lens)])
+    pos = np.repeat(flat.piece_start[pieces] - off[:-1], lens) + np.arange(off[-1])
+    return pos, off
+
+
+def unpack(flat: Flat) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Samples in sample_id order: (sample_ids, offsets, input_ids, labels).
+
+    Pieces of one sample (wrapped packing) are joined in the order they appear in the rows.
+    """
+    order = np.argsort(flat.sample_ids, kind="stable")
+    pos, _ = gather(flat, order)
+    sids, first = np.unique(flat.sample_ids[order], return_index=True)
+    lens = np.add.reduceat(flat.seq_lens[order], first) if len(first) else np.zeros(0, np.int64)
+    off = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
+    return sids, off, flat.ids[pos], flat.labels[pos]
+
+
+def read_sample_info(folder: Path, manifest: dict[str, Any]) -> pa.Table | None:
+    """`samples.arrow` (sample_id, source, num_tokens, num_trained, truncated), if the build has one."""
+    path = folder / manifest.get("samples_file", "samples.arrow")
+    return open_shard(path) if path.exists() else None
+
+
+def sources_by_id(info: pa.Table | None) -> dict[int, str]:
+    if info is None:
+        return {}
+    return dict(zip(info.column("sample_id").to_pylist(), info.column("source").to_pylist()))
+
+
+def read_rejects(folder: Path, manifest: dict[str, Any]) -> list[dict[str, Any]]:
+    import json
+
+    path = folder / manifest.get("rejects_file", "rejects.jsonl")
+    if not path.exists():
+        return []
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+# -- decoding -----------------------------------------------------------------------------------
+
+_CONTEXT = 8  # tokens decoded before a segment so it keeps its leading space ("▁Paris" -> " Paris")
+
+
+def decode_segments(tok, ids: np.ndarray, labels: np.ndarray) -> list[tuple[str, bool]]:
+    """Decode one sample as runs of `(text, trained)`; concatenated they give the sample's text.
+
+    Special tokens are kept literally. Each run is decoded with a few tokens of left context and
+    the context's text cut off, because SentencePiece-style decoders drop the leading space of a
+    sequence that starts mid-text.
+    """
+    ids = np.asarray(ids).tolist()
+    trained = np.asarray(labels) != IGNORE_INDEX
+    if not ids:
+        return []
+    cuts = np.flatnonzero(np.diff(trained.astype(np.int8))) + 1
+    bounds = [0, *cuts.tolist(), len(ids)]
+    out = []
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        out.append((_decode_in_context(tok, ids, a, b), bool(trained[a])))
+    return out
+
+
+def _decode_in_context(tok, ids: list[int], a: int, b: int) -> str:
+    c = max(0, a - _CONTEXT)
+    if c == a:
+        return tok.decode(ids[a:b], skip_special_tokens=False)
+    before = tok.decode(ids[c:a], skip_special_tokens=False)
+    both = tok.decode(ids[c:b], skip_special_tokens=False)
+    if both.startswith(before) and "\ufffd" not in before[-1:]:
+        return both[len(before):]
+    return tok.decode(ids[a:b], skip_special_tokens=False)
+
+
+TRAINED_SEPARATOR = "\n"
+
+
+def samples(path: str | Path, tokenizer: str | Path | None = None, decode: bool = True) -> pa.Table:
+    """One row per kept sample, unpacked from the rows it was packed into.
+
+    Columns: `sample_id`, `source` (file:line), `text` (decoded, special tokens literal),
+    `trained_text` (the trained runs decoded, joined by a newline), `num_tokens`, `num_trained`,
+    `input_ids`, `labels`, `truncated`. `.to_pandas()` gives a DataFrame.
+
+    Args:
+        path: the build folder.
+        tokenizer: decode with this tokenizer folder instead of the manifest's (must be the same).
+        decode: False skips `text`/`trained_text` (no tokenizer needed; much faster).
+    """
+    from .api import load
+
+    folder, manifest = open_build(path)
+    sids, off, ids, labels = unpack(flatten(load(folder)))
+    info = read_sample_info(folder, manifest)
+    src = sources_by_id(info)
+    trunc = dict(zip(info.column("sample_id").to_pylist(), info.column("truncated").to_pylist())) \
+        if info is not None else {}
+    trained = labels != IGNORE_INDEX
+    cs = np.concatenate([[0], np.cumsum(trained, dtype=np.int64)])
+    cols: dict[str, Any] = {
+        "sample_id": pa.array(sids, pa.int64()),
+        "source": pa.array([src.get(int(s)) for s in sids], pa.string()),
+    }
+    if decode:
+        tok = build_tokenizer(manifest, tokenizer)
+        texts, trained_texts = [], []
+        for i in range(len(sids)):
+            segs = decode_segments(tok, ids[off[i]:off[i + 1]], labels[off[i]:off[i + 1]])
+            texts.append("".join(t for t, _ in segs))
+            trained_texts.append(TRAINED_SEPARATOR.join(t for t, tr in segs if tr))
+        cols["text"] = pa.array(texts, pa.string())
+        cols["trained_text"] = pa.array(trained_texts, pa.string())
+    big = off[-1] > np.iinfo(np.int32).max
+    offsets = pa.array(off, pa.int64() if big else pa.int32())
+    lists = pa.LargeListArray if big else pa.ListArray
+    cols.update({
+        "num_tokens": pa.array(np.diff(off), pa.int32()),
+        "num_trained": pa.array(cs[off[1:]] - cs[off[:-1]], pa.int32()),
+        "input_ids": lists.from_arrays(offsets, pa.array(ids, pa.int32())),
+        "labels": lists.from_arrays(offsets, pa.array(labels, pa.int32())),
+        "truncated": pa.array([trunc.get(int(s)) for s in sids], pa.bool_()),
+    })
+    return pa.table(cols)

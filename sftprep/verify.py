@@ -1,0 +1,276 @@
+"""`sftprep verify`: re-check a build against its manifest and the shard contract.
+
+Checks, shard by shard (vectorized over the flattened Arrow arrays, so a shard of millions of
+tokens takes a fraction of a second):
+
+- the file exists, opens, has the contract's columns, and its sha256 is the manifest's;
+- the manifest's row and token counts for the shard are the shard's;
+- `len(input_ids) == len(labels)` in every row; a row is `max_length` long when packed, and holds
+  only its samples (no padding, at most `max_length`) when `packing: none`;
+- `len(seq_lens) == len(sample_ids)`, every `seq_lens` > 0, `sum(seq_lens)` <= the row length;
+- padding (positions past `sum(seq_lens)`) has id `pad_id` and label -100;
+- the first token of every sample has label -100; a trained label equals its input id;
+- every id lies in `[0, vocab_size)`;
+
+then over the build: sample ids unique (a wrapped sample's pieces sit next to each other), the
+samples and their lengths agree with `samples.arrow`, and the manifest totals are the sums.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .labels import IGNORE_INDEX
+from .samples import Flat, flatten, open_build, read_sample_info
+from .shards import SCHEMA, open_shard, sha256_file
+
+PER_CHECK = 20  # violations kept per check and shard: enough to see the pattern
+
+
+@dataclass(slots=True, order=True)
+class Violation:
+    """One broken promise; `row`/`position` are inside `file` (None where they do not apply)."""
+    order: tuple = field(repr=False, compare=True)
+    file: str = field(compare=False)
+    row: int | None = field(compare=False)
+    position: int | None = field(compare=False)
+    message: str = field(compare=False)
+
+    def __str__(self) -> str:
+        where = self.file
+        if self.row is not None:
+            where += f" row {self.row}"
+        if self.position is not None:
+            where += f", position {self.position}"
+        return f"{where}: {self.message}"
+
+
+@dataclass(slots=True)
+class Report:
+    """What `verify` found: `ok` when there is no violation."""
+    folder: str
+    shards: int = 0
+    rows: int = 0
+    tokens: int = 0
+    trained_tokens: int = 0
+    samples: int = 0
+    violations: list[Violation] = field(default_factory=list)
+    counts: dict[str, int] = field(default_factory=dict)  # violations found per check
+
+    @property
+    def ok(self) -> bool:
+        return not self.violations
+
+    def add(self, check: str, file_index: int, file: str, message: str, row: int | None = None,
+            position: int | None = None, count: int = 1) -> None:
+        self.counts[check] = self.counts.get(check, 0) + count
+        order = (file_index, -1 if row is None else row, -1 if position is None else position)
+        self.violations.append(Violation(order, file, row, position, message))
+
+
+def verify(path: str | Path) -> Report:
+    """Check every shard of the build in `path`; see the module docstring for the checks.
+
+    Raises:
+        FileNotFoundError / ValueError: `path` is not a build (missing or unreadable manifest).
+    """
+    folder, manifest = open_build(path)
+    report = Report(str(folder))
+    seen: list[np.ndarray] = []
+    lengths: list[np.ndarray] = []
+    for k, entry in enumerate(manifest["shards"]):
+        flat = _check_file(report, folder, manifest, k, entry)
+        if flat is not None:
+            seen.append(flat.sample_ids)
+            lengths.append(flat.seq_lens)
+    report.shards = len(manifest["shards"])
+    _check_build(report, folder, manifest, seen, lengths)
+    report.violations.sort()
+    return report
+
+
+def _check_file(report: Report, folder: Path, manifest: dict[str, Any], k: int,
+                entry: dict[str, Any]) -> Flat | None:
+    name = entry["file"]
+    path = folder / name
+    if not path.exists():
+        report.add("missing shard", k, name, "the file is missing")
+        return None
+    digest = sha256_file(path)
+    if digest != entry.get("sha256"):
+        report.add("checksum", k, name, f"sha256 is {digest[:16]}… but the manifest says "
+                   f"{str(entry.get('sha256'))[:16]}…: the file changed after the build")
+    try:
+        table = open_shard(path)
+    except Exception as e:  # a corrupt file can fail in many ways inside Arrow
+        report.add("unreadable", k, name, f"cannot be read as an Arrow IPC file ({type(e).__name__}: {e})")
+        return None
+    if not table.schema.equals(SCHEMA):
+        report.add("schema", k, name, f"columns are {table.schema.names} "
+                   f"({', '.join(str(t) for t in table.schema.types)}); the contract is {SCHEMA.names}")
+        return None
+    flat = flatten(table)
+    if entry.get("rows") != flat.num_rows:
+        report.add("manifest rows", k, name, f"the manifest says {entry.get('rows')} rows, the shard has "
+                   f"{flat.num_rows}")
+    real = flat.real_tokens
+    if entry.get("tokens") != int(real.sum()):
+        report.add("manifest tokens", k, name, f"the manifest says {entry.get('tokens')} tokens, the "
+                   f"shard's seq_lens sum to {int(real.sum())}")
+    if _check_rows(report, k, name, table, flat, manifest):
+        _check_positions(report, k, name, flat, manifest)
+    report.rows += flat.num_rows
+    report.tokens += int(real.sum())
+    report.trained_tokens += int((flat.labels != IGNORE_INDEX).sum())
+    return flat
+
+
+def _listed(report: Report, check: str, mask: np.ndarray) -> np.ndarray:
+    """The first PER_CHECK hits of `mask` (to list); the rest are only counted."""
+    hits = np.flatnonzero(mask)
+    if len(hits) > PER_CHECK:
+        report.counts[check] = report.counts.get(check, 0) + len(hits) - PER_CHECK
+    return hits[:PER_CHECK]
+
+
+def _check_rows(report: Report, k: int, name: str, table, flat: Flat, manifest: dict[str, Any]) -> bool:
+    """Row-level checks; False when rows are malformed so positions cannot be trusted."""
+    sound = True
+    lab_off = _offsets(table.column("labels"))
+    lab_len = np.diff(lab_off)
+    for r in _listed(report, "lengths", lab_len != flat.row_lens):
+        report.add("lengths", k, name, f"{flat.row_lens[r]} input_ids but {lab_len[r]} labels", row=int(r))
+        sound = False
+    n_seq, n_sid = np.diff(flat.seq_off), np.diff(_offsets(table.column("sample_ids")))
+    for r in _listed(report, "lengths", n_seq != n_sid):
+        report.add("lengths", k, name, f"{n_seq[r]} seq_lens but {n_sid[r]} sample_ids", row=int(r))
+        sound = False
+    for j in _listed(report, "seq_lens", flat.seq_lens <= 0):
+        report.add("seq_lens", k, name, f"seq_lens has {flat.seq_lens[j]} (must be > 0)",
+                   row=int(flat.piece_row[j]))
+        sound = False
+    real, lens, max_length = flat.real_tokens, flat.row_lens, manifest["max_length"]
+    for r in _listed(report, "seq_lens", real > lens):
+        report.add("seq_lens", k, name, f"sum(seq_lens) = {real[r]} > row length {lens[r]}", row=int(r))
+        sound = False
+    if manifest.get("packing") == "none":
+        bad = (lens > max_length) | (lens != real)
+        what = "must hold one sample, unpadded, of at most max_length"
+    else:
+        bad = lens != max_length
+        what = "must be max_length long (packed rows are padded)"
+    for r in _listed(report, "row length", bad):
+        report.add("row length", k, name, f"row length {lens[r]} with sum(seq_lens) = {real[r]}, "
+                   f"max_length {max_length}: {what}", row=int(r))
+    return sound
+
+
+def _offsets(column) -> np.ndarray:
+    arr = column.combine_chunks()
+    off = arr.offsets.to_numpy().astype(np.int64)
+    return off - off[0]
+
+
+def _check_positions(report: Report, k: int, name: str, flat: Flat, manifest: dict[str, Any]) -> None:
+    tok = manifest["tokenizer"]
+    ids, labels = flat.ids, flat.labels
+    row = np.repeat(np.arange(flat.num_rows), flat.row_lens)
+    pos = np.arange(len(ids)) - flat.row_off[:-1][row]
+    is_pad = pos >= flat.real_tokens[row]
+    trained = labels != IGNORE_INDEX
+
+    def add(check: str, mask: np.ndarray, message) -> None:
+        for i in _listed(report, check, mask):
+            report.add(check, k, name, message(i), row=int(row[i]), position=int(pos[i]))
+
+    pad_id = tok.get("pad_id")
+    add("padding id", is_pad & (ids != pad_id), lambda i: f"padding has id {ids[i]}, not pad_id {pad_id}")
+    add("padding label", is_pad & trained, lambda i: f"padding has label {labels[i]}, not -100")
+    firsts = np.zeros(len(ids), bool)
+    starts = flat.piece_start[flat.seq_lens > 0]
+    firsts[starts[starts < len(ids)]] = True
+    add("first token", firsts & trained,
+        lambda i: f"first token of sample {_sample_at(flat, i)} has label {labels[i]}, not -100 (it would "
+                  "train the previous sample to predict this one)")
+    add("label != id", trained & (labels != ids),
+        lambda i: f"label {labels[i]} differs from input id {ids[i]} at a trained position")
+    vocab = tok.get("vocab_size")
+    if vocab:
+        add("id range", (ids < 0) | (ids >= vocab), lambda i: f"id {ids[i]} is outside the vocabulary "
+            f"[0, {vocab})")
+
+
+def _sample_at(flat: Flat, i: int) -> int:
+    j = int(np.searchsorted(flat.piece_start, i, side="right") - 1)
+    return int(flat.sample_ids[j]) if j >= 0 else -1
+
+
+def _check_build(report: Report, folder: Path, manifest: dict[str, Any], seen: list[np.ndarray],
+                 lengths: list[np.ndarray]) -> None:
+    n = len(manifest["shards"])
+    sids = np.concatenate(seen) if seen else np.zeros(0, np.int64)
+    lens = np.concatenate(lengths) if lengths else np.zeros(0, np.int64)
+    if manifest.get("packing") == "wrapped":  # pieces of one sample are adjacent: count it once
+        keep = np.concatenate([[True], sids[1:] != sids[:-1]]) if len(sids) else np.zeros(0, bool)
+        cs = np.concatenate([[0], np.cumsum(lens)])
+        starts = np.flatnonzero(keep)
+        lens = cs[np.append(starts[1:], len(lens))] - cs[starts]
+        sids = sids[keep]
+    uniq, counts = np.unique(sids, return_counts=True)
+    for s in uniq[_listed(report, "unique sample ids", counts > 1)]:
+        report.add("unique sample ids", n, "shards", f"sample id {s} appears {counts[uniq == s][0]} times")
+    report.samples = len(uniq)
+    _check_samples_file(report, folder, manifest, sids, lens)
+    _check_totals(report, manifest)
+
+
+def _check_samples_file(report: Report, folder: Path, manifest: dict[str, Any], sids: np.ndarray,
+                        lens: np.ndarray) -> None:
+    info = read_sample_info(folder, manifest)
+    name = manifest.get("samples_file", "samples.arrow")
+    if info is None:
+        report.add("samples file", len(manifest["shards"]) + 1, name, "the file is missing")
+        return
+    want = dict(zip(info.column("sample_id").to_pylist(), info.column("num_tokens").to_pylist()))
+    have = dict(zip(sids.tolist(), lens.tolist()))
+    missing = sorted(set(want) - set(have))
+    extra = sorted(set(have) - set(want))
+    wrong = [s for s in sorted(set(want) & set(have)) if want[s] != have[s]]
+    at = len(manifest["shards"]) + 1
+    if missing:
+        report.add("samples file", at, name, f"{len(missing)} sample(s) listed here are in no shard "
+                   f"(first: {missing[:5]})")
+    if extra:
+        report.add("samples file", at, name, f"{len(extra)} sample(s) in the shards are not listed here "
+                   f"(first: {extra[:5]})")
+    for i in _listed(report, "samples file", np.ones(len(wrong), bool)):
+        s = wrong[i]
+        report.add("samples file", at, name, f"sample {s} has {want[s]} tokens here, {have[s]} in the shards")
+
+
+def _check_totals(report: Report, manifest: dict[str, Any]) -> None:
+    totals = manifest.get("totals", {})
+    at = len(manifest["shards"]) + 2
+    for key, have in (("rows", report.rows), ("tokens", report.tokens),
+                      ("trained_tokens", report.trained_tokens), ("samples_kept", report.samples)):
+        if key in totals and totals[key] != have:
+            report.add("manifest totals", at, "manifest.json", f"totals.{key} is {totals[key]}, the shards "
+                       f"hold {have}")
+
+
+def render(report: Report, limit: int = 20) -> str:
+    """The human report: OK line, or the first `limit` violations and a count per check."""
+    if report.ok:
+        return (f"OK: {report.folder}: {report.shards} shard(s), {report.rows:,} rows, {report.tokens:,} "
+                f"tokens ({report.trained_tokens:,} trained), {report.samples:,} samples; checksums, "
+                "manifest counts and the shard contract hold\n")
+    lines = [str(v) for v in report.violations[:limit]]
+    total = sum(report.counts.values())
+    by_check = ", ".join(f"{k}: {v}" for k, v in sorted(report.counts.items()))
+    more = f"; first {limit} listed above" if total > limit else ""
+    lines.append(f"FAILED: {report.folder}: {total} violation(s) ({by_check}){more}")
+    return "\n".join(lines) + "\n"
