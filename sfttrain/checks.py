@@ -1,0 +1,131 @@
+"""Guard rails run before the model is loaded: a complete manifest, intact shards, a tokenizer
+that matches the model's. Each failure is a `ConfigError`/`FileNotFoundError` that says what is
+wrong, the values involved, and how to fix it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from .config import ConfigError
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+IDENTITY_KEYS = ("vocab_size", "vocab_hash", "pad_id", "eos_id")
+
+
+def open_build(folder: str | Path, verify_checksums: bool = True, flag: str = "SHARDS") -> dict[str, Any]:
+    """Read and check the manifest of a `sftprep build` folder; verify its shards' sha256.
+
+    Raises:
+        FileNotFoundError: no folder, no manifest (an unfinished build), or a missing shard.
+        ValueError: an unreadable / unknown-version manifest, or a shard whose checksum fails.
+    """
+    from sftprep.manifest import read_manifest
+    from sftprep.shards import sha256_file
+
+    p = Path(folder)
+    if not p.exists():
+        raise FileNotFoundError(f"{flag} {p} does not exist; build shards with `sftprep build`")
+    try:
+        manifest = read_manifest(p)
+    except ValueError as e:  # unreadable or unknown-version manifest
+        raise ConfigError(str(e)) from None
+    folder = p if p.is_dir() else p.parent
+    if not manifest.get("shards"):
+        raise ConfigError(f"{folder} holds no shards (the build kept no rows); check {folder}/rejects.jsonl")
+    for s in manifest["shards"]:
+        f = folder / s["file"]
+        if not f.is_file():
+            raise FileNotFoundError(f"{f} is listed in {folder}/manifest.json but missing; "
+                                    "rebuild with `sftprep build --overwrite`")
+        if verify_checksums:
+            digest = sha256_file(f)
+            if digest != s["sha256"]:
+                raise ConfigError(f"{f} is corrupted: sha256 {digest[:16]}... does not match the manifest's "
+                                  f"{s['sha256'][:16]}...; rebuild with `sftprep build --overwrite` "
+                                  "(or copy the file again)")
+    return manifest
+
+
+def model_config(model_path: str | Path) -> dict[str, Any]:
+    """The model folder's config.json, without importing transformers."""
+    p = Path(model_path)
+    if not p.is_dir():
+        raise FileNotFoundError(f"--model {p} is not a folder; sfttrain loads local models only "
+                                "(download one first, e.g. `hf download ORG/NAME --local-dir {p}`)")
+    cfg = p / "config.json"
+    if not cfg.is_file():
+        raise FileNotFoundError(f"--model {p} has no config.json; give the folder of a Hugging Face model")
+    try:
+        return json.loads(cfg.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{cfg} is not valid JSON: {e}") from None
+
+
+def _vocab_size(config: dict[str, Any]) -> int | None:
+    for c in (config, config.get("text_config") or {}):
+        if isinstance(c.get("vocab_size"), int):
+            return c["vocab_size"]
+    return None
+
+
+def has_tokenizer(folder: str | Path) -> bool:
+    return any((Path(folder) / f).is_file() for f in TOKENIZER_FILES)
+
+
+def check_tokenizer(manifest: dict[str, Any], shards: str | Path, model_path: str | Path,
+                    tokenizer_path: str | Path | None = None):
+    """Check the shards' tokenizer against the model's; return the tokenizer to save with adapters.
+
+    The model folder's own tokenizer is compared when it has one, then `tokenizer_path` if given;
+    the shards' vocabulary must also fit the model's embedding (`vocab_size` in config.json).
+
+    Raises:
+        ConfigError: a mismatch, naming the differing fields and how to fix it.
+    """
+    from sftprep.tokenizer import load_tokenizer, tokenizer_identity
+
+    built = manifest.get("tokenizer") or {}
+    size = _vocab_size(model_config(model_path))
+    if size is not None and built.get("vocab_size", 0) > size:
+        raise ConfigError(
+            f"tokenizer mismatch: the shards in {shards} use a vocabulary of {built['vocab_size']} tokens "
+            f"({built.get('path')}) but the model in {model_path} has only {size} embeddings; rebuild the "
+            "shards with the model's tokenizer (`sftprep build --tokenizer MODEL_DIR`)")
+    candidates = [(Path(model_path), "the model's tokenizer")] if has_tokenizer(model_path) else []
+    if tokenizer_path:
+        candidates.append((Path(tokenizer_path), "--tokenizer"))
+    tokenizer = None
+    for path, what in candidates:
+        tok = load_tokenizer(path)
+        ident = tokenizer_identity(tok, path)
+        diffs = [f"{k} {built.get(k)!s:.16} vs {ident.get(k)!s:.16}" for k in IDENTITY_KEYS
+                 if built.get(k) != ident.get(k)]
+        if diffs:
+            raise ConfigError(
+                f"tokenizer mismatch: the shards in {shards} were built with {built.get('path')} but "
+                f"{what} ({path}) differs: {'; '.join(diffs)} (shards vs model). Rebuild the shards with "
+                f"`sftprep build --tokenizer {path}`, or train the model they were built for")
+        tokenizer = tokenizer or tok
+    if tokenizer is None and built.get("path") and has_tokenizer(built["path"]):
+        tokenizer = load_tokenizer(built["path"])  # saved with the adapter; identity is the build's own
+    return tokenizer
+
+
+def check_same_tokenizer(train: dict[str, Any], other: dict[str, Any], where: str) -> None:
+    a, b = train.get("tokenizer") or {}, other.get("tokenizer") or {}
+    diffs = [k for k in IDENTITY_KEYS if a.get(k) != b.get(k)]
+    if diffs:
+        raise ConfigError(f"--eval {where} was built with a different tokenizer than the training shards "
+                          f"({', '.join(diffs)} differ); rebuild it with `sftprep build --tokenizer "
+                          f"{a.get('path')}`")
+
+
+def build_stats(manifest: dict[str, Any]) -> dict[str, Any]:
+    """Rows, tokens and trained tokens of a build, from its manifest (no shard is read)."""
+    totals = manifest.get("totals", {})
+    return {"rows": int(totals.get("rows", sum(s["rows"] for s in manifest["shards"]))),
+            "tokens": int(totals.get("tokens", sum(s["tokens"] for s in manifest["shards"]))),
+            "trained_tokens": totals.get("trained_tokens"),
+            "max_length": manifest.get("max_length"), "packing": manifest.get("packing")}

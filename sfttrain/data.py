@@ -1,0 +1,163 @@
+"""Shards -> batches: a memory-mapped dataset, an epoch-aware sampler, a packing-aware collator.
+
+The dataset opens the shards named by the manifest as memory-mapped Arrow tables: start-up reads
+only the manifest and the files' footers, and pages are read on demand, so neither start-up time
+nor resident memory grows with the dataset. Row `i` is found from the manifest's row counts.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+from .attention import IGNORE_INDEX, AttentionPath, block_diagonal_mask, positions_and_segments
+
+COLUMNS = ("input_ids", "labels", "seq_lens")
+
+
+class ShardDataset(torch.utils.data.Dataset):
+    """Rows of a `sftprep build` folder: dicts of numpy arrays `input_ids`, `labels`, `seq_lens`.
+
+    Shards are opened lazily in each process (a DataLoader worker opens its own maps; pickling the
+    dataset never copies table data).
+    """
+
+    def __init__(self, folder: str | Path, manifest: dict[str, Any]) -> None:
+        self.folder = Path(folder)
+        self.manifest = manifest
+        self.files = [self.folder / s["file"] for s in manifest["shards"]]
+        self.offsets = np.cumsum([0] + [int(s["rows"]) for s in manifest["shards"]])
+        self._tables: list | None = None
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def _open(self) -> list:
+        from sftprep.shards import open_shard
+
+        tables = []
+        for f, s in zip(self.files, self.manifest["shards"]):
+            t = open_shard(f)
+            if t.num_rows != s["rows"]:
+                raise ValueError(f"{f} holds {t.num_rows} rows but the manifest says {s['rows']}; "
+                                 "rebuild the shards with `sftprep build --overwrite`")
+            tables.append([t.column(c) for c in COLUMNS])
+        return tables
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        if not 0 <= index < len(self):
+            raise IndexError(f"row {index} out of range (0..{len(self) - 1})")
+        if self._tables is None:
+            self._tables = self._open()
+        shard = int(np.searchsorted(self.offsets, index, side="right")) - 1
+        cols = self._tables[shard]
+        row = index - int(self.offsets[shard])
+        return {name: col[row].values.to_numpy(zero_copy_only=False) for name, col in zip(COLUMNS, cols)}
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_tables": None}
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """Row order for one rank: a seeded permutation per epoch, dealt round-robin across ranks.
+
+    The order depends only on (seed, epoch, rank, world_size), so a resumed run sees exactly the
+    rows it would have seen. When the rows do not divide evenly, the first rows of the permutation
+    are repeated so that every rank takes the same number of steps (as `DistributedSampler`).
+    """
+
+    def __init__(self, num_rows: int, seed: int = 0, shuffle: bool = True, rank: int = 0,
+                 world_size: int = 1) -> None:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in a world of {world_size}")
+        self.num_rows, self.seed, self.shuffle = num_rows, seed, shuffle
+        self.rank, self.world_size = rank, world_size
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return -(-self.num_rows // self.world_size)
+
+    def __iter__(self) -> Iterator[int]:
+        if self.shuffle:
+            order = np.random.default_rng([self.seed, self.epoch]).permutation(self.num_rows)
+        else:
+            order = np.arange(self.num_rows)
+        total = len(self) * self.world_size
+        if total > self.num_rows:
+            order = np.concatenate([order, order[:total - self.num_rows]])
+        return iter(order[self.rank::self.world_size].tolist())
+
+
+class PackedCollator:
+    """Rows -> model inputs whose attention stays inside each packed sample.
+
+    block_mask path: `input_ids`, `labels`, `position_ids` of shape (batch, L), L the longest row
+    in the batch (rounded up to `pad_to_multiple_of`), and a 4-D block-diagonal `attention_mask`.
+    varlen path: the rows flattened to (1, tokens) without padding, plus `cu_seq_lens_q/k` and
+    `max_length_q/k` for flash-attention's varlen kernel.
+
+    The label of every sample's first token is forced to -100 (sftprep writes it so already):
+    nothing may be learnt across a sample boundary.
+    """
+
+    def __init__(self, attention: AttentionPath, pad_id: int, pad_to_multiple_of: int = 8,
+                 mask_dtype: torch.dtype | None = None) -> None:
+        self.attention = attention
+        self.pad_id = int(pad_id)
+        self.multiple = max(1, pad_to_multiple_of)
+        self.mask_dtype = mask_dtype
+
+    def __call__(self, rows: list[dict[str, np.ndarray]]) -> dict[str, Any]:
+        if self.attention.mode == "varlen":
+            return self._flatten(rows)
+        return self._block(rows)
+
+    def _block(self, rows: list[dict[str, np.ndarray]]) -> dict[str, Any]:
+        used = [int(np.sum(r["seq_lens"])) for r in rows]
+        length = -(-max(used) // self.multiple) * self.multiple
+        ids = np.full((len(rows), length), self.pad_id, dtype=np.int64)
+        labels = np.full((len(rows), length), IGNORE_INDEX, dtype=np.int64)
+        positions = np.empty((len(rows), length), dtype=np.int64)
+        segments = np.empty((len(rows), length), dtype=np.int64)
+        for i, (r, n) in enumerate(zip(rows, used)):
+            ids[i, :n] = r["input_ids"][:n]
+            labels[i, :n] = _mask_sample_starts(r["labels"][:n], r["seq_lens"])
+            positions[i], segments[i] = positions_and_segments(r["seq_lens"], length)
+        seg = torch.from_numpy(segments)
+        return {
+            "input_ids": torch.from_numpy(ids),
+            "labels": torch.from_numpy(labels),
+            "position_ids": torch.from_numpy(positions),
+            "attention_mask": block_diagonal_mask(seg, self.attention.mask_kind, self.mask_dtype),
+        }
+
+    def _flatten(self, rows: list[dict[str, np.ndarray]]) -> dict[str, Any]:
+        ids, labels, positions, lens = [], [], [], []
+        for r in rows:
+            n = int(np.sum(r["seq_lens"]))
+            ids.append(r["input_ids"][:n])
+            labels.append(_mask_sample_starts(r["labels"][:n], r["seq_lens"]))
+            positions.append(positions_and_segments(r["seq_lens"], n)[0])
+            lens.extend(int(x) for x in r["seq_lens"])
+        cu = torch.tensor(np.concatenate([[0], np.cumsum(lens)]), dtype=torch.int32)
+        return {
+            "input_ids": torch.from_numpy(np.concatenate(ids).astype(np.int64))[None],
+            "labels": torch.from_numpy(np.concatenate(labels).astype(np.int64))[None],
+            "position_ids": torch.from_numpy(np.concatenate(positions))[None],
+            "cu_seq_lens_q": cu, "cu_seq_lens_k": cu,
+            "max_length_q": max(lens), "max_length_k": max(lens),
+        }
+
+
+def _mask_sample_starts(labels: np.ndarray, seq_lens: np.ndarray) -> np.ndarray:
+    out = labels.astype(np.int64, copy=True)
+    starts = np.concatenate([[0], np.cumsum(seq_lens)[:-1]]).astype(np.int64)
+    out[starts[starts < len(out)]] = IGNORE_INDEX
+    return out
+
