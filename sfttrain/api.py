@@ -1,0 +1,281 @@
+"""The public Python surface: `train(config)` and `merge(adapter, out)`.
+
+    setup (guard rails, no model)  ->  build (model, adapter, isolation proof, Trainer)  ->  fit
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+from .attention import AttentionPath, choose_attention
+from .checks import (build_stats, check_same_tokenizer, check_tokenizer, has_tokenizer, model_config,
+                     open_build)
+from .config import ConfigError, TrainConfig
+
+FINAL = "final"
+
+
+@dataclass
+class Setup:
+    """What the guard rails established before any model is loaded."""
+
+    config: TrainConfig
+    manifest: dict[str, Any]
+    eval_manifest: dict[str, Any] | None
+    tokenizer: Any
+    attention: AttentionPath
+    resume_from: str | None
+
+
+@dataclass
+class TrainResult:
+    """How a run ended. `final_dir` is None when a signal stopped it (see `checkpoint`)."""
+
+    output_dir: str
+    final_dir: str | None
+    checkpoint: str | None
+    global_step: int
+    train_loss: float | None
+    eval_loss: float | None
+    interrupted_by: str | None
+    summary: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    log_history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def setup(config: TrainConfig) -> Setup:
+    """Every check that needs no model: manifest, checksums, tokenizer, quantization backend,
+    attention path, logging backend, output folder / resume point.
+
+    Raises:
+        ConfigError / FileNotFoundError / ValueError: with a message that says how to fix it.
+    """
+    from .model import check_quantization_backend, cuda_available, resolve_dtype
+
+    manifest = open_build(config.data.shards, config.data.verify_checksums)
+    eval_manifest = None
+    if config.data.eval:
+        eval_manifest = open_build(config.data.eval, config.data.verify_checksums, flag="--eval")
+        check_same_tokenizer(manifest, eval_manifest, config.data.eval)
+    model_config(config.model.path)
+    tokenizer = check_tokenizer(manifest, config.data.shards, config.model.path, config.model.tokenizer)
+    check_quantization_backend(config)
+    _check_report_to(config.train.report_to)
+    half = str(resolve_dtype(config)).endswith(("bfloat16", "float16"))
+    attention = choose_attention(config.model.attn_implementation, cuda=cuda_available(), half=half)
+    resume_from = _resume_point(config, manifest)
+    return Setup(config, manifest, eval_manifest, tokenizer, attention, resume_from)
+
+
+def train(config: TrainConfig, *, callbacks: Iterable[Any] = (),
+          on_start: Callable[[dict[str, Any]], None] | None = None, disable_tqdm: bool = False) -> TrainResult:
+    """Train LoRA adapters (or the full model) on the shards of `config.data.shards`.
+
+    Args:
+        config: the resolved configuration.
+        callbacks: extra `transformers.TrainerCallback`s (progress display, tests).
+        on_start: called with the start-up summary once the model is ready, before the first step.
+        disable_tqdm: silence the Trainer's own progress bar and log printing.
+
+    Returns:
+        The `TrainResult`; the adapter and tokenizer are in `final_dir` (OUTPUT_DIR/final).
+    """
+    s = setup(config)
+    from transformers import PrinterCallback
+
+    from .attention import check_isolation
+    from .data import PackedCollator, ShardDataset
+    from .model import apply_lora, load_model, parameter_counts, resolve_dtype
+    from .trainer import ShardTrainer, StopOnSignal, WriteRunInfo, per_token_loss, training_arguments, write_run_info
+
+    args = training_arguments(config, has_eval=s.eval_manifest is not None, disable_tqdm=disable_tqdm)
+    model = apply_lora(load_model(config, s.attention), config)
+    pad_id = s.manifest["tokenizer"]["pad_id"]
+    collator = PackedCollator(s.attention, pad_id, mask_dtype=resolve_dtype(config))
+    vocab = s.manifest["tokenizer"]["vocab_size"]
+    # One sample per row (packing none) needs no proof: padding is on the right, behind every token.
+    isolation = check_isolation(model, collator, vocab) if s.manifest.get("packing") != "none" else None
+
+    info = _run_info(s)
+    stopper = StopOnSignal()
+    trainer = ShardTrainer(
+        model=model, args=args,
+        train_dataset=ShardDataset(config.data.shards, s.manifest),
+        eval_dataset=ShardDataset(config.data.eval, s.eval_manifest) if s.eval_manifest else None,
+        data_collator=collator, processing_class=s.tokenizer, compute_loss_func=per_token_loss,
+        callbacks=[stopper, WriteRunInfo(info), *callbacks], shuffle=config.data.shuffle)
+    if disable_tqdm:
+        trainer.remove_callback(PrinterCallback)
+    summary = _summary(s, model, parameter_counts(model), isolation, args)
+    if on_start:
+        on_start(summary)
+
+    stopper.install()
+    try:
+        out = trainer.train(resume_from_checkpoint=s.resume_from)
+    finally:
+        stopper.restore()
+    result = TrainResult(output_dir=config.train.output_dir, final_dir=None, checkpoint=None,
+                         global_step=out.global_step, train_loss=out.training_loss, eval_loss=None,
+                         interrupted_by=None, summary=summary, metrics=dict(out.metrics),
+                         log_history=list(trainer.state.log_history))
+    if stopper.signum is not None:
+        import signal
+
+        result.interrupted_by = signal.Signals(stopper.signum).name
+        result.checkpoint = str(Path(config.train.output_dir) / f"checkpoint-{out.global_step}")
+        return result
+    if s.eval_manifest is not None:
+        metrics = trainer.evaluate()
+        result.eval_loss = metrics.get("eval_loss")
+        result.metrics.update(metrics)
+    final = Path(config.train.output_dir) / FINAL
+    trainer.save_model(str(final))
+    if trainer.is_world_process_zero():
+        write_run_info(final, info)
+    result.final_dir = str(final)
+    return result
+
+
+def merge(adapter: str | Path, out: str | Path, model: str | Path | None = None, dtype: str = "auto",
+          trust_remote_code: bool = False, overwrite: bool = False) -> Path:
+    """Fold a LoRA adapter into its base model and save the result (with the tokenizer) to `out`.
+
+    Args:
+        adapter: a folder written by `sfttrain run` (OUTPUT_DIR/final or a checkpoint).
+        out: where the merged model goes.
+        model: the base model folder; default: the one the adapter records.
+        dtype: auto (the base's own), bf16, fp16 or fp32.
+    """
+    import torch
+
+    adapter, out = Path(adapter), Path(out)
+    cfg_file = adapter / "adapter_config.json"
+    if not adapter.is_dir():
+        raise FileNotFoundError(f"adapter folder {adapter} does not exist")
+    if not cfg_file.is_file():
+        hint = " (it holds a full model already: load it directly)" if (adapter / "config.json").is_file() else ""
+        raise ConfigError(f"{adapter} is not a LoRA adapter folder: no adapter_config.json{hint}")
+    base = model or json.loads(cfg_file.read_text())["base_model_name_or_path"]
+    model_config(base)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise ConfigError(f"--out {out} is not empty; pass --overwrite to replace it, or choose another folder")
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    names = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "auto": "auto"}
+    if dtype not in names:
+        raise ConfigError(f"--dtype {dtype!r} is not one of {', '.join(names)}")
+    base_model = AutoModelForCausalLM.from_pretrained(str(base), dtype=names[dtype], local_files_only=True,
+                                                      trust_remote_code=trust_remote_code)
+    merged = PeftModel.from_pretrained(base_model, str(adapter)).merge_and_unload()
+    if out.exists() and overwrite:
+        shutil.rmtree(out)
+    merged.save_pretrained(str(out))
+    tok_dir = adapter if has_tokenizer(adapter) else Path(base) if has_tokenizer(base) else None
+    if tok_dir is not None:
+        AutoTokenizer.from_pretrained(str(tok_dir), local_files_only=True).save_pretrained(str(out))
+    return out
+
+
+# -- helpers -----------------------------------------------------------------------------------
+
+def _check_report_to(report_to: str) -> None:
+    needs = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",)}.get(report_to, ())
+    if needs and not any(importlib.util.find_spec(m) for m in needs):
+        raise ConfigError(f"--report-to {report_to} needs the {needs[0]} package: `pip install {needs[0]}` "
+                          "(or --report-to none)")
+
+
+def _resume_point(config: TrainConfig, manifest: dict[str, Any]) -> str | None:
+    from .trainer import RUN_FILE
+
+    out = Path(config.train.output_dir)
+    checkpoints = sorted((p for p in out.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
+                         key=lambda p: int(p.name.split("-")[-1])) if out.is_dir() else []
+    if not config.train.resume:
+        if checkpoints and not config.train.overwrite:
+            raise ConfigError(f"--output-dir {out} already holds {checkpoints[-1].name}: pass --resume to continue "
+                              "that run, --overwrite to start afresh, or choose another --output-dir")
+        return None
+    complete = [p for p in checkpoints if (p / "trainer_state.json").is_file()]
+    if not complete:
+        raise ConfigError(f"--resume: {out} holds no checkpoint to continue from; run without --resume")
+    last = complete[-1]
+    run = last / RUN_FILE
+    if run.is_file():
+        saved = json.loads(run.read_text()).get("data", {}).get("build_id")
+        if saved and saved != manifest.get("build_id"):
+            raise ConfigError(f"--resume: {last} was trained on shards of build {saved} but {config.data.shards} "
+                              f"holds build {manifest.get('build_id')}; resume with the same shards, or start "
+                              "a new --output-dir")
+    return str(last)
+
+
+def _run_info(s: Setup) -> dict[str, Any]:
+    return {"config": s.config.to_dict(),
+            "data": {"shards": s.config.data.shards, "build_id": s.manifest.get("build_id"),
+                     "tokenizer": s.manifest.get("tokenizer")},
+            "attention": s.attention.name}
+
+
+def _describe_method(config: TrainConfig) -> str:
+    if config.lora.method == "full":
+        return "full fine-tune"
+    lc = config.lora
+    return (f"LoRA r={lc.r} alpha={lc.alpha:g} dropout={lc.dropout:g} bias={lc.bias} "
+            f"targets={','.join(lc.target_modules)}"
+            + (f" modules_to_save={','.join(lc.modules_to_save)}" if lc.modules_to_save else ""))
+
+
+def _describe_quant(config: TrainConfig) -> str:
+    q = config.quant
+    if q.load_in_8bit:
+        return "8-bit (bitsandbytes LLM.int8)"
+    if q.load_in_4bit:
+        return (f"4-bit {q.bnb_4bit_quant_type}{' double-quant' if q.bnb_4bit_use_double_quant else ''}, "
+                f"compute {q.bnb_4bit_compute_dtype}")
+    return "none"
+
+
+def _planned_steps(rows: int, args) -> int:
+    if args.max_steps > 0:
+        return args.max_steps
+    batches = -(-(-(-rows // args.world_size)) // args.per_device_train_batch_size)
+    per_epoch = max(1, -(-batches // args.gradient_accumulation_steps))
+    return math.ceil(per_epoch * args.num_train_epochs)
+
+
+def _summary(s: Setup, model, counts: tuple[int, int], isolation: float, args) -> dict[str, Any]:
+    stats = build_stats(s.manifest)
+    world = args.world_size
+    rows_per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * world
+    mean_tokens = stats["tokens"] / max(1, stats["rows"])
+    trained = stats["trained_tokens"]
+    c = s.config
+    return {
+        "model": c.model.path,
+        "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+        "method": _describe_method(c),
+        "quantization": _describe_quant(c),
+        "trainable_params": counts[0],
+        "total_params": counts[1],
+        "rows": stats["rows"], "tokens": stats["tokens"], "trained_tokens": trained,
+        "max_length": stats["max_length"], "packing": stats["packing"],
+        "eval_rows": build_stats(s.eval_manifest)["rows"] if s.eval_manifest else None,
+        "attention": s.attention.name,
+        "isolation_check": isolation,
+        "world_size": world,
+        "batch_rows": rows_per_step,
+        "batch_tokens": round(rows_per_step * mean_tokens),
+        "batch_trained_tokens": round(rows_per_step * trained / max(1, stats["rows"])) if trained is not None else None,
+        "steps": _planned_steps(stats["rows"], args),
+        "output_dir": c.train.output_dir,
+        "resume_from": s.resume_from,
+    }

@@ -1,0 +1,128 @@
+"""Load the base model from a local folder (dtype, attention, bitsandbytes) and apply peft LoRA."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from typing import Any
+
+from .attention import AttentionPath
+from .config import ConfigError, TrainConfig
+
+_DTYPE_NAMES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
+def cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def resolve_dtype(config: TrainConfig):
+    """The dtype the weights are loaded in: --dtype, else the mixed-precision flag, else fp32."""
+    import torch
+
+    name = config.model.dtype
+    if name == "auto":
+        name = "bf16" if config.train.bf16 else "fp16" if config.train.fp16 else "fp32"
+    return getattr(torch, _DTYPE_NAMES[name])
+
+
+def compute_dtype(config: TrainConfig):
+    """dtype of the 4-bit matmuls: --bnb-4bit-compute-dtype, else the training dtype."""
+    import torch
+
+    name = config.quant.bnb_4bit_compute_dtype
+    if name == "auto":
+        return resolve_dtype(config)
+    return getattr(torch, _DTYPE_NAMES[name])
+
+
+def quantization_config(config: TrainConfig):
+    """The `BitsAndBytesConfig` for --load-in-4bit/--load-in-8bit, or None."""
+    if not config.quantized:
+        return None
+    from transformers import BitsAndBytesConfig
+
+    if config.quant.load_in_8bit:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=config.quant.bnb_4bit_quant_type,
+        bnb_4bit_use_double_quant=config.quant.bnb_4bit_use_double_quant,
+        bnb_4bit_compute_dtype=compute_dtype(config),
+    )
+
+
+def check_quantization_backend(config: TrainConfig) -> None:
+    """Refuse 4-/8-bit training where bitsandbytes has no usable GPU backend (before any loading)."""
+    if not config.quantized:
+        return
+    flag = "--load-in-4bit" if config.quant.load_in_4bit else "--load-in-8bit"
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError(f"{flag} needs the bitsandbytes package: `pip install bitsandbytes`")
+    if not cuda_available():
+        raise ConfigError(f"{flag} needs a CUDA GPU: bitsandbytes trains quantized weights on CUDA only and "
+                          "torch.cuda.is_available() is False here. Drop the flag to train in bf16/fp32 "
+                          "(LoRA on the full-precision model), or run on a GPU machine")
+
+
+def load_model(config: TrainConfig, attention: AttentionPath):
+    """The base model from `config.model.path`, ready for training (no adapter yet).
+
+    Raises:
+        ConfigError: the folder cannot be loaded (the message keeps the library's reason).
+    """
+    from transformers import AutoModelForCausalLM
+
+    kwargs: dict[str, Any] = {
+        "dtype": resolve_dtype(config),
+        "attn_implementation": attention.impl,
+        "trust_remote_code": config.model.trust_remote_code,
+        "local_files_only": True,
+    }
+    quant = quantization_config(config)
+    if quant is not None:
+        kwargs["quantization_config"] = quant
+        kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0))}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(config.model.path, **kwargs)
+    except (OSError, ValueError, ImportError) as e:
+        raise ConfigError(f"cannot load the model in {config.model.path}: {e}") from None
+    model.config.use_cache = False
+    if quant is not None:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=config.train.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+def apply_lora(model, config: TrainConfig):
+    """Wrap `model` in a peft LoRA model (or return it unchanged for full fine-tuning)."""
+    if config.lora.method == "full":
+        return model
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(config.train.seed)  # the LoRA init is reproducible
+    lc = config.lora
+    target: Any = lc.target_modules
+    if len(target) == 1:
+        target = target[0]  # "all-linear" is only understood as a plain string
+    peft_config = LoraConfig(
+        r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout, bias=lc.bias, target_modules=target,
+        modules_to_save=list(lc.modules_to_save) or None, task_type="CAUSAL_LM")
+    try:
+        return get_peft_model(model, peft_config)
+    except ValueError as e:  # e.g. a target module name that matches nothing
+        raise ConfigError(f"--target-modules {','.join(lc.target_modules)}: {e}") from None
+
+
+def parameter_counts(model) -> tuple[int, int]:
+    """(trainable, total) parameters, counting 4-bit packed weights at their real size."""
+    if hasattr(model, "get_nb_trainable_parameters"):
+        return model.get_nb_trainable_parameters()
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, sum(p.numel() for p in model.parameters())

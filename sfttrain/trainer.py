@@ -1,0 +1,175 @@
+"""The `transformers.Trainer` wiring: our sampler and collator, per-token loss, signals, saving.
+
+Everything that Trainer already does well (optimizers, schedulers, gradient accumulation,
+checkpoints, logging, distributed, NEFTune, gradient checkpointing) is left to it; this module
+only plugs in what it cannot know about packed shards.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+from .attention import IGNORE_INDEX
+from .config import ConfigError, TrainConfig
+from .data import EpochSampler
+
+RUN_FILE = "sfttrain.json"
+
+
+def per_token_loss(outputs, labels: torch.Tensor, num_items_in_batch=None) -> torch.Tensor:
+    """Summed next-token cross-entropy over trained tokens / trained tokens of the whole step.
+
+    `num_items_in_batch` is the Trainer's count of trained tokens across every micro-batch of the
+    optimizer step (and across ranks), so a step's gradient is the mean over its trained tokens
+    whatever the split into micro-batches. Without it (evaluation), the batch's own count is used.
+    """
+    logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
+    shift_logits = logits[..., :-1, :].float()
+    shift_labels = labels[..., 1:].to(logits.device)
+    total = torch.nn.functional.cross_entropy(
+        shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
+        ignore_index=IGNORE_INDEX, reduction="sum")
+    if num_items_in_batch is None:
+        num_items_in_batch = (shift_labels != IGNORE_INDEX).sum().clamp_min(1)
+    if torch.is_tensor(num_items_in_batch):
+        num_items_in_batch = num_items_in_batch.to(total.device)
+    return total / num_items_in_batch
+
+
+class ShardTrainer(Trainer):
+    """Trainer with the epoch-seeded, rank-sharding `EpochSampler` over memory-mapped shards."""
+
+    def __init__(self, *args, shuffle: bool = True, **kwargs) -> None:
+        self._shuffle = shuffle
+        self._sampler: EpochSampler | None = None
+        super().__init__(*args, **kwargs)
+
+    def _get_train_sampler(self, train_dataset=None) -> EpochSampler:
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        self._sampler = EpochSampler(len(dataset), seed=self.args.seed, shuffle=self._shuffle,
+                                     rank=self.args.process_index, world_size=self.args.world_size)
+        return self._sampler
+
+    def get_train_dataloader(self):
+        loader = super().get_train_dataloader()
+        # Our sampler already deals rows to ranks; make accelerate's BatchSamplerShard a passthrough
+        # so that rows are not sharded twice.
+        wrapper = getattr(loader, "batch_sampler", None)
+        if wrapper is not None and hasattr(wrapper, "num_processes") and hasattr(wrapper, "batch_sampler"):
+            wrapper.num_processes, wrapper.process_index = 1, 0
+        return loader
+
+    def _run_epoch(self, *args, **kwargs):
+        # Set the epoch on our sampler itself: after a resume the dataloader is re-wrapped to skip
+        # batches, and the wrappers do not always forward set_epoch.
+        epoch = kwargs.get("epoch", args[1] if len(args) > 1 else None)
+        if self._sampler is not None and epoch is not None:
+            self._sampler.set_epoch(epoch)
+        return super()._run_epoch(*args, **kwargs)
+
+
+class StopOnSignal(TrainerCallback):
+    """SIGTERM/SIGINT: finish the current optimizer step, save a checkpoint, stop.
+
+    A second signal restores the previous handler and re-delivers the signal (stop at once).
+    """
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def install(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: leave signals alone
+                return
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum is not None:
+            self.restore()
+            signal.raise_signal(signum)
+            return
+        self.signum = signum
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.signum is not None:
+            control.should_save = True
+            control.should_training_stop = True
+        return control
+
+
+class WriteRunInfo(TrainerCallback):
+    """Writes the resolved config, the data identity and the attention path into each checkpoint."""
+
+    def __init__(self, info: dict[str, Any]) -> None:
+        self.info = info
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if folder.is_dir():
+                write_run_info(folder, self.info)
+        return control
+
+
+def write_run_info(folder: str | Path, info: dict[str, Any]) -> None:
+    Path(folder, RUN_FILE).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+
+
+def training_arguments(config: TrainConfig, *, has_eval: bool, disable_tqdm: bool) -> TrainingArguments:
+    """`TrainingArguments` from our config; an unknown --optim becomes a ConfigError."""
+    from transformers.training_args import OptimizerNames
+
+    t = config.train
+    known = [o.value for o in OptimizerNames]
+    if t.optim not in known:
+        from .config import did_you_mean
+
+        raise ConfigError(f"--optim {t.optim!r} is not a transformers optimizer{did_you_mean(t.optim, known)}; "
+                          "e.g. adamw_torch, paged_adamw_32bit, paged_adamw_8bit, adafactor")
+    return TrainingArguments(
+        output_dir=t.output_dir,
+        per_device_train_batch_size=t.per_device_batch_size,
+        per_device_eval_batch_size=t.per_device_eval_batch_size or t.per_device_batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        learning_rate=t.learning_rate,
+        lr_scheduler_type=t.lr_scheduler,
+        warmup_steps=t.warmup_steps,
+        max_steps=t.max_steps,
+        num_train_epochs=t.num_epochs,
+        optim=t.optim,
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        bf16=t.bf16,
+        fp16=t.fp16,
+        gradient_checkpointing=t.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
+        neftune_noise_alpha=t.neftune_alpha,
+        eval_strategy="steps" if has_eval and t.eval_steps else "no",
+        eval_steps=t.eval_steps,
+        save_strategy="steps",
+        save_steps=t.save_steps,
+        save_total_limit=t.save_total_limit,
+        logging_strategy="steps",
+        logging_steps=t.logging_steps,
+        report_to=t.report_to,
+        seed=t.seed,
+        data_seed=t.seed,
+        dataloader_num_workers=t.dataloader_workers,
+        remove_unused_columns=False,  # our collator's keys (position_ids, 4-D mask, cu_seq_lens) are all used
+        include_num_input_tokens_seen="all",
+        disable_tqdm=disable_tqdm,
+        use_cache=False,
+    )
