@@ -117,26 +117,29 @@ def _raise_interrupt(signum, frame):
 
 
 class _progress:
-    """A rich progress line counting records (no total: inputs are streamed)."""
+    """A rich progress line counting records (no total: inputs are streamed). Shown only on a
+    terminal, and only once records flow (so an early error prints alone)."""
 
     def __init__(self, quiet: bool) -> None:
-        self.quiet = quiet
+        self.bar = None
+        self.enabled = not quiet and _console().is_terminal
 
     def __enter__(self):
-        if self.quiet:
-            return None
-        from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+        return self.advance if self.enabled else None
 
-        self.bar = Progress(SpinnerColumn(), TextColumn("{task.description}"),
-                            TextColumn("{task.completed:,} records"), TimeElapsedColumn(),
-                            transient=True, console=_console())
-        self.bar.__enter__()
-        task = self.bar.add_task("tokenizing", total=None)
-        return lambda n: self.bar.advance(task, n)
+    def advance(self, n: int) -> None:
+        if self.bar is None:
+            from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+            self.bar = Progress(SpinnerColumn(), TextColumn("tokenizing"), TextColumn("{task.completed:,} records"),
+                                TimeElapsedColumn(), transient=True, console=_console())
+            self.bar.start()
+            self.task = self.bar.add_task("tokenizing", total=None)
+        self.bar.advance(self.task, n)
 
     def __exit__(self, *exc) -> None:
-        if not self.quiet:
-            self.bar.__exit__(*exc)
+        if self.bar is not None:
+            self.bar.stop()
 
 
 def _console():
