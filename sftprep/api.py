@@ -22,11 +22,13 @@ from .manifest import MANIFEST, fsync_dir, read_manifest, write_manifest
 from .packing import fill_ratio, pack_bfd, pack_wrapped
 from .readers import expand_inputs, iter_records
 from .shards import open_shard, rows_table, shard_name, write_table
-from .tokenizer import load_tokenizer, pad_id, tokenizer_identity
+from .store import SampleStore
+from .tokenizer import load_fast, tokenizer_identity
 
 BATCH = 1000
 SAMPLES_FILE = "samples.arrow"
 REJECTS_FILE = "rejects.jsonl"
+SPILL_FILE = "tokens.spill.tmp"  # *.tmp: removed at the end, and by the next build if interrupted
 
 
 class BuildError(RuntimeError):
@@ -45,7 +47,7 @@ def build(config: BuildConfig, progress: Callable[[int], None] | None = None) ->
         RecordError: a bad record under `on_error="fail"` (no manifest is written).
         BuildError: too many records rejected (shards and rejects are left, no manifest).
     """
-    tok = load_tokenizer(config.tokenize.tokenizer)
+    tok = load_fast(config.tokenize.tokenizer)
     inputs = expand_inputs(config.read.inputs)
     encoder = Encoder(config, tok)  # validates template settings before any work
     identity = tokenizer_identity(tok, config.tokenize.tokenizer)
@@ -53,19 +55,24 @@ def build(config: BuildConfig, progress: Callable[[int], None] | None = None) ->
     build_id = _build_id(config, input_info, identity)
     out = _prepare_out(Path(config.out), build_id, config.overwrite)
 
-    store, rejects, read = _encode_all(config, encoder, progress)
-    _check_rejects(config, rejects, read, out)
-    rows, pieces = _pack(config, store)
-    shards = _write_shards(config, out, store, rows, pieces, identity["pad_id"])
-    _write_samples(out, store)
-    _write_rejects(out, rejects)
+    store = SampleStore(out / SPILL_FILE)
+    try:
+        rejects, read = _encode_all(config, encoder, store, progress)
+        _check_rejects(config, rejects, read, out)
+        store.seal()
+        rows, pieces = _pack(config, store)
+        shards = _write_shards(config, out, store, rows, pieces, identity["pad_id"])
+        _write_samples(out, store)
+        _write_rejects(out, rejects)
+    finally:
+        store.remove()
 
     tokens = sum(s["tokens"] for s in shards)
     n_rows = sum(s["rows"] for s in shards)
     trained = sum(s["trained_tokens"] for s in shards)
     totals = {
         "records_read": read,
-        "samples_kept": len(store.ids),
+        "samples_kept": len(store),
         "samples_dropped": len(rejects),
         "dropped_by_reason": dict(sorted(Counter(r["reason"] for r in rejects).items())),
         "samples_truncated": int(sum(store.truncated)),
@@ -105,24 +112,6 @@ def load(path: str | Path) -> pa.Table:
 
 # -- stages ----------------------------------------------------------------------------------
 
-class _Store:
-    """Tokenized samples kept for packing (about 8 bytes per token in memory)."""
-
-    def __init__(self) -> None:
-        self.ids: list[np.ndarray] = []
-        self.labels: list[np.ndarray] = []
-        self.sample_ids: list[int] = []
-        self.sources: list[str] = []
-        self.truncated: list[bool] = []
-
-    def add(self, enc: Encoded) -> None:
-        self.ids += enc.ids
-        self.labels += enc.labels
-        self.sample_ids += enc.sample_ids
-        self.sources += enc.sources
-        self.truncated += enc.truncated
-
-
 def _batches(config: BuildConfig) -> Iterator[list]:
     records = enumerate(iter_records(config.read.inputs))
     if config.read.num_samples:
@@ -137,15 +126,15 @@ _worker_encoder: Encoder | None = None
 def _init_worker(config: BuildConfig) -> None:
     global _worker_encoder
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    _worker_encoder = Encoder(config, load_tokenizer(config.tokenize.tokenizer))
+    _worker_encoder = Encoder(config, load_fast(config.tokenize.tokenizer))
 
 
 def _run_worker(batch: list) -> tuple[int, Encoded]:
     return len(batch), _worker_encoder(batch)
 
 
-def _encode_all(config: BuildConfig, encoder: Encoder, progress) -> tuple[_Store, list, int]:
-    store, rejects, read = _Store(), [], 0
+def _encode_all(config: BuildConfig, encoder: Encoder, store: SampleStore, progress) -> tuple[list, int]:
+    rejects, read = [], 0
     pool = None
     if config.workers > 1:
         import multiprocessing as mp
@@ -164,7 +153,7 @@ def _encode_all(config: BuildConfig, encoder: Encoder, progress) -> tuple[_Store
     finally:
         if pool is not None:
             pool.terminate()
-    return store, rejects, read
+    return rejects, read
 
 
 def _check_rejects(config: BuildConfig, rejects: list, read: int, out: Path) -> None:
@@ -179,8 +168,8 @@ def _check_rejects(config: BuildConfig, rejects: list, read: int, out: Path) -> 
                          f"{rejects[0]['message']}. All are listed in {out / REJECTS_FILE}")
 
 
-def _pack(config: BuildConfig, store: _Store) -> tuple[list[list[int]], list | None]:
-    lengths = [len(x) for x in store.ids]
+def _pack(config: BuildConfig, store: SampleStore) -> tuple[list[list[int]], list | None]:
+    lengths = store.lengths.tolist()
     mode, max_length = config.pack.mode, config.tokenize.max_length
     if mode == "bfd":
         rows, pieces = pack_bfd(lengths, max_length), None
@@ -196,7 +185,7 @@ def _pack(config: BuildConfig, store: _Store) -> tuple[list[list[int]], list | N
     return rows, pieces
 
 
-def _write_shards(config: BuildConfig, out: Path, store: _Store, rows: list, pieces: list | None,
+def _write_shards(config: BuildConfig, out: Path, store: SampleStore, rows: list, pieces: list | None,
                   pad: int) -> list[dict[str, Any]]:
     max_length = config.tokenize.max_length
     padded = config.pack.mode != "none"
@@ -205,11 +194,11 @@ def _write_shards(config: BuildConfig, out: Path, store: _Store, rows: list, pie
     for k, start in enumerate(range(0, len(rows), size)):
         ids, labels, row_off, seq_lens, seq_off, sids = [], [], [0], [], [0], []
         for row in rows[start:start + size]:
-            parts = pieces[row] if pieces is not None else [(i, 0, len(store.ids[i])) for i in row]
+            parts = pieces[row] if pieces is not None else [(i, 0, store.lengths[i]) for i in row]
             n = 0
             for i, a, b in parts:
-                ids.append(store.ids[i][a:b])
-                lab = store.labels[i][a:b]
+                ids.append(store.ids(i)[a:b])
+                lab = store.labels(i)[a:b]
                 if a > 0:  # a wrapped piece starts a new sample in this row
                     lab = lab.copy()
                     lab[0] = IGNORE_INDEX
@@ -232,14 +221,14 @@ def _write_shards(config: BuildConfig, out: Path, store: _Store, rows: list, pie
     return shards
 
 
-def _write_samples(out: Path, store: _Store) -> None:
+def _write_samples(out: Path, store: SampleStore) -> None:
     """Per-sample side table: provenance, length and trained tokens of every kept sample."""
     table = pa.table({
-        "sample_id": pa.array(store.sample_ids, pa.int64()),
+        "sample_id": pa.array(np.frombuffer(store.sample_ids, np.int64), pa.int64()),
         "source": pa.array(store.sources, pa.string()),
-        "num_tokens": pa.array([len(x) for x in store.ids], pa.int32()),
-        "num_trained": pa.array([int((x != IGNORE_INDEX).sum()) for x in store.labels], pa.int32()),
-        "truncated": pa.array(store.truncated, pa.bool_()),
+        "num_tokens": pa.array(np.frombuffer(store.lengths, np.int64), pa.int32()),
+        "num_trained": pa.array(np.frombuffer(store.num_trained, np.int64), pa.int32()),
+        "truncated": pa.array(np.frombuffer(store.truncated, np.int8).astype(bool), pa.bool_()),
     })
     write_table(out / SAMPLES_FILE, table)
 

@@ -1,4 +1,10 @@
-"""Load a local fast tokenizer and describe its identity (what shards are tied to)."""
+"""Load a local fast tokenizer and describe its identity (what shards are tied to).
+
+`load_fast` reads `tokenizer.json` with the `tokenizers` library alone (no transformers, no torch:
+a build starts in a fraction of a second); `load_tokenizer` gives the full `transformers`
+tokenizer (for chat templates, decoding, saving next to an adapter). Both expose the same
+`backend_tokenizer` and special tokens, so `tokenizer_identity` is the same for either.
+"""
 
 from __future__ import annotations
 
@@ -10,8 +16,7 @@ from typing import Any
 from .config import ConfigError
 
 
-def load_tokenizer(path: str | Path):
-    """A `transformers` fast tokenizer from a local folder; never touches the network."""
+def _folder(path: str | Path) -> Path:
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"tokenizer folder {p} does not exist")
@@ -20,6 +25,72 @@ def load_tokenizer(path: str | Path):
     if not (p / "tokenizer.json").exists():
         raise ConfigError(f"{p} has no tokenizer.json: sftprep needs a fast (Rust) tokenizer; convert a "
                           "slow one with `AutoTokenizer.from_pretrained(path).save_pretrained(path)`")
+    return p
+
+
+class FastTokenizer:
+    """The parts of a tokenizer a build needs, read from `tokenizer.json` and
+    `tokenizer_config.json` / `special_tokens_map.json` / `chat_template.jinja`."""
+
+    def __init__(self, path: str | Path) -> None:
+        from tokenizers import Tokenizer
+
+        p = self.path = _folder(path)
+        self.name_or_path = str(path)
+        try:
+            self.backend_tokenizer = Tokenizer.from_file(str(p / "tokenizer.json"))
+        except Exception as e:
+            raise ConfigError(f"cannot load {p / 'tokenizer.json'}: {e}") from None
+        config = _read_json(p / "tokenizer_config.json")
+        special = _read_json(p / "special_tokens_map.json")
+        for kind in ("bos", "eos", "pad", "unk"):
+            value = config.get(f"{kind}_token", special.get(f"{kind}_token"))
+            setattr(self, f"{kind}_token", value.get("content") if isinstance(value, dict) else value)
+        template = config.get("chat_template")
+        if template is None and (p / "chat_template.jinja").exists():
+            template = (p / "chat_template.jinja").read_text(encoding="utf-8")
+        self.chat_template = template
+        self._full = None
+
+    def _id(self, token: str | None) -> int | None:
+        return None if token is None else self.backend_tokenizer.token_to_id(token)
+
+    bos_token_id = property(lambda self: self._id(self.bos_token))
+    eos_token_id = property(lambda self: self._id(self.eos_token))
+    pad_token_id = property(lambda self: self._id(self.pad_token))
+    unk_token_id = property(lambda self: self._id(self.unk_token))
+
+    def __len__(self) -> int:
+        return self.backend_tokenizer.get_vocab_size(with_added_tokens=True)
+
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        return self.backend_tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def apply_chat_template(self, *args, **kwargs):
+        """Jinja chat templates are rendered by transformers, loaded on first use."""
+        if self._full is None:
+            self._full = load_tokenizer(self.path)
+        return self._full.apply_chat_template(*args, **kwargs)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.exists():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path} is not valid JSON: {e}") from None
+    return data if isinstance(data, dict) else {}
+
+
+def load_fast(path: str | Path) -> FastTokenizer:
+    """The tokenizer a build uses: `tokenizers` only, no transformers import."""
+    return FastTokenizer(path)
+
+
+def load_tokenizer(path: str | Path):
+    """A `transformers` fast tokenizer from a local folder; never touches the network."""
+    p = _folder(path)
     from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -38,15 +109,14 @@ def tokenizer_identity(tok, path: str | Path) -> dict[str, Any]:
 
     Two tokenizers with the same hash map every text to the same ids.
     """
-    vocab = tok.get_vocab()
-    special = {k: str(v) for k, v in sorted(tok.special_tokens_map.items())}
+    vocab = tok.backend_tokenizer.get_vocab(with_added_tokens=True)
+    special = {f"{k}_token": getattr(tok, f"{k}_token") for k in ("bos", "eos", "pad", "unk")}
     h = hashlib.sha256()
     h.update(json.dumps(sorted(vocab.items(), key=lambda kv: kv[1]), ensure_ascii=False).encode())
     h.update(json.dumps(special, sort_keys=True).encode())
     return {
         "path": str(path),
         "name": getattr(tok, "name_or_path", str(path)),
-        "class": type(tok).__name__,
         "vocab_size": len(tok),
         "vocab_hash": h.hexdigest(),
         "bos_id": tok.bos_token_id,
@@ -69,5 +139,5 @@ def adds_bos(tok) -> bool:
     """Whether the tokenizer's own post-processor puts BOS in front (Llama, Mistral do)."""
     if tok.bos_token_id is None:
         return False
-    ids = tok("a", add_special_tokens=True)["input_ids"]
+    ids = tok.backend_tokenizer.encode("a", add_special_tokens=True).ids
     return bool(ids) and ids[0] == tok.bos_token_id

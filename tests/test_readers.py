@@ -65,3 +65,19 @@ def test_globs_and_several_inputs_in_order(tmp_path):
     assert m["totals"]["samples_kept"] == 4 and len(m["inputs"]) == 2
     assert all(len(i["sha256"]) == 64 for i in m["inputs"])
     assert len(load(tmp_path / "o")) == 4
+
+
+def test_fast_loader_matches_transformers(tmp_path):
+    """The build loads tokenizer.json without transformers; ids and identity must be the same."""
+    from sftprep.tokenizer import load_fast, load_tokenizer, tokenizer_identity
+    from tests.conftest import CHATML_TOK, DATA
+
+    texts = [json.loads(line)["text"] for line in (DATA / "c4.jsonl").read_text().splitlines()[:5]]
+    texts += ["<|im_start|>user\nhi<|im_end|>", " two  spaces\n\n x", "你好世界 👍🏽 e\u0301"]
+    for path in (MISTRAL, CHATML_TOK):
+        fast, full = load_fast(path), load_tokenizer(path)
+        assert tokenizer_identity(fast, path) == tokenizer_identity(full, path)
+        assert [e.ids for e in fast.backend_tokenizer.encode_batch(texts, add_special_tokens=False)] == \
+            [full(t, add_special_tokens=False)["input_ids"] for t in texts]
+        assert (fast.bos_token_id, fast.eos_token_id, fast.chat_template) == \
+            (full.bos_token_id, full.eos_token_id, full.chat_template)
