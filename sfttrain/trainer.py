@@ -139,6 +139,10 @@ def training_arguments(config: TrainConfig, *, has_eval: bool, disable_tqdm: boo
 
         raise ConfigError(f"--optim {t.optim!r} is not a transformers optimizer{did_you_mean(t.optim, known)}; "
                           "e.g. adamw_torch, paged_adamw_32bit, paged_adamw_8bit, adafactor")
+    import dataclasses
+
+    checkpointing = "activation_checkpointing" if any(
+        f.name == "activation_checkpointing" for f in dataclasses.fields(TrainingArguments)) else "gradient_checkpointing"
     return TrainingArguments(
         output_dir=t.output_dir,
         per_device_train_batch_size=t.per_device_batch_size,
@@ -154,8 +158,8 @@ def training_arguments(config: TrainConfig, *, has_eval: bool, disable_tqdm: boo
         max_grad_norm=t.max_grad_norm,
         bf16=t.bf16,
         fp16=t.fp16,
-        gradient_checkpointing=t.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
+        **{checkpointing: t.gradient_checkpointing,  # renamed activation_checkpointing in transformers 5.x
+           f"{checkpointing}_kwargs": {"use_reentrant": False} if t.gradient_checkpointing else None},
         neftune_noise_alpha=t.neftune_alpha,
         eval_strategy="steps" if has_eval and t.eval_steps else "no",
         eval_steps=t.eval_steps,
@@ -168,6 +172,7 @@ def training_arguments(config: TrainConfig, *, has_eval: bool, disable_tqdm: boo
         seed=t.seed,
         data_seed=t.seed,
         dataloader_num_workers=t.dataloader_workers,
+        dataloader_pin_memory=torch.cuda.is_available(),
         remove_unused_columns=False,  # our collator's keys (position_ids, 4-D mask, cu_seq_lens) are all used
         include_num_input_tokens_seen="all",
         disable_tqdm=disable_tqdm,

@@ -67,6 +67,18 @@ def train_config(shards: Path, model: Path, out: Path, **flat: Any):
     return config_from_dict({**base, **flat})
 
 
+@pytest.fixture
+def one_thread():
+    """Train on one CPU thread: on a shared 2-core machine, two OpenMP threads fighting other
+    processes make tiny steps many times slower (and the result is the same)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     """Tiny Llama (32002 vocab, hidden 64, 2 layers) with the mistral tokenizer in its folder."""
