@@ -53,7 +53,7 @@ def model_config(model_path: str | Path) -> dict[str, Any]:
     p = Path(model_path)
     if not p.is_dir():
         raise FileNotFoundError(f"--model {p} is not a folder; sfttrain loads local models only "
-                                "(download one first, e.g. `hf download ORG/NAME --local-dir {p}`)")
+                                f"(download one first, e.g. `hf download ORG/NAME --local-dir {p}`)")
     cfg = p / "config.json"
     if not cfg.is_file():
         raise FileNotFoundError(f"--model {p} has no config.json; give the folder of a Hugging Face model")
@@ -84,7 +84,7 @@ def check_tokenizer(manifest: dict[str, Any], shards: str | Path, model_path: st
     Raises:
         ConfigError: a mismatch, naming the differing fields and how to fix it.
     """
-    from sftprep.tokenizer import load_tokenizer, tokenizer_identity
+    from sftprep.tokenizer import load_fast, load_tokenizer, tokenizer_identity
 
     built = manifest.get("tokenizer") or {}
     size = _vocab_size(model_config(model_path))
@@ -93,21 +93,20 @@ def check_tokenizer(manifest: dict[str, Any], shards: str | Path, model_path: st
             f"tokenizer mismatch: the shards in {shards} use a vocabulary of {built['vocab_size']} tokens "
             f"({built.get('path')}) but the model in {model_path} has only {size} embeddings; rebuild the "
             "shards with the model's tokenizer (`sftprep build --tokenizer MODEL_DIR`)")
-    candidates = [(Path(model_path), "the model's tokenizer")] if has_tokenizer(model_path) else []
+    candidates = [(Path(model_path), "model")] if has_tokenizer(model_path) else []
     if tokenizer_path:
         candidates.append((Path(tokenizer_path), "--tokenizer"))
     tokenizer = None
     for path, what in candidates:
-        tok = load_tokenizer(path)
-        ident = tokenizer_identity(tok, path)
-        diffs = [f"{k} {built.get(k)!s:.16} vs {ident.get(k)!s:.16}" for k in IDENTITY_KEYS
-                 if built.get(k) != ident.get(k)]
+        ident = tokenizer_identity(load_fast(path), path)  # tokenizers only: fast, no transformers
+        diffs = [f"{k} {built.get(k)!s:.12} in the shards, {ident.get(k)!s:.12} in the {what}'s"
+                 for k in IDENTITY_KEYS if built.get(k) != ident.get(k)]
         if diffs:
             raise ConfigError(
-                f"tokenizer mismatch: the shards in {shards} were built with {built.get('path')} but "
-                f"{what} ({path}) differs: {'; '.join(diffs)} (shards vs model). Rebuild the shards with "
+                f"tokenizer mismatch: the shards in {shards} were built with {built.get('path')}, which differs "
+                f"from the {what}'s tokenizer ({path}): {'; '.join(diffs)}. Rebuild the shards with "
                 f"`sftprep build --tokenizer {path}`, or train the model they were built for")
-        tokenizer = tokenizer or tok
+        tokenizer = tokenizer or load_tokenizer(path)
     if tokenizer is None and built.get("path") and has_tokenizer(built["path"]):
         tokenizer = load_tokenizer(built["path"])  # saved with the adapter; identity is the build's own
     return tokenizer
