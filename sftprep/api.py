@@ -5,7 +5,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import queue
 import random
+import threading
 from collections import Counter
 from itertools import islice
 from pathlib import Path
@@ -141,8 +143,9 @@ def _encode_all(config: BuildConfig, encoder: Encoder, store: SampleStore, progr
 
         pool = mp.get_context("spawn").Pool(config.workers, _init_worker, (config,))
         results: Iterable[tuple[int, Encoded]] = pool.imap(_run_worker, _batches(config), 1)
-    else:
-        results = ((len(b), encoder(b)) for b in _batches(config))
+    else:  # read + render the next batch in a thread while this one is tokenized
+        rendered = _prefetch((len(b), encoder.render(b)) for b in _batches(config))
+        results = ((n, encoder.tokenize(r)) for n, r in rendered)
     try:
         for n, enc in results:
             store.add(enc)
@@ -154,6 +157,38 @@ def _encode_all(config: BuildConfig, encoder: Encoder, store: SampleStore, progr
         if pool is not None:
             pool.terminate()
     return rejects, read
+
+
+def _prefetch(items: Iterator, depth: int = 2) -> Iterator:
+    """Iterate `items` in a background thread, up to `depth` ahead; errors are re-raised here."""
+    q: queue.Queue = queue.Queue(depth)
+    stop = threading.Event()
+    done = object()
+
+    def produce() -> None:
+        try:
+            for item in items:
+                while not stop.is_set():
+                    try:
+                        q.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        pass
+                if stop.is_set():
+                    return
+            q.put(done)
+        except BaseException as e:  # handed to the consumer, which raises it
+            q.put(e)
+
+    thread = threading.Thread(target=produce, daemon=True, name="sftprep-read")
+    thread.start()
+    try:
+        while (item := q.get()) is not done:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
 
 
 def _check_rejects(config: BuildConfig, rejects: list, read: int, out: Path) -> None:

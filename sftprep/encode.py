@@ -35,6 +35,16 @@ class Encoded:
     rejects: list[dict[str, Any]] = field(default_factory=list)
 
 
+@dataclass(slots=True)
+class Rendered:
+    """A batch between render and tokenize; `encoded` already holds the batch's rejects."""
+
+    encoded: Encoded
+    texts: list[str]
+    spans: list[list[tuple[int, int]]]
+    kept: list[tuple[int, str]]
+
+
 class Encoder:
     """Callable on a batch of `(sample_id, Record)`; holds the tokenizer and renderer."""
 
@@ -62,8 +72,11 @@ class Encoder:
                               f"{self.cfg.template.name!r} alone takes {n} tokens per turn; raise --max-length")
 
     def __call__(self, batch: list[tuple[int, Record]]) -> Encoded:
-        out = Encoded()
-        texts, spans, kept = [], [], []
+        return self.tokenize(self.render(batch))
+
+    def render(self, batch: list[tuple[int, Record]]) -> Rendered:
+        """Normalize and render a batch (pure Python: the part that holds the GIL)."""
+        out = Rendered(Encoded(), [], [], [])
         for sid, rec in batch:
             try:
                 if rec.error is not None:
@@ -74,14 +87,18 @@ class Encoder:
                     conv = normalize(rec.fields, self.cfg.read.format, self.cfg.read.fields)
                 text, sp = self.renderer.render(conv)
             except FormatError as e:
-                self._reject(out, sid, rec.source, e.reason, str(e))
+                self._reject(out.encoded, sid, rec.source, e.reason, str(e))
                 continue
-            texts.append(text)
-            spans.append(sp)
-            kept.append((sid, rec.source))
-        if texts:
-            self._tokenize(out, texts, spans, kept)
+            out.texts.append(text)
+            out.spans.append(sp)
+            out.kept.append((sid, rec.source))
         return out
+
+    def tokenize(self, rendered: Rendered) -> Encoded:
+        """Tokenize a rendered batch (one `encode_batch` call, which releases the GIL) and label it."""
+        if rendered.texts:
+            self._tokenize(rendered.encoded, rendered.texts, rendered.spans, rendered.kept)
+        return rendered.encoded
 
     def _reject(self, out: Encoded, sid: int, source: str, reason: str, message: str) -> None:
         if self.fail_fast:
