@@ -132,7 +132,8 @@ def train(config: TrainConfig, *, callbacks: Iterable[Any] = (),
         result.checkpoint = str(Path(config.train.output_dir) / f"checkpoint-{out.global_step}")
         return result
     if s.eval_manifest is not None:
-        metrics = trainer.evaluate()
+        done = [h for h in trainer.state.log_history if "eval_loss" in h and h.get("step") == out.global_step]
+        metrics = done[-1] if done else trainer.evaluate()  # the Trainer may have just evaluated the last step
         result.eval_loss = metrics.get("eval_loss")
         result.metrics.update(metrics)
     final = Path(config.train.output_dir) / FINAL

@@ -7,6 +7,7 @@ print one message and exit with code 2, without a traceback.
 from __future__ import annotations
 
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -116,6 +117,8 @@ def _run(config) -> None:
     from .progress import RichProgress
 
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning)  # library deprecation notes are not the user's
     console = Console(stderr=True)
     result = train(config, callbacks=[RichProgress(console)], disable_tqdm=True,
                    on_start=lambda s: _print_start(console, s))
@@ -141,7 +144,7 @@ def _print_start(console, s: dict[str, Any]) -> None:
         ("output", s["output_dir"]),
     ]
     for k, v in lines:
-        console.print(f"[bold]{k:>10}[/bold]  {v}", highlight=False)
+        console.print(f"[bold]{k:>10}[/bold]  {v}", highlight=False, soft_wrap=True)
 
 
 def _print_end(console, r) -> None:
@@ -158,9 +161,10 @@ def _print_end(console, r) -> None:
         parts.append(f"{tokens / m['train_runtime']:,.0f} tokens/s")
     if r.interrupted_by:
         console.print(f"stopped by {r.interrupted_by}: " + ", ".join(parts) + f"; checkpoint saved in {r.checkpoint} "
-                      "(continue with --resume)", highlight=False)
+                      "(continue with --resume)", highlight=False, soft_wrap=True)
     else:
-        console.print("done: " + ", ".join(parts) + f"; adapter and tokenizer in {r.final_dir}", highlight=False)
+        console.print("done: " + ", ".join(parts) + f"; adapter and tokenizer in {r.final_dir}", highlight=False,
+                      soft_wrap=True)
 
 
 @main.command()

@@ -33,14 +33,15 @@ class RichProgress(TrainerCallback):
             self.progress.update(self.task, completed=state.global_step, loss=loss)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if not state.is_world_process_zero or not logs:
+        if not state.is_world_process_zero or not logs or "train_loss" in logs:  # the end summary
             return
         if "loss" in logs:
             self.last_loss = float(logs["loss"])
+            self.on_step_end(args, state, control)
         parts = [f"{k} {_fmt(logs[k])}" for k in _SHOWN if k in logs]
         if parts:
             line = f"step {state.global_step}: " + ", ".join(parts)
-            (self.progress.console if self.progress else self.console).print(line, highlight=False)
+            (self.progress.console if self.progress else self.console).print(line, highlight=False, soft_wrap=True)
 
     def on_train_end(self, args, state, control, **kwargs):
         if self.progress is not None:
