@@ -67,8 +67,11 @@ def setup(config: TrainConfig) -> Setup:
     tokenizer = check_tokenizer(manifest, config.data.shards, config.model.path, config.model.tokenizer)
     check_quantization_backend(config)
     _check_report_to(config.train.report_to)
+    cuda = cuda_available()
+    if config.train.fp16 and not cuda:
+        raise ConfigError("--fp16 mixed precision needs a CUDA GPU; on CPU use --bf16 or full precision")
     half = str(resolve_dtype(config)).endswith(("bfloat16", "float16"))
-    attention = choose_attention(config.model.attn_implementation, cuda=cuda_available(), half=half)
+    attention = choose_attention(config.model.attn_implementation, cuda=cuda, half=half)
     resume_from = _resume_point(config, manifest)
     return Setup(config, manifest, eval_manifest, tokenizer, attention, resume_from)
 

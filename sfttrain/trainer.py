@@ -7,6 +7,7 @@ only plugs in what it cannot know about packed shards.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import signal
 from pathlib import Path
@@ -16,7 +17,7 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from .attention import IGNORE_INDEX
-from .config import ConfigError, TrainConfig
+from .config import ConfigError, TrainConfig, did_you_mean
 from .data import EpochSampler
 
 RUN_FILE = "sfttrain.json"
@@ -135,14 +136,18 @@ def training_arguments(config: TrainConfig, *, has_eval: bool, disable_tqdm: boo
     t = config.train
     known = [o.value for o in OptimizerNames]
     if t.optim not in known:
-        from .config import did_you_mean
-
         raise ConfigError(f"--optim {t.optim!r} is not a transformers optimizer{did_you_mean(t.optim, known)}; "
                           "e.g. adamw_torch, paged_adamw_32bit, paged_adamw_8bit, adafactor")
-    import dataclasses
-
     checkpointing = "activation_checkpointing" if any(
         f.name == "activation_checkpointing" for f in dataclasses.fields(TrainingArguments)) else "gradient_checkpointing"
+    try:
+        return _arguments(config, checkpointing, has_eval, disable_tqdm)
+    except ValueError as e:  # a combination TrainingArguments refuses (e.g. bf16 on hardware without it)
+        raise ConfigError(f"invalid training settings: {e}") from None
+
+
+def _arguments(config: TrainConfig, checkpointing: str, has_eval: bool, disable_tqdm: bool) -> TrainingArguments:
+    t = config.train
     return TrainingArguments(
         output_dir=t.output_dir,
         per_device_train_batch_size=t.per_device_batch_size,

@@ -105,6 +105,12 @@ def test_unknown_yaml_key_exits_2_with_a_suggestion(tmp_path, spanish_shards):  
     _refused(run_cli(f), "unknown key `lora_rank`", "did you mean 'lora_r'")
 
 
+def test_unknown_optimizer_is_refused_before_loading(tmp_path, spanish_shards, tiny_model,  # noqa: F811
+                                                     no_model_loading):
+    result = run_cli(spanish_shards, "--model", tiny_model, "--output-dir", tmp_path / "r", "--optim", "adamw_torh")
+    _refused(result, "--optim 'adamw_torh' is not a transformers optimizer", "did you mean 'adamw_torch'")
+
+
 # -- quantized paths ---------------------------------------------------------------------------
 
 def test_4bit_config_becomes_the_qlora_bitsandbytes_config():
