@@ -207,11 +207,11 @@ def inspect_(build_dir: str, row: int | None, sample_id: int | None, tokens: boo
     if row is not None and sample_id is not None:
         raise ValueError("give --row or --sample, not both")
     folder, manifest = open_build(build_dir)
-    tok = build_tokenizer(manifest, tokenizer)
+    load_tok = lambda: build_tokenizer(manifest, tokenizer)  # noqa: E731 (only once the row exists)
     if sample_id is not None:
-        blocks = view_sample(folder, manifest, tok, sample_id, tokens)
+        blocks = view_sample(folder, manifest, load_tok, sample_id, tokens)
     else:
-        blocks = view_row(folder, manifest, tok, row or 0, tokens)
+        blocks = view_row(folder, manifest, load_tok, row or 0, tokens)
     if color or (not plain and sys.stdout.isatty()):
         render_rich(blocks, _out_console(color=True if color else None))
     else:

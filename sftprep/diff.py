@@ -20,7 +20,7 @@ from .samples import (build_tokenizer, decode_segments, flatten, open_build, rea
 from .view import marked
 
 VOLATILE = {"out", "workers", "overwrite"}  # settings that never change the shards
-TOKENIZER_KEYS = ("name", "class", "vocab_size", "vocab_hash", "bos_id", "eos_id", "pad_id", "special_tokens")
+TOKENIZER_KEYS = ("name", "vocab_size", "vocab_hash", "bos_id", "eos_id", "pad_id", "special_tokens")
 
 
 @dataclass(slots=True)
@@ -140,8 +140,8 @@ def render(d: Diff, show: int = 3, tokenizer: str | None = None) -> str:
             k in ("vocab_hash", "vocab_size") for k, _, _ in d.tokenizer) else "tokenizer: changed")
         lines += [f"  {k}: {va!r} -> {vb!r}" for k, va, vb in d.tokenizer]
     else:
-        lines.append(f"tokenizer: same ({ta.get('class')}, vocab {ta.get('vocab_size'):,}, hash "
-                     f"{str(ta.get('vocab_hash'))[:12]})")
+        lines.append(f"tokenizer: same ({Path(str(ta.get('name'))).name}, vocab {ta.get('vocab_size'):,}, "
+                     f"hash {str(ta.get('vocab_hash'))[:12]})")
     lines.append("totals:" if d.totals else "totals: same")
     lines += [f"  {k}: {_fmt(va)} -> {_fmt(vb)}{_delta(va, vb)}" for k, va, vb in d.totals]
     lines.append(f"samples: {d.common:,} in both, {len(d.only_a):,} only in A, {len(d.only_b):,} only in B; "

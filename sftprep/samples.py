@@ -16,6 +16,7 @@ Everything here is vectorized with numpy over those flat arrays, so it stays fas
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,19 +48,45 @@ def build_tokenizer(manifest: dict[str, Any], override: str | Path | None = None
         FileNotFoundError: the manifest's tokenizer folder is gone and no override was given.
         ValueError: `override` is not the tokenizer the shards were built with.
     """
-    from .tokenizer import load_tokenizer, tokenizer_identity
+    from .tokenizer import tokenizer_identity
 
     path = override or manifest["tokenizer"]["path"]
     if override is None and not Path(path).exists():
         raise FileNotFoundError(f"the build's tokenizer {path} (from manifest.json) is not found from "
                                 f"{Path.cwd()}; pass --tokenizer PATH")
-    tok = load_tokenizer(path)
+    tok = _load_tokenizer(path)
     want = manifest["tokenizer"].get("vocab_hash")
     if override is not None and want and tokenizer_identity(tok, path)["vocab_hash"] != want:
         raise ValueError(f"--tokenizer {path} is not the tokenizer these shards were built with "
                          f"({manifest['tokenizer'].get('name')}, vocab hash {want[:12]}); "
                          "decoding with it would show the wrong text")
     return tok
+
+
+def _load_tokenizer(path: str | Path):
+    """`load_fast` (the `tokenizers` library alone: decoding needs no transformers), remembered
+    while the folder's tokenizer.json is unchanged (`samples()` then `diff` loads it once)."""
+    from .tokenizer import load_fast
+
+    p = Path(path).resolve()
+    f = p if p.is_file() else p / "tokenizer.json"
+    if not f.exists():
+        return load_fast(path)  # its error message says what is missing
+    stat = f.stat()
+    return _cached_tokenizer(str(p), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_tokenizer(path: str, mtime_ns: int, size: int):
+    from .tokenizer import load_fast
+
+    return load_fast(path)
+
+
+def pieces(tok, ids) -> list[str]:
+    """The vocabulary entry of each id (`"▁Paris"`, `"<0x0A>"`, `"<|im_end|>"`)."""
+    backend = tok.backend_tokenizer
+    return [backend.id_to_token(int(i)) or f"<id {int(i)}?>" for i in ids]
 
 
 def source_file(source: str) -> str:

@@ -188,6 +188,10 @@ def render(stats: dict[str, Any], console) -> None:
         files.add_row(Text(r["file"], overflow="fold"), _num(r["samples"]), _num(r["dropped"]),
                       _num(r["truncated"]), _num(r["tokens"]), _num(r["trained_tokens"]))
     console.print(files)
+    for r in stats["per_file"]:
+        if r["dropped"]:
+            reasons = ", ".join(f"{k} {v:,}" for k, v in r["dropped_by_reason"].items())
+            console.print(Text(f"dropped from {r['file']}: {reasons}"))
 
 
 def text_histogram(title: str, hist: dict[str, Any], width: int = 40) -> str:
@@ -252,6 +256,8 @@ def plot(c: Collected, path: str | Path) -> Path:
     else:
         e.hist(c.row_tokens, bins=bins, color="tab:orange")
         e.set(title="row length (unpacked)", xlabel="tokens", ylabel="rows")
+    for ax in (a, b, d, e):  # counts of samples and rows are whole numbers
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     t = m.get("totals", {})
     fill = f", fill {t['fill_ratio']:.1%}" if t.get("fill_ratio") is not None else ""
     fig.suptitle(f"{c.folder.name}: {len(c.sample_tokens):,} samples, {len(c.row_tokens):,} rows x "

@@ -18,13 +18,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Callable, Union
 
 import numpy as np
 
 from .labels import IGNORE_INDEX
-from .samples import (Flat, decode_segments, flatten, list_parts, read_rejects,
-                      read_sample_info, sources_by_id)
+from .samples import Flat, decode_segments, flatten, list_parts, pieces, read_rejects, read_sample_info
 
 OPEN, CLOSE = "⟦", "⟧"
 WIDTH = 88
@@ -53,8 +52,12 @@ Block = Union[Rule, Body, Tokens]
 
 # -- building the view ---------------------------------------------------------------------------
 
-def view_row(folder: Path, manifest: dict[str, Any], tok, row: int, tokens: bool = False) -> list[Block]:
-    """The blocks showing packed row `row` (0-based over all shards, in manifest order)."""
+def view_row(folder: Path, manifest: dict[str, Any], load_tok: Callable[[], Any], row: int,
+             tokens: bool = False) -> list[Block]:
+    """The blocks showing packed row `row` (0-based over all shards, in manifest order).
+
+    `load_tok` gives the tokenizer; it is called only once the row is known to exist.
+    """
     from .api import load
 
     table = load(folder)
@@ -63,7 +66,8 @@ def view_row(folder: Path, manifest: dict[str, Any], tok, row: int, tokens: bool
         valid = f"0-{n - 1}" if n else "none"
         raise ValueError(f"--row {row} is out of range: this build has {n:,} rows (valid: {valid})")
     flat = flatten(table.slice(row, 1))
-    src = sources_by_id(read_sample_info(folder, manifest))
+    src = _provenance(folder, manifest)
+    tok = load_tok()
     real, length = int(flat.real_tokens[0]), int(flat.row_lens[0])
     file, local = _shard_of(manifest, row)
     blocks: list[Block] = [Rule(f"row {row} of {n:,} · {file} row {local} · {len(flat.seq_lens)} "
@@ -77,7 +81,7 @@ def view_row(folder: Path, manifest: dict[str, Any], tok, row: int, tokens: bool
     return blocks
 
 
-def view_sample(folder: Path, manifest: dict[str, Any], tok, sample_id: int,
+def view_sample(folder: Path, manifest: dict[str, Any], load_tok: Callable[[], Any], sample_id: int,
                 tokens: bool = False) -> list[Block]:
     """The blocks showing one sample, found by its id, with the row(s) it was packed into."""
     from .api import load
@@ -88,7 +92,8 @@ def view_sample(folder: Path, manifest: dict[str, Any], tok, sample_id: int,
     if not len(hits):
         raise ValueError(_unknown_sample(folder, manifest, sample_id, sids))
     rows = np.unique(np.searchsorted(seq_off, hits, side="right") - 1)
-    src = sources_by_id(read_sample_info(folder, manifest))
+    src = _provenance(folder, manifest)
+    tok = load_tok()
     blocks: list[Block] = []
     for row in rows.tolist():
         flat = flatten(table.slice(row, 1))
@@ -101,6 +106,15 @@ def view_sample(folder: Path, manifest: dict[str, Any], tok, sample_id: int,
     return blocks
 
 
+def _provenance(folder: Path, manifest: dict[str, Any]) -> dict[int, str]:
+    """sample id -> "file:line" (plus " · truncated" for samples cut to max_length)."""
+    info = read_sample_info(folder, manifest)
+    if info is None:
+        return {}
+    cols = (info.column(c).to_pylist() for c in ("sample_id", "source", "truncated"))
+    return {sid: src + (" · truncated" if cut else "") for sid, src, cut in zip(*cols)}
+
+
 def _piece_blocks(tok, flat: Flat, j: int, src: dict[int, str], tokens: bool, where: str) -> list[Block]:
     a = int(flat.piece_start[j])
     b = a + int(flat.seq_lens[j])
@@ -109,9 +123,8 @@ def _piece_blocks(tok, flat: Flat, j: int, src: dict[int, str], tokens: bool, wh
     trained = int((labels != IGNORE_INDEX).sum())
     title = f"sample {sid} · {src.get(sid, 'source unknown')} · {b - a:,} tokens, {trained:,} trained{where}"
     if tokens:
-        pieces = tok.convert_ids_to_tokens(ids.tolist())
         return [Rule(title), Tokens([(i, int(t), p, int(lab)) for i, (t, p, lab)
-                                     in enumerate(zip(ids, pieces, labels))])]
+                                     in enumerate(zip(ids, pieces(tok, ids), labels))])]
     return [Rule(title), Body(decode_segments(tok, ids, labels))]
 
 
@@ -136,7 +149,7 @@ def _unknown_sample(folder: Path, manifest: dict[str, Any], sample_id: int, sids
 
 
 def _piece(tok, token_id: int) -> str:
-    return escape(tok.convert_ids_to_tokens(int(token_id)))
+    return escape(pieces(tok, [token_id])[0])
 
 
 def escape(piece: str) -> str:
