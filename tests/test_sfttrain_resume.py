@@ -42,6 +42,7 @@ def test_sigterm_saves_a_checkpoint_and_resume_continues_exactly(tmp_path, tiny_
     straight = train(train_config(shards, tiny_model, tmp_path / "a", **flat), disable_tqdm=True)
 
     out = tmp_path / "b"
+    handler_before = signal.getsignal(signal.SIGTERM)
     stopped = train(train_config(shards, tiny_model, out, **flat), callbacks=[SignalAt(3)], disable_tqdm=True)
     assert stopped.interrupted_by == "SIGTERM" and stopped.final_dir is None
     assert stopped.global_step == 3
@@ -50,7 +51,7 @@ def test_sigterm_saves_a_checkpoint_and_resume_continues_exactly(tmp_path, tiny_
     for f in ("adapter_model.safetensors", "tokenizer.json", "trainer_state.json", "optimizer.pt", "sfttrain.json"):
         assert (ckpt / f).is_file(), f
     assert json.loads((ckpt / "sfttrain.json").read_text())["config"]["train"]["max_steps"] == 6
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers are given back
+    assert signal.getsignal(signal.SIGTERM) is handler_before  # the previous handler is given back
 
     resumed = train(train_config(shards, tiny_model, out, resume=True, **flat), disable_tqdm=True)
     assert resumed.summary["resume_from"] == str(ckpt)
