@@ -109,16 +109,22 @@ def run(source: str, **flags: Any) -> None:
         _fail(e)
 
 
+def _quiet() -> None:
+    """Keep the libraries' progress bars and deprecation notes out of the user's terminal."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning)
+
+
 def _run(config) -> None:
     from rich.console import Console
-    from transformers.utils import logging as hf_logging
 
     from .api import train
     from .progress import RichProgress
 
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    warnings.filterwarnings("ignore", category=FutureWarning)  # library deprecation notes are not the user's
+    _quiet()
     console = Console(stderr=True)
     result = train(config, callbacks=[RichProgress(console)], disable_tqdm=True,
                    on_start=lambda s: _print_start(console, s))
@@ -178,12 +184,13 @@ def merge(adapter: str, model: str | None, out: str, dtype: str, trust_remote_co
     """Fold the LoRA adapter in ADAPTER_DIR into its base model; save model and tokenizer to --out."""
     from .api import merge as merge_adapter
 
+    _quiet()
     try:
         path = merge_adapter(adapter, out, model=model, dtype=dtype, trust_remote_code=trust_remote_code,
                              overwrite=overwrite)
     except USER_ERRORS as e:
         _fail(e)
-    click.echo(f"merged {adapter} into {model or 'its base model'}: {path}")
+    click.echo(f"merged {adapter} into {model or 'the base model it records'}; model and tokenizer in {path}")
 
 
 if __name__ == "__main__":
