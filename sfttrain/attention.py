@@ -141,7 +141,7 @@ def check_isolation(model, collator, vocab_size: int, tolerance: float | None = 
     attention (or positions that do not restart) they do not.
 
     Returns:
-        The largest difference seen, relative to the logits' scale.
+        The larger mean absolute change of B's logits, relative to their mean magnitude.
 
     Raises:
         IsolationError: the difference exceeds `tolerance`.
@@ -171,11 +171,13 @@ def check_isolation(model, collator, vocab_size: int, tolerance: float | None = 
                 logits.append(out.logits[0, offset:offset + len(b)].float())
     finally:
         model.train(was_training)
+    # Mean absolute change relative to the mean logit: float noise of a 16-bit or quantized model stays
+    # around 1e-3..1e-2 while attending across samples moves the logits by their own size.
     scale = logits[2].abs().mean().clamp_min(1e-6)
-    diff = max(float((logits[0] - logits[2]).abs().max() / scale),
-               float((logits[1] - logits[2]).abs().max() / scale))
+    diff = max(float((logits[0] - logits[2]).abs().mean() / scale),
+               float((logits[1] - logits[2]).abs().mean() / scale))
     if tolerance is None:
-        tolerance = 1e-3 if logits[2].dtype == torch.float32 and _param_dtype(model) == torch.float32 else 5e-2
+        tolerance = 1e-4 if _param_dtype(model) == torch.float32 else 5e-2
     if not diff <= tolerance:
         raise IsolationError(
             f"packed samples are not isolated with attention path `{collator.attention.name}`: the logits of "
