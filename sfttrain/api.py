@@ -90,59 +90,70 @@ def train(config: TrainConfig, *, callbacks: Iterable[Any] = (),
         The `TrainResult`; the adapter and tokenizer are in `final_dir` (OUTPUT_DIR/final).
     """
     s = setup(config)
+    trainer, stopper, summary = _build(s, list(callbacks), disable_tqdm)
+    if on_start:
+        on_start(summary)
+    return _fit(s, trainer, stopper, summary)
+
+
+def _build(s: Setup, callbacks: list, disable_tqdm: bool):
+    """Model, adapter, isolation proof and the Trainer that will run them."""
     from transformers import PrinterCallback
 
     from .attention import check_isolation
     from .data import PackedCollator, ShardDataset
     from .model import apply_lora, load_model, parameter_counts, resolve_dtype
-    from .trainer import ShardTrainer, StopOnSignal, WriteRunInfo, per_token_loss, training_arguments, write_run_info
+    from .trainer import ShardTrainer, StopOnSignal, WriteRunInfo, per_token_loss, training_arguments
 
+    config = s.config
     args = training_arguments(config, has_eval=s.eval_manifest is not None, disable_tqdm=disable_tqdm)
     model = apply_lora(load_model(config, s.attention), config)
-    pad_id = s.manifest["tokenizer"]["pad_id"]
-    collator = PackedCollator(s.attention, pad_id, mask_dtype=resolve_dtype(config))
-    vocab = s.manifest["tokenizer"]["vocab_size"]
+    if not config.quantized:
+        model = model.to(args.device)  # the probe must run where training will (flash-attention is CUDA-only)
+    collator = PackedCollator(s.attention, s.manifest["tokenizer"]["pad_id"], mask_dtype=resolve_dtype(config))
     # One sample per row (packing none) needs no proof: padding is on the right, behind every token.
-    isolation = check_isolation(model, collator, vocab) if s.manifest.get("packing") != "none" else None
-
-    info = _run_info(s)
+    isolation = (check_isolation(model, collator, s.manifest["tokenizer"]["vocab_size"])
+                 if s.manifest.get("packing") != "none" else None)
     stopper = StopOnSignal()
     trainer = ShardTrainer(
         model=model, args=args,
         train_dataset=ShardDataset(config.data.shards, s.manifest),
         eval_dataset=ShardDataset(config.data.eval, s.eval_manifest) if s.eval_manifest else None,
         data_collator=collator, processing_class=s.tokenizer, compute_loss_func=per_token_loss,
-        callbacks=[stopper, WriteRunInfo(info), *callbacks], shuffle=config.data.shuffle)
+        callbacks=[stopper, WriteRunInfo(_run_info(s)), *callbacks], shuffle=config.data.shuffle)
     if disable_tqdm:
         trainer.remove_callback(PrinterCallback)
-    summary = _summary(s, model, parameter_counts(model), isolation, args)
-    if on_start:
-        on_start(summary)
+    return trainer, stopper, _summary(s, model, parameter_counts(model), isolation, args)
+
+
+def _fit(s: Setup, trainer, stopper, summary: dict[str, Any]) -> TrainResult:
+    """Run the Trainer (resuming where asked); save adapter + tokenizer to OUTPUT_DIR/final."""
+    import signal
+
+    from .trainer import write_run_info
 
     stopper.install()
     try:
         out = trainer.train(resume_from_checkpoint=s.resume_from)
     finally:
         stopper.restore()
-    result = TrainResult(output_dir=config.train.output_dir, final_dir=None, checkpoint=None,
-                         global_step=out.global_step, train_loss=out.training_loss, eval_loss=None,
-                         interrupted_by=None, summary=summary, metrics=dict(out.metrics),
-                         log_history=list(trainer.state.log_history))
+    output_dir = s.config.train.output_dir
+    result = TrainResult(output_dir=output_dir, final_dir=None, checkpoint=None, global_step=out.global_step,
+                         train_loss=out.training_loss, eval_loss=None, interrupted_by=None, summary=summary,
+                         metrics=dict(out.metrics), log_history=list(trainer.state.log_history))
     if stopper.signum is not None:
-        import signal
-
         result.interrupted_by = signal.Signals(stopper.signum).name
-        result.checkpoint = str(Path(config.train.output_dir) / f"checkpoint-{out.global_step}")
+        result.checkpoint = str(Path(output_dir) / f"checkpoint-{out.global_step}")
         return result
     if s.eval_manifest is not None:
         done = [h for h in trainer.state.log_history if "eval_loss" in h and h.get("step") == out.global_step]
         metrics = done[-1] if done else trainer.evaluate()  # the Trainer may have just evaluated the last step
         result.eval_loss = metrics.get("eval_loss")
         result.metrics.update(metrics)
-    final = Path(config.train.output_dir) / FINAL
+    final = Path(output_dir) / FINAL
     trainer.save_model(str(final))
     if trainer.is_world_process_zero():
-        write_run_info(final, info)
+        write_run_info(final, _run_info(s))
     result.final_dir = str(final)
     return result
 

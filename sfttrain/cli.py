@@ -6,6 +6,7 @@ print one message and exit with code 2, without a traceback.
 
 from __future__ import annotations
 
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -126,9 +127,11 @@ def _run(config) -> None:
 
     _quiet()
     console = Console(stderr=True)
+    main_rank = int(os.environ.get("RANK", "0")) == 0  # under torchrun, one rank speaks
     result = train(config, callbacks=[RichProgress(console)], disable_tqdm=True,
-                   on_start=lambda s: _print_start(console, s))
-    _print_end(console, result)
+                   on_start=(lambda s: _print_start(console, s)) if main_rank else None)
+    if main_rank:
+        _print_end(console, result)
     if result.interrupted_by:
         sys.exit(130 if result.interrupted_by == "SIGINT" else 143)
 
