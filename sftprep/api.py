@@ -30,7 +30,7 @@ from .tokenizer import load_fast, tokenizer_identity
 BATCH = 1000
 SAMPLES_FILE = "samples.arrow"
 REJECTS_FILE = "rejects.jsonl"
-SPILL_FILE = "tokens.spill.tmp"  # *.tmp: removed at the end, and by the next build if interrupted
+SPILL_STEM = "tokens.spill"  # tokens.spill.{ids,labels}.tmp: removed at the end, or by the next build
 
 
 class BuildError(RuntimeError):
@@ -57,7 +57,7 @@ def build(config: BuildConfig, progress: Callable[[int], None] | None = None) ->
     build_id = _build_id(config, input_info, identity)
     out = _prepare_out(Path(config.out), build_id, config.overwrite)
 
-    store = SampleStore(out / SPILL_FILE)
+    store = SampleStore(out, SPILL_STEM)
     try:
         rejects, read = _encode_all(config, encoder, store, progress)
         _check_rejects(config, rejects, read, out)
@@ -143,9 +143,10 @@ def _encode_all(config: BuildConfig, encoder: Encoder, store: SampleStore, progr
 
         pool = mp.get_context("spawn").Pool(config.workers, _init_worker, (config,))
         results: Iterable[tuple[int, Encoded]] = pool.imap(_run_worker, _batches(config), 1)
-    else:  # read + render the next batch in a thread while this one is tokenized
+    else:  # a pipeline: read + render | encode_batch (releases the GIL) | label, in three threads
         rendered = _prefetch((len(b), encoder.render(b)) for b in _batches(config))
-        results = ((n, encoder.tokenize(r)) for n, r in rendered)
+        encoded = _prefetch((n, r, encoder.encode(r)) for n, r in rendered)
+        results = ((n, encoder.label(r, encs)) for n, r, encs in encoded)
     try:
         for n, enc in results:
             store.add(enc)
@@ -222,37 +223,31 @@ def _pack(config: BuildConfig, store: SampleStore) -> tuple[list[list[int]], lis
 
 def _write_shards(config: BuildConfig, out: Path, store: SampleStore, rows: list, pieces: list | None,
                   pad: int) -> list[dict[str, Any]]:
+    """Write rows in shards of `shard_size` rows, copying samples out of the spill files."""
     max_length = config.tokenize.max_length
     padded = config.pack.mode != "none"
+    lengths, sample_ids = store.lengths, store.sample_ids
     shards = []
     size = config.pack.shard_size
-    for k, start in enumerate(range(0, len(rows), size)):
-        ids, labels, row_off, seq_lens, seq_off, sids = [], [], [0], [], [0], []
-        for row in rows[start:start + size]:
-            parts = pieces[row] if pieces is not None else [(i, 0, store.lengths[i]) for i in row]
-            n = 0
+    for k, first in enumerate(range(0, len(rows), size)):
+        copies, seq_lens, sids, row_off, seq_off = [], [], [], [0], [0]
+        for row in rows[first:first + size]:
+            parts = pieces[row] if pieces is not None else [(i, 0, lengths[i]) for i in row]
+            dest = row_off[-1]
             for i, a, b in parts:
-                ids.append(store.ids(i)[a:b])
-                lab = store.labels(i)[a:b]
-                if a > 0:  # a wrapped piece starts a new sample in this row
-                    lab = lab.copy()
-                    lab[0] = IGNORE_INDEX
-                labels.append(lab)
+                copies.append((i, a, b, dest))
+                dest += b - a
                 seq_lens.append(b - a)
-                sids.append(store.sample_ids[i])
-                n += b - a
-            if padded and n < max_length:
-                ids.append(np.full(max_length - n, pad, dtype=np.int32))
-                labels.append(np.full(max_length - n, IGNORE_INDEX, dtype=np.int32))
-            row_off.append(row_off[-1] + (max_length if padded else n))
+                sids.append(sample_ids[i])
+            row_off.append(row_off[-1] + max_length if padded else dest)
             seq_off.append(len(seq_lens))
-        lab_all = np.concatenate(labels)
-        table = rows_table(np.concatenate(ids), lab_all, np.asarray(row_off), np.asarray(seq_lens),
-                           np.asarray(seq_off), np.asarray(sids))
+        ids, labels = store.gather(copies, row_off[-1], pad)
+        table = rows_table(ids, labels, np.asarray(row_off), np.asarray(seq_lens), np.asarray(seq_off),
+                           np.asarray(sids))
         name = shard_name(k)
         digest = write_table(out / name, table)
         shards.append({"file": name, "rows": table.num_rows, "tokens": int(sum(seq_lens)),
-                       "trained_tokens": int((lab_all != IGNORE_INDEX).sum()), "sha256": digest})
+                       "trained_tokens": int(np.count_nonzero(labels != IGNORE_INDEX)), "sha256": digest})
     return shards
 
 
@@ -261,8 +256,8 @@ def _write_samples(out: Path, store: SampleStore) -> None:
     table = pa.table({
         "sample_id": pa.array(np.frombuffer(store.sample_ids, np.int64), pa.int64()),
         "source": pa.array(store.sources, pa.string()),
-        "num_tokens": pa.array(np.frombuffer(store.lengths, np.int64), pa.int32()),
-        "num_trained": pa.array(np.frombuffer(store.num_trained, np.int64), pa.int32()),
+        "num_tokens": pa.array(np.frombuffer(store.lengths, np.int64).astype(np.int32), pa.int32()),
+        "num_trained": pa.array(np.frombuffer(store.num_trained, np.int64).astype(np.int32), pa.int32()),
         "truncated": pa.array(np.frombuffer(store.truncated, np.int8).astype(bool), pa.bool_()),
     })
     write_table(out / SAMPLES_FILE, table)

@@ -1,12 +1,14 @@
 """Normalize + render + tokenize + label + truncate, one batch of records at a time.
 
-One fast-tokenizer call per batch (`encode_batch` on the rendered strings, with offsets); labels
-are computed for the whole batch at once on the concatenated text (see `labels.py`).
+Three steps, so a build can run them as a pipeline: `render` (pure Python), `encode` (one
+fast-tokenizer `encode_batch` call, which releases the GIL) and `label` (a few look-ups per trained
+span, then numpy over the whole batch). A batch's samples travel as flat arrays plus lengths.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from itertools import chain
 from typing import Any
 
 import numpy as np
@@ -25,14 +27,23 @@ class RecordError(ValueError):
 
 @dataclass(slots=True)
 class Encoded:
-    """The samples of one batch that survived, and the records that did not."""
+    """The samples of one batch that survived (laid end to end in `ids`/`labels`, cut by
+    `lengths`), and the records that did not."""
 
-    ids: list[np.ndarray] = field(default_factory=list)
-    labels: list[np.ndarray] = field(default_factory=list)
+    ids: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))
+    labels: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))
+    lengths: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    num_trained: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     sample_ids: list[int] = field(default_factory=list)
     sources: list[str] = field(default_factory=list)
     truncated: list[bool] = field(default_factory=list)
     rejects: list[dict[str, Any]] = field(default_factory=list)
+
+    def sample(self, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """ids and labels of the k-th kept sample."""
+        a = int(self.lengths[:k].sum())
+        b = a + int(self.lengths[k])
+        return self.ids[a:b], self.labels[a:b]
 
 
 @dataclass(slots=True)
@@ -72,7 +83,8 @@ class Encoder:
                               f"{self.cfg.template.name!r} alone takes {n} tokens per turn; raise --max-length")
 
     def __call__(self, batch: list[tuple[int, Record]]) -> Encoded:
-        return self.tokenize(self.render(batch))
+        rendered = self.render(batch)
+        return self.label(rendered, self.encode(rendered))
 
     def render(self, batch: list[tuple[int, Record]]) -> Rendered:
         """Normalize and render a batch (pure Python: the part that holds the GIL)."""
@@ -94,55 +106,79 @@ class Encoder:
             out.kept.append((sid, rec.source))
         return out
 
-    def tokenize(self, rendered: Rendered) -> Encoded:
-        """Tokenize a rendered batch (one `encode_batch` call, which releases the GIL) and label it."""
-        if rendered.texts:
-            self._tokenize(rendered.encoded, rendered.texts, rendered.spans, rendered.kept)
-        return rendered.encoded
-
     def _reject(self, out: Encoded, sid: int, source: str, reason: str, message: str) -> None:
         if self.fail_fast:
             raise RecordError(f"{source}: {message}")
         out.rejects.append({"sample_id": sid, "source": source, "reason": reason, "message": message})
 
-    def _tokenize(self, out: Encoded, texts: list[str], spans: list, kept: list) -> None:
-        encs = self.backend.encode_batch(texts, add_special_tokens=False)
-        bos = self.bos_id is not None
-        for enc, text, sp, (sid, source) in zip(encs, texts, spans, kept):
-            tok_ids = enc.ids
-            head = 1 if bos and not text.startswith(self.bos) else 0
-            ids = np.empty(len(tok_ids) + head, dtype=np.int32)
-            if head:
-                ids[0] = self.bos_id
-            ids[head:] = tok_ids
-            labels = np.full(len(ids), IGNORE_INDEX, dtype=np.int32)
-            for i, j in token_ranges(enc, text, sp, len(tok_ids)):
-                labels[i + head:j + head] = ids[i + head:j + head]
-            if len(labels):
-                labels[0] = IGNORE_INDEX
-            self._add(out, sid, source, ids, labels)
+    def encode(self, rendered: Rendered) -> list:
+        """One `encode_batch` call (Rust, multi-threaded, releases the GIL)."""
+        return self.backend.encode_batch(rendered.texts, add_special_tokens=False) if rendered.texts else []
 
-    def _add(self, out: Encoded, sid: int, source: str, ids: np.ndarray, labels: np.ndarray) -> None:
-        truncated = False
-        if self.truncation and len(ids) > self.max_length:
-            n = self.max_length
-            if self.truncation == "drop":
-                return self._reject(out, sid, source, "too_long",
-                                    f"{len(ids)} tokens > max_length {n} (--truncation drop)")
-            truncated = True
-            if self.truncation == "keep_start":
-                ids, labels = ids[:n], labels[:n]
-            else:  # keep_end, keeping BOS in front when there is one
-                head = 1 if self.bos_id is not None else 0
-                ids = np.concatenate([ids[:head], ids[len(ids) - (n - head):]])
-                labels = np.concatenate([labels[:head], labels[len(labels) - (n - head):]])
-                labels[0] = IGNORE_INDEX
-        if not (labels != IGNORE_INDEX).any():
-            reason = "no_trained_tokens_after_truncation" if truncated else "no_trained_tokens"
-            return self._reject(out, sid, source, reason,
-                                "no token left to train on" + (" after truncation" if truncated else ""))
-        out.ids.append(ids)
-        out.labels.append(labels)
-        out.sample_ids.append(sid)
-        out.sources.append(source)
-        out.truncated.append(truncated)
+    def label(self, rendered: Rendered, encs: list) -> Encoded:
+        """Labels for a tokenized batch, then truncation and the no-trained-token filter."""
+        out, texts = rendered.encoded, rendered.texts
+        if not texts:
+            return out
+        n_tok = [len(e) for e in encs]
+        heads = [1 if self.bos_id is not None and not t.startswith(self.bos) else 0 for t in texts]
+        lengths = np.add(n_tok, heads, dtype=np.int64)
+        base = np.cumsum(lengths) - lengths  # where each sample starts in the flat batch
+        ids = np.fromiter(chain.from_iterable(e.ids for e in encs), dtype=np.int32, count=sum(n_tok))
+        if any(heads):
+            at = (base - np.cumsum(heads) + heads)[np.asarray(heads, dtype=bool)]
+            ids = np.insert(ids, at, self.bos_id)
+        delta = np.zeros(len(ids) + 1, dtype=np.int32)
+        for enc, text, spans, b, h, n in zip(encs, texts, rendered.spans, base.tolist(), heads, n_tok):
+            for i, j in token_ranges(enc, text, spans, n):
+                delta[b + h + i] += 1
+                delta[b + h + j] -= 1
+        trained = np.cumsum(delta[:-1]) > 0
+        trained[base] = False  # the first token of every sample is never trained
+        labels = np.where(trained, ids, IGNORE_INDEX).astype(np.int32)
+        counts = np.concatenate([[0], np.cumsum(trained, dtype=np.int64)])
+        num_trained = counts[base + lengths] - counts[base]
+        self._keep(out, rendered.kept, ids, labels, lengths, base, num_trained)
+        return out
+
+    def _keep(self, out: Encoded, kept: list, ids, labels, lengths, base, num_trained) -> None:
+        """Apply truncation and drop samples with nothing to train; fast when nothing changes."""
+        n = self.max_length
+        too_long = (lengths > n) if self.truncation else np.zeros(len(lengths), dtype=bool)
+        if not too_long.any() and num_trained.all():
+            out.ids, out.labels, out.lengths, out.num_trained = ids, labels, lengths, num_trained
+            out.sample_ids += [sid for sid, _ in kept]
+            out.sources += [src for _, src in kept]
+            out.truncated += [False] * len(kept)
+            return
+        parts_ids, parts_labels, lens, trained_counts = [], [], [], []
+        for k, (sid, source) in enumerate(kept):
+            a, b = int(base[k]), int(base[k] + lengths[k])
+            s_ids, s_labels, truncated = ids[a:b], labels[a:b], bool(too_long[k])
+            if truncated:
+                if self.truncation == "drop":
+                    self._reject(out, sid, source, "too_long", f"{b - a} tokens > max_length {n} (--truncation drop)")
+                    continue
+                if self.truncation == "keep_start":
+                    s_ids, s_labels = s_ids[:n], s_labels[:n]
+                else:  # keep_end, keeping BOS in front when there is one
+                    head = 1 if self.bos_id is not None and s_ids[0] == self.bos_id else 0
+                    s_ids = np.concatenate([s_ids[:head], s_ids[len(s_ids) - (n - head):]])
+                    s_labels = np.concatenate([s_labels[:head], s_labels[len(s_labels) - (n - head):]])
+                    s_labels[0] = IGNORE_INDEX
+            count = int((s_labels != IGNORE_INDEX).sum())
+            if count == 0:
+                reason = "no_trained_tokens_after_truncation" if truncated else "no_trained_tokens"
+                self._reject(out, sid, source, reason,
+                             "no token left to train on" + (" after truncation" if truncated else ""))
+                continue
+            parts_ids.append(s_ids)
+            parts_labels.append(s_labels)
+            lens.append(len(s_ids))
+            trained_counts.append(count)
+            out.sample_ids.append(sid)
+            out.sources.append(source)
+            out.truncated.append(truncated)
+        if lens:
+            out.ids, out.labels = np.concatenate(parts_ids), np.concatenate(parts_labels)
+            out.lengths, out.num_trained = np.asarray(lens, np.int64), np.asarray(trained_counts, np.int64)

@@ -78,10 +78,10 @@ def test_trained_span_decodes_back_to_the_completion(prompt, completion):
     rec = Record({"prompt": prompt, "completion": completion}, "mem:1")
     out = ENCODER([(0, rec)])
     assert not out.rejects, out.rejects
-    labels = out.labels[0]
+    ids, labels = out.sample(0)
     trained = [int(x) for x in labels if x != IGNORE_INDEX]
     assert TOK.decode(trained) == completion + "<|im_end|>"
     # and nothing in the prompt is trained: every trained position is after the assistant header
     first = int(np.argmax(labels != IGNORE_INDEX))
-    header_end = TOK.decode(out.ids[0][:first].tolist())
+    header_end = TOK.decode(ids[:first].tolist())
     assert header_end.endswith("<|im_start|>assistant\n")
