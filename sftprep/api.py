@@ -27,7 +27,7 @@ from .shards import open_shard, rows_table, shard_name, write_table
 from .store import SampleStore
 from .tokenizer import load_fast, tokenizer_identity
 
-BATCH = 1000
+BATCH = 2000
 SAMPLES_FILE = "samples.arrow"
 REJECTS_FILE = "rejects.jsonl"
 SPILL_STEM = "tokens.spill"  # tokens.spill.{ids,labels}.tmp: removed at the end, or by the next build
@@ -230,7 +230,7 @@ def _write_shards(config: BuildConfig, out: Path, store: SampleStore, rows: list
     shards = []
     size = config.pack.shard_size
     for k, first in enumerate(range(0, len(rows), size)):
-        copies, seq_lens, sids, row_off, seq_off = [], [], [], [0], [0]
+        copies, gaps, seq_lens, sids, row_off, seq_off = [], [], [], [], [0], [0]
         for row in rows[first:first + size]:
             parts = pieces[row] if pieces is not None else [(i, 0, lengths[i]) for i in row]
             dest = row_off[-1]
@@ -241,7 +241,9 @@ def _write_shards(config: BuildConfig, out: Path, store: SampleStore, rows: list
                 sids.append(sample_ids[i])
             row_off.append(row_off[-1] + max_length if padded else dest)
             seq_off.append(len(seq_lens))
-        ids, labels = store.gather(copies, row_off[-1], pad)
+            if dest < row_off[-1]:
+                gaps.append((dest, row_off[-1]))
+        ids, labels = store.gather(copies, gaps, row_off[-1], pad)
         table = rows_table(ids, labels, np.asarray(row_off), np.asarray(seq_lens), np.asarray(seq_off),
                            np.asarray(sids))
         name = shard_name(k)

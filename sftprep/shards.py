@@ -27,20 +27,51 @@ def shard_name(i: int) -> str:
     return f"shard-{i:05d}.arrow"
 
 
-def _list_array(values: np.ndarray, offsets: np.ndarray) -> pa.Array:
-    return pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), pa.array(values))
+def _numpy(values: np.ndarray, dtype: pa.DataType) -> pa.Array:
+    """A zero-copy Arrow view of a contiguous numpy array (and no pandas import, which
+    `pa.array(ndarray)` costs on first use)."""
+    values = np.ascontiguousarray(values, dtype=dtype.to_pandas_dtype())
+    return pa.Array.from_buffers(dtype, len(values), [None, pa.py_buffer(values)])
+
+
+def _list_array(values: np.ndarray, offsets: np.ndarray, dtype: pa.DataType) -> pa.Array:
+    return pa.ListArray.from_arrays(_numpy(offsets, pa.int32()), _numpy(values, dtype))
+
+
+class _HashingFile:
+    """A binary file that hashes what is written to it (no second read of a shard)."""
+
+    def __init__(self, path: Path) -> None:
+        self.file = open(path, "wb")
+        self.sha = hashlib.sha256()
+        self.closed = False
+
+    def write(self, data) -> int:
+        self.sha.update(data)
+        return self.file.write(data)
+
+    def flush(self) -> None:
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        self.file.close()
+        self.closed = True
 
 
 def write_table(path: Path, table: pa.Table, batch_rows: int = 1024) -> str:
     """Write `table` atomically to `path` as an Arrow IPC file; returns its sha256."""
     tmp = path.with_name(path.name + ".tmp")
-    with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
-        writer.write_table(table, max_chunksize=batch_rows)
-    digest = sha256_file(tmp)
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
+    sink = _HashingFile(tmp)
+    try:
+        with pa.ipc.new_file(pa.PythonFile(sink, mode="w"), table.schema) as writer:
+            writer.write_table(table, max_chunksize=batch_rows)
+    finally:
+        if not sink.closed:
+            sink.close()
     os.replace(tmp, path)
-    return digest
+    return sink.sha.hexdigest()
 
 
 def rows_table(ids: np.ndarray, labels: np.ndarray, row_offsets: np.ndarray, seq_lens: np.ndarray,
@@ -48,10 +79,10 @@ def rows_table(ids: np.ndarray, labels: np.ndarray, row_offsets: np.ndarray, seq
     """A shard table from flat arrays: `row_offsets` cut ids/labels into rows, `seq_offsets` cut
     seq_lens/sample_ids into rows."""
     return pa.Table.from_arrays([
-        _list_array(ids.astype(np.int32, copy=False), row_offsets),
-        _list_array(labels.astype(np.int32, copy=False), row_offsets),
-        _list_array(seq_lens.astype(np.int32, copy=False), seq_offsets),
-        _list_array(sample_ids.astype(np.int64, copy=False), seq_offsets),
+        _list_array(ids, row_offsets, pa.int32()),
+        _list_array(labels, row_offsets, pa.int32()),
+        _list_array(seq_lens, seq_offsets, pa.int32()),
+        _list_array(sample_ids, seq_offsets, pa.int64()),
     ], schema=SCHEMA)
 
 

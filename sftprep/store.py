@@ -55,15 +55,20 @@ class SampleStore:
         lengths = np.frombuffer(self.lengths, dtype=np.int64)
         self.starts = (np.cumsum(lengths) - lengths).tolist()
 
-    def gather(self, pieces: list[tuple[int, int, int, int]], size: int, pad: int) -> tuple[np.ndarray, np.ndarray]:
+    def gather(self, pieces: list[tuple[int, int, int, int]], gaps: list[tuple[int, int]], size: int,
+               pad: int) -> tuple[np.ndarray, np.ndarray]:
         """Copy pieces `(sample, start, stop, dest)`, token range `[start, stop)` of a sample, into
-        flat output at `dest`; `size` tokens, `pad` / -100 where no piece lands.
+        flat output at `dest`; fill `gaps` (`[begin, end)` ranges) with `pad` and label -100.
+        Pieces and gaps together must cover all `size` positions.
 
         A piece that does not begin at its sample's first token still gets label -100 there: it
         starts a sample in its row (wrapped packing).
         """
-        ids = np.full(size, pad, dtype=np.int32)
-        labels = np.full(size, IGNORE_INDEX, dtype=np.int32)
+        ids = np.empty(size, dtype=np.int32)
+        labels = np.empty(size, dtype=np.int32)
+        for begin, end in gaps:
+            ids[begin:end] = pad
+            labels[begin:end] = IGNORE_INDEX
         src_ids, src_labels, starts = self._ids, self._labels, self.starts
         for i, a, b, d in pieces:
             s = starts[i]
