@@ -127,7 +127,6 @@ _worker_encoder: Encoder | None = None
 
 def _init_worker(config: BuildConfig) -> None:
     global _worker_encoder
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"
     _worker_encoder = Encoder(config, load_fast(config.tokenize.tokenizer))
 
 
@@ -141,7 +140,16 @@ def _encode_all(config: BuildConfig, encoder: Encoder, store: SampleStore, progr
     if config.workers > 1:
         import multiprocessing as mp
 
-        pool = mp.get_context("spawn").Pool(config.workers, _init_worker, (config,))
+        # one tokenizer thread per worker process (the environment is inherited at spawn)
+        previous = os.environ.get("TOKENIZERS_PARALLELISM")
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+        try:
+            pool = mp.get_context("spawn").Pool(config.workers, _init_worker, (config,))
+        finally:
+            if previous is None:
+                del os.environ["TOKENIZERS_PARALLELISM"]
+            else:
+                os.environ["TOKENIZERS_PARALLELISM"] = previous
         results: Iterable[tuple[int, Encoded]] = pool.imap(_run_worker, _batches(config), 1)
     else:  # a pipeline: read + render | encode_batch (releases the GIL) | label, in three threads
         rendered = _prefetch((len(b), encoder.render(b)) for b in _batches(config))

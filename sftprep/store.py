@@ -50,8 +50,9 @@ class SampleStore:
         for f in self._files:
             f.close()
         if self.total:
-            self._ids = np.memmap(self.paths[0], dtype=np.int32, mode="r", shape=(self.total,))
-            self._labels = np.memmap(self.paths[1], dtype=np.int32, mode="r", shape=(self.total,))
+            # plain ndarray views of the maps: slicing a np.memmap costs microseconds each
+            self._ids = np.asarray(np.memmap(self.paths[0], dtype=np.int32, mode="r", shape=(self.total,)))
+            self._labels = np.asarray(np.memmap(self.paths[1], dtype=np.int32, mode="r", shape=(self.total,)))
         lengths = np.frombuffer(self.lengths, dtype=np.int64)
         self.starts = (np.cumsum(lengths) - lengths).tolist()
 
