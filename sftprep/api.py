@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import os
@@ -23,11 +24,12 @@ from .labels import IGNORE_INDEX
 from .manifest import MANIFEST, fsync_dir, read_manifest, write_manifest
 from .packing import fill_ratio, pack_bfd, pack_wrapped
 from .readers import expand_inputs, iter_records
-from .shards import open_shard, rows_table, shard_name, write_table
+from .shards import open_shard, rows_batch, shard_name, shard_writer, write_table
 from .store import SampleStore
 from .tokenizer import load_fast, tokenizer_identity
 
-BATCH = 2000
+BATCH = 2000  # records per tokenizer call
+WRITE_ROWS = 1024  # rows per record batch in a shard
 SAMPLES_FILE = "samples.arrow"
 REJECTS_FILE = "rejects.jsonl"
 SPILL_STEM = "tokens.spill"  # tokens.spill.{ids,labels}.tmp: removed at the end, or by the next build
@@ -155,6 +157,8 @@ def _encode_all(config: BuildConfig, encoder: Encoder, store: SampleStore, progr
         rendered = _prefetch((len(b), encoder.render(b)) for b in _batches(config))
         encoded = _prefetch((n, r, encoder.encode(r)) for n, r in rendered)
         results = ((n, encoder.label(r, encs)) for n, r, encs in encoded)
+    gc_was_on = gc.isenabled()
+    gc.disable()  # millions of short-lived parsed records; nothing cyclic worth chasing until the end
     try:
         for n, enc in results:
             store.add(enc)
@@ -163,6 +167,8 @@ def _encode_all(config: BuildConfig, encoder: Encoder, store: SampleStore, progr
             if progress:
                 progress(n)
     finally:
+        if gc_was_on:
+            gc.enable()
         if pool is not None:
             pool.terminate()
     return rejects, read
@@ -231,33 +237,43 @@ def _pack(config: BuildConfig, store: SampleStore) -> tuple[list[list[int]], lis
 
 def _write_shards(config: BuildConfig, out: Path, store: SampleStore, rows: list, pieces: list | None,
                   pad: int) -> list[dict[str, Any]]:
-    """Write rows in shards of `shard_size` rows, copying samples out of the spill files."""
+    """Write rows in shards of `shard_size` rows, `WRITE_ROWS` rows per record batch, copying
+    samples out of the spill files into two reused buffers."""
     max_length = config.tokenize.max_length
     padded = config.pack.mode != "none"
     lengths, sample_ids = store.lengths, store.sample_ids
-    shards = []
     size = config.pack.shard_size
+    buf_len = min(WRITE_ROWS, size) * max_length
+    buf_ids, buf_labels = np.empty(buf_len, np.int32), np.empty(buf_len, np.int32)
+    shards = []
     for k, first in enumerate(range(0, len(rows), size)):
-        copies, gaps, seq_lens, sids, row_off, seq_off = [], [], [], [], [0], [0]
-        for row in rows[first:first + size]:
-            parts = pieces[row] if pieces is not None else [(i, 0, lengths[i]) for i in row]
-            dest = row_off[-1]
-            for i, a, b in parts:
-                copies.append((i, a, b, dest))
-                dest += b - a
-                seq_lens.append(b - a)
-                sids.append(sample_ids[i])
-            row_off.append(row_off[-1] + max_length if padded else dest)
-            seq_off.append(len(seq_lens))
-            if dest < row_off[-1]:
-                gaps.append((dest, row_off[-1]))
-        ids, labels = store.gather(copies, gaps, row_off[-1], pad)
-        table = rows_table(ids, labels, np.asarray(row_off), np.asarray(seq_lens), np.asarray(seq_off),
-                           np.asarray(sids))
-        name = shard_name(k)
-        digest = write_table(out / name, table)
-        shards.append({"file": name, "rows": table.num_rows, "tokens": int(sum(seq_lens)),
-                       "trained_tokens": int(np.count_nonzero(labels != IGNORE_INDEX)), "sha256": digest})
+        name, tokens, trained = shard_name(k), 0, 0
+        with shard_writer(out / name) as writer:
+            for lo in range(first, min(first + size, len(rows)), WRITE_ROWS):
+                copies, gaps, seq_lens, sids, row_off, seq_off = [], [], [], [], [0], [0]
+                for row in rows[lo:min(lo + WRITE_ROWS, first + size)]:
+                    parts = pieces[row] if pieces is not None else [(i, 0, lengths[i]) for i in row]
+                    dest = row_off[-1]
+                    for i, a, b in parts:
+                        copies.append((i, a, b, dest))
+                        dest += b - a
+                        seq_lens.append(b - a)
+                        sids.append(sample_ids[i])
+                    row_off.append(row_off[-1] + max_length if padded else dest)
+                    seq_off.append(len(seq_lens))
+                    if dest < row_off[-1]:
+                        gaps.append((dest, row_off[-1]))
+                n = row_off[-1]
+                if n > len(buf_ids):  # unpadded rows may exceed the buffer
+                    buf_ids, buf_labels = np.empty(n, np.int32), np.empty(n, np.int32)
+                ids, labels = buf_ids[:n], buf_labels[:n]
+                store.gather(copies, gaps, ids, labels, pad)
+                writer.write(rows_batch(ids, labels, np.asarray(row_off), np.asarray(seq_lens),
+                                        np.asarray(seq_off), np.asarray(sids)))
+                tokens += sum(seq_lens)
+                trained += int(np.count_nonzero(labels != IGNORE_INDEX))
+        shards.append({"file": name, "rows": writer.rows, "tokens": tokens, "trained_tokens": trained,
+                       "sha256": writer.sha256})
     return shards
 
 

@@ -54,31 +54,64 @@ class _HashingFile:
         self.file.flush()
 
     def close(self) -> None:
+        if self.closed:
+            return
         self.file.flush()
         os.fsync(self.file.fileno())
         self.file.close()
         self.closed = True
 
 
+class _AtomicIPC:
+    """An Arrow IPC file written to `path.tmp`, hashed while written, fsynced, then renamed to
+    `path`; on error the temporary file is removed and `path` is left untouched."""
+
+    def __init__(self, path: Path, schema: pa.Schema) -> None:
+        self.path, self.tmp = path, path.with_name(path.name + ".tmp")
+        self.sink = _HashingFile(self.tmp)
+        self.writer = pa.ipc.new_file(pa.PythonFile(self.sink, mode="w"), schema)
+        self.rows = 0
+        self.sha256 = ""
+
+    def __enter__(self) -> "_AtomicIPC":
+        return self
+
+    def write(self, batch: pa.RecordBatch | pa.Table, max_chunksize: int = 1024) -> None:
+        if isinstance(batch, pa.Table):
+            self.writer.write_table(batch, max_chunksize=max_chunksize)
+        else:
+            self.writer.write_batch(batch)
+        self.rows += batch.num_rows
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            self.writer.close()
+        finally:
+            self.sink.close()
+        if exc_type is not None:
+            self.tmp.unlink(missing_ok=True)
+            return
+        os.replace(self.tmp, self.path)
+        self.sha256 = self.sink.sha.hexdigest()
+
+
 def write_table(path: Path, table: pa.Table, batch_rows: int = 1024) -> str:
     """Write `table` atomically to `path` as an Arrow IPC file; returns its sha256."""
-    tmp = path.with_name(path.name + ".tmp")
-    sink = _HashingFile(tmp)
-    try:
-        with pa.ipc.new_file(pa.PythonFile(sink, mode="w"), table.schema) as writer:
-            writer.write_table(table, max_chunksize=batch_rows)
-    finally:
-        if not sink.closed:
-            sink.close()
-    os.replace(tmp, path)
-    return sink.sha.hexdigest()
+    with _AtomicIPC(path, table.schema) as f:
+        f.write(table, batch_rows)
+    return f.sha256
 
 
-def rows_table(ids: np.ndarray, labels: np.ndarray, row_offsets: np.ndarray, seq_lens: np.ndarray,
-               seq_offsets: np.ndarray, sample_ids: np.ndarray) -> pa.Table:
-    """A shard table from flat arrays: `row_offsets` cut ids/labels into rows, `seq_offsets` cut
-    seq_lens/sample_ids into rows."""
-    return pa.Table.from_arrays([
+def shard_writer(path: Path) -> _AtomicIPC:
+    """A shard written batch by batch (`.write(rows_batch(...))`), atomically; `.sha256` after."""
+    return _AtomicIPC(path, SCHEMA)
+
+
+def rows_batch(ids: np.ndarray, labels: np.ndarray, row_offsets: np.ndarray, seq_lens: np.ndarray,
+               seq_offsets: np.ndarray, sample_ids: np.ndarray) -> pa.RecordBatch:
+    """Shard rows from flat arrays (zero-copy): `row_offsets` cut ids/labels into rows,
+    `seq_offsets` cut seq_lens/sample_ids into rows."""
+    return pa.RecordBatch.from_arrays([
         _list_array(ids, row_offsets, pa.int32()),
         _list_array(labels, row_offsets, pa.int32()),
         _list_array(seq_lens, seq_offsets, pa.int32()),

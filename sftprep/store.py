@@ -56,17 +56,15 @@ class SampleStore:
         lengths = np.frombuffer(self.lengths, dtype=np.int64)
         self.starts = (np.cumsum(lengths) - lengths).tolist()
 
-    def gather(self, pieces: list[tuple[int, int, int, int]], gaps: list[tuple[int, int]], size: int,
-               pad: int) -> tuple[np.ndarray, np.ndarray]:
+    def gather(self, pieces: list[tuple[int, int, int, int]], gaps: list[tuple[int, int]], ids: np.ndarray,
+               labels: np.ndarray, pad: int) -> None:
         """Copy pieces `(sample, start, stop, dest)`, token range `[start, stop)` of a sample, into
-        flat output at `dest`; fill `gaps` (`[begin, end)` ranges) with `pad` and label -100.
-        Pieces and gaps together must cover all `size` positions.
+        `ids`/`labels` at `dest`; fill `gaps` (`[begin, end)` ranges) with `pad` and label -100.
+        Pieces and gaps together must cover the output.
 
         A piece that does not begin at its sample's first token still gets label -100 there: it
         starts a sample in its row (wrapped packing).
         """
-        ids = np.empty(size, dtype=np.int32)
-        labels = np.empty(size, dtype=np.int32)
         for begin, end in gaps:
             ids[begin:end] = pad
             labels[begin:end] = IGNORE_INDEX
@@ -77,7 +75,6 @@ class SampleStore:
             labels[d:d + b - a] = src_labels[s + a:s + b]
             if a:
                 labels[d] = IGNORE_INDEX
-        return ids, labels
 
     def remove(self) -> None:
         for f in self._files:
