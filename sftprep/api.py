@@ -2,33 +2,29 @@
 
 from __future__ import annotations
 
-import gc
 import hashlib
 import json
 import os
-import queue
 import random
-import threading
 from collections import Counter
-from itertools import islice
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable
 
 import numpy as np
 import pyarrow as pa
 
 from . import __version__
 from .config import BuildConfig, ConfigError
-from .encode import Encoded, Encoder
+from .encode import Encoder
 from .labels import IGNORE_INDEX
 from .manifest import MANIFEST, fsync_dir, read_manifest, write_manifest
 from .packing import fill_ratio, pack_bfd, pack_wrapped
-from .readers import expand_inputs, iter_records
+from .pipeline import encode_all
+from .readers import expand_inputs
 from .shards import open_shard, rows_batch, shard_name, shard_writer, write_table
 from .store import SampleStore
 from .tokenizer import load_fast, tokenizer_identity
 
-BATCH = 2000  # records per tokenizer call
 WRITE_ROWS = 1024  # rows per record batch in a shard
 SAMPLES_FILE = "samples.arrow"
 REJECTS_FILE = "rejects.jsonl"
@@ -61,7 +57,7 @@ def build(config: BuildConfig, progress: Callable[[int], None] | None = None) ->
 
     store = SampleStore(out, SPILL_STEM)
     try:
-        rejects, read = _encode_all(config, encoder, store, progress)
+        rejects, read = encode_all(config, encoder, store, progress)
         _check_rejects(config, rejects, read, out)
         store.seal()
         rows, pieces = _pack(config, store)
@@ -115,96 +111,6 @@ def load(path: str | Path) -> pa.Table:
 
 
 # -- stages ----------------------------------------------------------------------------------
-
-def _batches(config: BuildConfig) -> Iterator[list]:
-    records = enumerate(iter_records(config.read.inputs))
-    if config.read.num_samples:
-        records = islice(records, config.read.num_samples)
-    while batch := list(islice(records, BATCH)):
-        yield batch
-
-
-_worker_encoder: Encoder | None = None
-
-
-def _init_worker(config: BuildConfig) -> None:
-    global _worker_encoder
-    _worker_encoder = Encoder(config, load_fast(config.tokenize.tokenizer))
-
-
-def _run_worker(batch: list) -> tuple[int, Encoded]:
-    return len(batch), _worker_encoder(batch)
-
-
-def _encode_all(config: BuildConfig, encoder: Encoder, store: SampleStore, progress) -> tuple[list, int]:
-    rejects, read = [], 0
-    pool = None
-    if config.workers > 1:
-        import multiprocessing as mp
-
-        # one tokenizer thread per worker process (the environment is inherited at spawn)
-        previous = os.environ.get("TOKENIZERS_PARALLELISM")
-        os.environ["TOKENIZERS_PARALLELISM"] = "false"
-        try:
-            pool = mp.get_context("spawn").Pool(config.workers, _init_worker, (config,))
-        finally:
-            if previous is None:
-                del os.environ["TOKENIZERS_PARALLELISM"]
-            else:
-                os.environ["TOKENIZERS_PARALLELISM"] = previous
-        results: Iterable[tuple[int, Encoded]] = pool.imap(_run_worker, _batches(config), 1)
-    else:  # a pipeline: read + render | encode_batch (releases the GIL) | label, in three threads
-        rendered = _prefetch((len(b), encoder.render(b)) for b in _batches(config))
-        encoded = _prefetch((n, r, encoder.encode(r)) for n, r in rendered)
-        results = ((n, encoder.label(r, encs)) for n, r, encs in encoded)
-    gc_was_on = gc.isenabled()
-    gc.disable()  # millions of short-lived parsed records; nothing cyclic worth chasing until the end
-    try:
-        for n, enc in results:
-            store.add(enc)
-            rejects += enc.rejects
-            read += n
-            if progress:
-                progress(n)
-    finally:
-        if gc_was_on:
-            gc.enable()
-        if pool is not None:
-            pool.terminate()
-    return rejects, read
-
-
-def _prefetch(items: Iterator, depth: int = 2) -> Iterator:
-    """Iterate `items` in a background thread, up to `depth` ahead; errors are re-raised here."""
-    q: queue.Queue = queue.Queue(depth)
-    stop = threading.Event()
-    done = object()
-
-    def produce() -> None:
-        try:
-            for item in items:
-                while not stop.is_set():
-                    try:
-                        q.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        pass
-                if stop.is_set():
-                    return
-            q.put(done)
-        except BaseException as e:  # handed to the consumer, which raises it
-            q.put(e)
-
-    thread = threading.Thread(target=produce, daemon=True, name="sftprep-read")
-    thread.start()
-    try:
-        while (item := q.get()) is not done:
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        stop.set()
-
 
 def _check_rejects(config: BuildConfig, rejects: list, read: int, out: Path) -> None:
     if read == 0:

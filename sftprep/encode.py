@@ -134,7 +134,7 @@ class Encoder:
                 delta[b + h + i] += 1
                 delta[b + h + j] -= 1
         trained = np.cumsum(delta[:-1]) > 0
-        trained[base] = False  # the first token of every sample is never trained
+        trained[base[lengths > 0]] = False  # the first token of every sample is never trained
         labels = np.where(trained, ids, IGNORE_INDEX).astype(np.int32)
         counts = np.concatenate([[0], np.cumsum(trained, dtype=np.int64)])
         num_trained = counts[base + lengths] - counts[base]

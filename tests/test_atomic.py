@@ -4,7 +4,6 @@ complete), and running the same command again finishes the job."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys

@@ -9,7 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 from sftprep.cli import main
-from tests.conftest import CHATML_TOK, DATA, MISTRAL
+from tests.conftest import CHATML_TOK, MISTRAL
 
 GOOD = json.dumps({"prompt": "Say yes", "completion": " yes"})
 CHAT_OK = {"role": "user", "content": "hi"}

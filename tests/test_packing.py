@@ -7,7 +7,7 @@ import json
 import pytest
 
 from sftprep.packing import fill_ratio, pack_bfd, pack_wrapped
-from tests.conftest import DATA, MISTRAL, build_records, samples_of
+from tests.conftest import DATA, build_records, samples_of
 
 
 def alpaca(n=40):

@@ -1,0 +1,116 @@
+"""The encode pipeline: read -> render -> tokenize -> label, streamed batch by batch into a store.
+
+With one worker, three threads overlap: reading + rendering the next batch (Python), the Rust
+tokenizer's `encode_batch` on the current one (multi-threaded, releases the GIL), and labelling the
+previous one. With `--workers N`, N processes each run the whole chain on their batches (one
+tokenizer thread each). Batches come back in input order either way, so output is deterministic.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import queue
+import threading
+from itertools import islice
+from typing import Any, Callable, Iterable, Iterator
+
+from .config import BuildConfig
+from .encode import Encoded, Encoder
+from .readers import iter_records
+from .store import SampleStore
+from .tokenizer import load_fast
+
+BATCH = 2000  # records per tokenizer call
+
+
+def _batches(config: BuildConfig) -> Iterator[list]:
+    records = enumerate(iter_records(config.read.inputs))
+    if config.read.num_samples:
+        records = islice(records, config.read.num_samples)
+    while batch := list(islice(records, BATCH)):
+        yield batch
+
+
+_worker_encoder: Encoder | None = None
+
+
+def _init_worker(config: BuildConfig) -> None:
+    global _worker_encoder
+    _worker_encoder = Encoder(config, load_fast(config.tokenize.tokenizer))
+
+
+def _run_worker(batch: list) -> tuple[int, Encoded]:
+    return len(batch), _worker_encoder(batch)
+
+
+def encode_all(config: BuildConfig, encoder: Encoder, store: SampleStore,
+               progress: Callable[[int], None] | None = None) -> tuple[list[dict[str, Any]], int]:
+    """Encode every record into `store`; returns (rejects, records read)."""
+    rejects, read = [], 0
+    pool = None
+    if config.workers > 1:
+        import multiprocessing as mp
+
+        # one tokenizer thread per worker process (the environment is inherited at spawn)
+        previous = os.environ.get("TOKENIZERS_PARALLELISM")
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+        try:
+            pool = mp.get_context("spawn").Pool(config.workers, _init_worker, (config,))
+        finally:
+            if previous is None:
+                del os.environ["TOKENIZERS_PARALLELISM"]
+            else:
+                os.environ["TOKENIZERS_PARALLELISM"] = previous
+        results: Iterable[tuple[int, Encoded]] = pool.imap(_run_worker, _batches(config), 1)
+    else:  # a pipeline: read + render | encode_batch (releases the GIL) | label, in three threads
+        rendered = _prefetch((len(b), encoder.render(b)) for b in _batches(config))
+        encoded = _prefetch((n, r, encoder.encode(r)) for n, r in rendered)
+        results = ((n, encoder.label(r, encs)) for n, r, encs in encoded)
+    gc_was_on = gc.isenabled()
+    gc.disable()  # millions of short-lived parsed records; nothing cyclic worth chasing until the end
+    try:
+        for n, enc in results:
+            store.add(enc)
+            rejects += enc.rejects
+            read += n
+            if progress:
+                progress(n)
+    finally:
+        if gc_was_on:
+            gc.enable()
+        if pool is not None:
+            pool.terminate()
+    return rejects, read
+
+
+def _prefetch(items: Iterator, depth: int = 2) -> Iterator:
+    """Iterate `items` in a background thread, up to `depth` ahead; errors are re-raised here."""
+    q: queue.Queue = queue.Queue(depth)
+    stop = threading.Event()
+    done = object()
+
+    def produce() -> None:
+        try:
+            for item in items:
+                while not stop.is_set():
+                    try:
+                        q.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        pass
+                if stop.is_set():
+                    return
+            q.put(done)
+        except BaseException as e:  # handed to the consumer, which raises it
+            q.put(e)
+
+    thread = threading.Thread(target=produce, daemon=True, name="sftprep-read")
+    thread.start()
+    try:
+        while (item := q.get()) is not done:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
