@@ -109,7 +109,7 @@ class BuildConfig:
             raise ConfigError("invalid build config:\n  - " + "\n  - ".join(problems))
 
     def to_dict(self) -> dict[str, Any]:
-        return _to_plain(dataclasses.asdict(self))
+        return to_plain(dataclasses.asdict(self))
 
 
 def _check(c: BuildConfig) -> list[str]:
@@ -117,7 +117,7 @@ def _check(c: BuildConfig) -> list[str]:
 
     def choice(value: str, allowed: tuple[str, ...], key: str) -> None:
         if value not in allowed:
-            p.append(f"{key}={value!r} is not one of {', '.join(allowed)}{_did_you_mean(value, allowed)}")
+            p.append(f"{key}={value!r} is not one of {', '.join(allowed)}{did_you_mean(value, allowed)}")
 
     if not c.read.inputs:
         p.append("no input: give --input FILE (or `inputs:` in the YAML)")
@@ -153,16 +153,16 @@ def _check(c: BuildConfig) -> list[str]:
     return p
 
 
-def _did_you_mean(value: str, known: tuple[str, ...] | list[str]) -> str:
+def did_you_mean(value: str, known: tuple[str, ...] | list[str]) -> str:
     close = difflib.get_close_matches(str(value), list(known), n=1)
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
-def _to_plain(x: Any) -> Any:
+def to_plain(x: Any) -> Any:
     if isinstance(x, Mapping):
-        return {k: _to_plain(v) for k, v in x.items()}
+        return {k: to_plain(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
-        return [_to_plain(v) for v in x]
+        return [to_plain(v) for v in x]
     return x
 
 
@@ -214,7 +214,7 @@ def config_from_dict(data: Mapping[str, Any], overrides: Mapping[str, Any] | Non
                 if k in known:
                     sections[key][k] = v
                 else:
-                    problems.append(f"{where}: unknown key `{key}.{k}`{_did_you_mean(k, known)}")
+                    problems.append(f"{where}: unknown key `{key}.{k}`{did_you_mean(k, known)}")
         elif key in SHORTCUTS:
             section, name = SHORTCUTS[key]
             sections[section][name] = value
@@ -222,7 +222,7 @@ def config_from_dict(data: Mapping[str, Any], overrides: Mapping[str, Any] | Non
             top[key] = value
         else:
             known = list(_SECTIONS) + list(SHORTCUTS) + list(_TOP) + ["template"]
-            problems.append(f"{where}: unknown key `{key}`{_did_you_mean(key, known)}")
+            problems.append(f"{where}: unknown key `{key}`{did_you_mean(key, known)}")
 
     for k, v in (data or {}).items():
         put(k, v, source)

@@ -18,7 +18,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from .config import FORMATS, _did_you_mean
+from .config import FORMATS, did_you_mean
 
 
 class FormatError(ValueError):
@@ -96,7 +96,7 @@ def normalize(rec: Mapping[str, Any], fmt: str = "auto",
     if fmt == "auto":
         fmt = detect(rec)
     if fmt not in _NORMALIZERS:
-        raise FormatError(f"unknown format {fmt!r}{_did_you_mean(fmt, FORMATS)}", "config")
+        raise FormatError(f"unknown format {fmt!r}{did_you_mean(fmt, FORMATS)}", "config")
     conv = _NORMALIZERS[fmt](rec)
     conv.fields = rec
     return conv
@@ -216,7 +216,7 @@ def _from_message_list(turns: Any, name: str, roles: Mapping[str, str], role_key
         raw_role = turn.get(role_key)
         if raw_role not in roles:
             raise FormatError(f"{name}[{i}]: unknown role {raw_role!r}; expected one of "
-                              f"{', '.join(roles)}{_did_you_mean(str(raw_role), list(roles))}", "unknown_role")
+                              f"{', '.join(roles)}{did_you_mean(str(raw_role), list(roles))}", "unknown_role")
         content = turn.get(content_key)
         tool_call = raw_role == "function_call"
         if content is None and turn.get("tool_calls"):  # OpenAI assistant tool calls

@@ -10,10 +10,11 @@ flag / YAML key to fix. Nothing here imports torch, so `sfttrain --help` stays f
 from __future__ import annotations
 
 import dataclasses
-import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
+
+from sftprep.config import ConfigError, to_plain, did_you_mean, load_yaml  # noqa: F401 (re-exported)
 
 DTYPES = ("auto", "bf16", "fp16", "fp32")
 ATTENTION = ("auto", "sdpa", "eager", "flash_attention_2", "flash_attention_3")
@@ -24,10 +25,6 @@ REPORT_TO = ("none", "tensorboard", "wandb")
 SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
               "inverse_sqrt", "reduce_lr_on_plateau", "cosine_with_min_lr", "cosine_warmup_with_min_lr",
               "warmup_stable_decay")
-
-
-class ConfigError(ValueError):
-    """A setting is wrong; the message lists every problem and how to fix it."""
 
 
 @dataclass(frozen=True)
@@ -168,7 +165,7 @@ class TrainConfig:
             raise ConfigError("invalid training config:\n  - " + "\n  - ".join(problems))
 
     def to_dict(self) -> dict[str, Any]:
-        return _to_plain(dataclasses.asdict(self))
+        return to_plain(dataclasses.asdict(self))
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], overrides: Mapping[str, Any] | None = None) -> "TrainConfig":
@@ -248,19 +245,6 @@ def _check(c: TrainConfig) -> list[str]:
     if t.resume and t.overwrite:
         p.append("--resume and --overwrite exclude each other: continue the run, or start it afresh")
     return p
-
-
-def did_you_mean(value: Any, known: tuple[str, ...] | list[str]) -> str:
-    close = difflib.get_close_matches(str(value), list(known), n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
-
-
-def _to_plain(x: Any) -> Any:
-    if isinstance(x, Mapping):
-        return {k: _to_plain(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_to_plain(v) for v in x]
-    return x
 
 
 _SECTIONS = {"data": DataConfig, "model": ModelConfig, "quant": QuantConfig, "lora": LoraConfig,
@@ -345,21 +329,3 @@ def _as_tuple(value: Any) -> tuple[str, ...]:
     if isinstance(value, str):
         return tuple(v.strip() for v in value.split(",") if v.strip())
     return tuple(str(v) for v in value)
-
-
-def load_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a YAML config file into a dict, with clear errors for a missing or malformed file."""
-    import yaml
-
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"config file {p} does not exist")
-    try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{p}: not valid YAML: {e}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{p}: expected a mapping of keys at the top level, got {type(data).__name__}")
-    return data

@@ -22,7 +22,7 @@ import importlib
 import json
 from typing import Any, Callable, Mapping
 
-from ..config import ConfigError, TemplateConfig, _did_you_mean
+from ..config import ConfigError, TemplateConfig, did_you_mean
 from ..formats import Conversation, FormatError, Message
 from .presets import PRESETS, Preset
 
@@ -65,7 +65,7 @@ class Renderer:
         elif ":" in name:
             self.fn = _import_callable(name)
         else:
-            raise ConfigError(f"unknown template {name!r}{_did_you_mean(name, list(PRESETS))}; expected "
+            raise ConfigError(f"unknown template {name!r}{did_you_mean(name, list(PRESETS))}; expected "
                               f"one of {', '.join(PRESETS)}, `tokenizer` or `module:function`")
 
     def overhead_text(self) -> str | None:
