@@ -212,6 +212,7 @@ def _resume_point(config: TrainConfig, manifest: dict[str, Any]) -> str | None:
     from .trainer import RUN_FILE
 
     out = Path(config.train.output_dir)
+    _check_writable(out)
     checkpoints = sorted((p for p in out.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
                          key=lambda p: int(p.name.split("-")[-1])) if out.is_dir() else []
     if not config.train.resume:
@@ -231,6 +232,18 @@ def _resume_point(config: TrainConfig, manifest: dict[str, Any]) -> str | None:
                               f"holds build {manifest.get('build_id')}; resume with the same shards, or start "
                               "a new --output-dir")
     return str(last)
+
+
+def _check_writable(out: Path) -> None:
+    """Refuse an output folder that cannot be created or written, before any model is loaded."""
+    probe = out / ".sfttrain-write-test"
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"--output-dir {out} is not writable ({e.strerror or e}); choose another "
+                          "folder or fix its permissions / free space") from None
 
 
 def _run_info(s: Setup) -> dict[str, Any]:

@@ -108,6 +108,9 @@ def run(source: str, **flags: Any) -> None:
         _run(config)
     except USER_ERRORS as e:
         _fail(e)
+    except OSError as e:  # disk full or a folder gone while saving a checkpoint
+        _fail(OSError(f"could not write {e.filename or 'the output'}: {e.strerror or e}; free space or "
+                      "choose another --output-dir, then continue with --resume"))
 
 
 def _quiet() -> None:

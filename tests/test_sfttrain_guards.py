@@ -149,3 +149,10 @@ def test_flash_attention_without_cuda_is_refused(tmp_path, spanish_shards, tiny_
                      "--attn-implementation", "flash_attention_2")
     _refused(result, "flash_attention_2 cannot run here", "no CUDA GPU")
 
+
+
+def test_unwritable_output_dir_is_refused_before_loading(tmp_path, spanish_shards, tiny_model,  # noqa: F811
+                                                         no_model_loading):
+    (tmp_path / "a-file").write_text("not a folder")
+    result = run_cli(spanish_shards, "--model", tiny_model, "--output-dir", tmp_path / "a-file" / "run")
+    _refused(result, "--output-dir", "is not writable (Not a directory)")
