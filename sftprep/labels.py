@@ -20,8 +20,9 @@ import numpy as np
 
 IGNORE_INDEX = -100
 
-# Code points treated as whitespace when finding a token's first real character.
-_SPACES = np.array([9, 10, 11, 12, 13, 32, 0x85, 0xA0, 0x1680, 0x2028, 0x2029, 0x202F, 0x205F,
+# Code points treated as whitespace when finding a token's first real character: exactly the
+# characters for which Python's str.isspace() is true (what `first_token_from` uses).
+_SPACES = np.array([9, 10, 11, 12, 13, 0x1C, 0x1D, 0x1E, 0x1F, 32, 0x85, 0xA0, 0x1680, 0x2028, 0x2029, 0x202F, 0x205F,
                     0x3000, *range(0x2000, 0x200B)], dtype=np.uint32)
 
 
@@ -96,7 +97,10 @@ def token_ranges(enc, text: str, spans: Sequence[tuple[int, int]], n_tokens: int
 def labels_from_spans(ids: Sequence[int], offsets: Sequence[tuple[int, int]], text: str,
                       spans: Sequence[tuple[int, int]]) -> np.ndarray:
     """Labels (int32) for one tokenized text: the id where trained, `IGNORE_INDEX` elsewhere,
-    and the first token never trained."""
+    and the first token never trained.
+
+    The reference form of the rule, from a full offset list (any tokenizer's). Builds use the
+    faster `token_ranges`; the property tests check that both agree."""
     ids = np.asarray(ids, dtype=np.int32)
     off = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
     codes = char_codes(text)
