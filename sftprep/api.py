@@ -21,7 +21,7 @@ from .manifest import MANIFEST, fsync_dir, read_manifest, write_manifest
 from .packing import fill_ratio, pack_bfd, pack_wrapped
 from .pipeline import encode_all
 from .readers import expand_inputs
-from .shards import open_shard, rows_batch, shard_name, shard_writer, write_table
+from .shards import SCHEMA, open_shard, rows_batch, sha256_file, shard_name, shard_writer, write_table
 from .store import SampleStore
 from .tokenizer import load_fast, tokenizer_identity
 
@@ -105,7 +105,6 @@ def load(path: str | Path) -> pa.Table:
     manifest = read_manifest(path)
     tables = [open_shard(Path(path) / s["file"]) for s in manifest["shards"]]
     if not tables:
-        from .shards import SCHEMA
         return SCHEMA.empty_table()
     return pa.concat_tables(tables)
 
@@ -239,8 +238,6 @@ def _previous_build_id(out: Path) -> str | None:
 
 
 def _hash_input(path: Path) -> str:
-    from .shards import sha256_file
-
     if path.is_file():
         return sha256_file(path)
     h = hashlib.sha256()

@@ -27,6 +27,15 @@ def mistral_chatml():
     return AutoTokenizer.from_pretrained(CHATML_TOK)
 
 
+def sftprep_cli(*args):
+    """Run the `sftprep` CLI in-process (click's CliRunner) with `args` as strings."""
+    from click.testing import CliRunner
+
+    from sftprep.cli import main
+
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
 def write_jsonl(path: Path, records: list) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:

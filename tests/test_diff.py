@@ -4,10 +4,8 @@ change and no change at all, each reviewed as a person would read it."""
 from __future__ import annotations
 
 import pytest
-from click.testing import CliRunner
 
-from sftprep.cli import main
-from tests.conftest import CHATML_TOK, DATA, MISTRAL, write_jsonl
+from tests.conftest import CHATML_TOK, DATA, MISTRAL, write_jsonl, sftprep_cli
 
 CHAT = [
     {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
@@ -16,8 +14,7 @@ CHAT = [
 ]
 
 
-def run(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
+run = sftprep_cli
 
 
 @pytest.fixture(scope="module")

@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import pyarrow as pa
 import pytest
-from click.testing import CliRunner
 
 import sftprep
-from sftprep.cli import main
-from tests.conftest import CHATML_TOK, MISTRAL, build_records
+from tests.conftest import CHATML_TOK, MISTRAL, build_records, sftprep_cli
 
 RECORDS = [
     {"messages": [{"role": "user", "content": "What is the capital of France?"},
@@ -34,8 +32,7 @@ def built(tmp_path_factory):
     return tmp / "out", str(tmp / "out.jsonl"), table
 
 
-def run(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
+run = sftprep_cli
 
 
 def row_of(table, sample_id: int) -> int:

@@ -8,12 +8,10 @@ import re
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
 import sftprep
-from sftprep.cli import main
 from sftprep.shards import open_shard
-from tests.conftest import DATA, MISTRAL, write_jsonl
+from tests.conftest import DATA, MISTRAL, write_jsonl, sftprep_cli
 
 EXTRA = [
     {"instruction": "Say hi.", "output": "Hi!"},
@@ -23,8 +21,7 @@ EXTRA = [
 ]
 
 
-def run(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
+run = sftprep_cli
 
 
 @pytest.fixture(scope="module")

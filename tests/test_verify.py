@@ -8,16 +8,13 @@ import shutil
 
 import pyarrow as pa
 import pytest
-from click.testing import CliRunner
 
 import sftprep
-from sftprep.cli import main
 from sftprep.shards import SCHEMA, open_shard, write_table
-from tests.conftest import DATA, MISTRAL
+from tests.conftest import DATA, MISTRAL, sftprep_cli
 
 
-def run(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
+run = sftprep_cli
 
 
 @pytest.fixture(scope="module")
