@@ -23,7 +23,8 @@ from .manifest import MANIFEST, fsync_dir, read_manifest, write_manifest
 from .packing import fill_ratio, pack_bfd, pack_wrapped
 from .pipeline import encode_all
 from .readers import expand_inputs
-from .shards import SCHEMA, open_shard, rows_batch, sha256_file, shard_name, shard_writer, write_table
+from .shards import (SCHEMA, numpy_array, open_shard, rows_batch, sha256_file, shard_name, shard_writer, string_array,
+                     write_table)
 from .store import SampleStore
 from .tokenizer import load_fast, tokenizer_identity
 
@@ -249,11 +250,11 @@ def _write_shards(config: BuildConfig, out: Path, store: SampleStore, rows: list
 def _write_samples(out: Path, store: SampleStore) -> None:
     """Per-sample side table: provenance, length and trained tokens of every kept sample."""
     table = pa.table({
-        "sample_id": pa.array(np.frombuffer(store.sample_ids, np.int64), pa.int64()),
-        "source": pa.array(store.sources, pa.string()),
-        "num_tokens": pa.array(np.frombuffer(store.lengths, np.int64).astype(np.int32), pa.int32()),
-        "num_trained": pa.array(np.frombuffer(store.num_trained, np.int64).astype(np.int32), pa.int32()),
-        "truncated": pa.array(np.frombuffer(store.truncated, np.int8).astype(bool), pa.bool_()),
+        "sample_id": numpy_array(np.frombuffer(store.sample_ids, np.int64), pa.int64()),
+        "source": string_array(store.sources),
+        "num_tokens": numpy_array(np.frombuffer(store.lengths, np.int64), pa.int32()),
+        "num_trained": numpy_array(np.frombuffer(store.num_trained, np.int64), pa.int32()),
+        "truncated": numpy_array(np.frombuffer(store.truncated, np.int8), pa.bool_()),
     })
     write_table(out / SAMPLES_FILE, table)
 

@@ -23,6 +23,7 @@ from .store import SampleStore
 from .tokenizer import load_fast
 
 BATCH = 2000  # records per tokenizer call, at most
+FIRST_BATCH = 125  # the first batches are smaller (doubling up to BATCH): the tokenizer starts sooner
 BATCH_BYTES = 16 << 20  # and at most about this much input text (JSON Lines sizes are known)
 
 
@@ -32,13 +33,13 @@ def _batches(config: BuildConfig, inputs: list[Path]) -> Iterator[list]:
     records = enumerate(record for path in inputs for record in reader_for(path)(path))
     if config.read.num_samples:
         records = islice(records, config.read.num_samples)
-    batch, size = [], 0
+    batch, size, limit = [], 0, FIRST_BATCH
     for item in records:
         batch.append(item)
         size += item[1].size
-        if len(batch) >= BATCH or size >= BATCH_BYTES:
+        if len(batch) >= limit or size >= BATCH_BYTES:
             yield batch
-            batch, size = [], 0
+            batch, size, limit = [], 0, min(2 * limit, BATCH)
     if batch:
         yield batch
 

@@ -116,7 +116,7 @@ class ChatTemplate:
                  special_tokens: Sequence[str], added_tokens: Sequence[str] = (),
                  kwargs: Mapping[str, Any] | None = None) -> None:
         self.template = compile_template(source)
-        self.variables = {**variables, **(kwargs or {})}
+        self.context = {**self.template.globals, **variables, **(kwargs or {})}
         self.generation_blocks = bool(_GENERATION_RE.search(source))
         self.stop_tokens = [s for s in dict.fromkeys(stop_tokens) if s]
         self.stop_re = _alternation(self.stop_tokens)
@@ -166,9 +166,13 @@ class ChatTemplate:
         return plain.replace(_GEN_OPEN, "").replace(_GEN_CLOSE, "") if self.generation_blocks else plain
 
     def render(self, messages: list[dict[str, Any]], tools: list | None, add_generation_prompt: bool = False) -> str:
+        """`template.render(...)`, less its per-call copy of the environment's globals (a ChainMap,
+        slow to copy): they are merged once into `self.context`, which each render extends."""
+        t = self.template
         try:
-            return self.template.render(messages=messages, tools=tools, documents=None,
-                                        add_generation_prompt=add_generation_prompt, **self.variables)
+            ctx = t.new_context({**self.context, "messages": messages, "tools": tools, "documents": None,
+                                 "add_generation_prompt": add_generation_prompt}, shared=True)
+            return "".join(t.root_render_func(ctx))
         except Exception as e:  # Jinja raises anything; report it as a bad record
             raise FormatError(f"the tokenizer's chat_template failed: {type(e).__name__}: {e}",
                               "template_error") from None
@@ -256,11 +260,8 @@ class ChatTemplate:
         for msgs in ([{"role": "user", "content": probe}],
                      [{"role": "system", "content": "s"}, {"role": "user", "content": probe}]):
             try:
-                with_prompt = self.template.render(messages=msgs, tools=None, add_generation_prompt=True,
-                                                   **self.variables)
-                without = self.template.render(messages=msgs, tools=None, add_generation_prompt=False,
-                                               **self.variables)
-            except Exception:
+                with_prompt, without = self.render(msgs, None, True), self.render(msgs, None, False)
+            except FormatError:
                 continue
             a, b = with_prompt.rsplit(_close(0), 1)[-1], without.rsplit(_close(0), 1)[-1]
             common = 0
