@@ -195,3 +195,79 @@ def test_settings_are_checked_before_the_model_is_loaded(tmp_path, tiny_model): 
         IterativeTrainer(tiny_model, tmp_path / "a", gradient_accumulation_steps=4)
     with pytest.raises(ConfigError, match="unknown template 'chatlm'"):
         IterativeTrainer(tiny_model, tmp_path / "a", template="chatlm")
+
+
+# -- save, resume, generate ---------------------------------------------------------------------------
+
+STEPS = [[{"prompt": p, "completion": c} for p, c in SPANISH[i:i + 3]] for i in (0, 1, 2)]
+RESUMABLE = dict(FAST, lora_dropout=0.1, template="chatml", max_length=64)
+
+
+def test_save_then_resume_continues_exactly_and_final_loads_like_a_run(tmp_path, tiny_model, one_thread):  # noqa: F811
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from sfttrain import merge
+
+    straight = IterativeTrainer(tiny_model, tmp_path / "a", **RESUMABLE)
+    losses = [straight.step(records=s)["loss"] for s in STEPS]
+    expected = _adapter(straight.save())
+
+    first = IterativeTrainer(tiny_model, tmp_path / "b", **RESUMABLE)
+    assert [first.step(records=s)["loss"] for s in STEPS[:2]] == pytest.approx(losses[:2], rel=1e-6)
+    first.save()
+    assert (tmp_path / "b" / "checkpoint-2" / "optimizer.pt").is_file()
+    with pytest.raises(ConfigError, match="already holds checkpoint-2: pass --resume"):
+        IterativeTrainer(tiny_model, tmp_path / "b", **RESUMABLE)
+    resumed = IterativeTrainer(tiny_model, tmp_path / "b", resume=True, **RESUMABLE)
+    assert resumed.global_step == 2
+    assert resumed.step(records=STEPS[2])["loss"] == pytest.approx(losses[2], rel=1e-6)
+    final = Path(resumed.save())
+    got = _adapter(final)
+    assert got.keys() == expected.keys()
+    for k in got:
+        assert (got[k] - expected[k]).abs().max().item() < 1e-6, k
+
+    # OUTPUT_DIR/final as `sfttrain run` leaves it: adapter, tokenizer with the build's chat template, sfttrain.json
+    info = json.loads((final / "sfttrain.json").read_text())
+    assert info["data"]["iterative"] and info["data"]["template"] == "chatml"
+    tok = AutoTokenizer.from_pretrained(final)
+    chat = [{"role": "user", "content": "How do you say cat in Spanish?"}]
+    text = tok.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)  # BOS left to the tokenizer
+    assert tok(text).input_ids == resumed.build.prompt_ids({"messages": [*chat, {"role": "assistant", "content": "x"}]})
+    loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), str(final)).eval()
+    ids = torch.tensor([resumed.build.prompt_ids({"messages": [*chat, {"role": "assistant", "content": "x"}]})])
+    live = resumed.model.eval()
+    with torch.no_grad():
+        assert torch.allclose(loaded(input_ids=ids).logits, live(input_ids=ids).logits, atol=1e-5)
+    live.train()
+    assert (merge(final, tmp_path / "merged") / "config.json").is_file()
+
+
+def test_generate_renders_prompts_as_the_build_and_batches_like_one_by_one(trainer):
+    prompts = ["How do you say cat in Spanish?", "Hi", [{"role": "user", "content": "Hola"}]]
+    with pytest.raises(ValueError, match="cannot render the prompt"):  # chat records need a template here
+        trainer.generate(prompts)
+    prompts = prompts[:2]
+    together = trainer.generate(prompts, max_new_tokens=5, details=True)
+    alone = [trainer.generate([p], max_new_tokens=5, details=True)[0] for p in prompts]
+    assert [g.ids for g in together] == [g.ids for g in alone]
+    assert all(len(g.ids) <= 5 and isinstance(g.text, str) for g in together)
+    assert trainer.build.prompt_ids({"prompt": "Hi", "completion": "x"}) == [1] + \
+        trainer.build.fast.backend_tokenizer.encode("Hi", add_special_tokens=False).ids
+
+
+def test_example_loop_reaches_full_accuracy_and_stops_with_eos(tmp_path, one_thread):  # noqa: F811
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("iterative_loop", Path(__file__).parents[1] / "examples" /
+                                                  "iterative_loop.py")
+    loop = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(loop)
+    result = loop.main(tmp_path / "parity", verbose=False)
+    assert result["accuracy"] == loop.TARGET == 1.0 and result["rounds"] <= 20
+    for prompt, text, stopped, ids in result["answers"]:
+        n = int(prompt.rsplit(" ", 1)[1])
+        assert text == ("odd" if n % 2 else "even") and stopped and ids[-1] == result["eos_id"], prompt
+    assert (Path(result["final"]) / "adapter_model.safetensors").is_file()
