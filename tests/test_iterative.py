@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from sfttrain import ConfigError, IterativeTrainer, train
 from tests.conftest import write_jsonl
 from tests.sfttrain_helpers import (CHATML_TOKENIZER, SPANISH, TOKENIZER, make_tiny_model, one_thread,  # noqa: F401
-                                    tiny_model, train_config)
+                                    spanish_shards, tiny_model, train_config)
 
 IGNORE = -100
 FAST = dict(lora_r=4, lora_alpha=8, lora_dropout=0.0, seed=0, learning_rate=1e-3, logging_steps=1, save_steps=1000)
@@ -84,6 +84,17 @@ def test_step_on_records_is_one_sfttrain_run_step_on_their_build(tmp_path, chatm
     assert max(a[k].abs().max().item() for k in a if "lora_B" in k) > 1e-4  # the step moved the adapter (B starts at 0)
     for k in a:
         assert (a[k] - b[k]).abs().max().item() < 1e-6, k
+
+
+def test_qlora_and_gradient_checkpointing_step_as_a_run_does(tmp_path, tiny_model, spanish_shards, one_thread):  # noqa: F811
+    pytest.importorskip("bitsandbytes")
+    flat = dict(FAST, max_steps=1, per_device_batch_size=8, load_in_4bit=True, gradient_checkpointing=True)
+    run = train(train_config(spanish_shards, tiny_model, tmp_path / "run", **flat), disable_tqdm=True)
+    t = IterativeTrainer(tiny_model, tmp_path / "it", max_length=64, **flat)  # the fixture build's settings
+    stats = t.step(records=[{"prompt": p, "completion": c} for p, c in SPANISH])
+    assert stats["loss"] == pytest.approx(next(h["loss"] for h in run.log_history if "loss" in h), rel=1e-6)
+    a, b = _adapter(run.final_dir), _adapter(t.save())
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
 
 
 def test_records_are_labelled_and_packed_as_the_build_does(tmp_path, chatml_model):
