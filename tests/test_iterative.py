@@ -79,6 +79,8 @@ def test_step_on_records_is_one_sfttrain_run_step_on_their_build(tmp_path, chatm
         (r["sample_id"], r["reason"], r["message"]) for r in build_rejects] == [
         (3, "unknown_format", build_rejects[0]["message"])]
 
+    with pytest.raises(ValueError, match="planned max_steps=1 steps and has taken them"):
+        t.step(records=CHAT_RECORDS)
     a, b = _adapter(run.final_dir), _adapter(t.save())
     assert a.keys() == b.keys()
     assert max(a[k].abs().max().item() for k in a if "lora_B" in k) > 1e-4  # the step moved the adapter (B starts at 0)
@@ -86,7 +88,8 @@ def test_step_on_records_is_one_sfttrain_run_step_on_their_build(tmp_path, chatm
         assert (a[k] - b[k]).abs().max().item() < 1e-6, k
 
 
-def test_qlora_and_gradient_checkpointing_step_as_a_run_does(tmp_path, tiny_model, spanish_shards, one_thread):  # noqa: F811
+def test_qlora_and_gradient_checkpointing_step_as_a_run_does(tmp_path, tiny_model, spanish_shards,  # noqa: F811
+                                                             one_thread):  # noqa: F811
     pytest.importorskip("bitsandbytes")
     flat = dict(FAST, max_steps=1, per_device_batch_size=8, load_in_4bit=True, gradient_checkpointing=True)
     run = train(train_config(spanish_shards, tiny_model, tmp_path / "run", **flat), disable_tqdm=True)
@@ -99,8 +102,8 @@ def test_qlora_and_gradient_checkpointing_step_as_a_run_does(tmp_path, tiny_mode
 
 def test_records_are_labelled_and_packed_as_the_build_does(tmp_path, chatml_model):
     shards = _build(tmp_path, CHAT_RECORDS, **BUILD)
-    from tests.conftest import samples_of
     import sftprep
+    from tests.conftest import samples_of
 
     built = [(ids, labels) for ids, labels, _ in samples_of(sftprep.load(shards))]
     t = IterativeTrainer(chatml_model, tmp_path / "it", **BUILD, **FAST)
