@@ -4,33 +4,36 @@ from __future__ import annotations
 
 import functools
 import sys
-from typing import Any
+from typing import Any, NoReturn
 
 import click
 
 from .config import FORMATS, PACKING, TRAIN_ON, TRUNCATION, TRUNCATION_UNITS
+from .errors import USER_ERRORS, ConfigError
+
+
+def fail(e: BaseException) -> NoReturn:
+    """Print a user error as one line (`Error: ...`, click's own prefix) and exit with code 2."""
+    click.echo(f"Error: {e}", err=True)
+    sys.exit(2)
 
 
 def user_errors(fn):
-    """Turn library errors about the user's input or settings into one line and exit code 2."""
+    """Turn errors the user can fix (`sftprep.errors.USER_ERRORS`) into one line and exit code 2;
+    anything else is a bug and keeps its traceback."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        from .api import BuildError
-        from .encode import RecordError
-
         try:
             return fn(*args, **kwargs)
-        except (ValueError, FileNotFoundError, BuildError, RecordError, PermissionError, ImportError) as e:
-            click.echo(f"Error: {e}", err=True)
-            sys.exit(2)
+        except USER_ERRORS as e:
+            fail(e)
         except KeyboardInterrupt:
             click.echo("Interrupted: nothing was marked complete (no manifest written); run the same "
                        "command again to finish.", err=True)
             sys.exit(130)
         except OSError as e:  # disk full, unwritable folder...
-            click.echo(f"Error: {e.strerror or e}: {e.filename or ''}".rstrip(": "), err=True)
-            sys.exit(2)
+            fail(f"{e.strerror or e}: {e.filename or ''}".rstrip(": "))
 
     return wrapper
 
@@ -240,7 +243,7 @@ def inspect_(build_dir: str, row: int | None, sample_id: int | None, tokens: boo
     from .view import render_plain, render_rich, view_row, view_sample
 
     if row is not None and sample_id is not None:
-        raise ValueError("give --row or --sample, not both")
+        raise ConfigError("give --row or --sample, not both")
     folder, manifest = open_build(build_dir)
     load_tok = lambda: build_tokenizer(folder, manifest, tokenizer)  # noqa: E731 (only once the row exists)
     if sample_id is not None:

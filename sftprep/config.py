@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from .errors import ConfigError
+
 FORMATS = ("auto", "text", "prompt_completion", "messages", "sharegpt", "alpaca")
 TRAIN_ON = ("auto", "completion", "assistant", "last", "all")
 TRUNCATION = ("keep_start", "keep_end", "drop")
@@ -21,10 +23,6 @@ TRUNCATION_UNITS = ("tokens", "turns")
 PACKING = ("bfd", "wrapped", "none")
 ON_ERROR = ("skip", "fail")
 MAX_LENGTH = 1 << 20  # 1,048,576 tokens: longer than any model's context today
-
-
-class ConfigError(ValueError):
-    """A setting is wrong; the message lists every problem and how to fix it."""
 
 
 @dataclass(frozen=True)
@@ -169,6 +167,15 @@ def _check(c: BuildConfig) -> list[str]:
         p.append("response_template applies to text you render yourself; it cannot be combined with "
                  f"--template {t.name} (the template already knows what the assistant says)")
     return p
+
+
+VOLATILE = ("out", "workers", "overwrite")
+"""Settings that never change the shards: left out of a build's identity and of `sftprep diff`."""
+
+
+def shard_settings(config: Mapping[str, Any]) -> dict[str, Any]:
+    """A `BuildConfig.to_dict()` (as saved in a manifest) without the `VOLATILE` settings."""
+    return {k: v for k, v in config.items() if k not in VOLATILE}
 
 
 def did_you_mean(value: str, known: tuple[str, ...] | list[str]) -> str:

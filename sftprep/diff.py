@@ -15,11 +15,12 @@ from typing import Any
 
 import numpy as np
 
+from .config import shard_settings
+
 from .samples import (build_tokenizer, decode_segments, flatten, open_build, read_sample_info,
                       sources_by_id, unpack)
 from .view import marked
 
-VOLATILE = {"out", "workers", "overwrite"}  # settings that never change the shards
 TOKENIZER_KEYS = ("name", "vocab_size", "vocab_hash", "bos_id", "eos_id", "pad_id", "special_tokens")
 
 
@@ -87,9 +88,8 @@ def diff(path_a: str | Path, path_b: str | Path) -> Diff:
     """Compare two builds (see the module docstring)."""
     a, b = _side(path_a), _side(path_b)
     d = Diff(a, b)
-    ca = {k: v for k, v in flat_items(a.manifest["config"]).items() if k.split(".")[0] not in VOLATILE}
-    cb = {k: v for k, v in flat_items(b.manifest["config"]).items() if k.split(".")[0] not in VOLATILE}
-    d.config = _changes(ca, cb)
+    d.config = _changes(flat_items(shard_settings(a.manifest["config"])),
+                        flat_items(shard_settings(b.manifest["config"])))
     d.inputs = _input_changes(a.manifest, b.manifest)
     ta, tb = a.manifest["tokenizer"], b.manifest["tokenizer"]
     d.tokenizer = [(k, ta.get(k), tb.get(k)) for k in TOKENIZER_KEYS if ta.get(k) != tb.get(k)]

@@ -25,9 +25,10 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from .labels import IGNORE_INDEX
+from .labels import IGNORE_INDEX, sample_starts
 from .manifest import read_manifest, tokenizer_dir
 from .shards import open_shard
+from .errors import InputError
 
 _SOURCE = re.compile(r"^(.*?)(?::\d+|\[\d+\]|:row \d+)$")
 
@@ -59,7 +60,7 @@ def build_tokenizer(folder: str | Path, manifest: dict[str, Any], override: str 
     tok = _load_tokenizer(path)
     want = manifest["tokenizer"].get("vocab_hash")
     if override is not None and want and tokenizer_identity(tok, path)["vocab_hash"] != want:
-        raise ValueError(f"--tokenizer {path} is not the tokenizer these shards were built with "
+        raise InputError(f"--tokenizer {path} is not the tokenizer these shards were built with "
                          f"({manifest['tokenizer'].get('name')}, vocab hash {want[:12]}); "
                          "decoding with it would show the wrong text")
     return tok
@@ -143,10 +144,8 @@ def flatten(table: pa.Table) -> Flat:
     seq_lens, seq_off = list_parts(table.column("seq_lens"))
     sample_ids, _ = list_parts(table.column("sample_ids"))
     piece_row = np.repeat(np.arange(len(seq_off) - 1), np.diff(seq_off))
-    cs = np.concatenate([[0], np.cumsum(seq_lens, dtype=np.int64)])
-    within = cs[:-1] - cs[seq_off[:-1]][piece_row]  # offset of each piece inside its row
     return Flat(ids, labels, row_off, seq_lens.astype(np.int64), seq_off, sample_ids.astype(np.int64),
-                piece_row, row_off[:-1][piece_row] + within)
+                piece_row, sample_starts(seq_lens, row_off, seq_off))
 
 
 def gather(flat: Flat, pieces: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

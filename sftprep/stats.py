@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from .errors import MissingExtra
 from .samples import open_build, read_rejects, read_sample_info, source_file
 
 BINS = 10
@@ -234,8 +235,8 @@ def plot(c: Collected, path: str | Path) -> Path:
         from matplotlib.figure import Figure
         from matplotlib.ticker import MaxNLocator
     except ImportError:
-        raise ImportError("--plot needs matplotlib, which is not installed: pip install 'sftprep[plot]' "
-                          "(the statistics above need nothing more)") from None
+        raise MissingExtra("--plot needs matplotlib, which is not installed: pip install 'sftprep[plot]' "
+                           "(the statistics above need nothing more)") from None
 
     m = c.manifest
     max_length = m["max_length"]

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from .labels import IGNORE_INDEX
+from .labels import IGNORE_INDEX, mask_sample_starts
 from .samples import Flat, flatten, open_build, read_sample_info
 from .shards import SCHEMA, open_shard, sha256_file
 
@@ -206,9 +206,7 @@ def _check_positions(report: Report, k: int, name: str, flat: Flat, manifest: di
     pad_id = tok.get("pad_id")
     add("padding id", is_pad & (ids != pad_id), lambda i: f"padding has id {ids[i]}, not pad_id {pad_id}")
     add("padding label", is_pad & trained, lambda i: f"padding has label {labels[i]}, not -100")
-    firsts = np.zeros(len(ids), bool)
-    starts = flat.piece_start[flat.seq_lens > 0]
-    firsts[starts[starts < len(ids)]] = True
+    firsts = mask_sample_starts(np.zeros(len(ids), bool), flat.seq_lens, flat.row_off, flat.seq_off, fill=True)
     add("first token", firsts & trained,
         lambda i: f"first token of sample {_sample_at(flat, i)} has label {labels[i]}, not -100 (it would "
                   "train the previous sample to predict this one)")

@@ -24,6 +24,7 @@ import numpy as np
 
 from .labels import IGNORE_INDEX
 from .samples import Flat, decode_segments, flatten, list_parts, pieces, read_rejects, read_sample_info
+from .errors import InputError
 
 OPEN, CLOSE = "⟦", "⟧"
 WIDTH = 88
@@ -64,7 +65,7 @@ def view_row(folder: Path, manifest: dict[str, Any], load_tok: Callable[[], Any]
     n = table.num_rows
     if not 0 <= row < n:
         valid = f"0-{n - 1}" if n else "none"
-        raise ValueError(f"--row {row} is out of range: this build has {n:,} rows (valid: {valid})")
+        raise InputError(f"--row {row} is out of range: this build has {n:,} rows (valid: {valid})")
     flat = flatten(table.slice(row, 1))
     src = _provenance(folder, manifest)
     tok = load_tok()
@@ -90,7 +91,7 @@ def view_sample(folder: Path, manifest: dict[str, Any], load_tok: Callable[[], A
     sids, seq_off = list_parts(table.column("sample_ids"))
     hits = np.flatnonzero(sids == sample_id)
     if not len(hits):
-        raise ValueError(_unknown_sample(folder, manifest, sample_id, sids))
+        raise InputError(_unknown_sample(folder, manifest, sample_id, sids))
     rows = np.unique(np.searchsorted(seq_off, hits, side="right") - 1)
     src = _provenance(folder, manifest)
     tok = load_tok()

@@ -1,7 +1,8 @@
 """`sfttrain run` and `sfttrain merge`: build a config, call the API, print.
 
-User errors (bad settings, missing or corrupted shards, tokenizer mismatch, no bitsandbytes for 4-bit)
-print one message and exit with code 2, without a traceback.
+User errors (`sftprep.errors.USER_ERRORS`: bad settings, missing or corrupted shards, tokenizer
+mismatch, no bitsandbytes for 4-bit) print one `Error: ...` line, as `sftprep` does, and exit with
+code 2; anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -14,15 +15,10 @@ from typing import Any
 
 import click
 
-from .attention import IsolationError
-from .config import ConfigError, config_from_dict, load_train_yaml
+from sftprep.cli import fail as _fail
+from sftprep.errors import USER_ERRORS
 
-USER_ERRORS = (ConfigError, FileNotFoundError, IsolationError)
-
-
-def _fail(e: Exception) -> None:
-    click.echo(f"error: {e}", err=True)
-    sys.exit(2)
+from .config import config_from_dict, load_train_yaml
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
