@@ -239,21 +239,22 @@ def inspect_(build_dir: str, row: int | None, sample_id: int | None, tokens: boo
       sftprep inspect shards/ --row 12
       sftprep inspect shards/ --sample 345 --tokens
     """
-    from .samples import build_tokenizer, open_build
-    from .view import render_plain, render_rich, view_row, view_sample
+    from .inspect.decode import load_build_tokenizer
+    from .inspect.folder import read_build
+    from .inspect.view import format_plain, print_rich, view_row, view_sample
 
     if row is not None and sample_id is not None:
         raise ConfigError("give --row or --sample, not both")
-    folder, manifest = open_build(build_dir)
-    load_tok = lambda: build_tokenizer(folder, manifest, tokenizer)  # noqa: E731 (only once the row exists)
+    folder, manifest = read_build(build_dir)
+    load_tok = lambda: load_build_tokenizer(folder, manifest, tokenizer)  # noqa: E731 (only once the row exists)
     if sample_id is not None:
         blocks = view_sample(folder, manifest, load_tok, sample_id, tokens)
     else:
         blocks = view_row(folder, manifest, load_tok, row or 0, tokens)
     if color or (not plain and sys.stdout.isatty()):
-        render_rich(blocks, _out_console(color=True if color else None))
+        print_rich(blocks, _out_console(color=True if color else None))
     else:
-        click.echo(render_plain(blocks), nl=False)
+        click.echo(format_plain(blocks), nl=False)
 
 
 @main.command()
@@ -270,14 +271,14 @@ def stats(build_dir: str, plot_path: str | None, as_json: bool) -> None:
     """
     import json
 
-    from .stats import collect, plot, render, summarize
+    from .inspect.stats import collect, plot, print_stats, summarize
 
     collected = collect(build_dir)
     result = summarize(collected)
     if as_json:
         click.echo(json.dumps(result, indent=2, ensure_ascii=False))
     else:
-        render(result, _out_console())
+        print_stats(result, _out_console())
     if plot_path:
         out = plot(collected, plot_path)
         click.echo(f"histograms written to {out}", err=as_json)
@@ -293,10 +294,10 @@ def verify(build_dir: str, max_errors: int) -> None:
     \b
       sftprep verify shards/ && sfttrain run shards/ ...
     """
-    from .verify import render, verify as run_verify
+    from .inspect.verify import format_report, verify as run_verify
 
     report = run_verify(build_dir)
-    click.echo(render(report, max_errors), nl=False)
+    click.echo(format_report(report, max_errors), nl=False)
     if not report.ok:
         sys.exit(1)
 
@@ -314,9 +315,9 @@ def diff_(build_a: str, build_b: str, show: int, tokenizer: str | None) -> None:
     \b
       sftprep diff shards-alpaca/ shards-chatml/ --show 5
     """
-    from .diff import diff, render
+    from .inspect.diff import diff, format_diff
 
-    click.echo(render(diff(build_a, build_b), show, tokenizer), nl=False)
+    click.echo(format_diff(diff(build_a, build_b), show, tokenizer), nl=False)
 
 
 if __name__ == "__main__":

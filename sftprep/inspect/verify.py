@@ -25,9 +25,10 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from .labels import IGNORE_INDEX, mask_sample_starts
-from .samples import Flat, flatten, open_build, read_sample_info
-from .shards import SCHEMA, open_shard, sha256_file
+from ..labels import IGNORE_INDEX, mask_sample_starts
+from ..shards import SCHEMA, open_shard, sha256_file
+from .folder import read_build, read_sample_info
+from .unpack import Flat, flatten, list_parts
 
 PER_CHECK = 20  # violations listed per check and batch of rows (all are counted)
 BATCH_ROWS = 2048  # rows checked at once: about 2048 x max_length x 30 bytes of scratch
@@ -80,7 +81,7 @@ def verify(path: str | Path) -> Report:
     Raises:
         FileNotFoundError / ValueError: `path` is not a build (missing or unreadable manifest).
     """
-    folder, manifest = open_build(path)
+    folder, manifest = read_build(path)
     report = Report(str(folder))
     seen: list[np.ndarray] = []
     lengths: list[np.ndarray] = []
@@ -153,13 +154,13 @@ def _check_rows(report: Report, k: int, name: str, table, flat: Flat, manifest: 
     """Row-level checks; False when rows are malformed so positions cannot be trusted. `row0` is the
     shard row of the first row of `table`."""
     sound = True
-    lab_off = _offsets(table.column("labels"))
+    _, lab_off = list_parts(table.column("labels"))
     lab_len = np.diff(lab_off)
     for r in _listed(report, "lengths", lab_len != flat.row_lens):
         report.add("lengths", k, name, f"{flat.row_lens[r]} input_ids but {lab_len[r]} labels",
                    row=row0 + int(r))
         sound = False
-    n_seq, n_sid = np.diff(flat.seq_off), np.diff(_offsets(table.column("sample_ids")))
+    n_seq, n_sid = np.diff(flat.seq_off), np.diff(list_parts(table.column("sample_ids"))[1])
     for r in _listed(report, "lengths", n_seq != n_sid):
         report.add("lengths", k, name, f"{n_seq[r]} seq_lens but {n_sid[r]} sample_ids", row=row0 + int(r))
         sound = False
@@ -182,12 +183,6 @@ def _check_rows(report: Report, k: int, name: str, table, flat: Flat, manifest: 
         report.add("row length", k, name, f"row length {lens[r]} with sum(seq_lens) = {real[r]}, "
                    f"max_length {max_length}: {what}", row=row0 + int(r))
     return sound
-
-
-def _offsets(column) -> np.ndarray:
-    arr = column.combine_chunks()
-    off = arr.offsets.to_numpy().astype(np.int64)
-    return off - off[0]
 
 
 def _check_positions(report: Report, k: int, name: str, flat: Flat, manifest: dict[str, Any],
@@ -277,7 +272,7 @@ def _check_totals(report: Report, manifest: dict[str, Any]) -> None:
                        f"hold {have}")
 
 
-def render(report: Report, limit: int = 20) -> str:
+def format_report(report: Report, limit: int = 20) -> str:
     """The human report: OK line, or the first `limit` violations and a count per check."""
     if report.ok:
         return (f"OK: {report.folder}: {report.shards} shard(s), {report.rows:,} rows, {report.tokens:,} "
