@@ -12,7 +12,7 @@ import dataclasses
 import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from .errors import ConfigError
 
@@ -128,8 +128,7 @@ def _check(c: BuildConfig) -> list[str]:
     p: list[str] = []
 
     def choice(value: str, allowed: tuple[str, ...], key: str) -> None:
-        if value not in allowed:
-            p.append(f"{key}={value!r} is not one of {', '.join(allowed)}{did_you_mean(value, allowed)}")
+        check_choice(p, f"{key}=", value, allowed)
 
     if not c.read.inputs:
         p.append("no input: give --input FILE (or `inputs:` in the YAML)")
@@ -178,6 +177,12 @@ def shard_settings(config: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in config.items() if k not in VOLATILE}
 
 
+def check_choice(problems: list[str], label: str, value: Any, allowed: tuple[str, ...]) -> None:
+    """Add `label` + value "is not one of ..." (with the closest allowed value) to `problems`."""
+    if value not in allowed:
+        problems.append(f"{label}{value!r} is not one of {', '.join(allowed)}{did_you_mean(value, allowed)}")
+
+
 def did_you_mean(value: str, known: tuple[str, ...] | list[str]) -> str:
     close = difflib.get_close_matches(str(value), list(known), n=1)
     return f" (did you mean {close[0]!r}?)" if close else ""
@@ -224,8 +229,121 @@ ALIASES: dict[str, tuple[str, Any]] = {
     "completion_only_loss": ("train_on", lambda v: "completion" if v else "all"),
     "assistant_only_loss": ("train_on", lambda v: "assistant" if v else "all"),
 }
-_SECTIONS = {"read": ReadConfig, "template": TemplateConfig, "tokenize": TokenizeConfig, "pack": PackConfig}
-_TOP = ("out", "workers", "overwrite")
+_TOP = ("out", "workers", "overwrite")  # allow_code is never read from a file: a YAML file is data
+
+
+def _packing_value(value: Any) -> Any:
+    """TRL's `packing: true / false` -> bfd / none."""
+    if value in (True, False, "true", "false"):
+        return "bfd" if value in (True, "true") else "none"
+    return value
+
+
+@dataclass(frozen=True)
+class Schema:
+    """How a YAML-shaped dict (and flag overrides with the same names) maps onto a tree of config
+    sections: one loader, `read_tree`, for `sftprep build` and `sfttrain run`.
+
+        {"max_length": 512, "pack": {"seed": 1}, "max_seq_length": 512, "template": "chatml"}
+          shortcut -> (section, field)   section mapping   alias -> shortcut   scalar section -> one field
+    """
+
+    what: str
+    """"build" / "training": named in error messages."""
+    sections: Mapping[str, type]
+    """Section name -> its dataclass."""
+    shortcuts: Mapping[str, tuple[str, str]]
+    """Flat key -> (section, field)."""
+    aliases: Mapping[str, tuple[str, Callable[[Any], Any] | None]] = field(default_factory=dict)
+    """Other tools' names (TRL's) -> (our key, how the value maps; None: as it is)."""
+    scalars: Mapping[str, str] = field(default_factory=dict)
+    """A section given as a plain value -> the field it sets (`template: chatml` -> template.name)."""
+    top: tuple[str, ...] = ()
+    """Fields of the root dataclass itself."""
+    values: Mapping[str, Callable[[Any], Any]] = field(default_factory=dict)
+    """Our key -> how its value maps (`packing: true` -> bfd)."""
+
+    def target(self, key: str) -> tuple[str | None, str] | None:
+        """(section, field) a flat key sets, (None, field) for a root field, None if unknown."""
+        if key in self.aliases:
+            key = self.aliases[key][0]
+        if key in self.shortcuts:
+            return self.shortcuts[key]
+        if key in self.scalars:
+            return key, self.scalars[key]
+        return (None, key) if key in self.top else None
+
+
+def read_tree(schema: Schema, data: Mapping[str, Any] | None, overrides: Mapping[str, Any] | None,
+              source: str) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+    """Sort the keys of `data` (from `source`), then of `overrides` (None = unset), into
+    `({section: {field: value}}, {root field: value})`.
+
+    Raises:
+        ConfigError: unknown keys (with the closest known key) or a section that is not a mapping,
+            all listed at once.
+    """
+    sections: dict[str, dict[str, Any]] = {name: {} for name in schema.sections}
+    top: dict[str, Any] = {}
+    problems: list[str] = []
+
+    def put(key: str, value: Any, where: str) -> None:
+        if key in schema.aliases:
+            key, convert = schema.aliases[key]
+            value = convert(value) if convert else value
+        if key in schema.values:
+            value = schema.values[key](value)
+        if key in schema.scalars and not isinstance(value, Mapping):
+            sections[key][schema.scalars[key]] = value
+        elif key in schema.sections:
+            if not isinstance(value, Mapping):
+                problems.append(f"{where}: `{key}` must be a mapping, got {type(value).__name__}")
+                return
+            known = [f.name for f in dataclasses.fields(schema.sections[key])]
+            for k, v in value.items():
+                if k in known:
+                    sections[key][k] = v
+                else:
+                    problems.append(f"{where}: unknown key `{key}.{k}`{did_you_mean(k, known)}")
+        elif key in schema.shortcuts:
+            section, name = schema.shortcuts[key]
+            sections[section][name] = value
+        elif key in schema.top:
+            top[key] = value
+        else:
+            known = sorted({*schema.sections, *schema.shortcuts, *schema.top, *schema.aliases})
+            problems.append(f"{where}: unknown key `{key}`{did_you_mean(key, known)}")
+
+    for k, v in (data or {}).items():
+        put(str(k), v, source)
+    for k, v in (overrides or {}).items():
+        if v is not None:
+            put(k, v, "command line")
+    if problems:
+        raise ConfigError(f"invalid {schema.what} config:\n  - " + "\n  - ".join(problems))
+    return sections, top
+
+
+def make_tree(schema: Schema, root: type, sections: dict[str, dict[str, Any]], top: dict[str, Any]) -> Any:
+    """The root dataclass from `read_tree`'s output (its `__post_init__` checks the values)."""
+    try:
+        return root(**{name: cls(**sections[name]) for name, cls in schema.sections.items()}, **top)
+    except TypeError as e:  # a value of the wrong shape reached a dataclass
+        raise ConfigError(f"invalid {schema.what} config: {e}") from None
+
+
+def as_tuple(value: Any, split: str | None = None) -> tuple[str, ...]:
+    """A list setting as a tuple of strings: None -> (), one string -> itself (or split on `split`)."""
+    if value is None:
+        return ()
+    if isinstance(value, (str, Path)):
+        return tuple(v.strip() for v in str(value).split(split) if v.strip()) if split else (str(value),)
+    return tuple(str(v) for v in value)
+
+
+BUILD_SCHEMA = Schema("build", {"read": ReadConfig, "template": TemplateConfig, "tokenize": TokenizeConfig,
+                                "pack": PackConfig}, SHORTCUTS, ALIASES, scalars={"template": "name"}, top=_TOP,
+                      values={"packing": _packing_value})
 
 
 def config_from_dict(data: Mapping[str, Any], overrides: Mapping[str, Any] | None = None,
@@ -234,64 +352,17 @@ def config_from_dict(data: Mapping[str, Any], overrides: Mapping[str, Any] | Non
 
     `template` may be a string (the preset name) or a mapping. Unknown keys raise `ConfigError`.
     """
-    sections: dict[str, dict[str, Any]] = {name: {} for name in _SECTIONS}
-    top: dict[str, Any] = {}
-    problems: list[str] = []
-
-    def put(key: str, value: Any, where: str) -> None:
-        if key in ALIASES:
-            key, convert = ALIASES[key]
-            value = convert(value) if convert else value
-        if key == "packing" and value in (True, False, "true", "false"):  # TRL's packing: true / false
-            value = "bfd" if value in (True, "true") else "none"
-        if key == "template" and not isinstance(value, Mapping):
-            sections["template"]["name"] = value
-        elif key in _SECTIONS:
-            if not isinstance(value, Mapping):
-                problems.append(f"{where}: `{key}` must be a mapping, got {type(value).__name__}")
-                return
-            known = [f.name for f in dataclasses.fields(_SECTIONS[key])]
-            for k, v in value.items():
-                if k in known:
-                    sections[key][k] = v
-                else:
-                    problems.append(f"{where}: unknown key `{key}.{k}`{did_you_mean(k, known)}")
-        elif key in SHORTCUTS:
-            section, name = SHORTCUTS[key]
-            sections[section][name] = value
-        elif key in _TOP:
-            top[key] = value
-        else:
-            known = list(_SECTIONS) + list(SHORTCUTS) + list(_TOP) + list(ALIASES) + ["template"]
-            problems.append(f"{where}: unknown key `{key}`{did_you_mean(key, known)}")
-
-    for k, v in (data or {}).items():
-        put(k, v, source)
-    for k, v in (overrides or {}).items():
-        if v is not None:
-            put(k, v, "command line")
-    if problems:
-        raise ConfigError("invalid build config:\n  - " + "\n  - ".join(problems))
-
-    read = sections["read"]
-    if isinstance(read.get("inputs"), (str, Path)):
-        read["inputs"] = [read["inputs"]]
+    sections, top = read_tree(BUILD_SCHEMA, data, overrides, source)
+    read, template = sections["read"], sections["template"]
     if "inputs" in read:
-        read["inputs"] = tuple(str(i) for i in read["inputs"])
+        read["inputs"] = as_tuple(read["inputs"])
     if "fields" in read:
         read["fields"] = dict(read["fields"] or {})
-    template = sections["template"]
     if "kwargs" in template:
         template["kwargs"] = dict(template["kwargs"] or {})
-    if isinstance(template.get("stop_tokens"), str):
-        template["stop_tokens"] = [template["stop_tokens"]]
     if "stop_tokens" in template:
-        template["stop_tokens"] = tuple(template["stop_tokens"] or ())
-    try:
-        built = {name: cls(**sections[name]) for name, cls in _SECTIONS.items()}
-        return BuildConfig(**built, **top)
-    except TypeError as e:  # a value of the wrong shape reached a dataclass
-        raise ConfigError(f"invalid build config: {e}") from None
+        template["stop_tokens"] = as_tuple(template["stop_tokens"])
+    return make_tree(BUILD_SCHEMA, BuildConfig, sections, top)
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
