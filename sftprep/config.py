@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -30,11 +32,13 @@ class ReadConfig:
     """Where records come from and how they become conversations."""
 
     inputs: tuple[str, ...] = ()
-    """Input files, folders (`datasets.save_to_disk`) or glob patterns (--input, repeatable)."""
+    """Input files, folders or glob patterns (repeatable): JSONL, JSON, CSV/TSV, Parquet, Arrow/Feather or a
+    `datasets.save_to_disk` folder (--input)."""
     format: str = "auto"
     """Record format: auto, text, prompt_completion, messages, sharegpt, alpaca (--format)."""
     fields: Mapping[str, str] = field(default_factory=dict)
-    """Map our field names to yours, e.g. {prompt: question, completion: answer} (--field K=V)."""
+    """Map our field names to yours: OURS=YOURS, e.g. --field prompt=question --field completion=answer
+    ({prompt: question, completion: answer} in YAML)."""
     num_samples: int | None = None
     """Read only the first N records (preview a build) (--num-samples)."""
     on_error: str = "skip"
@@ -48,8 +52,9 @@ class TemplateConfig:
     """How a conversation becomes one string plus the character spans that are trained."""
 
     name: str | None = None
-    """Preset (chatml, alpaca, llama2, mistral, vicuna, qa), `tokenizer` for the tokenizer's own
-    chat_template, or `module:function` for a Python callable (--template)."""
+    """Preset: chatml, alpaca, llama2, mistral, vicuna, qa; `tokenizer` for the tokenizer's own chat_template
+    (the default for chat records when it has one); `module:function` for a Python callable; omit for text /
+    prompt+completion as they are (--template)."""
     prompt: str | None = None
     """Format string over record fields for the prompt, e.g. '### Q: {question}\\n' (--prompt)."""
     completion: str | None = None
@@ -61,10 +66,11 @@ class TemplateConfig:
     instruction_template: str | None = None
     """TRL-style: with response_template, a marker that starts an untrained turn (--instruction-template)."""
     kwargs: Mapping[str, Any] = field(default_factory=dict)
-    """Extra variables for a Jinja chat template, e.g. {enable_thinking: false} (--template-kwarg K=V)."""
+    """A variable for a Jinja chat template, K=V with V read as YAML, e.g. --template-kwarg enable_thinking=false
+    (repeatable; {enable_thinking: false} in YAML)."""
     stop_tokens: tuple[str, ...] = ()
-    """More strings that end an assistant turn, besides EOS and generation_config.json's
-    eos_token_id list (--stop-token, repeatable)."""
+    """Another string that ends an assistant turn, besides EOS and generation_config.json's eos_token_id list
+    (repeatable) (--stop-token)."""
 
 
 @dataclass(frozen=True)
@@ -82,7 +88,8 @@ class TokenizeConfig:
     from the end / from the start after the system message, so no kept answer loses its end token)
     (--truncation-unit)."""
     train_on: str = "auto"
-    """Which tokens are trained: completion, assistant, last, all; auto picks per format (--train-on)."""
+    """Which tokens are trained: completion, assistant, last, all; auto: all for text, completion for
+    prompt/completion and alpaca, assistant turns for chat (--train-on)."""
 
 
 @dataclass(frozen=True)
@@ -90,7 +97,8 @@ class PackConfig:
     """How samples become rows, and rows become shards."""
 
     mode: str = "bfd"
-    """bfd (best-fit-decreasing, no sample split), wrapped (fixed chunks), none (--packing)."""
+    """bfd (best-fit-decreasing, no sample split), wrapped (fixed chunks) or none; TRL's true/false mean
+    bfd/none (--packing)."""
     shard_size: int = 10_000
     """Rows per shard file at most (--shard-size)."""
     seed: int = 0
@@ -112,8 +120,9 @@ class BuildConfig:
     overwrite: bool = False
     """Replace an output folder that holds a different build (--overwrite)."""
     allow_code: bool = False
-    """Let a `module:function` template import and run Python code (--allow-code, or
-    `build(config, allow_code=True)`; never from a YAML file, which is data)."""
+    """Let a `module:function` template import and run Python code: a config naming code is code, so only for
+    configs you trust; `build(config, allow_code=True)` from Python, never from a YAML file, which is data
+    (--allow-code)."""
 
     def __post_init__(self) -> None:
         problems = _check(self)
@@ -250,6 +259,8 @@ class Schema:
 
     what: str
     """"build" / "training": named in error messages."""
+    root: type
+    """The dataclass holding the sections (`BuildConfig`, `TrainConfig`)."""
     sections: Mapping[str, type]
     """Section name -> its dataclass."""
     shortcuts: Mapping[str, tuple[str, str]]
@@ -272,6 +283,11 @@ class Schema:
         if key in self.scalars:
             return key, self.scalars[key]
         return (None, key) if key in self.top else None
+
+    def help(self, key: str) -> str:
+        """`--help` text of the flag for `key`: the field's docstring and default (`field_help`)."""
+        section, name = self.target(key)
+        return field_help(self.sections[section] if section else self.root, name)
 
 
 def read_tree(schema: Schema, data: Mapping[str, Any] | None, overrides: Mapping[str, Any] | None,
@@ -324,10 +340,10 @@ def read_tree(schema: Schema, data: Mapping[str, Any] | None, overrides: Mapping
     return sections, top
 
 
-def make_tree(schema: Schema, root: type, sections: dict[str, dict[str, Any]], top: dict[str, Any]) -> Any:
+def make_tree(schema: Schema, sections: dict[str, dict[str, Any]], top: dict[str, Any]) -> Any:
     """The root dataclass from `read_tree`'s output (its `__post_init__` checks the values)."""
     try:
-        return root(**{name: cls(**sections[name]) for name, cls in schema.sections.items()}, **top)
+        return schema.root(**{name: cls(**sections[name]) for name, cls in schema.sections.items()}, **top)
     except TypeError as e:  # a value of the wrong shape reached a dataclass
         raise ConfigError(f"invalid {schema.what} config: {e}") from None
 
@@ -341,7 +357,7 @@ def as_tuple(value: Any, split: str | None = None) -> tuple[str, ...]:
     return tuple(str(v) for v in value)
 
 
-BUILD_SCHEMA = Schema("build", {"read": ReadConfig, "template": TemplateConfig, "tokenize": TokenizeConfig,
+BUILD_SCHEMA = Schema("build", BuildConfig, {"read": ReadConfig, "template": TemplateConfig, "tokenize": TokenizeConfig,
                                 "pack": PackConfig}, SHORTCUTS, ALIASES, scalars={"template": "name"}, top=_TOP,
                       values={"packing": _packing_value})
 
@@ -362,7 +378,40 @@ def config_from_dict(data: Mapping[str, Any], overrides: Mapping[str, Any] | Non
         template["kwargs"] = dict(template["kwargs"] or {})
     if "stop_tokens" in template:
         template["stop_tokens"] = as_tuple(template["stop_tokens"])
-    return make_tree(BUILD_SCHEMA, BuildConfig, sections, top)
+    return make_tree(BUILD_SCHEMA, sections, top)
+
+
+@functools.lru_cache(maxsize=None)
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring written under each field of dataclass `cls`, white space folded: the one text
+    that documents a setting (read by `--help`)."""
+    import ast
+    import inspect
+    import textwrap
+
+    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
+    docs = {}
+    for node, doc in zip(body, body[1:]):
+        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(doc, ast.Expr)
+                and isinstance(doc.value, ast.Constant) and isinstance(doc.value.value, str)):
+            docs[node.target.id] = " ".join(doc.value.value.split())
+    return docs
+
+
+_FLAG_NOTE = re.compile(r"\s*\(--[^()]*\)")  # "(--max-length)": the docs name the flag; --help needs not
+
+
+def field_help(cls: type, name: str) -> str:
+    """`--help` text for field `name` of config dataclass `cls`: its docstring, without the
+    parenthesised flag it names, then `[default: ...]` from the field itself (none for unset ones)."""
+    text = _FLAG_NOTE.sub("", field_docs(cls).get(name, "")).strip()
+    f = next(f for f in dataclasses.fields(cls) if f.name == name)
+    value = f.default if f.default is not dataclasses.MISSING else (
+        f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+    if value is None or value is False or (isinstance(value, (tuple, dict)) and not value):
+        return text
+    shown = "on" if value is True else ",".join(value) if isinstance(value, tuple) else str(value)
+    return f"{text} [default: {shown}]"
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:

@@ -57,7 +57,8 @@ class ModelConfig:
     dtype: str = "auto"
     """Weights dtype: auto (bf16/fp16 when bf16/fp16 mixed precision is on, else fp32), bf16, fp16, fp32 (--dtype)."""
     attn_implementation: str = "auto"
-    """auto, sdpa, eager, varlen, flash_attention_2, flash_attention_3 (--attn-implementation)."""
+    """auto, sdpa, eager, varlen (torch varlen_attn), flash_attention_2, flash_attention_3; auto: flash-attn,
+    else torch varlen on a GPU in bf16/fp16; sdpa (eager without it) elsewhere (--attn-implementation)."""
     trust_remote_code: bool = False
     """Allow the model folder's own Python code (--trust-remote-code)."""
 
@@ -67,9 +68,9 @@ class QuantConfig:
     """bitsandbytes quantization of the frozen base weights (QLoRA); runs on CUDA and on CPU."""
 
     load_in_4bit: bool = False
-    """Load the base model in 4 bits (--load-in-4bit)."""
+    """Load the base model in 4 bits (QLoRA; bitsandbytes, CUDA or CPU) (--load-in-4bit)."""
     load_in_8bit: bool = False
-    """Load the base model in 8 bits (--load-in-8bit)."""
+    """Load the base model in 8 bits (LLM.int8; bitsandbytes, CUDA or CPU) (--load-in-8bit)."""
     bnb_4bit_quant_type: str = "nf4"
     """nf4 or fp4 (--bnb-4bit-quant-type)."""
     bnb_4bit_use_double_quant: bool = True
@@ -127,7 +128,7 @@ class LoopConfig:
     optim: str = "adamw_torch"
     """Any `transformers` optimizer name: adamw_torch, paged_adamw_32bit, paged_adamw_8bit, ... (--optim)."""
     weight_decay: float = 0.0
-    """(--weight-decay)"""
+    """Weight decay of the optimizer (--weight-decay)."""
     max_grad_norm: float = 1.0
     """Gradient clipping norm (--max-grad-norm)."""
     bf16: bool | None = None
@@ -289,7 +290,7 @@ ALIASES: dict[str, str] = {
 }
 
 
-TRAIN_SCHEMA = Schema("training", _SECTIONS, SHORTCUTS, {k: (v, None) for k, v in ALIASES.items()},
+TRAIN_SCHEMA = Schema("training", TrainConfig, _SECTIONS, SHORTCUTS, {k: (v, None) for k, v in ALIASES.items()},
                       scalars={"model": "path"})
 
 
@@ -316,7 +317,7 @@ def config_from_dict(data: Mapping[str, Any] | None, overrides: Mapping[str, Any
     for section, name in TRAIN_PATHS:
         if isinstance(sections[section].get(name), Path):
             sections[section][name] = str(sections[section][name])
-    return make_tree(TRAIN_SCHEMA, TrainConfig, sections, {})
+    return make_tree(TRAIN_SCHEMA, sections, {})
 
 
 TRAIN_PATHS = {("data", "shards"), ("data", "eval"), ("model", "path"), ("model", "tokenizer"),
