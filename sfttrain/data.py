@@ -70,6 +70,7 @@ class EpochSampler(torch.utils.data.Sampler):
     The order depends only on (seed, epoch, rank, world_size), so a resumed run sees exactly the
     rows it would have seen. When the rows do not divide evenly, the first rows of the permutation
     are repeated so that every rank takes the same number of steps (as `DistributedSampler`).
+    `ShardTrainer` gives every rank the one order (world_size 1) and lets accelerate deal its batches.
     """
 
     def __init__(self, num_rows: int, seed: int = 0, shuffle: bool = True, rank: int = 0,
