@@ -1,6 +1,22 @@
 """sftprep: raw SFT records -> tokenized, label-masked, packed Arrow shards, built once, offline.
 
     from sftprep import BuildConfig, build, load
+
+The build: one module per stage, in the order data flows (`api.build` runs them, each stage with
+its own section of `config.BuildConfig`):
+
+    readers/    files -> Record (fields, file:line)
+    formats     Record -> Conversation                      normalize
+    templates/  Conversation -> text + trained char spans   render
+    encode      text -> ids (tokenizer) -> labels (labels)  tokenize, label, truncate: one batch
+    pipeline    batches through encode, into store          (threads or --workers processes)
+    store       samples spilled to disk until packing
+    packing     lengths -> rows of pieces (sample, start, stop)
+    shards      rows -> shard-train-NNNNN.arrow; output: side files; manifest: manifest.json, last
+
+The read side, `sftprep.inspect` (samples, view, stats, verify, diff), imports none of the build
+modules: only the shard contract (shards, manifest, labels) and the tokenizer the build copied.
+`errors` holds what users see (one line in the CLI); anything else is a bug and keeps its traceback.
 """
 
 __version__ = "0.1.0"

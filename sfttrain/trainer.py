@@ -1,8 +1,14 @@
 """The `transformers.Trainer` wiring: our sampler and collator, per-token loss, signals, saving.
 
+    ShardDataset --EpochSampler (seed, epoch)--> DataLoader --accelerate.prepare--> batches dealt to ranks
+        --PackedCollator--> input_ids, labels, position_ids --model--> LM head at trained positions only
+        --per_token_loss--> loss per trained token (and accuracy, tokens/s in every log)
+
 Everything that Trainer already does well (optimizers, schedulers, gradient accumulation,
 checkpoints, logging, distributed, NEFTune, gradient checkpointing) is left to it; this module
-only plugs in what it cannot know about packed shards.
+only plugs in what it cannot know about packed shards, through its public hooks: the
+`compute_loss_func` argument, `get_train_dataloader`, `compute_loss`, `log`, `evaluation_loop` and
+callbacks (`SetSamplerEpoch`, `StopOnSignal`, `WriteRunInfo`).
 """
 
 from __future__ import annotations
