@@ -345,3 +345,29 @@ def test_a_folder_that_is_not_a_datasets_folder_names_itself(tmp_path):
     (tmp_path / "hub" / "train-00000.parquet").write_bytes(b"")
     r = build("-i", tmp_path / "hub", "-t", MISTRAL, "-o", tmp_path / "o")
     assert r.exit_code == 2 and f"or a glob such as '{tmp_path / 'hub'}/*.jsonl'" in r.output
+
+
+def test_an_internal_error_keeps_its_traceback_while_user_errors_stay_one_line(tmp_path, monkeypatch):
+    import sftprep.api
+    import sfttrain.cli
+    from sftprep.errors import ConfigError
+
+    def bug(*args, **kwargs):
+        raise ValueError("a bug in sftprep, not a setting")  # a plain ValueError is no user error
+
+    path = write(tmp_path, [GOOD])
+    monkeypatch.setattr(sftprep.api, "build", bug)
+    r = build("-i", path, "-t", MISTRAL, "-o", tmp_path / "o")
+    assert r.exit_code == 1 and isinstance(r.exception, ValueError) and "Error:" not in r.output
+    monkeypatch.setattr(sfttrain.cli, "_run", bug)
+    r = CliRunner().invoke(sfttrain.cli.main, ["run", str(tmp_path), "--model", str(tmp_path), "--output-dir",
+                                               str(tmp_path / "r")])
+    assert r.exit_code == 1 and isinstance(r.exception, ValueError)
+
+    def user_error(*args, **kwargs):
+        raise ConfigError("--lora-r 0 must be a number >= 1")
+
+    monkeypatch.setattr(sfttrain.cli, "_run", user_error)
+    r = CliRunner().invoke(sfttrain.cli.main, ["run", str(tmp_path), "--model", str(tmp_path), "--output-dir",
+                                               str(tmp_path / "r")])
+    assert r.exit_code == 2 and r.output == "Error: --lora-r 0 must be a number >= 1\n"
