@@ -4,33 +4,37 @@ from __future__ import annotations
 
 import functools
 import sys
-from typing import Any
+from typing import Any, NoReturn
 
 import click
 
-from .config import FORMATS, PACKING, TRAIN_ON, TRUNCATION, TRUNCATION_UNITS
+from .config import (BUILD_SCHEMA, FORMATS, ON_ERROR, PACKING, TRAIN_ON, TRUNCATION, TRUNCATION_UNITS, BuildConfig,
+                     field_help)
+from .errors import USER_ERRORS, ConfigError
+
+
+def fail(e: BaseException) -> NoReturn:
+    """Print a user error as one line (`Error: ...`, click's own prefix) and exit with code 2."""
+    click.echo(f"Error: {e}", err=True)
+    sys.exit(2)
 
 
 def user_errors(fn):
-    """Turn library errors about the user's input or settings into one line and exit code 2."""
+    """Turn errors the user can fix (`sftprep.errors.USER_ERRORS`) into one line and exit code 2;
+    anything else is a bug and keeps its traceback."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        from .api import BuildError
-        from .encode import RecordError
-
         try:
             return fn(*args, **kwargs)
-        except (ValueError, FileNotFoundError, BuildError, RecordError, PermissionError, ImportError) as e:
-            click.echo(f"Error: {e}", err=True)
-            sys.exit(2)
+        except USER_ERRORS as e:
+            fail(e)
         except KeyboardInterrupt:
             click.echo("Interrupted: nothing was marked complete (no manifest written); run the same "
                        "command again to finish.", err=True)
             sys.exit(130)
         except OSError as e:  # disk full, unwritable folder...
-            click.echo(f"Error: {e.strerror or e}: {e.filename or ''}".rstrip(": "), err=True)
-            sys.exit(2)
+            fail(f"{e.strerror or e}: {e.filename or ''}".rstrip(": "))
 
     return wrapper
 
@@ -68,53 +72,45 @@ def _kwargs(values) -> dict[str, Any] | None:
     return out or None
 
 
+def _setting(*decls: str, key: str | None = None, **kwargs):
+    """A `build` flag whose help text and default come from the config dataclasses' field docs
+    (`Schema.help`): one source of truth. `key` is the config key when it is not the flag's name."""
+    dest = next((d for d in decls if not d.startswith("-")), decls[-1].lstrip("-").split("/")[0].replace("-", "_"))
+    return click.option(*decls, help=BUILD_SCHEMA.help(key or dest), **kwargs)
+
+
 @main.command()
 @click.argument("config", required=False, type=click.Path(dir_okay=False))
-@click.option("-i", "--input", "inputs", multiple=True, help="Input file, folder or glob (repeatable). "
-              "JSONL, JSON, CSV/TSV, Parquet, Arrow/Feather or a datasets.save_to_disk folder.")
-@click.option("-t", "--tokenizer", help="Local tokenizer folder (with tokenizer.json).")
-@click.option("--template", help="chatml, alpaca, llama2, mistral, vicuna, qa; `tokenizer` for its "
-              "chat_template (the default for chat records when it has one); `module:function`; omit for "
-              "text / prompt+completion as they are.")
-@click.option("--template-kwarg", "template_kwargs", multiple=True, callback=lambda c, p, v: _kwargs(v),
-              help="A variable for a Jinja chat template, K=V with V read as YAML, e.g. "
-              "--template-kwarg enable_thinking=false (repeatable).")
-@click.option("--stop-token", "stop_tokens", multiple=True, help="Another string that ends an assistant turn, "
-              "besides EOS and generation_config.json's eos_token_id list (repeatable).")
-@click.option("--prompt", help="Format string over record fields for the prompt, e.g. 'Q: {question}\\n'.")
-@click.option("--completion", help="Format string for the trained part, e.g. '{answer}'.")
-@click.option("--system", help="System prompt for records that have none.")
-@click.option("--response-template", help="TRL style: train only after this marker (matched on characters).")
-@click.option("--instruction-template", help="TRL style: marker that starts an untrained turn.")
-@click.option("--format", "format_", type=click.Choice(FORMATS), help="Record format (default: auto).")
-@click.option("--field", "fields", multiple=True, callback=_field_pairs,
-              help="Map a field: OURS=YOURS, e.g. --field prompt=question --field completion=answer.")
-@click.option("--train-on", type=click.Choice(TRAIN_ON), help="Which tokens are trained (default: auto: "
-              "all for text, completion for prompt/completion and alpaca, assistant turns for chat).")
-@click.option("--max-length", "--max-seq-length", "max_length", type=int, help="Tokens per row (default 2048).")
-@click.option("--truncation", "--truncation-mode", "truncation", type=click.Choice(TRUNCATION),
-              help="Longer samples (default keep_start).")
+@_setting("-i", "--input", "inputs", multiple=True)
+@_setting("-t", "--tokenizer")
+@_setting("--template")
+@_setting("--template-kwarg", "template_kwargs", multiple=True, callback=lambda c, p, v: _kwargs(v))
+@_setting("--stop-token", "stop_tokens", multiple=True)
+@_setting("--prompt")
+@_setting("--completion")
+@_setting("--system")
+@_setting("--response-template")
+@_setting("--instruction-template")
+@_setting("--format", "format_", key="format", type=click.Choice(FORMATS))
+@_setting("--field", "fields", multiple=True, callback=_field_pairs)
+@_setting("--train-on", type=click.Choice(TRAIN_ON))
+@_setting("--max-length", "--max-seq-length", "max_length", type=int)
+@_setting("--truncation", "--truncation-mode", "truncation", type=click.Choice(TRUNCATION))
 @click.option("--completion-only-loss/--no-completion-only-loss", default=None,
               help="TRL's name: --train-on completion (or all with --no-...).")
 @click.option("--assistant-only-loss/--no-assistant-only-loss", default=None,
               help="TRL's name: --train-on assistant (or all with --no-...).")
-@click.option("--truncation-unit", type=click.Choice(TRUNCATION_UNITS), help="For chat records, cut tokens "
-              "(default) or drop whole turns (from the end for keep_start, from the start after the system "
-              "message for keep_end) so no kept answer loses its end token.")
-@click.option("--packing", type=click.Choice([*PACKING, "true", "false"]),
-              help="bfd (default), wrapped or none (TRL's true/false: bfd/none).")
-@click.option("--shard-size", type=int, help="Rows per shard file at most (default 10000).")
-@click.option("--seed", type=int, help="Seed of the row order (default 0).")
-@click.option("--workers", type=int, help="Processes that render and tokenize (default 1).")
-@click.option("-n", "--num-samples", type=int, help="Only the first N records (preview a build).")
-@click.option("--on-error", type=click.Choice(["skip", "fail"]),
-              help="Bad record: skip it (listed in rejects.jsonl, default) or fail (exit 2).")
-@click.option("--max-reject-ratio", type=float, help="Fail when more records than this share are "
-              "rejected (default 0.5).")
-@click.option("-o", "--out", help="Output folder.")
-@click.option("--overwrite", is_flag=True, default=None, help="Replace a folder holding another build.")
-@click.option("--allow-code", is_flag=True, help="Let a `module:function` template import and run Python code "
-              "(a config naming code is code: only for configs you trust).")
+@_setting("--truncation-unit", type=click.Choice(TRUNCATION_UNITS))
+@_setting("--packing", type=click.Choice([*PACKING, "true", "false"]))
+@_setting("--shard-size", type=int)
+@_setting("--seed", type=int)
+@_setting("--workers", type=int)
+@_setting("-n", "--num-samples", type=int)
+@_setting("--on-error", type=click.Choice(ON_ERROR))
+@_setting("--max-reject-ratio", type=float)
+@_setting("-o", "--out")
+@_setting("--overwrite", is_flag=True, default=None)
+@click.option("--allow-code", is_flag=True, help=field_help(BuildConfig, "allow_code"))
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")
 @user_errors
 def build(config: str | None, quiet: bool, format_: str | None, **flags: Any) -> None:
@@ -236,21 +232,22 @@ def inspect_(build_dir: str, row: int | None, sample_id: int | None, tokens: boo
       sftprep inspect shards/ --row 12
       sftprep inspect shards/ --sample 345 --tokens
     """
-    from .samples import build_tokenizer, open_build
-    from .view import render_plain, render_rich, view_row, view_sample
+    from .inspect.decode import load_build_tokenizer
+    from .inspect.folder import read_build
+    from .inspect.view import format_plain, print_rich, view_row, view_sample
 
     if row is not None and sample_id is not None:
-        raise ValueError("give --row or --sample, not both")
-    folder, manifest = open_build(build_dir)
-    load_tok = lambda: build_tokenizer(folder, manifest, tokenizer)  # noqa: E731 (only once the row exists)
+        raise ConfigError("give --row or --sample, not both")
+    folder, manifest = read_build(build_dir)
+    load_tok = lambda: load_build_tokenizer(folder, manifest, tokenizer)  # noqa: E731 (only once the row exists)
     if sample_id is not None:
         blocks = view_sample(folder, manifest, load_tok, sample_id, tokens)
     else:
         blocks = view_row(folder, manifest, load_tok, row or 0, tokens)
     if color or (not plain and sys.stdout.isatty()):
-        render_rich(blocks, _out_console(color=True if color else None))
+        print_rich(blocks, _out_console(color=True if color else None))
     else:
-        click.echo(render_plain(blocks), nl=False)
+        click.echo(format_plain(blocks), nl=False)
 
 
 @main.command()
@@ -267,14 +264,14 @@ def stats(build_dir: str, plot_path: str | None, as_json: bool) -> None:
     """
     import json
 
-    from .stats import collect, plot, render, summarize
+    from .inspect.stats import collect, plot, print_stats, summarize
 
     collected = collect(build_dir)
     result = summarize(collected)
     if as_json:
         click.echo(json.dumps(result, indent=2, ensure_ascii=False))
     else:
-        render(result, _out_console())
+        print_stats(result, _out_console())
     if plot_path:
         out = plot(collected, plot_path)
         click.echo(f"histograms written to {out}", err=as_json)
@@ -290,10 +287,10 @@ def verify(build_dir: str, max_errors: int) -> None:
     \b
       sftprep verify shards/ && sfttrain run shards/ ...
     """
-    from .verify import render, verify as run_verify
+    from .inspect.verify import format_report, verify as run_verify
 
     report = run_verify(build_dir)
-    click.echo(render(report, max_errors), nl=False)
+    click.echo(format_report(report, max_errors), nl=False)
     if not report.ok:
         sys.exit(1)
 
@@ -311,9 +308,9 @@ def diff_(build_a: str, build_b: str, show: int, tokenizer: str | None) -> None:
     \b
       sftprep diff shards-alpaca/ shards-chatml/ --show 5
     """
-    from .diff import diff, render
+    from .inspect.diff import diff, format_diff
 
-    click.echo(render(diff(build_a, build_b), show, tokenizer), nl=False)
+    click.echo(format_diff(diff(build_a, build_b), show, tokenizer), nl=False)
 
 
 if __name__ == "__main__":

@@ -10,9 +10,13 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
+
+from .errors import ConfigError
 
 FORMATS = ("auto", "text", "prompt_completion", "messages", "sharegpt", "alpaca")
 TRAIN_ON = ("auto", "completion", "assistant", "last", "all")
@@ -23,20 +27,18 @@ ON_ERROR = ("skip", "fail")
 MAX_LENGTH = 1 << 20  # 1,048,576 tokens: longer than any model's context today
 
 
-class ConfigError(ValueError):
-    """A setting is wrong; the message lists every problem and how to fix it."""
-
-
 @dataclass(frozen=True)
 class ReadConfig:
     """Where records come from and how they become conversations."""
 
     inputs: tuple[str, ...] = ()
-    """Input files, folders (`datasets.save_to_disk`) or glob patterns (--input, repeatable)."""
+    """Input files, folders or glob patterns (repeatable): JSONL, JSON, CSV/TSV, Parquet, Arrow/Feather or a
+    `datasets.save_to_disk` folder (--input)."""
     format: str = "auto"
     """Record format: auto, text, prompt_completion, messages, sharegpt, alpaca (--format)."""
     fields: Mapping[str, str] = field(default_factory=dict)
-    """Map our field names to yours, e.g. {prompt: question, completion: answer} (--field K=V)."""
+    """Map our field names to yours: OURS=YOURS, e.g. --field prompt=question --field completion=answer
+    ({prompt: question, completion: answer} in YAML)."""
     num_samples: int | None = None
     """Read only the first N records (preview a build) (--num-samples)."""
     on_error: str = "skip"
@@ -50,8 +52,9 @@ class TemplateConfig:
     """How a conversation becomes one string plus the character spans that are trained."""
 
     name: str | None = None
-    """Preset (chatml, alpaca, llama2, mistral, vicuna, qa), `tokenizer` for the tokenizer's own
-    chat_template, or `module:function` for a Python callable (--template)."""
+    """Preset: chatml, alpaca, llama2, mistral, vicuna, qa; `tokenizer` for the tokenizer's own chat_template
+    (the default for chat records when it has one); `module:function` for a Python callable; omit for text /
+    prompt+completion as they are (--template)."""
     prompt: str | None = None
     """Format string over record fields for the prompt, e.g. '### Q: {question}\\n' (--prompt)."""
     completion: str | None = None
@@ -63,10 +66,11 @@ class TemplateConfig:
     instruction_template: str | None = None
     """TRL-style: with response_template, a marker that starts an untrained turn (--instruction-template)."""
     kwargs: Mapping[str, Any] = field(default_factory=dict)
-    """Extra variables for a Jinja chat template, e.g. {enable_thinking: false} (--template-kwarg K=V)."""
+    """A variable for a Jinja chat template, K=V with V read as YAML, e.g. --template-kwarg enable_thinking=false
+    (repeatable; {enable_thinking: false} in YAML)."""
     stop_tokens: tuple[str, ...] = ()
-    """More strings that end an assistant turn, besides EOS and generation_config.json's
-    eos_token_id list (--stop-token, repeatable)."""
+    """Another string that ends an assistant turn, besides EOS and generation_config.json's eos_token_id list
+    (repeatable) (--stop-token)."""
 
 
 @dataclass(frozen=True)
@@ -84,7 +88,8 @@ class TokenizeConfig:
     from the end / from the start after the system message, so no kept answer loses its end token)
     (--truncation-unit)."""
     train_on: str = "auto"
-    """Which tokens are trained: completion, assistant, last, all; auto picks per format (--train-on)."""
+    """Which tokens are trained: completion, assistant, last, all; auto: all for text, completion for
+    prompt/completion and alpaca, assistant turns for chat (--train-on)."""
 
 
 @dataclass(frozen=True)
@@ -92,7 +97,8 @@ class PackConfig:
     """How samples become rows, and rows become shards."""
 
     mode: str = "bfd"
-    """bfd (best-fit-decreasing, no sample split), wrapped (fixed chunks), none (--packing)."""
+    """bfd (best-fit-decreasing, no sample split), wrapped (fixed chunks) or none; TRL's true/false mean
+    bfd/none (--packing)."""
     shard_size: int = 10_000
     """Rows per shard file at most (--shard-size)."""
     seed: int = 0
@@ -114,8 +120,9 @@ class BuildConfig:
     overwrite: bool = False
     """Replace an output folder that holds a different build (--overwrite)."""
     allow_code: bool = False
-    """Let a `module:function` template import and run Python code (--allow-code, or
-    `build(config, allow_code=True)`; never from a YAML file, which is data)."""
+    """Let a `module:function` template import and run Python code: a config naming code is code, so only for
+    configs you trust; `build(config, allow_code=True)` from Python, never from a YAML file, which is data
+    (--allow-code)."""
 
     def __post_init__(self) -> None:
         problems = _check(self)
@@ -130,8 +137,7 @@ def _check(c: BuildConfig) -> list[str]:
     p: list[str] = []
 
     def choice(value: str, allowed: tuple[str, ...], key: str) -> None:
-        if value not in allowed:
-            p.append(f"{key}={value!r} is not one of {', '.join(allowed)}{did_you_mean(value, allowed)}")
+        check_choice(p, f"{key}=", value, allowed)
 
     if not c.read.inputs:
         p.append("no input: give --input FILE (or `inputs:` in the YAML)")
@@ -169,6 +175,21 @@ def _check(c: BuildConfig) -> list[str]:
         p.append("response_template applies to text you render yourself; it cannot be combined with "
                  f"--template {t.name} (the template already knows what the assistant says)")
     return p
+
+
+VOLATILE = ("out", "workers", "overwrite")
+"""Settings that never change the shards: left out of a build's identity and of `sftprep diff`."""
+
+
+def shard_settings(config: Mapping[str, Any]) -> dict[str, Any]:
+    """A `BuildConfig.to_dict()` (as saved in a manifest) without the `VOLATILE` settings."""
+    return {k: v for k, v in config.items() if k not in VOLATILE}
+
+
+def check_choice(problems: list[str], label: str, value: Any, allowed: tuple[str, ...]) -> None:
+    """Add `label` + value "is not one of ..." (with the closest allowed value) to `problems`."""
+    if value not in allowed:
+        problems.append(f"{label}{value!r} is not one of {', '.join(allowed)}{did_you_mean(value, allowed)}")
 
 
 def did_you_mean(value: str, known: tuple[str, ...] | list[str]) -> str:
@@ -217,8 +238,128 @@ ALIASES: dict[str, tuple[str, Any]] = {
     "completion_only_loss": ("train_on", lambda v: "completion" if v else "all"),
     "assistant_only_loss": ("train_on", lambda v: "assistant" if v else "all"),
 }
-_SECTIONS = {"read": ReadConfig, "template": TemplateConfig, "tokenize": TokenizeConfig, "pack": PackConfig}
-_TOP = ("out", "workers", "overwrite")
+_TOP = ("out", "workers", "overwrite")  # allow_code is never read from a file: a YAML file is data
+
+
+def _packing_value(value: Any) -> Any:
+    """TRL's `packing: true / false` -> bfd / none."""
+    if value in (True, False, "true", "false"):
+        return "bfd" if value in (True, "true") else "none"
+    return value
+
+
+@dataclass(frozen=True)
+class Schema:
+    """How a YAML-shaped dict (and flag overrides with the same names) maps onto a tree of config
+    sections: one loader, `read_tree`, for `sftprep build` and `sfttrain run`.
+
+        {"max_length": 512, "pack": {"seed": 1}, "max_seq_length": 512, "template": "chatml"}
+          shortcut -> (section, field)   section mapping   alias -> shortcut   scalar section -> one field
+    """
+
+    what: str
+    """"build" / "training": named in error messages."""
+    root: type
+    """The dataclass holding the sections (`BuildConfig`, `TrainConfig`)."""
+    sections: Mapping[str, type]
+    """Section name -> its dataclass."""
+    shortcuts: Mapping[str, tuple[str, str]]
+    """Flat key -> (section, field)."""
+    aliases: Mapping[str, tuple[str, Callable[[Any], Any] | None]] = field(default_factory=dict)
+    """Other tools' names (TRL's) -> (our key, how the value maps; None: as it is)."""
+    scalars: Mapping[str, str] = field(default_factory=dict)
+    """A section given as a plain value -> the field it sets (`template: chatml` -> template.name)."""
+    top: tuple[str, ...] = ()
+    """Fields of the root dataclass itself."""
+    values: Mapping[str, Callable[[Any], Any]] = field(default_factory=dict)
+    """Our key -> how its value maps (`packing: true` -> bfd)."""
+
+    def target(self, key: str) -> tuple[str | None, str] | None:
+        """(section, field) a flat key sets, (None, field) for a root field, None if unknown."""
+        if key in self.aliases:
+            key = self.aliases[key][0]
+        if key in self.shortcuts:
+            return self.shortcuts[key]
+        if key in self.scalars:
+            return key, self.scalars[key]
+        return (None, key) if key in self.top else None
+
+    def help(self, key: str) -> str:
+        """`--help` text of the flag for `key`: the field's docstring and default (`field_help`)."""
+        section, name = self.target(key)
+        return field_help(self.sections[section] if section else self.root, name)
+
+
+def read_tree(schema: Schema, data: Mapping[str, Any] | None, overrides: Mapping[str, Any] | None,
+              source: str) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+    """Sort the keys of `data` (from `source`), then of `overrides` (None = unset), into
+    `({section: {field: value}}, {root field: value})`.
+
+    Raises:
+        ConfigError: unknown keys (with the closest known key) or a section that is not a mapping,
+            all listed at once.
+    """
+    sections: dict[str, dict[str, Any]] = {name: {} for name in schema.sections}
+    top: dict[str, Any] = {}
+    problems: list[str] = []
+
+    def put(key: str, value: Any, where: str) -> None:
+        if key in schema.aliases:
+            key, convert = schema.aliases[key]
+            value = convert(value) if convert else value
+        if key in schema.values:
+            value = schema.values[key](value)
+        if key in schema.scalars and not isinstance(value, Mapping):
+            sections[key][schema.scalars[key]] = value
+        elif key in schema.sections:
+            if not isinstance(value, Mapping):
+                problems.append(f"{where}: `{key}` must be a mapping, got {type(value).__name__}")
+                return
+            known = [f.name for f in dataclasses.fields(schema.sections[key])]
+            for k, v in value.items():
+                if k in known:
+                    sections[key][k] = v
+                else:
+                    problems.append(f"{where}: unknown key `{key}.{k}`{did_you_mean(k, known)}")
+        elif key in schema.shortcuts:
+            section, name = schema.shortcuts[key]
+            sections[section][name] = value
+        elif key in schema.top:
+            top[key] = value
+        else:
+            known = sorted({*schema.sections, *schema.shortcuts, *schema.top, *schema.aliases})
+            problems.append(f"{where}: unknown key `{key}`{did_you_mean(key, known)}")
+
+    for k, v in (data or {}).items():
+        put(str(k), v, source)
+    for k, v in (overrides or {}).items():
+        if v is not None:
+            put(k, v, "command line")
+    if problems:
+        raise ConfigError(f"invalid {schema.what} config:\n  - " + "\n  - ".join(problems))
+    return sections, top
+
+
+def make_tree(schema: Schema, sections: dict[str, dict[str, Any]], top: dict[str, Any]) -> Any:
+    """The root dataclass from `read_tree`'s output (its `__post_init__` checks the values)."""
+    try:
+        return schema.root(**{name: cls(**sections[name]) for name, cls in schema.sections.items()}, **top)
+    except TypeError as e:  # a value of the wrong shape reached a dataclass
+        raise ConfigError(f"invalid {schema.what} config: {e}") from None
+
+
+def as_tuple(value: Any, split: str | None = None) -> tuple[str, ...]:
+    """A list setting as a tuple of strings: None -> (), one string -> itself (or split on `split`)."""
+    if value is None:
+        return ()
+    if isinstance(value, (str, Path)):
+        return tuple(v.strip() for v in str(value).split(split) if v.strip()) if split else (str(value),)
+    return tuple(str(v) for v in value)
+
+
+BUILD_SCHEMA = Schema("build", BuildConfig, {"read": ReadConfig, "template": TemplateConfig, "tokenize": TokenizeConfig,
+                                "pack": PackConfig}, SHORTCUTS, ALIASES, scalars={"template": "name"}, top=_TOP,
+                      values={"packing": _packing_value})
 
 
 def config_from_dict(data: Mapping[str, Any], overrides: Mapping[str, Any] | None = None,
@@ -227,64 +368,50 @@ def config_from_dict(data: Mapping[str, Any], overrides: Mapping[str, Any] | Non
 
     `template` may be a string (the preset name) or a mapping. Unknown keys raise `ConfigError`.
     """
-    sections: dict[str, dict[str, Any]] = {name: {} for name in _SECTIONS}
-    top: dict[str, Any] = {}
-    problems: list[str] = []
-
-    def put(key: str, value: Any, where: str) -> None:
-        if key in ALIASES:
-            key, convert = ALIASES[key]
-            value = convert(value) if convert else value
-        if key == "packing" and value in (True, False, "true", "false"):  # TRL's packing: true / false
-            value = "bfd" if value in (True, "true") else "none"
-        if key == "template" and not isinstance(value, Mapping):
-            sections["template"]["name"] = value
-        elif key in _SECTIONS:
-            if not isinstance(value, Mapping):
-                problems.append(f"{where}: `{key}` must be a mapping, got {type(value).__name__}")
-                return
-            known = [f.name for f in dataclasses.fields(_SECTIONS[key])]
-            for k, v in value.items():
-                if k in known:
-                    sections[key][k] = v
-                else:
-                    problems.append(f"{where}: unknown key `{key}.{k}`{did_you_mean(k, known)}")
-        elif key in SHORTCUTS:
-            section, name = SHORTCUTS[key]
-            sections[section][name] = value
-        elif key in _TOP:
-            top[key] = value
-        else:
-            known = list(_SECTIONS) + list(SHORTCUTS) + list(_TOP) + list(ALIASES) + ["template"]
-            problems.append(f"{where}: unknown key `{key}`{did_you_mean(key, known)}")
-
-    for k, v in (data or {}).items():
-        put(k, v, source)
-    for k, v in (overrides or {}).items():
-        if v is not None:
-            put(k, v, "command line")
-    if problems:
-        raise ConfigError("invalid build config:\n  - " + "\n  - ".join(problems))
-
-    read = sections["read"]
-    if isinstance(read.get("inputs"), (str, Path)):
-        read["inputs"] = [read["inputs"]]
+    sections, top = read_tree(BUILD_SCHEMA, data, overrides, source)
+    read, template = sections["read"], sections["template"]
     if "inputs" in read:
-        read["inputs"] = tuple(str(i) for i in read["inputs"])
+        read["inputs"] = as_tuple(read["inputs"])
     if "fields" in read:
         read["fields"] = dict(read["fields"] or {})
-    template = sections["template"]
     if "kwargs" in template:
         template["kwargs"] = dict(template["kwargs"] or {})
-    if isinstance(template.get("stop_tokens"), str):
-        template["stop_tokens"] = [template["stop_tokens"]]
     if "stop_tokens" in template:
-        template["stop_tokens"] = tuple(template["stop_tokens"] or ())
-    try:
-        built = {name: cls(**sections[name]) for name, cls in _SECTIONS.items()}
-        return BuildConfig(**built, **top)
-    except TypeError as e:  # a value of the wrong shape reached a dataclass
-        raise ConfigError(f"invalid build config: {e}") from None
+        template["stop_tokens"] = as_tuple(template["stop_tokens"])
+    return make_tree(BUILD_SCHEMA, sections, top)
+
+
+@functools.lru_cache(maxsize=None)
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring written under each field of dataclass `cls`, white space folded: the one text
+    that documents a setting (read by `--help`)."""
+    import ast
+    import inspect
+    import textwrap
+
+    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
+    docs = {}
+    for node, doc in zip(body, body[1:]):
+        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(doc, ast.Expr)
+                and isinstance(doc.value, ast.Constant) and isinstance(doc.value.value, str)):
+            docs[node.target.id] = " ".join(doc.value.value.split())
+    return docs
+
+
+_FLAG_NOTE = re.compile(r"\s*\(--[^()]*\)")  # "(--max-length)": the docs name the flag; --help needs not
+
+
+def field_help(cls: type, name: str) -> str:
+    """`--help` text for field `name` of config dataclass `cls`: its docstring, without the
+    parenthesised flag it names, then `[default: ...]` from the field itself (none for unset ones)."""
+    text = _FLAG_NOTE.sub("", field_docs(cls).get(name, "")).strip()
+    f = next(f for f in dataclasses.fields(cls) if f.name == name)
+    value = f.default if f.default is not dataclasses.MISSING else (
+        f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+    if value is None or value is False or (isinstance(value, (tuple, dict)) and not value):
+        return text
+    shown = "on" if value is True else ",".join(value) if isinstance(value, tuple) else str(value)
+    return f"{text} [default: {shown}]"
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:

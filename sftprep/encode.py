@@ -1,8 +1,15 @@
 """Normalize + render + tokenize + label + truncate, one batch of records at a time.
 
+    (sample_id, Record)  --render-->  Rendered (texts, trained character spans)    formats, templates
+                         --encode-->  tokenizers.Encoding per text (Rust, no GIL)   tokenizer
+                         --label--->  Encoded (flat ids/labels + lengths), rejects  labels
+                                      truncated to max_length, untrained samples dropped
+
 Three steps, so a build can run them as a pipeline: `render` (pure Python), `encode` (one
 fast-tokenizer `encode_batch` call, which releases the GIL) and `label` (a few look-ups per trained
 span, then numpy over the whole batch). A batch's samples travel as flat arrays plus lengths.
+The `Encoder` takes its own config sections (read, template, tokenize); whether to truncate at all
+is the caller's choice (`wrapped` packing cuts samples itself).
 """
 
 from __future__ import annotations
@@ -13,16 +20,13 @@ from typing import Any
 
 import numpy as np
 
-from .config import BuildConfig, ConfigError
-from .formats import Conversation, FormatError, as_fields, normalize
-from .labels import IGNORE_INDEX, token_ranges
+from .config import ReadConfig, TemplateConfig, TokenizeConfig
+from .errors import ConfigError, RecordError
+from .formats import Conversation, FormatError, normalize
+from .labels import IGNORE_INDEX, mask_sample_starts, token_ranges
 from .readers import Record
 from .templates import Renderer
 from .tokenizer import adds_bos
-
-
-class RecordError(ValueError):
-    """A bad record under `--on-error fail`: the message starts with file:line."""
 
 
 @dataclass(slots=True)
@@ -59,20 +63,30 @@ class Rendered:
 
 
 class Encoder:
-    """Callable on a batch of `(sample_id, Record)`; holds the tokenizer and renderer."""
+    """Callable on a batch of `(sample_id, Record)`; holds the tokenizer and renderer.
 
-    def __init__(self, cfg: BuildConfig, tok) -> None:
-        self.cfg = cfg
+    Args:
+        read: how records become conversations (format, field names) and what a bad one does.
+        template: how conversations become text and trained spans.
+        tokenize: max_length, truncation and which tokens are trained.
+        tok: the build's tokenizer (`tokenizer.load_fast`).
+        truncate: False keeps samples longer than max_length whole (`wrapped` packing cuts them).
+        allow_code: let a `module:function` template import and run Python code.
+    """
+
+    def __init__(self, read: ReadConfig, template: TemplateConfig, tokenize: TokenizeConfig, tok, *,
+                 truncate: bool = True, allow_code: bool = False) -> None:
+        self.read, self.template_name = read, template.name
         self.backend = tok.backend_tokenizer
-        self.renderer = Renderer(cfg.template, cfg.tokenize.train_on, tok.eos_token, tok, cfg.allow_code)
+        self.renderer = Renderer(template, tokenize.train_on, tok.eos_token, tok, allow_code)
         self.bos_id = tok.bos_token_id if adds_bos(tok) else None
         self.bos = tok.bos_token
-        self.max_length = cfg.tokenize.max_length
-        self.truncation = None if cfg.pack.mode == "wrapped" else cfg.tokenize.truncation
-        self.by_turns = cfg.tokenize.truncation_unit == "turns" and self.truncation in ("keep_start", "keep_end")
-        self.fail_fast = cfg.read.on_error == "fail"
+        self.max_length = tokenize.max_length
+        self.truncation = tokenize.truncation if truncate else None
+        self.by_turns = tokenize.truncation_unit == "turns" and self.truncation in ("keep_start", "keep_end")
+        self.fail_fast = read.on_error == "fail"
         # format strings and callables read the record's fields themselves: no format detection
-        self.raw_fields = cfg.template.prompt is not None or self.renderer.fn is not None
+        self.format = "fields" if self.renderer.reads_fields else read.format
         self._check_overhead()
 
     def _check_overhead(self) -> None:
@@ -83,7 +97,7 @@ class Encoder:
         n = len(self.backend.encode(text, add_special_tokens=False).ids) + (self.bos_id is not None)
         if n + 1 >= self.max_length:
             raise ConfigError(f"max_length={self.max_length} leaves no room for text: template "
-                              f"{self.cfg.template.name!r} alone takes {n} tokens per turn; raise --max-length")
+                              f"{self.template_name!r} alone takes {n} tokens per turn; raise --max-length")
 
     def __call__(self, batch: list[tuple[int, Record]]) -> Encoded:
         rendered = self.render(batch)
@@ -96,10 +110,7 @@ class Encoder:
             try:
                 if rec.error is not None:
                     raise FormatError(rec.error, "unreadable")
-                if self.raw_fields:
-                    conv = as_fields(rec.fields, self.cfg.read.fields)
-                else:
-                    conv = normalize(rec.fields, self.cfg.read.format, self.cfg.read.fields)
+                conv = normalize(rec.fields, self.format, self.read.fields)
                 self._add(out, conv, sid, rec.source)
             except FormatError as e:
                 self._reject(out.encoded, sid, rec.source, e.reason, str(e))
@@ -149,7 +160,7 @@ class Encoder:
                 delta[b + h + i] += 1
                 delta[b + h + j] -= 1
         trained = np.cumsum(delta[:-1]) > 0
-        trained[base[lengths > 0]] = False  # the first token of every sample is never trained
+        mask_sample_starts(trained, lengths, fill=False)
         labels = np.where(trained, ids, IGNORE_INDEX).astype(np.int32)
         counts = np.concatenate([[0], np.cumsum(trained, dtype=np.int64)])
         num_trained = counts[base + lengths] - counts[base]
@@ -213,7 +224,7 @@ class Encoder:
                     head = 1 if self.bos_id is not None and s_ids[0] == self.bos_id else 0
                     s_ids = np.concatenate([s_ids[:head], s_ids[len(s_ids) - (n - head):]])
                     s_labels = np.concatenate([s_labels[:head], s_labels[len(s_labels) - (n - head):]])
-                    s_labels[0] = IGNORE_INDEX
+                    mask_sample_starts(s_labels, [len(s_labels)])
             count = int((s_labels != IGNORE_INDEX).sum())
             if count == 0:
                 reason = "no_trained_tokens_after_truncation" if truncated else "no_trained_tokens"

@@ -144,10 +144,9 @@ def normalize(rec: Mapping[str, Any], fmt: str = "auto",
     return conv
 
 
-def as_fields(rec: Mapping[str, Any], fields: Mapping[str, str] | None = None) -> Conversation:
-    """A record used as plain fields, for templates that read fields themselves (format strings,
-    Python callables): no format detection."""
-    rec = _rename(rec, fields) if fields else rec
+def _as_fields(rec: Mapping[str, Any]) -> Conversation:
+    """Format "fields" (chosen by the encoder, not a user setting): the record used as plain fields, for
+    templates that read fields themselves (format strings, Python callables); no format detection."""
     return Conversation("completion", fields=rec)
 
 
@@ -367,5 +366,5 @@ def _check_order(msgs: list[Message], name: str) -> None:
         raise FormatError(f'"{name}" has no assistant turn, so nothing would be trained', "no_assistant_turn")
 
 
-_NORMALIZERS = {"text": _from_text, "prompt_completion": _from_prompt_completion,
+_NORMALIZERS = {"fields": _as_fields, "text": _from_text, "prompt_completion": _from_prompt_completion,
                 "messages": _from_messages, "sharegpt": _from_sharegpt, "alpaca": _from_alpaca}

@@ -9,7 +9,15 @@ trained on are exactly the tokens the model sees at inference.
 
 Trained positions carry the token id, all others `IGNORE_INDEX`. The first token of every sample
 is never trained (labels are unshifted; in a packed row it would otherwise learn to predict the
-next sample from the previous one).
+next sample from the previous one): `mask_sample_starts` is that rule, for the build (labelling,
+truncation, writing rows), `sftprep verify` and sfttrain's collator alike.
+
+    text     "Q: 2+2? A: 4</s>"       trained span: "A: 4</s>" (characters 8-16)
+    tokens   <s>  ▁Q  :  ▁2+2  ?  ▁A  :  ▁4  </s>
+    labels   -    -   -  -     -  ▁A  :  ▁4  </s>     (- = IGNORE_INDEX; position 0 by `mask_sample_starts`)
+
+This module is shared by the build and the read side (`sftprep.inspect`, sfttrain); it imports
+nothing else of sftprep.
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ from typing import Sequence
 import numpy as np
 
 IGNORE_INDEX = -100
+"""The label of an untrained position (PyTorch's `cross_entropy` default): defined here only."""
 
 # Code points treated as whitespace when finding a token's first real character: exactly the
 # characters for which Python's str.isspace() is true (what `first_token_from` uses).
@@ -94,6 +103,33 @@ def token_ranges(enc, text: str, spans: Sequence[tuple[int, int]], n_tokens: int
     return out
 
 
+def sample_starts(seq_lens: Sequence[int] | np.ndarray, row_offsets: np.ndarray | None = None,
+                  seq_offsets: np.ndarray | None = None) -> np.ndarray:
+    """Flat positions of each sample's first token: samples laid end to end (`seq_lens`), or, given
+    the offsets that cut a batch of rows (`row_offsets` into the tokens, `seq_offsets` into
+    `seq_lens`), laid end to end inside each row, each row's padding after its samples."""
+    lens = np.asarray(seq_lens, dtype=np.int64)
+    ends = np.cumsum(lens)
+    starts = ends - lens
+    if row_offsets is None:
+        return starts
+    seq_offsets = np.asarray(seq_offsets, dtype=np.int64)
+    row = np.repeat(np.arange(len(seq_offsets) - 1), np.diff(seq_offsets))
+    first = np.concatenate([[0], ends])[seq_offsets[:-1]]  # where each row's samples begin in `starts`
+    return np.asarray(row_offsets, dtype=np.int64)[:-1][row] + starts - first[row]
+
+
+def mask_sample_starts(labels: np.ndarray, seq_lens: Sequence[int] | np.ndarray,
+                       row_offsets: np.ndarray | None = None, seq_offsets: np.ndarray | None = None,
+                       fill: int | bool = IGNORE_INDEX) -> np.ndarray:
+    """Set the label of every sample's first token to `fill` (`IGNORE_INDEX`; False on a bool
+    "trained" mask), in place, and return `labels`. Samples and rows as in `sample_starts`."""
+    starts = sample_starts(seq_lens, row_offsets, seq_offsets)
+    lens = np.asarray(seq_lens, dtype=np.int64)
+    labels[starts[(lens > 0) & (starts < len(labels))]] = fill
+    return labels
+
+
 def labels_from_spans(ids: Sequence[int], offsets: Sequence[tuple[int, int]], text: str,
                       spans: Sequence[tuple[int, int]]) -> np.ndarray:
     """Labels (int32) for one tokenized text: the id where trained, `IGNORE_INDEX` elsewhere,
@@ -106,6 +142,4 @@ def labels_from_spans(ids: Sequence[int], offsets: Sequence[tuple[int, int]], te
     codes = char_codes(text)
     mask = trained_tokens(off[:, 0], off[:, 1], codes, span_mask(len(codes), spans))
     labels = np.where(mask, ids, IGNORE_INDEX).astype(np.int32)
-    if len(labels):
-        labels[0] = IGNORE_INDEX
-    return labels
+    return mask_sample_starts(labels, [len(labels)])

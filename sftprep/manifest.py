@@ -6,6 +6,7 @@ import json
 import os
 from pathlib import Path
 from typing import Any
+from .errors import InputError
 
 VERSION = 1
 MANIFEST = "manifest.json"
@@ -28,7 +29,7 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     if p.is_file() and p.name != MANIFEST:
         kind = "one shard of a build" if p.suffix == ".arrow" else "a file"
-        raise ValueError(f"{p} is {kind}, not a build folder: pass the folder `sftprep build --out` wrote"
+        raise InputError(f"{p} is {kind}, not a build folder: pass the folder `sftprep build --out` wrote"
                          + (f" ({p.parent})" if p.suffix == ".arrow" else
                             f"; to build one from it: sftprep build -i {p} -t TOKENIZER -o shards/"))
     m = p / MANIFEST if p.is_dir() else p
@@ -40,10 +41,10 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
     try:
         data = json.loads(m.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{m} is not valid JSON ({e}); rebuild with `sftprep build --overwrite`") from None
+        raise InputError(f"{m} is not valid JSON ({e}); rebuild with `sftprep build --overwrite`") from None
     version = data.get("version") if isinstance(data, dict) else None
     if version != VERSION:
-        raise ValueError(f"{m} has manifest version {version!r}; this sftprep reads version {VERSION} "
+        raise InputError(f"{m} has manifest version {version!r}; this sftprep reads version {VERSION} "
                          "(upgrade sftprep or rebuild the shards)")
     return data
 

@@ -10,8 +10,10 @@ A packed row of `max_length` = 12 holding samples 7 (5 tokens) and 3 (4 tokens):
 Positions restart at 0 for every sample and attention stays inside a sample (the trainer derives
 both from `seq_lens`). The first token of every sample has label -100.
 
-Modes:
-- `bfd`: best-fit-decreasing over the whole dataset; a sample is never split.
+Modes (`pack` returns the same row shape for all three: a row is a list of pieces
+`(sample_index, start, stop)`, the token range of a sample it holds):
+- `bfd`: best-fit-decreasing over the whole dataset; a sample is never split (every piece is a whole
+  sample); rows are shuffled (seeded), so a row's place in the shards says nothing of its fill.
 - `wrapped`: samples laid end to end and cut every `max_length` tokens (pre-training style);
   a piece of a sample that starts a row counts as its own sample in `seq_lens`.
 - `none`: one sample per row, no padding.
@@ -20,7 +22,25 @@ Modes:
 from __future__ import annotations
 
 import bisect
+import random
 from typing import Sequence
+
+Piece = tuple[int, int, int]
+"""`(sample_index, start, stop)`: tokens `[start, stop)` of one sample, placed in a row."""
+
+
+def pack(lengths: Sequence[int], max_length: int, mode: str, seed: int = 0) -> list[list[Piece]]:
+    """Rows of pieces for packing `mode` (bfd, wrapped, none); see the module docstring."""
+    if mode == "wrapped":
+        return pack_wrapped(lengths, max_length)
+    if mode == "bfd":
+        rows = pack_bfd(lengths, max_length)
+        order = list(range(len(rows)))
+        random.Random(seed).shuffle(order)
+        rows = [rows[i] for i in order]
+    else:
+        rows = [[i] for i in range(len(lengths))]
+    return [[(i, 0, lengths[i]) for i in row] for row in rows]
 
 
 def pack_bfd(lengths: Sequence[int], max_length: int) -> list[list[int]]:
@@ -59,14 +79,14 @@ def pack_bfd(lengths: Sequence[int], max_length: int) -> list[list[int]]:
     return bins
 
 
-def pack_wrapped(lengths: Sequence[int], max_length: int) -> list[list[tuple[int, int, int]]]:
+def pack_wrapped(lengths: Sequence[int], max_length: int) -> list[list[Piece]]:
     """Constant-length chunks across sample boundaries.
 
     Returns rows of pieces `(sample_index, start, stop)` (token range within the sample); every row
     but the last holds exactly `max_length` tokens.
     """
-    rows: list[list[tuple[int, int, int]]] = []
-    row: list[tuple[int, int, int]] = []
+    rows: list[list[Piece]] = []
+    row: list[Piece] = []
     room = max_length
     for i, n in enumerate(lengths):
         start = 0

@@ -1,5 +1,8 @@
 """The encode pipeline: read -> render -> tokenize -> label, streamed batch by batch into a store.
 
+    inputs --readers--> (sample_id, Record) batches --Encoder--> Encoded --> SampleStore (spill files)
+                        <= BATCH records, ~BATCH_BYTES            render | encode | label
+
 With one worker, three threads overlap: reading + rendering the next batch (Python), the Rust
 tokenizer's `encode_batch` on the current one (multi-threaded, releases the GIL), and labelling the
 previous one. With `--workers N`, N processes each run the whole chain on their batches (one
@@ -8,6 +11,7 @@ tokenizer thread each). Batches come back in input order either way, so output i
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import queue
@@ -44,12 +48,19 @@ def _batches(config: BuildConfig, inputs: list[Path]) -> Iterator[list]:
         yield batch
 
 
+def encoder_for(config: BuildConfig, tok) -> Encoder:
+    """The encoder of a build: each stage gets its own config section; samples are not truncated
+    when packing is `wrapped` (it cuts them into rows itself)."""
+    return Encoder(config.read, config.template, config.tokenize, tok, truncate=config.pack.mode != "wrapped",
+                   allow_code=config.allow_code)
+
+
 _worker_encoder: Encoder | None = None
 
 
 def _init_worker(config: BuildConfig) -> None:
     global _worker_encoder
-    _worker_encoder = Encoder(config, load_fast(config.tokenize.tokenizer))
+    _worker_encoder = encoder_for(config, load_fast(config.tokenize.tokenizer))
 
 
 def _run_worker(batch: list) -> tuple[int, Encoded]:
@@ -80,21 +91,30 @@ def encode_all(config: BuildConfig, inputs: list[Path], encoder: Encoder, store:
         rendered = _prefetch((len(b), encoder.render(b)) for b in _batches(config, inputs))
         encoded = _prefetch((n, r, encoder.encode(r)) for n, r in rendered)
         results = ((n, encoder.label(r, encs)) for n, r, encs in encoded)
-    gc_was_on = gc.isenabled()
-    gc.disable()  # millions of short-lived parsed records; nothing cyclic worth chasing until the end
     try:
-        for n, enc in results:
-            store.add(enc)
-            rejects += enc.rejects
-            read += n
-            if progress:
-                progress(n)
+        with gc_paused():  # millions of short-lived parsed records; nothing cyclic worth chasing
+            for n, enc in results:
+                store.add(enc)
+                rejects += enc.rejects
+                read += n
+                if progress:
+                    progress(n)
     finally:
-        if gc_was_on:
-            gc.enable()
         if pool is not None:
             pool.terminate()
     return rejects, read
+
+
+@contextlib.contextmanager
+def gc_paused() -> Iterator[None]:
+    """The cyclic garbage collector off for the block, and back as it was after (also on error)."""
+    was_on = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_on:
+            gc.enable()
 
 
 def _prefetch(items: Iterator, depth: int = 2) -> Iterator:

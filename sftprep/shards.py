@@ -1,4 +1,10 @@
-"""Shard files: Arrow IPC *file* format, written to a temporary name and renamed.
+"""Shard files: Arrow IPC *file* format, written to a temporary name and renamed; read back
+memory-mapped. Both sides of the shard contract live here (writers for the build, `open_shard` and
+`load` for everyone who reads).
+
+    rows_batch(...) --> ShardSetWriter --> OUT/shard-train-00000.arrow.tmp --rename--> shard-train-00000.arrow
+                        (a new shard every shard_size rows)   entries for the manifest: file, rows, tokens, sha256
+    OUT/manifest.json --load()--> one memory-mapped pyarrow.Table of every shard
 
 Columns (one row = one training sequence): `input_ids`, `labels` (list<int32>, `max_length` long
 when packed), `seq_lens` (list<int32>, lengths of the samples in the row), `sample_ids`
@@ -11,9 +17,15 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 import pyarrow as pa
+
+from .labels import IGNORE_INDEX
+from .manifest import read_manifest
+
+WRITE_ROWS = 1024  # rows per record batch in a shard
 
 SCHEMA = pa.schema([
     ("input_ids", pa.list_(pa.int32())),
@@ -46,6 +58,12 @@ def string_array(values: list[str]) -> pa.Array:
     np.cumsum([len(d) for d in data], out=offsets[1:])
     return pa.Array.from_buffers(pa.large_string(), len(data), [None, pa.py_buffer(offsets),
                                                                pa.py_buffer(b"".join(data))]).cast(pa.string())
+
+
+def _values(column: pa.ListArray) -> np.ndarray:
+    """The int32 values of a list column as a numpy view (`to_numpy()` would import pandas)."""
+    child = column.values
+    return np.frombuffer(child.buffers()[1], np.int32, len(child), child.offset * 4)
 
 
 def _list_array(values: np.ndarray, offsets: np.ndarray, dtype: pa.DataType) -> pa.Array:
@@ -121,6 +139,34 @@ def shard_writer(path: Path) -> _AtomicIPC:
     return _AtomicIPC(path, SCHEMA)
 
 
+class ShardSetWriter:
+    """Rows -> `shard-train-NNNNN.arrow` files of at most `shard_size` rows each, `batch_rows` rows per
+    record batch; each shard is written to a temporary name, hashed as written and renamed (`shard_writer`).
+
+    `write(num_rows, batch)` asks `batch(lo, hi)` for the record batch of rows `[lo, hi)` (it never spans
+    two shards) and returns one manifest entry per shard: file, rows, tokens (not padding),
+    trained_tokens and sha256.
+    """
+
+    def __init__(self, out: Path, shard_size: int, batch_rows: int = WRITE_ROWS) -> None:
+        self.out, self.shard_size, self.batch_rows = Path(out), shard_size, batch_rows
+
+    def write(self, num_rows: int, batch: Callable[[int, int], pa.RecordBatch]) -> list[dict[str, Any]]:
+        entries = []
+        for k, first in enumerate(range(0, num_rows, self.shard_size)):
+            last = min(first + self.shard_size, num_rows)
+            name, tokens, trained = shard_name(k), 0, 0
+            with shard_writer(self.out / name) as writer:
+                for lo in range(first, last, self.batch_rows):
+                    b = batch(lo, min(lo + self.batch_rows, last))
+                    writer.write(b)
+                    tokens += int(_values(b.column("seq_lens")).sum(dtype=np.int64))
+                    trained += int(np.count_nonzero(_values(b.column("labels")) != IGNORE_INDEX))
+            entries.append({"file": name, "rows": writer.rows, "tokens": tokens, "trained_tokens": trained,
+                            "sha256": writer.sha256})
+        return entries
+
+
 def rows_batch(ids: np.ndarray, labels: np.ndarray, row_offsets: np.ndarray, seq_lens: np.ndarray,
                seq_offsets: np.ndarray, sample_ids: np.ndarray) -> pa.RecordBatch:
     """Shard rows from flat arrays (zero-copy): `row_offsets` cut ids/labels into rows,
@@ -137,6 +183,15 @@ def open_shard(path: str | Path) -> pa.Table:
     """A shard as a memory-mapped table (zero-copy; pages are read on demand)."""
     # The map is not closed here: the table's buffers keep it alive and unmap it when freed.
     return pa.ipc.open_file(pa.memory_map(str(path))).read_all()
+
+
+def load(path: str | Path) -> pa.Table:
+    """All shards of a build as one memory-mapped `pyarrow.Table` (zero-copy); `.to_pandas()` away."""
+    manifest = read_manifest(path)
+    tables = [open_shard(Path(path) / s["file"]) for s in manifest["shards"]]
+    if not tables:
+        return SCHEMA.empty_table()
+    return pa.concat_tables(tables)
 
 
 def sha256_file(path: str | Path) -> str:

@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError
+from .errors import ConfigError
 
 
 def _folder(path: str | Path) -> Path:

@@ -34,16 +34,17 @@ from typing import Any
 
 import numpy as np
 
-from .config import ConfigError
+from sftprep.errors import UserError
+from sftprep.labels import IGNORE_INDEX  # noqa: F401 (re-exported: the one definition)
 
-IGNORE_INDEX = -100
+from .config import ConfigError
 REAL_TOKENS = "num_real_tokens"
 """Batch key: tokens that are not padding (for throughput); the Trainer pops it before the model."""
 VARLEN = "sfttrain_varlen"
 """The name `torch.nn.attention.varlen` is registered under in transformers' `AttentionInterface`."""
 
 
-class IsolationError(ValueError):
+class IsolationError(UserError, ValueError):
     """The model attends across packed samples with the chosen attention path."""
 
 

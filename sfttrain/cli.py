@@ -1,7 +1,8 @@
 """`sfttrain run` and `sfttrain merge`: build a config, call the API, print.
 
-User errors (bad settings, missing or corrupted shards, tokenizer mismatch, no bitsandbytes for 4-bit)
-print one message and exit with code 2, without a traceback.
+User errors (`sftprep.errors.USER_ERRORS`: bad settings, missing or corrupted shards, tokenizer
+mismatch, no bitsandbytes for 4-bit) print one `Error: ...` line, as `sftprep` does, and exit with
+code 2; anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -14,15 +15,10 @@ from typing import Any
 
 import click
 
-from .attention import IsolationError
-from .config import ConfigError, config_from_dict, load_train_yaml
+from sftprep.cli import fail as _fail
+from sftprep.errors import USER_ERRORS
 
-USER_ERRORS = (ConfigError, FileNotFoundError, IsolationError)
-
-
-def _fail(e: Exception) -> None:
-    click.echo(f"error: {e}", err=True)
-    sys.exit(2)
+from .config import TRAIN_SCHEMA, ModelConfig, config_from_dict, load_train_yaml
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
@@ -31,66 +27,64 @@ def main() -> None:
     """Train LoRA / QLoRA adapters (or full models) on shards built by `sftprep build`."""
 
 
-def _flag(name: str, help: str):
-    return click.option(f"--{name}/--no-{name}", default=None, help=help)
+def _setting(*decls: str, **kwargs):
+    """A `run` flag whose help text and default come from the config dataclasses' field docs
+    (`Schema.help`): one source of truth."""
+    dest = next((d for d in decls if not d.startswith("-")), decls[0].lstrip("-").split("/")[0].replace("-", "_"))
+    return click.option(*decls, help=TRAIN_SCHEMA.help(dest.rstrip("_")), **kwargs)
+
+
+def _flag(name: str):
+    return _setting(f"--{name}/--no-{name}", default=None)
 
 
 _OPTIONS = [
-    click.option("--model", help="Local base model folder (config.json + weights)."),
-    click.option("--output-dir", help="Checkpoints and the final adapter go here."),
-    click.option("--tokenizer", help="Tokenizer folder to check and save, when the model folder has none "
-                 "[the build's copy, SHARDS/tokenizer/]."),
-    click.option("--eval", "eval_", metavar="DIR", help="Evaluation shards (same tokenizer)."),
-    click.option("--lora-r", type=int, help="LoRA rank [16]."),
-    click.option("--lora-alpha", type=float, help="LoRA alpha [16]."),
-    click.option("--lora-dropout", type=float, help="LoRA dropout [0.05]."),
-    click.option("--lora-bias", help="none, all, lora_only [none]."),
-    click.option("--target-modules", help="Comma-separated module names, or all-linear [all-linear]."),
-    click.option("--modules-to-save", help="Comma-separated modules trained in full, e.g. lm_head,embed_tokens."),
+    _setting("--model"),
+    _setting("--output-dir"),
+    _setting("--tokenizer"),
+    _setting("--eval", "eval_", metavar="DIR"),
+    _setting("--lora-r", type=int),
+    _setting("--lora-alpha", type=float),
+    _setting("--lora-dropout", type=float),
+    _setting("--lora-bias"),
+    _setting("--target-modules"),
+    _setting("--modules-to-save"),
     click.option("--full-finetune", is_flag=True, default=None, help="Train every weight instead of LoRA."),
-    _flag("load-in-4bit", "Load the base model in 4 bits (QLoRA; bitsandbytes, CUDA or CPU)."),
-    _flag("load-in-8bit", "Load the base model in 8 bits (LLM.int8; bitsandbytes, CUDA or CPU)."),
-    click.option("--bnb-4bit-quant-type", help="nf4 or fp4 [nf4]."),
-    _flag("bnb-4bit-use-double-quant", "Quantize the quantization constants [on]."),
-    click.option("--bnb-4bit-compute-dtype", help="auto, bf16, fp16, fp32 [auto: the training dtype]."),
-    click.option("--dtype", help="Weights dtype: auto, bf16, fp16, fp32 [auto]."),
-    click.option("--attn-implementation",
-                 help="auto, sdpa, eager, varlen (torch varlen_attn), flash_attention_2, flash_attention_3 [auto: "
-                      "flash-attn, else torch varlen on a GPU in bf16/fp16; sdpa (eager without it) elsewhere]."),
-    _flag("trust-remote-code", "Allow the model folder's own Python code."),
-    _flag("bf16", "bf16 mixed precision [on where a CUDA GPU supports it]."),
-    _flag("fp16", "fp16 mixed precision."),
-    _flag("gradient-checkpointing", "Recompute activations in the backward pass."),
-    click.option("--per-device-batch-size", "--per-device-train-batch-size", "per_device_batch_size", type=int,
-                 help="Rows per device per micro-batch [1]."),
-    click.option("--per-device-eval-batch-size", type=int, help="Rows per device per eval batch."),
-    click.option("--gradient-accumulation-steps", type=int, help="Micro-batches per optimizer step [1]."),
-    click.option("--learning-rate", type=float, help="Peak learning rate [2e-4]."),
-    click.option("--lr-scheduler", "--lr-scheduler-type", "lr_scheduler", help="linear, cosine, constant, ... [cosine]."),
-    click.option("--lr-scheduler-kwargs", metavar="JSON",
-                 help="Scheduler arguments, e.g. '{\"min_lr_rate\": 0.05}' [min_lr_rate 0.1 for the min_lr "
-                      "cosines; num_decay_steps 10% of the steps for warmup_stable_decay]."),
-    click.option("--warmup-steps", type=int, help="Warm-up steps [0]."),
-    click.option("--max-steps", type=int, help="Optimizer steps; -1 trains --num-epochs [-1]."),
-    click.option("--num-epochs", "--num-train-epochs", "num_epochs", type=float,
-                 help="Epochs when --max-steps is -1 [1]."),
-    click.option("--optim", help="transformers optimizer: adamw_torch, paged_adamw_32bit, ... [adamw_torch]."),
-    click.option("--weight-decay", type=float, help="[0]"),
-    click.option("--max-grad-norm", type=float, help="Gradient clipping [1.0]."),
-    click.option("--eval-steps", type=int, help="Evaluate every N steps (else once at the end)."),
-    click.option("--save-steps", type=int, help="Checkpoint every N steps [500]."),
-    click.option("--save-total-limit", type=int, help="Keep only the last N checkpoints [2]."),
-    click.option("--logging-steps", type=int, help="Log every N steps [10]."),
-    click.option("--neftune-alpha", "--neftune-noise-alpha", "neftune_alpha", type=float,
-                 help="NEFTune noise alpha (e.g. 5)."),
-    click.option("--report-to", help="none, tensorboard, wandb [none]."),
-    click.option("--seed", type=int, help="Seed of init, dropout and data order [42]."),
-    _flag("shuffle", "Shuffle rows each epoch [on]."),
-    _flag("verify-checksums", "Hash every shard (sha256) at start-up [off: footers, rows and columns only; "
-                              "`sftprep verify` hashes once]."),
-    click.option("--dataloader-workers", type=int, help="Processes reading shards [0]."),
-    click.option("--resume", is_flag=True, default=None, help="Continue from the last checkpoint in --output-dir."),
-    click.option("--overwrite", is_flag=True, default=None, help="Start afresh in an --output-dir with checkpoints."),
+    _flag("load-in-4bit"),
+    _flag("load-in-8bit"),
+    _setting("--bnb-4bit-quant-type"),
+    _flag("bnb-4bit-use-double-quant"),
+    _setting("--bnb-4bit-compute-dtype"),
+    _setting("--dtype"),
+    _setting("--attn-implementation"),
+    _flag("trust-remote-code"),
+    _flag("bf16"),
+    _flag("fp16"),
+    _flag("gradient-checkpointing"),
+    _setting("--per-device-batch-size", "--per-device-train-batch-size", "per_device_batch_size", type=int),
+    _setting("--per-device-eval-batch-size", type=int),
+    _setting("--gradient-accumulation-steps", type=int),
+    _setting("--learning-rate", type=float),
+    _setting("--lr-scheduler", "--lr-scheduler-type", "lr_scheduler"),
+    _setting("--lr-scheduler-kwargs", metavar="JSON"),
+    _setting("--warmup-steps", type=int),
+    _setting("--max-steps", type=int),
+    _setting("--num-epochs", "--num-train-epochs", "num_epochs", type=float),
+    _setting("--optim"),
+    _setting("--weight-decay", type=float),
+    _setting("--max-grad-norm", type=float),
+    _setting("--eval-steps", type=int),
+    _setting("--save-steps", type=int),
+    _setting("--save-total-limit", type=int),
+    _setting("--logging-steps", type=int),
+    _setting("--neftune-alpha", "--neftune-noise-alpha", "neftune_alpha", type=float),
+    _setting("--report-to"),
+    _setting("--seed", type=int),
+    _flag("shuffle"),
+    _flag("verify-checksums"),
+    _setting("--dataloader-workers", type=int),
+    _setting("--resume", is_flag=True, default=None),
+    _setting("--overwrite", is_flag=True, default=None),
 ]
 
 
@@ -202,7 +196,7 @@ def _print_end(console, r) -> None:
 @click.argument("adapter", metavar="ADAPTER_DIR")
 @click.option("--model", help="Base model folder [the one recorded in the adapter].")
 @click.option("--out", required=True, help="Folder for the merged model.")
-@click.option("--dtype", default="auto", show_default=True, help="auto, bf16, fp16, fp32.")
+@click.option("--dtype", default=ModelConfig.dtype, show_default=True, help="auto, bf16, fp16, fp32.")
 @click.option("--trust-remote-code", is_flag=True, help="Allow the model folder's own Python code.")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty --out.")
 def merge(adapter: str, model: str | None, out: str, dtype: str, trust_remote_code: bool, overwrite: bool) -> None:

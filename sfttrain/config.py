@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from sftprep.config import ConfigError, to_plain, did_you_mean, load_yaml  # noqa: F401 (re-exported)
+from sftprep.config import Schema, as_tuple, check_choice, did_you_mean, load_yaml, make_tree, read_tree, to_plain  # noqa: F401
+from sftprep.errors import ConfigError
 
 DTYPES = ("auto", "bf16", "fp16", "fp32")
 ATTENTION = ("auto", "sdpa", "eager", "varlen", "flash_attention_2", "flash_attention_3")
@@ -56,7 +57,8 @@ class ModelConfig:
     dtype: str = "auto"
     """Weights dtype: auto (bf16/fp16 when bf16/fp16 mixed precision is on, else fp32), bf16, fp16, fp32 (--dtype)."""
     attn_implementation: str = "auto"
-    """auto, sdpa, eager, varlen, flash_attention_2, flash_attention_3 (--attn-implementation)."""
+    """auto, sdpa, eager, varlen (torch varlen_attn), flash_attention_2, flash_attention_3; auto: flash-attn,
+    else torch varlen on a GPU in bf16/fp16; sdpa (eager without it) elsewhere (--attn-implementation)."""
     trust_remote_code: bool = False
     """Allow the model folder's own Python code (--trust-remote-code)."""
 
@@ -66,9 +68,9 @@ class QuantConfig:
     """bitsandbytes quantization of the frozen base weights (QLoRA); runs on CUDA and on CPU."""
 
     load_in_4bit: bool = False
-    """Load the base model in 4 bits (--load-in-4bit)."""
+    """Load the base model in 4 bits (QLoRA; bitsandbytes, CUDA or CPU) (--load-in-4bit)."""
     load_in_8bit: bool = False
-    """Load the base model in 8 bits (--load-in-8bit)."""
+    """Load the base model in 8 bits (LLM.int8; bitsandbytes, CUDA or CPU) (--load-in-8bit)."""
     bnb_4bit_quant_type: str = "nf4"
     """nf4 or fp4 (--bnb-4bit-quant-type)."""
     bnb_4bit_use_double_quant: bool = True
@@ -126,7 +128,7 @@ class LoopConfig:
     optim: str = "adamw_torch"
     """Any `transformers` optimizer name: adamw_torch, paged_adamw_32bit, paged_adamw_8bit, ... (--optim)."""
     weight_decay: float = 0.0
-    """(--weight-decay)"""
+    """Weight decay of the optimizer (--weight-decay)."""
     max_grad_norm: float = 1.0
     """Gradient clipping norm (--max-grad-norm)."""
     bf16: bool | None = None
@@ -189,8 +191,7 @@ def _check(c: TrainConfig) -> list[str]:
     p: list[str] = []
 
     def choice(value: Any, allowed: tuple[str, ...], flag: str) -> None:
-        if value not in allowed:
-            p.append(f"{flag} {value!r} is not one of {', '.join(allowed)}{did_you_mean(value, allowed)}")
+        check_choice(p, f"{flag} ", value, allowed)
 
     def at_least(value: Any, low: float, flag: str) -> None:
         if not isinstance(value, (int, float)) or isinstance(value, bool) or value < low:
@@ -289,6 +290,10 @@ ALIASES: dict[str, str] = {
 }
 
 
+TRAIN_SCHEMA = Schema("training", TrainConfig, _SECTIONS, SHORTCUTS, {k: (v, None) for k, v in ALIASES.items()},
+                      scalars={"model": "path"})
+
+
 def config_from_dict(data: Mapping[str, Any] | None, overrides: Mapping[str, Any] | None = None,
                      source: str = "config") -> TrainConfig:
     """Build a `TrainConfig` from a YAML-shaped dict, then apply overrides (flat keys, None = unset).
@@ -299,36 +304,7 @@ def config_from_dict(data: Mapping[str, Any] | None, overrides: Mapping[str, Any
     Raises:
         ConfigError: unknown keys (with the closest known key) or invalid values, all listed at once.
     """
-    sections: dict[str, dict[str, Any]] = {name: {} for name in _SECTIONS}
-    problems: list[str] = []
-
-    def put(key: str, value: Any, where: str) -> None:
-        key = ALIASES.get(key, key)
-        if key == "model" and not isinstance(value, Mapping):
-            sections["model"]["path"] = value
-        elif key in _SECTIONS and isinstance(value, Mapping):
-            known = [f.name for f in dataclasses.fields(_SECTIONS[key])]
-            for k, v in value.items():
-                if k in known:
-                    sections[key][k] = v
-                else:
-                    problems.append(f"{where}: unknown key `{key}.{k}`{did_you_mean(k, known)}")
-        elif key in SHORTCUTS:
-            section, name = SHORTCUTS[key]
-            sections[section][name] = value
-        elif key in _SECTIONS:
-            problems.append(f"{where}: `{key}` must be a mapping, got {type(value).__name__}")
-        else:
-            known = sorted(set(_SECTIONS) | set(SHORTCUTS) | set(ALIASES))
-            problems.append(f"{where}: unknown key `{key}`{did_you_mean(key, known)}")
-
-    for k, v in (data or {}).items():
-        put(str(k), v, source)
-    for k, v in (overrides or {}).items():
-        if v is not None:
-            put(k, v, "command line")
-    if problems:
-        raise ConfigError("invalid training config:\n  - " + "\n  - ".join(problems))
+    sections, _ = read_tree(TRAIN_SCHEMA, data, overrides, source)
     kwargs = sections["train"].get("lr_scheduler_kwargs")
     if isinstance(kwargs, str):
         try:
@@ -337,23 +313,11 @@ def config_from_dict(data: Mapping[str, Any] | None, overrides: Mapping[str, Any
             raise ConfigError(f"--lr-scheduler-kwargs is not valid JSON ({e}): {kwargs!r}") from None
     for section, name in _TUPLES:
         if name in sections[section]:
-            sections[section][name] = _as_tuple(sections[section][name])
-    for section, name in (("data", "shards"), ("data", "eval"), ("model", "path"), ("model", "tokenizer"),
-                          ("train", "output_dir")):
+            sections[section][name] = as_tuple(sections[section][name], split=",")
+    for section, name in TRAIN_PATHS:
         if isinstance(sections[section].get(name), Path):
             sections[section][name] = str(sections[section][name])
-    try:
-        return TrainConfig(**{name: cls(**sections[name]) for name, cls in _SECTIONS.items()})
-    except TypeError as e:  # a value of the wrong shape reached a dataclass
-        raise ConfigError(f"invalid training config: {e}") from None
-
-
-def _as_tuple(value: Any) -> tuple[str, ...]:
-    if value is None:
-        return ()
-    if isinstance(value, str):
-        return tuple(v.strip() for v in value.split(",") if v.strip())
-    return tuple(str(v) for v in value)
+    return make_tree(TRAIN_SCHEMA, sections, {})
 
 
 TRAIN_PATHS = {("data", "shards"), ("data", "eval"), ("model", "path"), ("model", "tokenizer"),

@@ -13,7 +13,10 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from .attention import IGNORE_INDEX, REAL_TOKENS, AttentionPath, positions_and_segments
+from sftprep.errors import InputError
+from sftprep.labels import IGNORE_INDEX, mask_sample_starts
+
+from .attention import REAL_TOKENS, AttentionPath, positions_and_segments
 
 COLUMNS = ("input_ids", "labels", "seq_lens")
 
@@ -42,7 +45,7 @@ class ShardDataset(torch.utils.data.Dataset):
         for f, s in zip(self.files, self.manifest["shards"]):
             t = open_shard(f)
             if t.num_rows != s["rows"]:
-                raise ValueError(f"{f} holds {t.num_rows} rows but the manifest says {s['rows']}; "
+                raise InputError(f"{f} holds {t.num_rows} rows but the manifest says {s['rows']}; "
                                  "rebuild the shards with `sftprep build --overwrite`")
             tables.append([t.column(c) for c in COLUMNS])
         return tables
@@ -67,6 +70,7 @@ class EpochSampler(torch.utils.data.Sampler):
     The order depends only on (seed, epoch, rank, world_size), so a resumed run sees exactly the
     rows it would have seen. When the rows do not divide evenly, the first rows of the permutation
     are repeated so that every rank takes the same number of steps (as `DistributedSampler`).
+    `ShardTrainer` gives every rank the one order (world_size 1) and lets accelerate deal its batches.
     """
 
     def __init__(self, num_rows: int, seed: int = 0, shuffle: bool = True, rank: int = 0,
@@ -125,7 +129,7 @@ class PackedCollator:
         positions = np.empty((len(rows), length), dtype=np.int64)
         for i, (r, n) in enumerate(zip(rows, used)):
             ids[i, :n] = r["input_ids"][:n]
-            labels[i, :n] = _mask_sample_starts(r["labels"][:n], r["seq_lens"])
+            labels[i, :n] = mask_sample_starts(r["labels"][:n].astype(np.int64), r["seq_lens"])
             positions[i] = positions_and_segments(r["seq_lens"], length)[0]
         return {"input_ids": torch.from_numpy(ids), "labels": torch.from_numpy(labels),
                 "position_ids": torch.from_numpy(positions), REAL_TOKENS: sum(used)}
@@ -135,7 +139,7 @@ class PackedCollator:
         for r in rows:
             n = int(np.sum(r["seq_lens"]))
             ids.append(r["input_ids"][:n])
-            labels.append(_mask_sample_starts(r["labels"][:n], r["seq_lens"]))
+            labels.append(mask_sample_starts(r["labels"][:n].astype(np.int64), r["seq_lens"]))
             positions.append(positions_and_segments(r["seq_lens"], n)[0])
             lens.extend(int(x) for x in r["seq_lens"])
         cu = torch.tensor(np.concatenate([[0], np.cumsum(lens)]), dtype=torch.int32)
@@ -146,14 +150,6 @@ class PackedCollator:
             "cu_seq_lens_q": cu, "cu_seq_lens_k": cu,
             "max_length_q": max(lens), "max_length_k": max(lens), REAL_TOKENS: int(cu[-1]),
         }
-
-
-def _mask_sample_starts(labels: np.ndarray, seq_lens: np.ndarray) -> np.ndarray:
-    out = labels.astype(np.int64, copy=True)
-    starts = np.concatenate([[0], np.cumsum(seq_lens)[:-1]]).astype(np.int64)
-    out[starts[starts < len(out)]] = IGNORE_INDEX
-    return out
-
 
 
 class TrainerCollator(PackedCollator):

@@ -66,7 +66,7 @@ class BuildCode:
 
     def __init__(self, settings: Mapping[str, Any], tokenizer: str | Path, allow_code: bool = False) -> None:
         from sftprep.config import config_from_dict
-        from sftprep.encode import Encoder
+        from sftprep.pipeline import encoder_for
         from sftprep.tokenizer import load_fast, tokenizer_identity
 
         # inputs/out are required by BuildConfig but never read by the Encoder: records come from step()
@@ -74,7 +74,7 @@ class BuildCode:
                                    "out": ITERATIVE_DATA, "on_error": "skip"}, source="IterativeTrainer")
         self.config = dataclasses.replace(config, allow_code=allow_code)
         self.fast = load_fast(tokenizer)
-        self.encoder = Encoder(self.config, self.fast)
+        self.encoder = encoder_for(self.config, self.fast)
         self.identity = tokenizer_identity(self.fast, tokenizer)
         self.max_length = self.config.tokenize.max_length
         self.packing = self.config.pack.mode
@@ -126,18 +126,18 @@ class BuildCode:
 
     def pack(self, samples: Sequence[tuple[np.ndarray, np.ndarray]]) -> list[dict[str, np.ndarray]]:
         """Rows as a build writes them (without the padding `PackedCollator` ignores)."""
-        from sftprep.packing import pack_bfd, pack_wrapped
+        from sftprep.labels import mask_sample_starts
+        from sftprep.packing import pack
 
         lengths = [len(ids) for ids, _ in samples]
-        if self.packing == "bfd":
-            bins = [[(i, 0, lengths[i]) for i in b] for b in pack_bfd(lengths, self.max_length)]
-        elif self.packing == "wrapped":
-            bins = pack_wrapped(lengths, self.max_length)
-        else:
-            bins = [[(i, 0, n)] for i, n in enumerate(lengths)]
-        return [{"input_ids": np.concatenate([samples[i][0][a:b] for i, a, b in row]).astype(np.int32),
-                 "labels": np.concatenate([samples[i][1][a:b] for i, a, b in row]).astype(np.int32),
-                 "seq_lens": np.array([b - a for _, a, b in row], np.int32)} for row in bins]
+        rows = []
+        for row in pack(lengths, self.max_length, self.packing, self.config.pack.seed):
+            seq_lens = np.array([b - a for _, a, b in row], np.int32)
+            labels = np.concatenate([samples[i][1][a:b] for i, a, b in row]).astype(np.int32)
+            mask_sample_starts(labels, seq_lens)  # a wrapped piece starts mid-sample: not trained there
+            rows.append({"input_ids": np.concatenate([samples[i][0][a:b] for i, a, b in row]).astype(np.int32),
+                         "labels": labels, "seq_lens": seq_lens})
+        return rows
 
 
 # -- settings ----------------------------------------------------------------------------------

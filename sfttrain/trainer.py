@@ -1,8 +1,14 @@
 """The `transformers.Trainer` wiring: our sampler and collator, per-token loss, signals, saving.
 
+    ShardDataset --EpochSampler (seed, epoch)--> DataLoader --accelerate.prepare--> batches dealt to ranks
+        --PackedCollator--> input_ids, labels, position_ids --model--> LM head at trained positions only
+        --per_token_loss--> loss per trained token (and accuracy, tokens/s in every log)
+
 Everything that Trainer already does well (optimizers, schedulers, gradient accumulation,
 checkpoints, logging, distributed, NEFTune, gradient checkpointing) is left to it; this module
-only plugs in what it cannot know about packed shards.
+only plugs in what it cannot know about packed shards, through its public hooks: the
+`compute_loss_func` argument, `get_train_dataloader`, `compute_loss`, `log`, `evaluation_loop` and
+callbacks (`SetSamplerEpoch`, `StopOnSignal`, `WriteRunInfo`).
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ RUN_FILE = "sfttrain.json"
 
 
 class ShardTrainer(Trainer):
-    """Trainer with the epoch-seeded, rank-sharding `EpochSampler` over memory-mapped shards, the
+    """Trainer with the epoch-seeded `EpochSampler` over memory-mapped shards, the
     loss at trained positions only, per-token eval loss, and in every training log: mean token
     accuracy, non-pad tokens/s, and tokens / trained tokens seen since the run began."""
 
@@ -39,6 +45,7 @@ class ShardTrainer(Trainer):
         self.seen: dict[str, float] | None = None  # cumulative, across ranks; restored from the log history
         self._since = time.perf_counter()
         super().__init__(*args, compute_loss_func=self._loss, **kwargs)
+        self.add_callback(SetSamplerEpoch(self))
 
     def _loss(self, outputs, labels, num_items_in_batch=None):
         meter = self.meter if self.model.training else self.eval_meter
@@ -102,28 +109,31 @@ class ShardTrainer(Trainer):
             output.metrics[f"{prefix}_trained_tokens"] = int(values["trained"])
         return output
 
-    def _get_train_sampler(self, train_dataset=None) -> EpochSampler:
-        dataset = train_dataset if train_dataset is not None else self.train_dataset
-        self._sampler = EpochSampler(len(dataset), seed=self.args.seed, shuffle=self._shuffle,
-                                     rank=self.args.process_index, world_size=self.args.world_size)
-        return self._sampler
+    def get_train_dataloader(self) -> torch.utils.data.DataLoader:
+        """Our loader: the rows in `EpochSampler` order, the same on every rank; accelerate's `prepare`
+        deals its batches out to the ranks (its documented job), so each rank trains disjoint rows.
+        `SetSamplerEpoch` reshuffles it at each epoch, resumed ones included."""
+        args, workers = self.args, self.args.dataloader_num_workers
+        self._sampler = EpochSampler(len(self.train_dataset), seed=args.seed, shuffle=self._shuffle)
+        loader = torch.utils.data.DataLoader(
+            self.train_dataset, batch_size=args.train_batch_size, sampler=self._sampler,
+            collate_fn=self.data_collator, num_workers=workers, pin_memory=args.dataloader_pin_memory,
+            drop_last=args.dataloader_drop_last, persistent_workers=workers > 0 and args.dataloader_persistent_workers,
+            prefetch_factor=args.dataloader_prefetch_factor if workers > 0 else None)
+        return self.accelerator.prepare(loader)
 
-    def get_train_dataloader(self):
-        loader = super().get_train_dataloader()
-        # Our sampler already deals rows to ranks; make accelerate's BatchSamplerShard a passthrough
-        # so that rows are not sharded twice.
-        wrapper = getattr(loader, "batch_sampler", None)
-        if wrapper is not None and hasattr(wrapper, "num_processes") and hasattr(wrapper, "batch_sampler"):
-            wrapper.num_processes, wrapper.process_index = 1, 0
-        return loader
 
-    def _run_epoch(self, *args, **kwargs):
-        # Set the epoch on our sampler itself: after a resume the dataloader is re-wrapped to skip
-        # batches, and the wrappers do not always forward set_epoch.
-        epoch = kwargs.get("epoch", args[1] if len(args) > 1 else None)
-        if self._sampler is not None and epoch is not None:
-            self._sampler.set_epoch(epoch)
-        return super()._run_epoch(*args, **kwargs)
+class SetSamplerEpoch(TrainerCallback):
+    """At each epoch's start, the epoch `EpochSampler` shuffles for: `int(state.epoch)`, which a
+    resumed run restores from its checkpoint (a public hook, whatever wraps the dataloader)."""
+
+    def __init__(self, trainer: ShardTrainer) -> None:
+        self.trainer = trainer
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        if self.trainer._sampler is not None:
+            self.trainer._sampler.set_epoch(int(state.epoch or 0))
+        return control
 
 
 class StopOnSignal(TrainerCallback):

@@ -12,6 +12,27 @@ MISTRAL = str(FIXTURES / "tokenizers" / "mistral")
 CHATML_TOK = str(FIXTURES / "tokenizers" / "mistral-chatml")
 DATA = FIXTURES / "data"
 
+SLOW_FILES = {  # every test in these trains a model, runs a subprocess or renders real chat templates
+    "test_atomic.py", "test_chat_templates.py", "test_portable.py", "test_properties.py", "test_sfttrain_bench.py",
+    "test_sfttrain_cli.py", "test_sfttrain_distributed.py", "test_sfttrain_gpu.py", "test_sfttrain_guards.py",
+    "test_sfttrain_isolation.py", "test_sfttrain_learns.py", "test_sfttrain_logs.py", "test_sfttrain_quantized.py",
+    "test_sfttrain_resume.py", "test_sfttrain_template.py", "test_sfttrain_varlen.py",
+}
+"""Marked `slow` as whole files (other slow tests carry `@pytest.mark.slow`). `pytest -m "not slow"` does
+not even import them: their module-level torch / transformers imports cost seconds."""
+
+
+def pytest_ignore_collect(collection_path, config):
+    if collection_path.name in SLOW_FILES and "not slow" in (config.getoption("markexpr") or ""):
+        return True
+    return None
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.path.name in SLOW_FILES:
+            item.add_marker(pytest.mark.slow)
+
 
 @pytest.fixture(scope="session")
 def mistral():

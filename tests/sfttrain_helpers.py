@@ -10,6 +10,8 @@ from typing import Any
 import numpy as np
 import pytest
 
+from tests.conftest import write_jsonl
+
 ROOT = Path(__file__).resolve().parents[1]
 TOKENIZER = ROOT / "fixtures" / "tokenizers" / "mistral"
 CHATML_TOKENIZER = ROOT / "fixtures" / "tokenizers" / "mistral-chatml"
@@ -24,18 +26,16 @@ SPANISH = [
 ]
 
 
-def write_jsonl(path: Path, pairs) -> Path:
-    with open(path, "w", encoding="utf-8") as f:
-        for p, c in pairs:
-            f.write(json.dumps({"prompt": p, "completion": c}) + "\n")
-    return path
+def pair_records(pairs) -> list[dict[str, str]]:
+    """`(prompt, completion)` pairs as prompt/completion records (for `conftest.write_jsonl`)."""
+    return [{"prompt": p, "completion": c} for p, c in pairs]
 
 
 def build_shards(tmp: Path, pairs, name: str = "shards", tokenizer: Path = TOKENIZER, **overrides: Any) -> Path:
     """`sftprep build` of prompt/completion `pairs` into tmp/name; returns the folder."""
     from sftprep import build, config_from_dict
 
-    data = write_jsonl(tmp / f"{name}.jsonl", pairs)
+    data = write_jsonl(tmp / f"{name}.jsonl", pair_records(pairs))
     cfg = {"inputs": [str(data)], "tokenizer": str(tokenizer), "max_length": 64, "packing": "bfd",
            "out": str(tmp / name), "overwrite": True, **overrides}
     build(config_from_dict(cfg))

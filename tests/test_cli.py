@@ -86,3 +86,24 @@ def test_trl_names_are_accepted_and_stored_under_ours(tmp_path):
     assert manifest["config"]["tokenize"]["max_length"] == 64 and manifest["config"]["pack"]["mode"] == "bfd"
     r = sftprep_cli("build", "-i", data, "-t", MISTRAL, "-o", tmp_path / "o2", "--completion-only-los")
     assert "No such option '--completion-only-los'" in r.output and "'--completion-only-loss'" in r.output
+
+
+def test_help_texts_and_defaults_come_from_the_config_dataclasses():
+    """One source of truth: each settings flag's help is its field's docstring plus the field's default."""
+    import click
+
+    from sftprep.cli import build
+    from sftprep.config import BUILD_SCHEMA, TokenizeConfig
+    from sfttrain.cli import run
+    from sfttrain.config import TRAIN_SCHEMA, LoraConfig
+
+    checked = 0
+    for command, schema in ((build, BUILD_SCHEMA), (run, TRAIN_SCHEMA)):
+        for param in command.params:
+            key = param.name.rstrip("_")
+            if isinstance(param, click.Option) and key not in schema.aliases and schema.target(key) is not None:
+                assert param.help == schema.help(key), param.name
+                checked += 1
+    assert checked > 60
+    assert f"[default: {TokenizeConfig.max_length}]" in BUILD_SCHEMA.help("max_length")
+    assert f"[default: {LoraConfig.r}]" in TRAIN_SCHEMA.help("lora_r")

@@ -35,6 +35,7 @@ def builds(tmp_path_factory):
     return tmp
 
 
+@pytest.mark.slow
 def test_template_change_reads_like_a_code_review(builds):
     r = run("diff", builds / "alpaca", builds / "chatml")
     assert r.exit_code == 0, r.output

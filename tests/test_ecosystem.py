@@ -79,6 +79,7 @@ def test_trainer_collator_restarts_positions_and_drops_nothing(shards):
     assert batch["labels"].tolist() == [[-100, 6, -100, -100, 9, -100, -100, -100]]
 
 
+@pytest.mark.slow
 def test_plain_trainer_trains_one_step_on_load_dataset(tmp_path):
     """The README's recipe: `load_dataset("arrow", data_dir=...)` + `TrainerCollator` + a plain Trainer."""
     import datasets

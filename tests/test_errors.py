@@ -53,6 +53,7 @@ def build(*args):
     return CliRunner().invoke(main, ["build", *map(str, args)])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case,line,flags,message", BAD_RECORDS, ids=[c[0] for c in BAD_RECORDS])
 def test_bad_record_fail_mode_names_file_line_field(tmp_path, case, line, flags, message):
     path = write(tmp_path, [GOOD, line, GOOD])
@@ -63,6 +64,7 @@ def test_bad_record_fail_mode_names_file_line_field(tmp_path, case, line, flags,
     assert not (tmp_path / "o" / "manifest.json").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case,line,flags,message", BAD_RECORDS, ids=[c[0] for c in BAD_RECORDS])
 def test_bad_record_skip_mode_lists_it_in_rejects(tmp_path, case, line, flags, message):
     path = write(tmp_path, [GOOD, line, GOOD])
@@ -228,6 +230,7 @@ BAD_SETTINGS = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case,flags,message", BAD_SETTINGS, ids=[c[0] for c in BAD_SETTINGS])
 def test_bad_settings(tmp_path, case, flags, message):
     path = write(tmp_path, [GOOD])
@@ -262,6 +265,7 @@ def test_tokenizer_without_eos(tmp_path):
     assert r.exit_code == 2 and "the tokenizer has no eos_token" in r.output
 
 
+@pytest.mark.slow
 def test_out_folder_with_a_different_build_needs_overwrite(tmp_path):
     path = write(tmp_path, [GOOD])
     assert build("-i", path, "-t", MISTRAL, "-o", tmp_path / "o", "-q").exit_code == 0
@@ -293,6 +297,7 @@ def test_unknown_yaml_keys_and_bad_values(tmp_path):
     assert "unknown key `template.nmae` (did you mean 'name'?)" in r.output
 
 
+@pytest.mark.slow
 def test_the_output_folder_is_never_read_as_input(tmp_path):
     data = tmp_path / "data"
     data.mkdir()
@@ -306,6 +311,7 @@ def test_the_output_folder_is_never_read_as_input(tmp_path):
         assert manifest["totals"]["records_read"] == 2
 
 
+@pytest.mark.slow  # sfttrain run imports transformers
 @pytest.mark.parametrize("name,message", [
     ("data.jsonl", "data.jsonl is a file, not a build folder: pass the folder `sftprep build --out` wrote; to build "
                    "one from it: sftprep build -i"),
@@ -339,3 +345,29 @@ def test_a_folder_that_is_not_a_datasets_folder_names_itself(tmp_path):
     (tmp_path / "hub" / "train-00000.parquet").write_bytes(b"")
     r = build("-i", tmp_path / "hub", "-t", MISTRAL, "-o", tmp_path / "o")
     assert r.exit_code == 2 and f"or a glob such as '{tmp_path / 'hub'}/*.jsonl'" in r.output
+
+
+def test_an_internal_error_keeps_its_traceback_while_user_errors_stay_one_line(tmp_path, monkeypatch):
+    import sftprep.api
+    import sfttrain.cli
+    from sftprep.errors import ConfigError
+
+    def bug(*args, **kwargs):
+        raise ValueError("a bug in sftprep, not a setting")  # a plain ValueError is no user error
+
+    path = write(tmp_path, [GOOD])
+    monkeypatch.setattr(sftprep.api, "build", bug)
+    r = build("-i", path, "-t", MISTRAL, "-o", tmp_path / "o")
+    assert r.exit_code == 1 and isinstance(r.exception, ValueError) and "Error:" not in r.output
+    monkeypatch.setattr(sfttrain.cli, "_run", bug)
+    r = CliRunner().invoke(sfttrain.cli.main, ["run", str(tmp_path), "--model", str(tmp_path), "--output-dir",
+                                               str(tmp_path / "r")])
+    assert r.exit_code == 1 and isinstance(r.exception, ValueError)
+
+    def user_error(*args, **kwargs):
+        raise ConfigError("--lora-r 0 must be a number >= 1")
+
+    monkeypatch.setattr(sfttrain.cli, "_run", user_error)
+    r = CliRunner().invoke(sfttrain.cli.main, ["run", str(tmp_path), "--model", str(tmp_path), "--output-dir",
+                                               str(tmp_path / "r")])
+    assert r.exit_code == 2 and r.output == "Error: --lora-r 0 must be a number >= 1\n"

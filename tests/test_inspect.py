@@ -39,6 +39,7 @@ def row_of(table, sample_id: int) -> int:
     return next(i for i, sids in enumerate(table.column("sample_ids").to_pylist()) if sample_id in sids)
 
 
+@pytest.mark.slow
 def test_sample_shows_trained_span_in_markers_with_its_source(built):
     out, data, table = built
     r = run("inspect", out, "--sample", 0)
@@ -117,6 +118,7 @@ def test_user_errors_are_one_line_exit_2(built, args, message):
     assert message in r.output and r.output.count("\n") == 1 and "Traceback" not in r.output
 
 
+@pytest.mark.slow
 def test_missing_folder_and_tokenizer_override(built, tmp_path):
     r = run("inspect", tmp_path / "nope")
     assert r.exit_code == 2

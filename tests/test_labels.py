@@ -22,6 +22,7 @@ def one_sample(tmp_path, records, tokenizer=MISTRAL, **settings):
     return samples_of(table)
 
 
+@pytest.mark.slow
 def test_prompt_completion_without_template_trains_completion_and_eos(tmp_path, mistral):
     ids, labels, _ = one_sample(tmp_path, [{"prompt": "How do you say cat in Spanish?", "completion": " gato"}])[0]
     assert ids == [mistral.bos_token_id] + mistral("How do you say cat in Spanish? gato</s>",
@@ -46,6 +47,7 @@ def test_completion_after_trailing_space_keeps_first_word(tmp_path, mistral):
     assert trained_runs(mistral, labels) == ["Paris</s>"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tokenizer", [CHATML_TOK, MISTRAL], ids=["special-tokens", "plain-text"])
 @pytest.mark.parametrize("policy,expected", [
     ("auto", ["Hi there!<|im_end|>", "Goodbye.<|im_end|>"]),
@@ -67,6 +69,7 @@ def test_chatml_train_on_all_trains_everything_but_the_first_token(tmp_path, mis
     assert labels[0] == -100 and labels[1:] == ids[1:]
 
 
+@pytest.mark.slow
 def test_tokenizer_chat_template_matches_chatml_preset(tmp_path, mistral_chatml):
     a = one_sample(tmp_path / "a", [CHAT], CHATML_TOK, template="tokenizer")[0]
     b = one_sample(tmp_path / "b", [CHAT], CHATML_TOK, template="chatml")[0]
@@ -84,6 +87,7 @@ def test_chat_records_default_to_the_tokenizers_chat_template(tmp_path, mistral_
     assert manifest["template"] == "tokenizer (default for chat records)"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("template,expected_text", [
     ("alpaca", "Below is an instruction that describes a task. Write a response that appropriately "
                "completes the request.\n\n### Instruction:\nTranslate\nbonjour\n\n### Response:\nhello</s>\n\n"),
@@ -200,6 +204,7 @@ def test_mistral_preset_keeps_the_first_character_of_an_answer(tmp_path, mistral
     assert mistral.decode(ids).endswith('[/INST] {"a": 1}</s>')
 
 
+@pytest.mark.slow
 def test_chatml_preset_warns_when_its_markers_are_plain_text(tmp_path):
     manifest, _ = build_records(tmp_path / "a", [CHAT], MISTRAL, template="chatml")
     assert manifest["warnings"] == ["template 'chatml': <|im_start|>, <|im_end|> are not a single token of this "
@@ -228,6 +233,7 @@ LONG_CHAT = {"messages": [{"role": "system", "content": "Be brief."}] + [
                                    {"role": "assistant", "content": f"Answer {k}: " + "done " * 20})]}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("truncation,kept", [("keep_start", [0, 1]), ("keep_end", [2, 3])])
 def test_turn_truncation_drops_whole_exchanges_and_keeps_every_end_token(tmp_path, mistral_chatml, truncation, kept):
     full = mistral_chatml.apply_chat_template(LONG_CHAT["messages"], tokenize=True, return_dict=False)
@@ -249,6 +255,7 @@ def test_turn_truncation_rejects_a_sample_whose_single_turn_does_not_fit(tmp_pat
     assert reject["message"].endswith("tokens > max_length 60, and no whole turn fits (--truncation-unit turns)")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("template,outcome", [
     # looks at the text but writes the same with and without markers: verified, built
     ("{% for m in messages %}<|im_start|>{{ m.role }}\n{% if m.content.startswith('#') %}# {% endif %}"

@@ -32,6 +32,7 @@ def test_pack_wrapped_cuts_constant_chunks():
     assert fill_ratio(13, 3, 5) == pytest.approx(13 / 15)
 
 
+@pytest.mark.slow
 def test_bfd_rows_keep_the_shard_contract(tmp_path, mistral):
     manifest, table = build_records(tmp_path, alpaca(), template="alpaca", max_length=512)
     _, unpacked = build_records(tmp_path, alpaca(), template="alpaca", max_length=512, packing="none",
@@ -58,6 +59,7 @@ def test_bfd_rows_keep_the_shard_contract(tmp_path, mistral):
     assert t["rows"] < 40  # it really packed
 
 
+@pytest.mark.slow
 def test_build_is_deterministic(tmp_path):
     a, _ = build_records(tmp_path / "a", alpaca(), template="alpaca", max_length=512, shard_size=4)
     b, _ = build_records(tmp_path / "b", alpaca(), template="alpaca", max_length=512, shard_size=4)
@@ -80,6 +82,7 @@ def test_wrapped_packing_for_plain_text(tmp_path):
     assert manifest["totals"]["samples_truncated"] == 0  # wrapped never truncates
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode,expect_len", [("keep_start", 16), ("keep_end", 16)])
 def test_truncation_keeps_start_or_end(tmp_path, mistral, mode, expect_len):
     rec = {"prompt": "Count:", "completion": " " + " ".join(str(i) for i in range(40))}
@@ -91,6 +94,7 @@ def test_truncation_keeps_start_or_end(tmp_path, mistral, mode, expect_len):
     assert (text.startswith("Count:") if mode == "keep_start" else text.endswith("39</s>"))
 
 
+@pytest.mark.slow
 def test_truncation_drop_and_fully_masked_samples_are_rejected(tmp_path):
     long = {"prompt": "Count:", "completion": " " + " ".join(str(i) for i in range(40))}
     masked = {"prompt": " ".join(["word"] * 40), "completion": " end"}
@@ -104,6 +108,7 @@ def test_truncation_drop_and_fully_masked_samples_are_rejected(tmp_path):
     assert reject["source"].endswith("masked.jsonl:1") and reject["sample_id"] == 0
 
 
+@pytest.mark.slow
 def test_workers_give_the_same_shards(tmp_path):
     one, _ = build_records(tmp_path / "a", alpaca(), template="alpaca", max_length=512)
     two, _ = build_records(tmp_path / "b", alpaca(), template="alpaca", max_length=512, workers=2)

@@ -12,7 +12,8 @@ import pytest
 from click.testing import CliRunner
 
 from tests.conftest import sftprep_cli
-from tests.sfttrain_helpers import SPANISH, TOKENIZER, make_tiny_model, one_thread, write_jsonl  # noqa: F401
+from tests.conftest import write_jsonl
+from tests.sfttrain_helpers import SPANISH, TOKENIZER, make_tiny_model, one_thread, pair_records  # noqa: F401
 
 
 @pytest.fixture
@@ -21,7 +22,7 @@ def made_in_a(tmp_path, monkeypatch) -> Path:
     a = tmp_path / "a"
     a.mkdir()
     shutil.copytree(TOKENIZER, a / "tok")
-    write_jsonl(a / "data.jsonl", SPANISH * 2)
+    write_jsonl(a / "data.jsonl", pair_records(SPANISH * 2))
     monkeypatch.chdir(a)
     for out, template in (("shards", "none"), ("shards_qa", "qa")):
         r = sftprep_cli("build", "-i", "data.jsonl", "-t", "tok", "-o", out, "--template", template,

@@ -7,8 +7,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sftprep.config import config_from_dict
-from sftprep.encode import Encoder
-from sftprep.labels import IGNORE_INDEX, labels_from_spans, token_ranges
+from sftprep.pipeline import encoder_for
+from sftprep.labels import IGNORE_INDEX, labels_from_spans, mask_sample_starts, token_ranges
 from sftprep.packing import pack_bfd, pack_wrapped
 from sftprep.readers import Record
 from sftprep.tokenizer import load_tokenizer
@@ -62,14 +62,13 @@ def test_fast_labels_equal_the_reference_rule(segments):
     fast = np.full(len(enc.ids), IGNORE_INDEX, dtype=np.int32)
     for i, j in token_ranges(enc, text, spans, len(enc.ids)):
         fast[i:j] = np.asarray(enc.ids[i:j])
-    if len(fast):
-        fast[0] = IGNORE_INDEX
+    mask_sample_starts(fast, [len(fast)])
     assert fast.tolist() == ref.tolist()
     assert all(lab == IGNORE_INDEX or lab == i for lab, i in zip(ref.tolist(), enc.ids))
 
 
-ENCODER = Encoder(config_from_dict({"inputs": ["x.jsonl"], "tokenizer": CHATML_TOK, "out": "unused",
-                                    "template": "chatml", "max_length": 4096}), TOK)
+ENCODER = encoder_for(config_from_dict({"inputs": ["x.jsonl"], "tokenizer": CHATML_TOK, "out": "unused",
+                                        "template": "chatml", "max_length": 4096}), TOK)
 
 
 @SETTINGS

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pyarrow as pa
+import pytest
 import pyarrow.feather as feather
 import pyarrow.parquet as pq
 
@@ -46,6 +47,7 @@ def test_all_readers_agree_and_keep_provenance(tmp_path):
     assert sources["hf"][2].endswith("hf:row 2")
 
 
+@pytest.mark.slow
 def test_same_shards_from_every_container(tmp_path):
     digests = set()
     for kind, path in write_all(tmp_path).items():
@@ -67,6 +69,7 @@ def test_globs_and_several_inputs_in_order(tmp_path):
     assert len(load(tmp_path / "o")) == 4
 
 
+@pytest.mark.slow
 def test_fast_loader_matches_transformers(tmp_path):
     """The build loads tokenizer.json without transformers; ids and identity must be the same."""
     from sftprep.tokenizer import load_fast, load_tokenizer, tokenizer_identity

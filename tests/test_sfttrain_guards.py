@@ -29,7 +29,7 @@ def run_cli(*args):
 def _refused(result, *expected):
     assert result.exit_code == 2, result.output
     assert "Traceback" not in result.output
-    assert result.output.startswith("error: ")
+    assert result.output.startswith("Error: ")
     for text in expected:
         assert text in result.output, result.output
 

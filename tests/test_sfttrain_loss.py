@@ -31,6 +31,7 @@ def _batch():
     return batch
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["llama", "gemma2"])  # Gemma-2 soft-caps its logits after the head
 def test_trained_positions_loss_equals_the_full_logits_loss(family):
     model = family_model(family, "eager")
@@ -68,6 +69,7 @@ def test_next_token_targets_keep_the_positions_before_trained_labels():
     assert targets.tolist() == [5, 6, 7]
 
 
+@pytest.mark.slow
 def test_a_batch_with_nothing_trained_gives_zero_loss_with_a_gradient():
     model = family_model("llama", "eager")
     batch = _batch()

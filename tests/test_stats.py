@@ -120,6 +120,7 @@ def test_json_for_machines(built):
     assert sum(s["histograms"]["samples_per_row"]["counts"]) == s["rows"]["count"] == s["totals"]["rows"]
 
 
+@pytest.mark.slow
 def test_plot_writes_a_png_of_the_histograms(built, tmp_path):
     from matplotlib.image import imread
 

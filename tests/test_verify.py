@@ -53,6 +53,7 @@ def edit_manifest(folder, edit):
     (folder / "manifest.json").write_text(json.dumps(m))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("packing", ["bfd", "wrapped", "none"])
 def test_sound_builds_pass(builds, packing):
     out = builds / packing

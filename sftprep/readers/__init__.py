@@ -10,6 +10,7 @@ import glob
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
+from ..errors import InputError
 
 __all__ = ["Record", "expand_inputs", "iter_records", "reader_for"]
 
@@ -52,14 +53,14 @@ def reader_for(path: Path):
     if path.is_dir():
         if any((path / n).exists() for n in ("state.json", "dataset_dict.json")):
             return hf_disk.read
-        raise ValueError(f"input folder {path} is not a `datasets.save_to_disk` folder (no state.json); "
+        raise InputError(f"input folder {path} is not a `datasets.save_to_disk` folder (no state.json); "
                          f"pass the files inside it, or a glob such as '{path}/*.jsonl'")
     suffix = "".join(path.suffixes[-2:]) if path.suffix == ".gz" else path.suffix
     by_suffix = {".jsonl": jsonfile.read_lines, ".ndjson": jsonfile.read_lines, ".jsonl.gz": jsonfile.read_lines,
                  ".json": jsonfile.read_json, ".csv": csvfile.read, ".tsv": csvfile.read, ".parquet": parquet.read,
                  ".arrow": arrow.read, ".feather": arrow.read, ".ipc": arrow.read}
     if suffix.lower() not in by_suffix:
-        raise ValueError(f"input {path}: unsupported file type {suffix or '(none)'!r}; expected one of "
+        raise InputError(f"input {path}: unsupported file type {suffix or '(none)'!r}; expected one of "
                          f"{', '.join(sorted(by_suffix))} or a `datasets.save_to_disk` folder")
     return by_suffix[suffix.lower()]
 

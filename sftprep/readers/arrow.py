@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Iterator
 
 from . import Record
+from ..errors import InputError
 
 
 def iter_batches(path: Path):
@@ -31,4 +32,4 @@ def read(path: Path) -> Iterator[Record]:
                 yield Record(rec, f"{path}:row {row}")
                 row += 1
     except (pa.ArrowException, OSError) as e:
-        raise ValueError(f"{path}: not a readable Arrow file (after row {row}): {e}") from None
+        raise InputError(f"{path}: not a readable Arrow file (after row {row}): {e}") from None

@@ -12,6 +12,7 @@ from typing import Iterator
 
 from . import Record
 from .arrow import iter_batches
+from ..errors import InputError
 
 
 def read(path: Path) -> Iterator[Record]:
@@ -19,7 +20,7 @@ def read(path: Path) -> Iterator[Record]:
     if not state.exists():
         splits = [p.name for p in path.iterdir() if (p / "state.json").exists()]
         hint = f"; pick a split: {', '.join(str(path / s) for s in sorted(splits))}" if splits else ""
-        raise ValueError(f"{path} has no state.json, so it is not a saved `datasets.Dataset`{hint}")
+        raise InputError(f"{path} has no state.json, so it is not a saved `datasets.Dataset`{hint}")
     files = [f["filename"] for f in json.loads(state.read_text())["_data_files"]]
     row = 0
     for name in files:

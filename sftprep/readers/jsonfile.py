@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Iterator
 
 from . import Record
+from ..errors import InputError
 
 
 def _as_record(value, source: str, surrogates: bool = False) -> Record:
@@ -67,7 +68,7 @@ def read_lines(path: Path) -> Iterator[Record]:
                 record.size = len(raw)
                 yield record
     except (EOFError, gzip.BadGzipFile, zlib.error) as e:
-        raise ValueError(f"{path}: the gzip stream is truncated or corrupt after line {lineno} ({e}); "
+        raise InputError(f"{path}: the gzip stream is truncated or corrupt after line {lineno} ({e}); "
                          "nothing was built from it: fix or re-download the file") from None
 
 

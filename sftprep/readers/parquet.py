@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Iterator
 
 from . import Record
+from ..errors import InputError
 
 
 def read(path: Path) -> Iterator[Record]:
@@ -20,4 +21,4 @@ def read(path: Path) -> Iterator[Record]:
                 yield Record(rec, f"{path}:row {row}")
                 row += 1
     except (pa.ArrowException, OSError) as e:
-        raise ValueError(f"{path}: not a readable Parquet file (after row {row}): {e}") from None
+        raise InputError(f"{path}: not a readable Parquet file (after row {row}): {e}") from None

@@ -118,6 +118,11 @@ class Renderer:
             return "tokenizer (default for chat records)"
         return c.name or "none (text as is)"
 
+    @property
+    def reads_fields(self) -> bool:
+        """Whether the template reads the record's fields itself (format strings, a Python callable)."""
+        return self.cfg.prompt is not None or self.fn is not None
+
     def uses_chat_template(self, conv: Conversation) -> bool:
         """Whether the Jinja chat template renders `conv` (`--template tokenizer`, or by default for
         chat records). It writes the whole sequence, BOS included where the model has one; otherwise

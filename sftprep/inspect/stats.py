@@ -2,7 +2,7 @@
 `samples.feather`, the shards' `seq_lens` and `rejects.jsonl`.
 
 `collect()` reads the arrays (never a whole token column: only list offsets and `seq_lens`),
-`summarize()` turns them into a JSON-able dict, `render()` prints it for a person and `plot()`
+`summarize()` turns them into a JSON-able dict, `print_stats()` prints it for a person and `plot()`
 draws the histograms (matplotlib, imported only there).
 """
 
@@ -15,7 +15,9 @@ from typing import Any
 
 import numpy as np
 
-from .samples import open_build, read_rejects, read_sample_info, source_file
+from ..errors import MissingExtra
+from ..shards import load
+from .folder import read_build, read_rejects, read_sample_info, source_file
 
 BINS = 10
 
@@ -36,9 +38,7 @@ class Collected:
 
 def collect(path: str | Path) -> Collected:
     """Read what the statistics need from the build in `path`."""
-    from .api import load
-
-    folder, manifest = open_build(path)
+    folder, manifest = read_build(path)
     table = load(folder)
     row_tokens, per_row = [], []
     for chunk in table.column("seq_lens").chunks:
@@ -140,9 +140,9 @@ def _per_file(c: Collected) -> list[dict[str, Any]]:
             for f, r in rows.items()]
 
 
-# -- rendering -----------------------------------------------------------------------------------
+# -- output --------------------------------------------------------------------------------------
 
-def render(stats: dict[str, Any], console) -> None:
+def print_stats(stats: dict[str, Any], console) -> None:
     """Print the statistics with rich: totals, distributions, text histograms, per-file table."""
     from rich.table import Table
     from rich.text import Text
@@ -234,8 +234,8 @@ def plot(c: Collected, path: str | Path) -> Path:
         from matplotlib.figure import Figure
         from matplotlib.ticker import MaxNLocator
     except ImportError:
-        raise ImportError("--plot needs matplotlib, which is not installed: pip install 'sftprep[plot]' "
-                          "(the statistics above need nothing more)") from None
+        raise MissingExtra("--plot needs matplotlib, which is not installed: pip install 'sftprep[plot]' "
+                           "(the statistics above need nothing more)") from None
 
     m = c.manifest
     max_length = m["max_length"]

@@ -25,9 +25,10 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from .labels import IGNORE_INDEX
-from .samples import Flat, flatten, open_build, read_sample_info
-from .shards import SCHEMA, open_shard, sha256_file
+from ..labels import IGNORE_INDEX, mask_sample_starts
+from ..shards import SCHEMA, open_shard, sha256_file
+from .folder import read_build, read_sample_info
+from .unpack import Flat, flatten, list_parts
 
 PER_CHECK = 20  # violations listed per check and batch of rows (all are counted)
 BATCH_ROWS = 2048  # rows checked at once: about 2048 x max_length x 30 bytes of scratch
@@ -80,7 +81,7 @@ def verify(path: str | Path) -> Report:
     Raises:
         FileNotFoundError / ValueError: `path` is not a build (missing or unreadable manifest).
     """
-    folder, manifest = open_build(path)
+    folder, manifest = read_build(path)
     report = Report(str(folder))
     seen: list[np.ndarray] = []
     lengths: list[np.ndarray] = []
@@ -153,13 +154,13 @@ def _check_rows(report: Report, k: int, name: str, table, flat: Flat, manifest: 
     """Row-level checks; False when rows are malformed so positions cannot be trusted. `row0` is the
     shard row of the first row of `table`."""
     sound = True
-    lab_off = _offsets(table.column("labels"))
+    _, lab_off = list_parts(table.column("labels"))
     lab_len = np.diff(lab_off)
     for r in _listed(report, "lengths", lab_len != flat.row_lens):
         report.add("lengths", k, name, f"{flat.row_lens[r]} input_ids but {lab_len[r]} labels",
                    row=row0 + int(r))
         sound = False
-    n_seq, n_sid = np.diff(flat.seq_off), np.diff(_offsets(table.column("sample_ids")))
+    n_seq, n_sid = np.diff(flat.seq_off), np.diff(list_parts(table.column("sample_ids"))[1])
     for r in _listed(report, "lengths", n_seq != n_sid):
         report.add("lengths", k, name, f"{n_seq[r]} seq_lens but {n_sid[r]} sample_ids", row=row0 + int(r))
         sound = False
@@ -184,12 +185,6 @@ def _check_rows(report: Report, k: int, name: str, table, flat: Flat, manifest: 
     return sound
 
 
-def _offsets(column) -> np.ndarray:
-    arr = column.combine_chunks()
-    off = arr.offsets.to_numpy().astype(np.int64)
-    return off - off[0]
-
-
 def _check_positions(report: Report, k: int, name: str, flat: Flat, manifest: dict[str, Any],
                      row0: int) -> None:
     tok = manifest["tokenizer"]
@@ -206,9 +201,7 @@ def _check_positions(report: Report, k: int, name: str, flat: Flat, manifest: di
     pad_id = tok.get("pad_id")
     add("padding id", is_pad & (ids != pad_id), lambda i: f"padding has id {ids[i]}, not pad_id {pad_id}")
     add("padding label", is_pad & trained, lambda i: f"padding has label {labels[i]}, not -100")
-    firsts = np.zeros(len(ids), bool)
-    starts = flat.piece_start[flat.seq_lens > 0]
-    firsts[starts[starts < len(ids)]] = True
+    firsts = mask_sample_starts(np.zeros(len(ids), bool), flat.seq_lens, flat.row_off, flat.seq_off, fill=True)
     add("first token", firsts & trained,
         lambda i: f"first token of sample {_sample_at(flat, i)} has label {labels[i]}, not -100 (it would "
                   "train the previous sample to predict this one)")
@@ -279,7 +272,7 @@ def _check_totals(report: Report, manifest: dict[str, Any]) -> None:
                        f"hold {have}")
 
 
-def render(report: Report, limit: int = 20) -> str:
+def format_report(report: Report, limit: int = 20) -> str:
     """The human report: OK line, or the first `limit` violations and a count per check."""
     if report.ok:
         return (f"OK: {report.folder}: {report.shards} shard(s), {report.rows:,} rows, {report.tokens:,} "

@@ -15,11 +15,14 @@ from typing import Any
 
 import numpy as np
 
-from .samples import (build_tokenizer, decode_segments, flatten, open_build, read_sample_info,
-                      sources_by_id, unpack)
+from ..config import shard_settings
+
+from ..shards import load
+from .decode import decode_segments, load_build_tokenizer
+from .folder import read_build, read_sample_info, sources_by_id
+from .unpack import flatten, unpack
 from .view import marked
 
-VOLATILE = {"out", "workers", "overwrite"}  # settings that never change the shards
 TOKENIZER_KEYS = ("name", "vocab_size", "vocab_hash", "bos_id", "eos_id", "pad_id", "special_tokens")
 
 
@@ -59,9 +62,7 @@ class Diff:
 
 
 def _side(path: str | Path) -> Side:
-    from .api import load
-
-    folder, manifest = open_build(path)
+    folder, manifest = read_build(path)
     sids, off, ids, labels = unpack(flatten(load(folder)))
     return Side(folder, manifest, sids, off, ids, labels)
 
@@ -87,9 +88,8 @@ def diff(path_a: str | Path, path_b: str | Path) -> Diff:
     """Compare two builds (see the module docstring)."""
     a, b = _side(path_a), _side(path_b)
     d = Diff(a, b)
-    ca = {k: v for k, v in flat_items(a.manifest["config"]).items() if k.split(".")[0] not in VOLATILE}
-    cb = {k: v for k, v in flat_items(b.manifest["config"]).items() if k.split(".")[0] not in VOLATILE}
-    d.config = _changes(ca, cb)
+    d.config = _changes(flat_items(shard_settings(a.manifest["config"])),
+                        flat_items(shard_settings(b.manifest["config"])))
     d.inputs = _input_changes(a.manifest, b.manifest)
     ta, tb = a.manifest["tokenizer"], b.manifest["tokenizer"]
     d.tokenizer = [(k, ta.get(k), tb.get(k)) for k in TOKENIZER_KEYS if ta.get(k) != tb.get(k)]
@@ -122,9 +122,9 @@ def _compare_samples(d: Diff) -> None:
             d.labels_differ.append(sid)
 
 
-# -- rendering -----------------------------------------------------------------------------------
+# -- output --------------------------------------------------------------------------------------
 
-def render(d: Diff, show: int = 3, tokenizer: str | None = None) -> str:
+def format_diff(d: Diff, show: int = 3, tokenizer: str | None = None) -> str:
     """The review: settings, tokenizer, totals, sample counts, then `show` decoded sample diffs."""
     a, b = d.a, d.b
     lines = [f"--- A {a.folder}", f"+++ B {b.folder}"]
@@ -159,9 +159,9 @@ def render(d: Diff, show: int = 3, tokenizer: str | None = None) -> str:
 
 def _sample_diffs(d: Diff, sids: list[int], tokenizer: str | None) -> list[str]:
     a, b = d.a, d.b
-    tok_a = build_tokenizer(a.folder, a.manifest, tokenizer)
+    tok_a = load_build_tokenizer(a.folder, a.manifest, tokenizer)
     same_tok = a.manifest["tokenizer"].get("vocab_hash") == b.manifest["tokenizer"].get("vocab_hash")
-    tok_b = tok_a if same_tok else build_tokenizer(b.folder, b.manifest, tokenizer)
+    tok_b = tok_a if same_tok else load_build_tokenizer(b.folder, b.manifest, tokenizer)
     src_a = sources_by_id(read_sample_info(a.folder, a.manifest))
     src_b = sources_by_id(read_sample_info(b.folder, b.manifest))
     pos_a = {s: i for i, s in enumerate(a.sids.tolist())}

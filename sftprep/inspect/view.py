@@ -1,6 +1,6 @@
 """`sftprep inspect`: a packed row or one sample, decoded, with the trained tokens marked.
 
-The view is built as a list of small blocks (pure data), then rendered either in colour through
+The view is built as a list of small blocks (pure data), then printed either in colour through
 rich or as plain text. Plain text marks what the model is trained on with `⟦` and `⟧`:
 
     ── row 0 of 34 · shard-train-00000.arrow row 0 · 2 samples, 1,020 tokens + 4 padding ─────────
@@ -22,8 +22,12 @@ from typing import Any, Callable, Union
 
 import numpy as np
 
-from .labels import IGNORE_INDEX
-from .samples import Flat, decode_segments, flatten, list_parts, pieces, read_rejects, read_sample_info
+from ..errors import InputError
+from ..labels import IGNORE_INDEX
+from ..shards import load
+from .decode import decode_segments, token_strings
+from .folder import read_rejects, read_sample_info
+from .unpack import Flat, flatten, list_parts
 
 OPEN, CLOSE = "⟦", "⟧"
 WIDTH = 88
@@ -58,13 +62,11 @@ def view_row(folder: Path, manifest: dict[str, Any], load_tok: Callable[[], Any]
 
     `load_tok` gives the tokenizer; it is called only once the row is known to exist.
     """
-    from .api import load
-
     table = load(folder)
     n = table.num_rows
     if not 0 <= row < n:
         valid = f"0-{n - 1}" if n else "none"
-        raise ValueError(f"--row {row} is out of range: this build has {n:,} rows (valid: {valid})")
+        raise InputError(f"--row {row} is out of range: this build has {n:,} rows (valid: {valid})")
     flat = flatten(table.slice(row, 1))
     src = _provenance(folder, manifest)
     tok = load_tok()
@@ -77,20 +79,18 @@ def view_row(folder: Path, manifest: dict[str, Any], load_tok: Callable[[], Any]
         blocks += _piece_blocks(tok, flat, j, src, tokens, " · a piece (wrapped packing)" if wrapped else "")
     if length > real:
         pad = int(flat.ids[flat.row_off[1] - 1])
-        blocks.append(Rule(f"padding · {length - real:,} × {_piece(tok, pad)} (id {pad}), label -100"))
+        blocks.append(Rule(f"padding · {length - real:,} × {_token_text(tok, pad)} (id {pad}), label -100"))
     return blocks
 
 
 def view_sample(folder: Path, manifest: dict[str, Any], load_tok: Callable[[], Any], sample_id: int,
                 tokens: bool = False) -> list[Block]:
     """The blocks showing one sample, found by its id, with the row(s) it was packed into."""
-    from .api import load
-
     table = load(folder)
     sids, seq_off = list_parts(table.column("sample_ids"))
     hits = np.flatnonzero(sids == sample_id)
     if not len(hits):
-        raise ValueError(_unknown_sample(folder, manifest, sample_id, sids))
+        raise InputError(_unknown_sample(folder, manifest, sample_id, sids))
     rows = np.unique(np.searchsorted(seq_off, hits, side="right") - 1)
     src = _provenance(folder, manifest)
     tok = load_tok()
@@ -124,7 +124,7 @@ def _piece_blocks(tok, flat: Flat, j: int, src: dict[int, str], tokens: bool, wh
     title = f"sample {sid} · {src.get(sid, 'source unknown')} · {b - a:,} tokens, {trained:,} trained{where}"
     if tokens:
         return [Rule(title), Tokens([(i, int(t), p, int(lab)) for i, (t, p, lab)
-                                     in enumerate(zip(ids, pieces(tok, ids), labels))])]
+                                     in enumerate(zip(ids, token_strings(tok, ids), labels))])]
     return [Rule(title), Body(decode_segments(tok, ids, labels))]
 
 
@@ -148,8 +148,8 @@ def _unknown_sample(folder: Path, manifest: dict[str, Any], sample_id: int, sids
             f"{int(sids.max())} ({len(np.unique(sids)):,} samples kept)")
 
 
-def _piece(tok, token_id: int) -> str:
-    return escape(pieces(tok, [token_id])[0])
+def _token_text(tok, token_id: int) -> str:
+    return escape(token_strings(tok, [token_id])[0])
 
 
 def escape(piece: str) -> str:
@@ -157,12 +157,12 @@ def escape(piece: str) -> str:
     return piece.replace("\n", "\\n").replace("\r", "\\r").replace("\t", "\\t")
 
 
-# -- rendering -----------------------------------------------------------------------------------
+# -- output --------------------------------------------------------------------------------------
 
 LEGEND = f"trained tokens are shown as {OPEN}…{CLOSE}; everything else has label -100 (masked)"
 
 
-def render_plain(blocks: list[Block], legend: bool = True) -> str:
+def format_plain(blocks: list[Block], legend: bool = True) -> str:
     """Plain text: rules as `── title ──…`, trained text inside ⟦…⟧, token tables in columns."""
     lines = [LEGEND] if legend else []
     for block in blocks:
@@ -196,7 +196,7 @@ def _token_lines(rows: list[tuple[int, int, str, int]]) -> list[str]:
 TRAINED_STYLE, MASKED_STYLE = "bold green", "dim"
 
 
-def render_rich(blocks: list[Block], console) -> None:
+def print_rich(blocks: list[Block], console) -> None:
     """Colour: trained text bold green, masked text dim; rules and tables drawn by rich."""
     from rich.table import Table
     from rich.text import Text

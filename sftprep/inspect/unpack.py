@@ -1,4 +1,4 @@
-"""Unpack packed rows back into samples: the per-sample view that `inspect`, `diff` and
+"""Unpack packed rows back into samples: the per-sample view that `inspect`, `diff`, `verify` and
 `sftprep.samples()` share.
 
 A shard row holds whole samples laid end to end (or, with `packing: wrapped`, pieces of them),
@@ -16,8 +16,6 @@ Everything here is vectorized with numpy over those flat arrays, so it stays fas
 
 from __future__ import annotations
 
-import functools
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,76 +23,10 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from .labels import IGNORE_INDEX
-from .manifest import read_manifest, tokenizer_dir
-from .shards import open_shard
-
-_SOURCE = re.compile(r"^(.*?)(?::\d+|\[\d+\]|:row \d+)$")
-
-
-def open_build(path: str | Path) -> tuple[Path, dict[str, Any]]:
-    """The build folder and its manifest; a clear error when the folder is not a build."""
-    p = Path(path)
-    if not p.exists():
-        raise FileNotFoundError(f"{p} does not exist (expected a folder written by `sftprep build`)")
-    manifest = read_manifest(p)
-    return (p if p.is_dir() else p.parent), manifest
-
-
-def build_tokenizer(folder: str | Path, manifest: dict[str, Any], override: str | Path | None = None):
-    """The tokenizer a build was made with (its copy in the build folder, or `override`).
-
-    Raises:
-        FileNotFoundError: the build has no tokenizer copy (nor a reachable recorded path) and no
-            override was given.
-        ValueError: `override` is not the tokenizer the shards were built with.
-    """
-    from .tokenizer import tokenizer_identity
-
-    path = override or tokenizer_dir(folder, manifest)
-    if path is None:
-        raise FileNotFoundError(f"the build in {folder} has no tokenizer/ folder and its recorded tokenizer "
-                                f"{manifest['tokenizer'].get('path')} is not found from {Path.cwd()}; pass "
-                                "--tokenizer PATH (or rebuild with this sftprep, which copies it into the build)")
-    tok = _load_tokenizer(path)
-    want = manifest["tokenizer"].get("vocab_hash")
-    if override is not None and want and tokenizer_identity(tok, path)["vocab_hash"] != want:
-        raise ValueError(f"--tokenizer {path} is not the tokenizer these shards were built with "
-                         f"({manifest['tokenizer'].get('name')}, vocab hash {want[:12]}); "
-                         "decoding with it would show the wrong text")
-    return tok
-
-
-def _load_tokenizer(path: str | Path):
-    """`load_fast` (the `tokenizers` library alone: decoding needs no transformers), remembered
-    while the folder's tokenizer.json is unchanged (`samples()` then `diff` loads it once)."""
-    from .tokenizer import load_fast
-
-    p = Path(path).resolve()
-    f = p if p.is_file() else p / "tokenizer.json"
-    if not f.exists():
-        return load_fast(path)  # its error message says what is missing
-    stat = f.stat()
-    return _cached_tokenizer(str(p), stat.st_mtime_ns, stat.st_size)
-
-
-@functools.lru_cache(maxsize=4)
-def _cached_tokenizer(path: str, mtime_ns: int, size: int):
-    from .tokenizer import load_fast
-
-    return load_fast(path)
-
-
-def pieces(tok, ids) -> list[str]:
-    """The vocabulary entry of each id (`"▁Paris"`, `"<0x0A>"`, `"<|im_end|>"`)."""
-    backend = tok.backend_tokenizer
-    return [backend.id_to_token(int(i)) or f"<id {int(i)}?>" for i in ids]
-
-
-def source_file(source: str) -> str:
-    """`"data.jsonl:17"` / `"data.json[3]"` / `"t.csv:row 4"` -> the file part."""
-    m = _SOURCE.match(source)
-    return m.group(1) if m else source
+from ..labels import IGNORE_INDEX, sample_starts
+from ..shards import load
+from .decode import TRAINED_SEPARATOR, decode_segments, load_build_tokenizer
+from .folder import read_build, read_sample_info, sources_by_id
 
 
 def list_parts(column: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndarray]:
@@ -143,13 +75,11 @@ def flatten(table: pa.Table) -> Flat:
     seq_lens, seq_off = list_parts(table.column("seq_lens"))
     sample_ids, _ = list_parts(table.column("sample_ids"))
     piece_row = np.repeat(np.arange(len(seq_off) - 1), np.diff(seq_off))
-    cs = np.concatenate([[0], np.cumsum(seq_lens, dtype=np.int64)])
-    within = cs[:-1] - cs[seq_off[:-1]][piece_row]  # offset of each piece inside its row
     return Flat(ids, labels, row_off, seq_lens.astype(np.int64), seq_off, sample_ids.astype(np.int64),
-                piece_row, row_off[:-1][piece_row] + within)
+                piece_row, sample_starts(seq_lens, row_off, seq_off))
 
 
-def gather(flat: Flat, pieces: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def piece_positions(flat: Flat, pieces: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Flat positions of `pieces` (indices into the piece arrays) laid end to end, and the offsets
     that cut them back into pieces."""
     lens = flat.seq_lens[pieces]
@@ -164,71 +94,11 @@ def unpack(flat: Flat) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     Pieces of one sample (wrapped packing) are joined in the order they appear in the rows.
     """
     order = np.argsort(flat.sample_ids, kind="stable")
-    pos, _ = gather(flat, order)
+    pos, _ = piece_positions(flat, order)
     sids, first = np.unique(flat.sample_ids[order], return_index=True)
     lens = np.add.reduceat(flat.seq_lens[order], first) if len(first) else np.zeros(0, np.int64)
     off = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
     return sids, off, flat.ids[pos], flat.labels[pos]
-
-
-def read_sample_info(folder: Path, manifest: dict[str, Any]) -> pa.Table | None:
-    """`samples.feather` (sample_id, source, num_tokens, num_trained, truncated), if the build has one."""
-    path = folder / manifest.get("samples_file", "samples.arrow")
-    return open_shard(path) if path.exists() else None
-
-
-def sources_by_id(info: pa.Table | None) -> dict[int, str]:
-    if info is None:
-        return {}
-    return dict(zip(info.column("sample_id").to_pylist(), info.column("source").to_pylist()))
-
-
-def read_rejects(folder: Path, manifest: dict[str, Any]) -> list[dict[str, Any]]:
-    import json
-
-    path = folder / manifest.get("rejects_file", "rejects.jsonl")
-    if not path.exists():
-        return []
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
-# -- decoding -----------------------------------------------------------------------------------
-
-_CONTEXT = 8  # tokens decoded before a segment so it keeps its leading space ("▁Paris" -> " Paris")
-
-
-def decode_segments(tok, ids: np.ndarray, labels: np.ndarray) -> list[tuple[str, bool]]:
-    """Decode one sample as runs of `(text, trained)`; concatenated they give the sample's text.
-
-    Special tokens are kept literally. Each run is decoded with a few tokens of left context and
-    the context's text cut off, because SentencePiece-style decoders drop the leading space of a
-    sequence that starts mid-text.
-    """
-    ids = np.asarray(ids).tolist()
-    trained = np.asarray(labels) != IGNORE_INDEX
-    if not ids:
-        return []
-    cuts = np.flatnonzero(np.diff(trained.astype(np.int8))) + 1
-    bounds = [0, *cuts.tolist(), len(ids)]
-    out = []
-    for a, b in zip(bounds[:-1], bounds[1:]):
-        out.append((_decode_in_context(tok, ids, a, b), bool(trained[a])))
-    return out
-
-
-def _decode_in_context(tok, ids: list[int], a: int, b: int) -> str:
-    c = max(0, a - _CONTEXT)
-    if c == a:
-        return tok.decode(ids[a:b], skip_special_tokens=False)
-    before = tok.decode(ids[c:a], skip_special_tokens=False)
-    both = tok.decode(ids[c:b], skip_special_tokens=False)
-    if both.startswith(before) and "\ufffd" not in before[-1:]:
-        return both[len(before):]
-    return tok.decode(ids[a:b], skip_special_tokens=False)
-
-
-TRAINED_SEPARATOR = "\n"
 
 
 def samples(path: str | Path, tokenizer: str | Path | None = None, decode: bool = True) -> pa.Table:
@@ -243,9 +113,7 @@ def samples(path: str | Path, tokenizer: str | Path | None = None, decode: bool 
         tokenizer: decode with this tokenizer folder instead of the manifest's (must be the same).
         decode: False skips `text`/`trained_text` (no tokenizer needed; much faster).
     """
-    from .api import load
-
-    folder, manifest = open_build(path)
+    folder, manifest = read_build(path)
     sids, off, ids, labels = unpack(flatten(load(folder)))
     info = read_sample_info(folder, manifest)
     src = sources_by_id(info)
@@ -258,7 +126,7 @@ def samples(path: str | Path, tokenizer: str | Path | None = None, decode: bool 
         "source": pa.array([src.get(int(s)) for s in sids], pa.string()),
     }
     if decode:
-        tok = build_tokenizer(folder, manifest, tokenizer)
+        tok = load_build_tokenizer(folder, manifest, tokenizer)
         texts, trained_texts = [], []
         for i in range(len(sids)):
             segs = decode_segments(tok, ids[off[i]:off[i + 1]], labels[off[i]:off[i + 1]])
