@@ -24,7 +24,7 @@ from .output import (REJECTS_FILE, SAMPLES_FILE, TOKENIZER_DIR, OutLock, build_i
                      prepare_out, write_rejects, write_samples)
 from .packing import fill_ratio, pack
 from .pipeline import encode_all, encoder_for
-from .readers import expand_inputs
+from .readers import count_records, expand_inputs
 from .shards import ShardSetWriter, load  # noqa: F401 (load: part of the public surface)
 from .store import SampleStore
 from .tokenizer import load_fast, tokenizer_identity
@@ -38,7 +38,9 @@ def build(config: BuildConfig, progress: Callable[[int], None] | None = None, *,
 
     Args:
         config: the resolved build configuration.
-        progress: called with the number of records just processed, batch by batch.
+        progress: called with the number of records just processed, batch by batch; if it has a
+            `start(total)` method, that is called first with about how many records will be read
+            (None where inputs do not say cheaply: see `readers.count_records`).
         allow_code: let a `module:function` template import and run Python code.
 
     Raises:
@@ -65,6 +67,8 @@ def _build(config: BuildConfig, progress: Callable[[int], None] | None, lock: Ou
     lock.acquire()
     out = prepare_out(Path(config.out), this_build, config.overwrite)
 
+    if hasattr(progress, "start"):
+        progress.start(_expected_records(config, inputs))
     store = SampleStore(out, SPILL_STEM)
     try:
         rejects, read = encode_all(config, inputs, encoder, store, progress)
@@ -98,7 +102,7 @@ def _build(config: BuildConfig, progress: Callable[[int], None] | None, lock: Ou
         "config": config.to_dict(),
         "inputs": input_info,
         "template": encoder.renderer.description,
-        "warnings": encoder.renderer.warnings,
+        "warnings": encoder.renderer.warnings + _empty_inputs(inputs, store.sources, rejects),
         "tokenizer": {**identity, "path": TOKENIZER_DIR, "source": str(tok.path.resolve()),
                       "files": sorted(p.name for p in (out / TOKENIZER_DIR).iterdir())},
         "max_length": config.tokenize.max_length,
@@ -121,6 +125,29 @@ def _inputs(config: BuildConfig) -> list[Path]:
         raise FileNotFoundError(f"no input outside the output folder {config.out}: "
                                 f"{', '.join(config.read.inputs)} match only files the build writes")
     return inputs
+
+
+def _expected_records(config: BuildConfig, inputs: list[Path]) -> int | None:
+    counts = [count_records(p) for p in inputs]
+    total = None if None in counts else sum(counts)
+    limit = config.read.num_samples
+    return limit if limit and (total is None or total > limit) else total
+
+
+def _empty_inputs(inputs: list[Path], sources: list[str], rejects: list[dict[str, Any]]) -> list[str]:
+    """A warning per input none of whose records was kept (e.g. a glob that swept in a file of
+    another format): the build succeeds on the rest, so the summary must say so."""
+    out = []
+    for path in inputs:
+        prefix = f"{path}:"
+        if any(s.startswith(prefix) for s in sources):
+            continue
+        dropped = Counter(r["reason"] for r in rejects if r["source"].startswith(prefix))
+        if dropped:
+            reasons = ", ".join(f"{k}: {v}" for k, v in dropped.most_common())
+            out.append(f"input {path}: all {sum(dropped.values()):,} records rejected ({reasons}); "
+                       f"first: {next(r['message'] for r in rejects if r['source'].startswith(prefix))}")
+    return out
 
 
 def _check_rejects(config: BuildConfig, rejects: list, read: int, out: Path) -> None:

@@ -145,29 +145,48 @@ def _raise_interrupt(signum, frame):
 
 
 class _progress:
-    """A rich progress line counting records (no total: inputs are streamed). Shown only on a
+    """A rich progress bar over records: done / about how many (`readers.count_records`), rate and
+    ETA; a count and rate alone where the inputs do not say how many they hold. Shown only on a
     terminal, and only once records flow (so an early error prints alone)."""
 
     def __init__(self, quiet: bool) -> None:
-        self.bar = None
+        self.bar, self.total = None, None
         self.enabled = not quiet and _console().is_terminal
 
     def __enter__(self):
-        return self.advance if self.enabled else None
+        return self if self.enabled else None
 
-    def advance(self, n: int) -> None:
+    def start(self, total: int | None) -> None:
+        self.total = total
+
+    def __call__(self, n: int) -> None:
         if self.bar is None:
-            from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn,
+                                       TimeElapsedColumn, TimeRemainingColumn)
 
-            self.bar = Progress(SpinnerColumn(), TextColumn("tokenizing"), TextColumn("{task.completed:,} records"),
-                                TimeElapsedColumn(), transient=True, console=_console())
+            count = [BarColumn(), MofNCompleteColumn(), TextColumn("records")] if self.total else \
+                [SpinnerColumn(), TextColumn("{task.completed:,} records")]
+            eta = [TextColumn("eta"), TimeRemainingColumn()] if self.total else []
+            self.bar = Progress(TextColumn("tokenizing"), *count, _Rate(), TimeElapsedColumn(), *eta,
+                                transient=True, console=_console())
             self.bar.start()
-            self.task = self.bar.add_task("tokenizing", total=None)
+            self.task = self.bar.add_task("tokenizing", total=self.total)
         self.bar.advance(self.task, n)
 
     def __exit__(self, *exc) -> None:
         if self.bar is not None:
             self.bar.stop()
+
+
+def _Rate():
+    from rich.progress import ProgressColumn
+    from rich.text import Text
+
+    class Rate(ProgressColumn):
+        def render(self, task):
+            return Text(f"{task.speed:,.0f}/s" if task.speed else "")
+
+    return Rate()
 
 
 def _console():
@@ -182,6 +201,7 @@ def print_summary(manifest: dict[str, Any]) -> None:
     from rich.table import Table
 
     t = manifest["totals"]
+    out = manifest["config"]["out"]
     table = Table(title=f"sftprep build -> {len(manifest['shards'])} shard(s)", show_header=False)
     table.add_column(style="bold")
     table.add_column(justify="right")
@@ -202,7 +222,9 @@ def print_summary(manifest: dict[str, Any]) -> None:
     for warning in manifest.get("warnings", []):
         click.echo(f"warning: {warning}", err=True)
     if t["samples_dropped"]:
-        click.echo(f"dropped samples are listed in {manifest['config']['out']}/{manifest['rejects_file']}")
+        click.echo(f"dropped samples are listed in {out}/{manifest['rejects_file']}")
+    click.echo(f"shards and manifest in {out}/  (next: sftprep inspect {out} --row 0, or sfttrain run {out} "
+               "--model MODEL)")
 
 
 def _out_console(color: bool | None = None):

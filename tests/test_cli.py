@@ -107,3 +107,54 @@ def test_help_texts_and_defaults_come_from_the_config_dataclasses():
     assert checked > 60
     assert f"[default: {TokenizeConfig.max_length}]" in BUILD_SCHEMA.help("max_length")
     assert f"[default: {LoraConfig.r}]" in TRAIN_SCHEMA.help("lora_r")
+
+
+def test_summary_names_the_output_folder_and_an_input_whose_records_were_all_rejected(tmp_path):
+    """A glob that sweeps a plain-text file into a chatml build: the build succeeds on the rest, and
+    says so, naming the file, its reason and where the shards are."""
+    from tests.conftest import write_jsonl
+
+    write_jsonl(tmp_path / "data" / "chat.jsonl",
+                [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": "a"}]}
+                 for i in range(7)])
+    write_jsonl(tmp_path / "data" / "notes.jsonl", [{"text": f"note {i}"} for i in range(3)])
+    out = tmp_path / "o"
+    r = run("build", "-i", f"{tmp_path}/data/*.jsonl", "-t", CHATML_TOK, "--template", "chatml",
+            "--max-length", 256, "-o", out)
+    assert r.exit_code == 0, r.output
+    assert f"shards and manifest in {out}/" in r.output
+    notes = tmp_path / "data" / "notes.jsonl"
+    assert f"warning: input {notes}: all 3 records rejected (format_mismatch: 3)" in r.output
+    assert "chat.jsonl" not in " ".join(read_manifest(out)["warnings"])
+
+
+def test_progress_gets_the_number_of_records_first_then_counts_up_to_it(tmp_path):
+    """`build(progress=...)`: an object with start(total) hears how many records to expect (lines of
+    JSON Lines, rows of Parquet; None for a .json array), then batch counts that add up to it."""
+    import pyarrow.parquet as pq
+
+    from sftprep import build, config_from_dict
+    from tests.conftest import write_jsonl
+
+    class Recorder:
+        def __init__(self):
+            self.total, self.done = "unset", 0
+
+        def start(self, total):
+            self.total = total
+
+        def __call__(self, n):
+            self.done += n
+
+    write_jsonl(tmp_path / "a.jsonl", [{"text": f"line {i}"} for i in range(9)])
+    pq.write_table(pa.table({"text": [f"row {i}" for i in range(4)]}), tmp_path / "b.parquet")
+    (tmp_path / "c.json").write_text(json.dumps([{"text": "one"}]))
+    for inputs, total in (([tmp_path / "a.jsonl", tmp_path / "b.parquet"], 13), ([tmp_path / "c.json"], None)):
+        rec = Recorder()
+        m = build(config_from_dict({"inputs": [str(p) for p in inputs], "tokenizer": str(MISTRAL),
+                                    "out": str(tmp_path / "o"), "overwrite": True}), progress=rec)
+        assert (rec.total, rec.done) == (total, m["totals"]["records_read"])
+    rec = Recorder()
+    build(config_from_dict({"inputs": [str(tmp_path / "a.jsonl")], "tokenizer": str(MISTRAL), "num_samples": 5,
+                            "out": str(tmp_path / "o"), "overwrite": True}), progress=rec)
+    assert (rec.total, rec.done) == (5, 5)

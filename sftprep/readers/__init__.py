@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Iterator
 from ..errors import InputError
 
-__all__ = ["Record", "expand_inputs", "iter_records", "reader_for"]
+__all__ = ["Record", "count_records", "expand_inputs", "iter_records", "reader_for"]
 
 
 @dataclass(slots=True)
@@ -69,3 +69,30 @@ def iter_records(patterns: tuple[str, ...] | list[str]) -> Iterator[Record]:
     """Stream every record of every input, in order."""
     for path in expand_inputs(patterns):
         yield from reader_for(path)(path)
+
+
+def count_records(path: Path) -> int | None:
+    """About how many records `path` holds, where that is cheap to know (for a progress bar's
+    total): lines of JSON Lines and CSV (blank lines and quoted newlines make it an estimate), rows
+    of Parquet (metadata) and Arrow files; None for compressed, `.json` and `datasets` inputs."""
+    name = path.name.lower()
+    try:
+        if name.endswith((".jsonl", ".ndjson", ".csv", ".tsv")):
+            lines, last = 0, b"\n"
+            with open(path, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    lines += chunk.count(b"\n")
+                    last = chunk[-1:]
+            lines += last != b"\n"
+            return max(lines - name.endswith((".csv", ".tsv")), 0)
+        if name.endswith(".parquet"):
+            import pyarrow.parquet as pq
+
+            return pq.ParquetFile(path).metadata.num_rows
+        if name.endswith((".arrow", ".feather", ".ipc")):
+            from .arrow import iter_batches
+
+            return sum(b.num_rows for b in iter_batches(path))
+    except Exception:  # unreadable: the reader will say why; the bar just has no total
+        return None
+    return None
