@@ -143,6 +143,7 @@ def _build(config: BuildConfig, progress: Callable[[int], None] | None, lock: _O
         "tokenizer": {**identity, "path": TOKENIZER_DIR, "source": str(tok.path.resolve()),
                       "files": sorted(p.name for p in (out / TOKENIZER_DIR).iterdir())},
         "max_length": config.tokenize.max_length,
+        "max_token_id": max(store.max_id, identity["pad_id"]),  # lets sfttrain check ids without reading shards
         "packing": config.pack.mode,
         "shards": [{k: s[k] for k in ("file", "rows", "tokens", "sha256")} for s in shards],
         "samples_file": SAMPLES_FILE,

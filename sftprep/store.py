@@ -29,6 +29,7 @@ class SampleStore:
         self.truncated = array("b")
         self.sources: list[str] = []
         self.total = 0
+        self.max_id = -1  # the largest token id stored (the manifest's max_token_id bounds it)
         self._ids = self._labels = None
         self.starts: list[int] = []
 
@@ -39,6 +40,8 @@ class SampleStore:
         self._files[0].write(np.ascontiguousarray(enc.ids, dtype=np.int32).tobytes())
         self._files[1].write(np.ascontiguousarray(enc.labels, dtype=np.int32).tobytes())
         self.total += len(enc.ids)
+        if len(enc.ids):
+            self.max_id = max(self.max_id, int(enc.ids.max()))
         self.lengths.extend(enc.lengths.tolist())
         self.num_trained.extend(enc.num_trained.tolist())
         self.sample_ids.extend(enc.sample_ids)

@@ -40,6 +40,8 @@ _OPTIONS = [
     click.option("--output-dir", help="Checkpoints and the final adapter go here."),
     click.option("--tokenizer", help="Tokenizer folder to check and save, when the model folder has none "
                  "[the build's copy, SHARDS/tokenizer/]."),
+    click.option("--skip-tokenizer-check", is_flag=True, default=None,
+                 help="Train without comparing the shards' tokenizer with the model's (embedding size still checked)."),
     click.option("--eval", "eval_", metavar="DIR", help="Evaluation shards (same tokenizer)."),
     click.option("--lora-r", type=int, help="LoRA rank [16]."),
     click.option("--lora-alpha", type=float, help="LoRA alpha [16]."),
