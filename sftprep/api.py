@@ -19,11 +19,11 @@ from . import __version__
 from .config import BuildConfig, ConfigError
 from .encode import Encoder
 from .labels import IGNORE_INDEX
-from .manifest import MANIFEST, fsync_dir, read_manifest, write_manifest
+from .manifest import MANIFEST, fsync_dir, read_manifest, shard_path, write_manifest
 from .packing import fill_ratio, pack_bfd, pack_wrapped
 from .pipeline import encode_all
 from .readers import expand_inputs
-from .shards import SCHEMA, open_shard, rows_batch, sha256_file, shard_name, shard_writer, write_table
+from .shards import SCHEMA, names_path, open_shard, rows_batch, sha256_file, shard_name, shard_writer, write_table
 from .store import SampleStore
 from .tokenizer import load_fast, tokenizer_identity
 
@@ -115,6 +115,9 @@ def _build(config: BuildConfig, progress: Callable[[int], None] | None, lock: _O
         _write_samples(out, store)
         _write_rejects(out, rejects)
         _copy_tokenizer(Path(config.tokenize.tokenizer), out)
+    except BaseException:
+        _remove_temps(out)  # a failed write (disk full...) leaves no *.tmp behind
+        raise
     finally:
         store.remove()
 
@@ -154,10 +157,16 @@ def _build(config: BuildConfig, progress: Callable[[int], None] | None, lock: _O
     return manifest
 
 
+def _remove_temps(out: Path) -> None:
+    """Remove the build's temporary files and folders (`*.tmp`) from `out`, after an error."""
+    for p in out.glob("*.tmp"):
+        shutil.rmtree(p, ignore_errors=True) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)
+
+
 def load(path: str | Path) -> pa.Table:
     """All shards of a build as one memory-mapped `pyarrow.Table` (zero-copy); `.to_pandas()` away."""
     manifest = read_manifest(path)
-    tables = [open_shard(Path(path) / s["file"]) for s in manifest["shards"]]
+    tables = [open_shard(shard_path(path, s["file"])) for s in manifest["shards"]]
     if not tables:
         return SCHEMA.empty_table()
     return pa.concat_tables(tables)
@@ -268,14 +277,15 @@ def _copy_tokenizer(source: Path, out: Path) -> None:
     tmp.mkdir()
     for name in TOKENIZER_FILES:
         if (source / name).is_file():
-            shutil.copyfile(source / name, tmp / name)
+            with names_path(tmp / name):  # shutil names the source when the destination's disk is full
+                shutil.copyfile(source / name, tmp / name)
     shutil.rmtree(out / TOKENIZER_DIR, ignore_errors=True)
     os.replace(tmp, out / TOKENIZER_DIR)
 
 
 def _write_rejects(out: Path, rejects: list[dict[str, Any]]) -> None:
     tmp = out / (REJECTS_FILE + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
+    with names_path(out / REJECTS_FILE), open(tmp, "w", encoding="utf-8") as f:
         for r in rejects:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
     os.replace(tmp, out / REJECTS_FILE)
@@ -302,7 +312,8 @@ def _prepare_out(out: Path, build_id: str, overwrite: bool) -> Path:
                               "or choose another folder")
     out.mkdir(parents=True, exist_ok=True)
     (out / MANIFEST).unlink(missing_ok=True)
-    (out / ".build_id").write_text(build_id + "\n")
+    with names_path(out / ".build_id"):
+        (out / ".build_id").write_text(build_id + "\n")
     for old in [*out.glob("shard-*.arrow"), *out.glob("*.tmp"), out / SAMPLES_FILE, out / OLD_SAMPLES_FILE,
                 out / REJECTS_FILE]:
         shutil.rmtree(old) if old.is_dir() else old.unlink(missing_ok=True)

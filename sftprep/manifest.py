@@ -13,12 +13,18 @@ MANIFEST = "manifest.json"
 
 def write_manifest(out: Path, manifest: dict[str, Any]) -> None:
     """Write `manifest.json` via a temporary file, fsync and rename (atomic on POSIX)."""
+    from .shards import names_path
+
     tmp = out / (MANIFEST + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump({"version": VERSION, **manifest}, f, indent=2, ensure_ascii=False)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with names_path(out / MANIFEST), open(tmp, "w", encoding="utf-8") as f:
+            json.dump({"version": VERSION, **manifest}, f, indent=2, ensure_ascii=False)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # never a partial manifest.json.tmp left behind
+        raise
     os.replace(tmp, out / MANIFEST)
     fsync_dir(out)
 

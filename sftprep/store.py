@@ -15,6 +15,7 @@ import numpy as np
 
 from .encode import Encoded
 from .labels import IGNORE_INDEX
+from .shards import names_path
 
 
 class SampleStore:
@@ -37,8 +38,10 @@ class SampleStore:
         return len(self.lengths)
 
     def add(self, enc: Encoded) -> None:
-        self._files[0].write(np.ascontiguousarray(enc.ids, dtype=np.int32).tobytes())
-        self._files[1].write(np.ascontiguousarray(enc.labels, dtype=np.int32).tobytes())
+        with names_path(self.paths[0]):
+            self._files[0].write(np.ascontiguousarray(enc.ids, dtype=np.int32).tobytes())
+        with names_path(self.paths[1]):
+            self._files[1].write(np.ascontiguousarray(enc.labels, dtype=np.int32).tobytes())
         self.total += len(enc.ids)
         if len(enc.ids):
             self.max_id = max(self.max_id, int(enc.ids.max()))
@@ -50,8 +53,9 @@ class SampleStore:
 
     def seal(self) -> None:
         """Finish the files and map them back; after this, `gather` works."""
-        for f in self._files:
-            f.close()
+        for f, p in zip(self._files, self.paths):
+            with names_path(p):
+                f.close()
         if self.total:
             # plain ndarray views of the maps: slicing a np.memmap costs microseconds each
             self._ids = np.asarray(np.memmap(self.paths[0], dtype=np.int32, mode="r", shape=(self.total,)))
@@ -81,7 +85,10 @@ class SampleStore:
 
     def remove(self) -> None:
         for f in self._files:
-            f.close()
+            try:
+                f.close()
+            except OSError:  # buffered bytes that cannot be written (disk full): the files go anyway
+                pass
         self._ids = self._labels = None
         for p in self.paths:
             p.unlink(missing_ok=True)
