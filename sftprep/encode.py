@@ -19,6 +19,7 @@ from .labels import IGNORE_INDEX, token_ranges
 from .readers import Record
 from .templates import Renderer
 from .tokenizer import adds_bos
+from .window import Window
 
 
 class RecordError(ValueError):
@@ -71,6 +72,10 @@ class Encoder:
         self.truncation = None if cfg.pack.mode == "wrapped" else cfg.tokenize.truncation
         self.by_turns = cfg.tokenize.truncation_unit == "turns" and self.truncation in ("keep_start", "keep_end")
         self.fail_fast = cfg.read.on_error == "fail"
+        # keep_start / keep_end: a record far beyond max_length is cut to a proven window first
+        self.window = Window(lambda text: self.backend.encode(text, add_special_tokens=False), self.max_length,
+                             self.truncation, self.bos, self.bos_id) if self.truncation in ("keep_start", "keep_end") \
+            else None
         # format strings and callables read the record's fields themselves: no format detection
         self.raw_fields = cfg.template.prompt is not None or self.renderer.fn is not None
         self._check_overhead()
@@ -100,18 +105,21 @@ class Encoder:
                     conv = as_fields(rec.fields, self.cfg.read.fields)
                 else:
                     conv = normalize(rec.fields, self.cfg.read.format, self.cfg.read.fields)
-                self._add(out, conv, sid, rec.source)
+                self._add(out, conv, sid, rec.source, window=True)
             except FormatError as e:
                 self._reject(out.encoded, sid, rec.source, e.reason, str(e))
         return out
 
-    def _add(self, out: Rendered, conv: Conversation, sid: int, source: str) -> None:
+    def _add(self, out: Rendered, conv: Conversation, sid: int, source: str, window: bool = False) -> None:
         text, spans = self.renderer.render(conv)
+        whole = self.bos_id is None or text.startswith(self.bos) or self.renderer.uses_chat_template(conv)
+        head = 0 if whole else 1
+        if window and self.window is not None and not (self.by_turns and conv.kind != "text"):
+            text, spans, head = self.window.cut(text, spans, head)  # a record far beyond max_length
         out.texts.append(text)
         out.spans.append(spans)
         out.kept.append((sid, source))
-        whole = self.bos_id is None or text.startswith(self.bos) or self.renderer.uses_chat_template(conv)
-        out.heads.append(0 if whole else 1)
+        out.heads.append(head)
         out.convs.append(conv)
 
     def _reject(self, out: Encoded, sid: int, source: str, reason: str, message: str) -> None:
