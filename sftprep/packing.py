@@ -22,6 +22,8 @@ from __future__ import annotations
 import bisect
 from typing import Sequence
 
+import numpy as np
+
 
 def pack_bfd(lengths: Sequence[int], max_length: int) -> list[list[int]]:
     """Best-fit-decreasing bins of sample indices; each bin's lengths sum to at most `max_length`.
@@ -30,7 +32,8 @@ def pack_bfd(lengths: Sequence[int], max_length: int) -> list[list[int]]:
     the lower index, so the result is deterministic). O(n log n): rows are kept in buckets by
     remaining capacity, and the distinct capacities in a sorted list.
     """
-    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    # longest first, ties by index (a stable sort); numpy: no key tuple per sample
+    order = np.argsort(-np.asarray(lengths, dtype=np.int64), kind="stable").tolist()
     bins: list[list[int]] = []
     by_room: dict[int, list[int]] = {}  # remaining capacity -> bins with it (a stack)
     rooms: list[int] = []  # sorted distinct capacities present in by_room

@@ -8,14 +8,19 @@ shard. Only a few numbers per sample (offset, length, id, provenance) stay in me
 
 from __future__ import annotations
 
+import mmap
 from array import array
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 
 from .encode import Encoded
 from .labels import IGNORE_INDEX
 from .shards import names_path
+
+
+RELEASE_BYTES = 64 << 20  # spill bytes gathered between two releases of its mapped pages
 
 
 class SampleStore:
@@ -28,7 +33,9 @@ class SampleStore:
         self.sample_ids = array("q")
         self.num_trained = array("q")
         self.truncated = array("b")
-        self.sources: list[str] = []
+        self._sources: list[pa.Array] = []  # one string array per batch
+        self._maps: list = []
+        self._gathered = 0
         self.total = 0
         self.max_id = -1  # the largest token id stored (the manifest's max_token_id bounds it)
         self._ids = self._labels = None
@@ -49,7 +56,12 @@ class SampleStore:
         self.num_trained.extend(enc.num_trained.tolist())
         self.sample_ids.extend(enc.sample_ids)
         self.truncated.extend(enc.truncated)
-        self.sources += enc.sources
+        self._sources.append(pa.array(enc.sources, pa.string()))
+
+    @property
+    def sources(self) -> pa.Array:
+        """Every kept sample's source (file:line), in order."""
+        return pa.concat_arrays(self._sources) if self._sources else pa.array([], pa.string())
 
     def seal(self) -> None:
         """Finish the files and map them back; after this, `gather` works."""
@@ -58,8 +70,9 @@ class SampleStore:
                 f.close()
         if self.total:
             # plain ndarray views of the maps: slicing a np.memmap costs microseconds each
-            self._ids = np.asarray(np.memmap(self.paths[0], dtype=np.int32, mode="r", shape=(self.total,)))
-            self._labels = np.asarray(np.memmap(self.paths[1], dtype=np.int32, mode="r", shape=(self.total,)))
+            maps = [np.memmap(p, dtype=np.int32, mode="r", shape=(self.total,)) for p in self.paths]
+            self._maps = [m._mmap for m in maps if getattr(m, "_mmap", None) is not None]
+            self._ids, self._labels = np.asarray(maps[0]), np.asarray(maps[1])
         lengths = np.frombuffer(self.lengths, dtype=np.int64)
         self.starts = (np.cumsum(lengths) - lengths).tolist()
 
@@ -82,6 +95,19 @@ class SampleStore:
             labels[d:d + b - a] = src_labels[s + a:s + b]
             if a:
                 labels[d] = IGNORE_INDEX
+            self._gathered += 8 * (b - a)
+        if self._gathered >= RELEASE_BYTES:
+            self._release()
+
+    def _release(self) -> None:
+        """Drop the spill's mapped pages from this process's resident memory (read-only file pages:
+        the kernel reads them again, from its page cache, if they are touched again)."""
+        self._gathered = 0
+        for m in self._maps:
+            try:
+                m.madvise(mmap.MADV_DONTNEED)
+            except (AttributeError, OSError, ValueError):  # platforms without madvise: only RSS differs
+                pass
 
     def remove(self) -> None:
         for f in self._files:
@@ -90,5 +116,6 @@ class SampleStore:
             except OSError:  # buffered bytes that cannot be written (disk full): the files go anyway
                 pass
         self._ids = self._labels = None
+        self._maps = []
         for p in self.paths:
             p.unlink(missing_ok=True)
