@@ -20,7 +20,10 @@ from .labels import IGNORE_INDEX
 from .shards import names_path
 
 
-RELEASE_BYTES = 64 << 20  # spill bytes gathered between two releases of its mapped pages
+
+
+RELEASE_PIECES = 256  # samples copied out of the spill between two releases of its pages: each page
+# fault maps up to 64 KiB around it (fault-around), so this bounds the spill pages mapped to ~32 MiB
 
 
 class SampleStore:
@@ -35,7 +38,6 @@ class SampleStore:
         self.truncated = array("b")
         self._sources: list[pa.Array] = []  # one string array per batch
         self._maps: list = []
-        self._gathered = 0
         self.total = 0
         self.max_id = -1  # the largest token id stored (the manifest's max_token_id bounds it)
         self._ids = self._labels = None
@@ -89,20 +91,19 @@ class SampleStore:
             ids[begin:end] = pad
             labels[begin:end] = IGNORE_INDEX
         src_ids, src_labels, starts = self._ids, self._labels, self.starts
-        for i, a, b, d in pieces:
+        for k, (i, a, b, d) in enumerate(pieces, 1):
+            if k % RELEASE_PIECES == 0:
+                self._release()
             s = starts[i]
             ids[d:d + b - a] = src_ids[s + a:s + b]
             labels[d:d + b - a] = src_labels[s + a:s + b]
             if a:
                 labels[d] = IGNORE_INDEX
-            self._gathered += 8 * (b - a)
-        if self._gathered >= RELEASE_BYTES:
-            self._release()
+        self._release()
 
     def _release(self) -> None:
         """Drop the spill's mapped pages from this process's resident memory (read-only file pages:
         the kernel reads them again, from its page cache, if they are touched again)."""
-        self._gathered = 0
         for m in self._maps:
             try:
                 m.madvise(mmap.MADV_DONTNEED)
