@@ -16,12 +16,15 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Callable
 
+import pyarrow as pa
+import pyarrow.compute as pc
+
 from . import __version__
 from .config import BuildConfig
 from .errors import BuildError
 from .manifest import write_manifest
 from .output import (REJECTS_FILE, SAMPLES_FILE, TOKENIZER_DIR, OutLock, build_id, copy_tokenizer, hash_input,
-                     prepare_out, write_rejects, write_samples)
+                     prepare_out, remove_temps, write_rejects, write_samples)
 from .packing import fill_ratio, pack
 from .pipeline import encode_all, encoder_for
 from .readers import count_records, expand_inputs
@@ -78,6 +81,9 @@ def _build(config: BuildConfig, progress: Callable[[int], None] | None, lock: Ou
         write_samples(out, store)
         write_rejects(out, rejects)
         copy_tokenizer(Path(config.tokenize.tokenizer), out)
+    except BaseException:
+        remove_temps(out)  # a failed write (disk full...) leaves no *.tmp behind
+        raise
     finally:
         store.remove()
 
@@ -106,6 +112,7 @@ def _build(config: BuildConfig, progress: Callable[[int], None] | None, lock: Ou
         "tokenizer": {**identity, "path": TOKENIZER_DIR, "source": str(tok.path.resolve()),
                       "files": sorted(p.name for p in (out / TOKENIZER_DIR).iterdir())},
         "max_length": config.tokenize.max_length,
+        "max_token_id": max(store.max_id, identity["pad_id"]),  # lets sfttrain check ids without reading shards
         "packing": config.pack.mode,
         "shards": [{k: s[k] for k in ("file", "rows", "tokens", "sha256")} for s in shards],
         "samples_file": SAMPLES_FILE,
@@ -134,13 +141,13 @@ def _expected_records(config: BuildConfig, inputs: list[Path]) -> int | None:
     return limit if limit and (total is None or total > limit) else total
 
 
-def _empty_inputs(inputs: list[Path], sources: list[str], rejects: list[dict[str, Any]]) -> list[str]:
+def _empty_inputs(inputs: list[Path], sources: pa.Array, rejects: list[dict[str, Any]]) -> list[str]:
     """A warning per input none of whose records was kept (e.g. a glob that swept in a file of
     another format): the build succeeds on the rest, so the summary must say so."""
     out = []
     for path in inputs:
         prefix = f"{path}:"
-        if any(s.startswith(prefix) for s in sources):
+        if pc.any(pc.starts_with(sources, pattern=prefix)).as_py():
             continue
         dropped = Counter(r["reason"] for r in rejects if r["source"].startswith(prefix))
         if dropped:

@@ -27,6 +27,7 @@ from .labels import IGNORE_INDEX, mask_sample_starts, token_ranges
 from .readers import Record
 from .templates import Renderer
 from .tokenizer import adds_bos
+from .window import Window
 
 
 @dataclass(slots=True)
@@ -85,6 +86,10 @@ class Encoder:
         self.truncation = tokenize.truncation if truncate else None
         self.by_turns = tokenize.truncation_unit == "turns" and self.truncation in ("keep_start", "keep_end")
         self.fail_fast = read.on_error == "fail"
+        # keep_start / keep_end: a record far beyond max_length is cut to a proven window first
+        self.window = Window(lambda text: self.backend.encode(text, add_special_tokens=False), self.max_length,
+                             self.truncation, self.bos, self.bos_id) if self.truncation in ("keep_start", "keep_end") \
+            else None
         # format strings and callables read the record's fields themselves: no format detection
         self.format = "fields" if self.renderer.reads_fields else read.format
         self._check_overhead()
@@ -111,18 +116,21 @@ class Encoder:
                 if rec.error is not None:
                     raise FormatError(rec.error, "unreadable")
                 conv = normalize(rec.fields, self.format, self.read.fields)
-                self._add(out, conv, sid, rec.source)
+                self._add(out, conv, sid, rec.source, window=True)
             except FormatError as e:
                 self._reject(out.encoded, sid, rec.source, e.reason, str(e))
         return out
 
-    def _add(self, out: Rendered, conv: Conversation, sid: int, source: str) -> None:
+    def _add(self, out: Rendered, conv: Conversation, sid: int, source: str, window: bool = False) -> None:
         text, spans = self.renderer.render(conv)
+        whole = self.bos_id is None or text.startswith(self.bos) or self.renderer.uses_chat_template(conv)
+        head = 0 if whole else 1
+        if window and self.window is not None and not (self.by_turns and conv.kind != "text"):
+            text, spans, head = self.window.cut(text, spans, head)  # a record far beyond max_length
         out.texts.append(text)
         out.spans.append(spans)
         out.kept.append((sid, source))
-        whole = self.bos_id is None or text.startswith(self.bos) or self.renderer.uses_chat_template(conv)
-        out.heads.append(0 if whole else 1)
+        out.heads.append(head)
         out.convs.append(conv)
 
     def _reject(self, out: Encoded, sid: int, source: str, reason: str, message: str) -> None:

@@ -14,12 +14,18 @@ MANIFEST = "manifest.json"
 
 def write_manifest(out: Path, manifest: dict[str, Any]) -> None:
     """Write `manifest.json` via a temporary file, fsync and rename (atomic on POSIX)."""
+    from .shards import names_path
+
     tmp = out / (MANIFEST + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump({"version": VERSION, **manifest}, f, indent=2, ensure_ascii=False)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with names_path(out / MANIFEST), open(tmp, "w", encoding="utf-8") as f:
+            json.dump({"version": VERSION, **manifest}, f, indent=2, ensure_ascii=False)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # never a partial manifest.json.tmp left behind
+        raise
     os.replace(tmp, out / MANIFEST)
     fsync_dir(out)
 
@@ -63,6 +69,29 @@ def tokenizer_dir(folder: str | Path, manifest: dict[str, Any]) -> Path | None:
         if (p / "tokenizer.json").is_file():
             return p
     return None
+
+
+def shard_path(folder: str | Path, name: Any) -> Path:
+    """The file a manifest's shard entry names, confined to the build folder: a manifest is input
+    like any other, and a hand-edited `"file": "../../etc/passwd"`, an absolute path or a symbolic
+    link leading out of the folder is refused, never read.
+
+    Raises:
+        ValueError: the name is not a relative path to a file inside `folder`.
+    """
+    folder = Path(folder)
+    where = f"{folder / MANIFEST}: shard file {name!r}"
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"{where} is not a file name")
+    p = Path(name)
+    if p.is_absolute() or ".." in p.parts:
+        raise ValueError(f"{where} points outside the build folder; a shard is a file inside it: rebuild "
+                         "with `sftprep build --overwrite`")
+    target = folder / p
+    if not target.resolve().is_relative_to(folder.resolve()):
+        raise ValueError(f"{where} is a link that leads outside the build folder ({target.resolve()}); "
+                         "copy the shard into the folder instead")
+    return target
 
 
 def fsync_dir(path: Path) -> None:

@@ -27,7 +27,7 @@ from . import __version__
 from .config import BuildConfig, shard_settings
 from .errors import ConfigError, InputError
 from .manifest import MANIFEST, fsync_dir, read_manifest
-from .shards import numpy_array, sha256_file, string_array, write_table
+from .shards import names_path, numpy_array, sha256_file, write_table
 from .store import SampleStore
 
 SAMPLES_FILE = "samples.feather"  # Arrow IPC file too, but no `*.arrow` glob meets it
@@ -88,7 +88,8 @@ def prepare_out(out: Path, build_id: str, overwrite: bool) -> Path:
                               "or choose another folder")
     out.mkdir(parents=True, exist_ok=True)
     (out / MANIFEST).unlink(missing_ok=True)
-    (out / ".build_id").write_text(build_id + "\n")
+    with names_path(out / ".build_id"):
+        (out / ".build_id").write_text(build_id + "\n")
     for old in [*out.glob("shard-*.arrow"), *out.glob("*.tmp"), out / SAMPLES_FILE, out / OLD_SAMPLES_FILE,
                 out / REJECTS_FILE]:
         shutil.rmtree(old) if old.is_dir() else old.unlink(missing_ok=True)
@@ -134,7 +135,7 @@ def write_samples(out: Path, store: SampleStore) -> None:
     """Per-sample side table: provenance, length and trained tokens of every kept sample."""
     table = pa.table({
         "sample_id": numpy_array(np.frombuffer(store.sample_ids, np.int64), pa.int64()),
-        "source": string_array(store.sources),
+        "source": store.sources,
         "num_tokens": numpy_array(np.frombuffer(store.lengths, np.int64), pa.int32()),
         "num_trained": numpy_array(np.frombuffer(store.num_trained, np.int64), pa.int32()),
         "truncated": numpy_array(np.frombuffer(store.truncated, np.int8), pa.bool_()),
@@ -151,14 +152,21 @@ def copy_tokenizer(source: Path, out: Path) -> None:
     tmp.mkdir()
     for name in TOKENIZER_FILES:
         if (source / name).is_file():
-            shutil.copyfile(source / name, tmp / name)
+            with names_path(tmp / name):  # shutil names the source when the destination's disk is full
+                shutil.copyfile(source / name, tmp / name)
     shutil.rmtree(out / TOKENIZER_DIR, ignore_errors=True)
     os.replace(tmp, out / TOKENIZER_DIR)
 
 
 def write_rejects(out: Path, rejects: list[dict[str, Any]]) -> None:
     tmp = out / (REJECTS_FILE + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
+    with names_path(out / REJECTS_FILE), open(tmp, "w", encoding="utf-8") as f:
         for r in rejects:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
     os.replace(tmp, out / REJECTS_FILE)
+
+
+def remove_temps(out: Path) -> None:
+    """Remove the build's temporary files and folders (`*.tmp`) from `out`, after an error."""
+    for p in out.glob("*.tmp"):
+        shutil.rmtree(p, ignore_errors=True) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)

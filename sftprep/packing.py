@@ -25,6 +25,8 @@ import bisect
 import random
 from typing import Sequence
 
+import numpy as np
+
 Piece = tuple[int, int, int]
 """`(sample_index, start, stop)`: tokens `[start, stop)` of one sample, placed in a row."""
 
@@ -50,7 +52,8 @@ def pack_bfd(lengths: Sequence[int], max_length: int) -> list[list[int]]:
     the lower index, so the result is deterministic). O(n log n): rows are kept in buckets by
     remaining capacity, and the distinct capacities in a sorted list.
     """
-    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    # longest first, ties by index (a stable sort); numpy: no key tuple per sample
+    order = np.argsort(-np.asarray(lengths, dtype=np.int64), kind="stable").tolist()
     bins: list[list[int]] = []
     by_room: dict[int, list[int]] = {}  # remaining capacity -> bins with it (a stack)
     rooms: list[int] = []  # sorted distinct capacities present in by_room

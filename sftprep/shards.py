@@ -16,14 +16,15 @@ from __future__ import annotations
 
 import hashlib
 import os
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
 
 from .labels import IGNORE_INDEX
-from .manifest import read_manifest
+from .manifest import read_manifest, shard_path
 
 WRITE_ROWS = 1024  # rows per record batch in a shard
 
@@ -33,6 +34,18 @@ SCHEMA = pa.schema([
     ("seq_lens", pa.list_(pa.int32())),
     ("sample_ids", pa.list_(pa.int64())),
 ])
+
+
+@contextmanager
+def names_path(path: Path) -> Iterator[None]:
+    """Re-raise a failed write (disk full, file-size limit, I/O error) as an `OSError` naming `path`:
+    the OS reports `No space left on device` without saying where, and `shutil` names the source."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno is None or isinstance(e, (FileNotFoundError, PermissionError, NotADirectoryError)):
+            raise
+        raise OSError(e.errno, e.strerror or os.strerror(e.errno), str(path)) from None
 
 
 def shard_name(i: int) -> str:
@@ -101,7 +114,8 @@ class _AtomicIPC:
     def __init__(self, path: Path, schema: pa.Schema) -> None:
         self.path, self.tmp = path, path.with_name(path.name + ".tmp")
         self.sink = _HashingFile(self.tmp)
-        self.writer = pa.ipc.new_file(pa.PythonFile(self.sink, mode="w"), schema)
+        with names_path(self.path):
+            self.writer = pa.ipc.new_file(pa.PythonFile(self.sink, mode="w"), schema)
         self.rows = 0
         self.sha256 = ""
 
@@ -109,22 +123,36 @@ class _AtomicIPC:
         return self
 
     def write(self, batch: pa.RecordBatch | pa.Table, max_chunksize: int = 1024) -> None:
-        if isinstance(batch, pa.Table):
-            self.writer.write_table(batch, max_chunksize=max_chunksize)
-        else:
-            self.writer.write_batch(batch)
+        with names_path(self.path):
+            if isinstance(batch, pa.Table):
+                self.writer.write_table(batch, max_chunksize=max_chunksize)
+            else:
+                self.writer.write_batch(batch)
         self.rows += batch.num_rows
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        try:
-            self.writer.close()
-        finally:
-            self.sink.close()
+        """Close (footer, fsync) and rename; on any error, here or in the block, remove the temporary file."""
         if exc_type is not None:
-            self.tmp.unlink(missing_ok=True)
+            self._discard()
             return
+        try:
+            with names_path(self.path):
+                try:
+                    self.writer.close()
+                finally:
+                    self.sink.close()
+        except BaseException:
+            self._discard()
+            raise
         os.replace(self.tmp, self.path)
         self.sha256 = self.sink.sha.hexdigest()
+
+    def _discard(self) -> None:
+        try:
+            self.sink.file.close()  # buffered bytes may fail again: the first error is the one to report
+        except OSError:
+            pass
+        self.tmp.unlink(missing_ok=True)
 
 
 def write_table(path: Path, table: pa.Table, batch_rows: int = 1024) -> str:
@@ -188,7 +216,7 @@ def open_shard(path: str | Path) -> pa.Table:
 def load(path: str | Path) -> pa.Table:
     """All shards of a build as one memory-mapped `pyarrow.Table` (zero-copy); `.to_pandas()` away."""
     manifest = read_manifest(path)
-    tables = [open_shard(Path(path) / s["file"]) for s in manifest["shards"]]
+    tables = [open_shard(shard_path(path, s["file"])) for s in manifest["shards"]]
     if not tables:
         return SCHEMA.empty_table()
     return pa.concat_tables(tables)

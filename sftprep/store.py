@@ -11,17 +11,20 @@ sample (offset, length, id, provenance) stay in memory.
 
 from __future__ import annotations
 
+import mmap
 from array import array
 from pathlib import Path
 
 import numpy as np
-
 import pyarrow as pa
 
 from .encode import Encoded
 from .labels import IGNORE_INDEX, mask_sample_starts
 from .packing import Piece
-from .shards import rows_batch
+from .shards import names_path, rows_batch, string_array
+
+RELEASE_PIECES = 256  # samples copied out of the spill between two releases of its pages: each page
+# fault maps up to 64 KiB around it (fault-around), so this bounds the spill pages mapped to ~32 MiB
 
 
 class SampleStore:
@@ -34,8 +37,10 @@ class SampleStore:
         self.sample_ids = array("q")
         self.num_trained = array("q")
         self.truncated = array("b")
-        self.sources: list[str] = []
+        self._sources: list[pa.Array] = []  # one string array per batch
+        self._maps: list = []
         self.total = 0
+        self.max_id = -1  # the largest token id stored (the manifest's max_token_id bounds it)
         self._ids = self._labels = None
         self.starts: list[int] = []
         self._buffers = (np.empty(0, np.int32), np.empty(0, np.int32))  # reused from batch to batch
@@ -44,23 +49,34 @@ class SampleStore:
         return len(self.lengths)
 
     def add(self, enc: Encoded) -> None:
-        self._files[0].write(np.ascontiguousarray(enc.ids, dtype=np.int32).tobytes())
-        self._files[1].write(np.ascontiguousarray(enc.labels, dtype=np.int32).tobytes())
+        with names_path(self.paths[0]):
+            self._files[0].write(np.ascontiguousarray(enc.ids, dtype=np.int32).tobytes())
+        with names_path(self.paths[1]):
+            self._files[1].write(np.ascontiguousarray(enc.labels, dtype=np.int32).tobytes())
         self.total += len(enc.ids)
+        if len(enc.ids):
+            self.max_id = max(self.max_id, int(enc.ids.max()))
         self.lengths.extend(enc.lengths.tolist())
         self.num_trained.extend(enc.num_trained.tolist())
         self.sample_ids.extend(enc.sample_ids)
         self.truncated.extend(enc.truncated)
-        self.sources += enc.sources
+        self._sources.append(string_array(enc.sources))
+
+    @property
+    def sources(self) -> pa.Array:
+        """Every kept sample's source (file:line), in order."""
+        return pa.concat_arrays(self._sources) if self._sources else string_array([])
 
     def seal(self) -> None:
         """Finish the files and map them back; after this, `gather` works."""
-        for f in self._files:
-            f.close()
+        for f, p in zip(self._files, self.paths):
+            with names_path(p):
+                f.close()
         if self.total:
             # plain ndarray views of the maps: slicing a np.memmap costs microseconds each
-            self._ids = np.asarray(np.memmap(self.paths[0], dtype=np.int32, mode="r", shape=(self.total,)))
-            self._labels = np.asarray(np.memmap(self.paths[1], dtype=np.int32, mode="r", shape=(self.total,)))
+            maps = [np.memmap(p, dtype=np.int32, mode="r", shape=(self.total,)) for p in self.paths]
+            self._maps = [m._mmap for m in maps if getattr(m, "_mmap", None) is not None]
+            self._ids, self._labels = np.asarray(maps[0]), np.asarray(maps[1])
         lengths = np.frombuffer(self.lengths, dtype=np.int64)
         self.starts = (np.cumsum(lengths) - lengths).tolist()
 
@@ -103,16 +119,32 @@ class SampleStore:
             labels[begin:end] = IGNORE_INDEX
         src_ids, src_labels, starts = self._ids, self._labels, self.starts
         cut = False
-        for i, a, b, d in pieces:
+        for k, (i, a, b, d) in enumerate(pieces, 1):
+            if k % RELEASE_PIECES == 0:
+                self._release()
             s = starts[i]
             ids[d:d + b - a] = src_ids[s + a:s + b]
             labels[d:d + b - a] = src_labels[s + a:s + b]
             cut = cut or a > 0
+        self._release()
         return cut
+
+    def _release(self) -> None:
+        """Drop the spill's mapped pages from this process's resident memory (read-only file pages:
+        the kernel reads them again, from its page cache, if they are touched again)."""
+        for m in self._maps:
+            try:
+                m.madvise(mmap.MADV_DONTNEED)
+            except (AttributeError, OSError, ValueError):  # platforms without madvise: only RSS differs
+                pass
 
     def remove(self) -> None:
         for f in self._files:
-            f.close()
+            try:
+                f.close()
+            except OSError:  # buffered bytes that cannot be written (disk full): the files go anyway
+                pass
         self._ids = self._labels = None
+        self._maps = []
         for p in self.paths:
             p.unlink(missing_ok=True)

@@ -66,7 +66,8 @@ def setup(config: TrainConfig) -> Setup:
         eval_manifest = open_build(config.data.eval, config.data.verify_checksums, flag="--eval")
         check_same_tokenizer(manifest, eval_manifest, config.data.eval)
     traits = model_traits(model_config(config.model.path))
-    tokenizer = check_tokenizer(manifest, config.data.shards, config.model.path, config.model.tokenizer)
+    tokenizer = check_tokenizer(manifest, config.data.shards, config.model.path, config.model.tokenizer,
+                                config.model.skip_tokenizer_check)
     check_quantization_backend(config)
     _check_report_to(config.train.report_to)
     cuda = cuda_available()

@@ -36,18 +36,113 @@ def open_build(folder: str | Path, verify_checksums: bool = False, flag: str = "
     except ValueError as e:  # unreadable or unknown-version manifest
         raise ConfigError(str(e)) from None
     folder = p if p.is_dir() else p.parent
-    if not manifest.get("shards"):
+    check_schema(manifest, folder / "manifest.json")
+    if not manifest["shards"]:
         raise ConfigError(f"{folder} holds no shards (the build kept no rows); check {folder}/rejects.jsonl")
     hash_here = verify_checksums and int(os.environ.get("LOCAL_RANK", "0") or 0) == 0
     for s in manifest["shards"]:
-        f = folder / s["file"]
+        f = confined_shard(folder, s["file"])
         if not f.is_file():
             raise FileNotFoundError(f"{f} is listed in {folder}/manifest.json but missing; "
                                     "rebuild with `sftprep build --overwrite`")
         _check_footer(f, s)
         if hash_here:
             _check_sha256(f, s)
+            _check_max_id(f, manifest)
     return manifest
+
+
+# -- the manifest is input: its schema, checked before anything relies on it ---------------------
+
+_INT, _STR = "a whole number", "text"
+# key -> (what it must be, required); checked in this order, the first problem reported
+_SHARD_KEYS = {"file": (_STR, True), "rows": (_INT, True), "tokens": (_INT, True), "sha256": (_STR, True)}
+_TOKENIZER_KEYS = {"vocab_size": (_INT, True), "vocab_hash": (_STR, True), "pad_id": (_INT, True),
+                   "eos_id": (_INT, False), "bos_id": (_INT, False)}
+_TOP_KEYS = {"max_length": (_INT, True), "packing": (_STR, True), "max_token_id": (_INT, False),
+             "build_id": (_STR, False)}
+
+
+def _kind_of(value: Any) -> str | None:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return _INT if value >= 0 else "negative"
+    return _STR if isinstance(value, str) else None
+
+
+def _check_keys(entry: Any, keys: dict[str, tuple[str, bool]], where: str) -> str | None:
+    """The first problem of `entry` against `keys` (None when it conforms)."""
+    if not isinstance(entry, dict):
+        return f"{where} must be an object, got {type(entry).__name__}"
+    for key, (kind, required) in keys.items():
+        if key not in entry or (entry[key] is None and not required):
+            if required:
+                return f"{where} lacks the key {key!r}"
+            continue
+        if _kind_of(entry[key]) != kind:
+            return f"{where}.{key} must be {kind}, got {type(entry[key]).__name__} {entry[key]!r:.40}"
+    return None
+
+
+def check_schema(manifest: dict[str, Any], path: Path) -> None:
+    """Refuse a manifest whose fields start-up relies on are missing, of the wrong type, or whose totals
+    disagree with its shards: one line naming the key, before any shard or model is opened.
+
+    Raises:
+        ConfigError: the first problem found, and how to fix it.
+    """
+    shards = manifest.get("shards")
+    problem = _check_keys(manifest, _TOP_KEYS, "the manifest")
+    if problem is None and not isinstance(shards, list):
+        problem = f"'shards' must be a list, got {type(shards).__name__}" if "shards" in manifest else \
+            "the manifest lacks the key 'shards'"
+    if problem is None:
+        problem = _check_keys(manifest.get("tokenizer"), _TOKENIZER_KEYS, "tokenizer") if "tokenizer" in manifest \
+            else "the manifest lacks the key 'tokenizer'"
+    for i, s in enumerate(shards if problem is None else []):
+        problem = problem or _check_keys(s, _SHARD_KEYS, f"shards[{i}]")
+    totals = manifest.get("totals") or {}
+    if problem is None and isinstance(totals, dict):
+        for key in ("rows", "tokens"):
+            listed = sum(s[key] for s in shards)
+            if key in totals and totals[key] != listed:
+                problem = (f"totals.{key} is {totals[key]!r} but the shards list {listed} (the sum of "
+                           f"shards[].{key})")
+                break
+    if problem is not None:
+        raise ConfigError(f"{path}: {problem}; the manifest was edited or damaged: rebuild with "
+                          "`sftprep build --overwrite`")
+
+
+def confined_shard(folder: Path, name: str) -> Path:
+    """`sftprep.manifest.shard_path`, its refusal a `ConfigError`."""
+    from sftprep.manifest import shard_path
+
+    try:
+        return shard_path(folder, name)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def id_bound(manifest: dict[str, Any]) -> tuple[int, str]:
+    """The largest token id the shards may hold and where that bound comes from: the manifest's
+    `max_token_id` (written by every build since it was added), else, for older builds, the
+    tokenizer's last id (every id a tokenizer writes is below its vocabulary size)."""
+    if manifest.get("max_token_id") is not None:
+        return int(manifest["max_token_id"]), "max_token_id"
+    return int(manifest["tokenizer"]["vocab_size"]) - 1, "the tokenizer's vocab_size - 1 (a build without max_token_id)"
+
+
+def _check_max_id(f: Path, manifest: dict[str, Any]) -> None:
+    """With --verify-checksums: the shard's largest id, read in full, is within the manifest's bound."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    table = pa.ipc.open_file(pa.memory_map(str(f))).read_all()
+    top = pc.max(pc.list_flatten(table.column("input_ids"))).as_py()
+    bound, what = id_bound(manifest)
+    if top is not None and (top > bound or top < 0):
+        raise ConfigError(f"{f} holds token id {top}, beyond {what} {bound} in its manifest: the shard was "
+                          "changed after the build; rebuild with `sftprep build --overwrite`")
 
 
 def _check_footer(f: Path, entry: dict[str, Any]) -> None:
@@ -104,45 +199,86 @@ def has_tokenizer(folder: str | Path) -> bool:
 
 
 def check_tokenizer(manifest: dict[str, Any], shards: str | Path, model_path: str | Path,
-                    tokenizer_path: str | Path | None = None):
+                    tokenizer_path: str | Path | None = None, skip_check: bool = False):
     """Check the shards' tokenizer against the model's; return the tokenizer to save with adapters.
 
-    The model folder's own tokenizer is compared when it has one, then `tokenizer_path` if given;
-    the shards' vocabulary must also fit the model's embedding (`vocab_size` in config.json). The
-    one returned is the model's (or `tokenizer_path`'s), else the build's copy in SHARDS/tokenizer/,
-    found from any working directory.
+    The shards' ids must fit the model's embedding (`vocab_size` in config.json): their vocabulary,
+    and their largest id (the manifest's `max_token_id`). The tokenizer compared with the build's
+    identity (vocabulary hash, size, pad and EOS ids) is the model folder's own when it has one, then
+    `tokenizer_path` if given; when neither exists, the build's copy in SHARDS/tokenizer/ (it must be
+    the tokenizer the shards were built with), and without that copy the run is refused, since
+    nothing can be compared. `skip_check` (--skip-tokenizer-check) skips the identity comparisons
+    (never the embedding bounds). The tokenizer returned is the model's (or `tokenizer_path`'s), else
+    the build's copy.
 
     Raises:
         ConfigError: a mismatch, naming the differing fields and how to fix it.
     """
     from sftprep.manifest import tokenizer_dir
-    from sftprep.tokenizer import load_fast, load_tokenizer, tokenizer_identity
+    from sftprep.tokenizer import load_tokenizer
 
     built = manifest.get("tokenizer") or {}
+    _check_embeddings(manifest, shards, model_path)
+    candidates = [(Path(model_path), "model")] if has_tokenizer(model_path) else []
+    if tokenizer_path:
+        candidates.append((Path(tokenizer_path), "--tokenizer"))
+    own = tokenizer_dir(shards, manifest)
+    if not candidates and not skip_check:
+        if own is None:
+            raise ConfigError(
+                f"cannot check the tokenizer of the shards in {shards}: the model folder {model_path} has no "
+                f"tokenizer, no --tokenizer was given, and the build has no copy of its own ({built.get('name')}) "
+                "in tokenizer/; pass --tokenizer DIR (the tokenizer the model was trained with), or "
+                "--skip-tokenizer-check to train without this check")
+        candidates.append((own, "build's copy"))
+    tokenizer = None
+    for path, what in candidates:
+        if not skip_check:
+            _compare_identity(built, path, what, shards)
+        if what != "build's copy":
+            tokenizer = tokenizer or load_tokenizer(path)
+    if tokenizer is None and own is not None:
+        tokenizer = load_tokenizer(own)  # saved with the adapter; identity is the build's own
+    return tokenizer
+
+
+def _check_embeddings(manifest: dict[str, Any], shards: str | Path, model_path: str | Path) -> None:
+    """The shards' vocabulary and largest id fit the model's embedding matrix (config.json alone)."""
+    built = manifest.get("tokenizer") or {}
     size = _vocab_size(model_config(model_path))
-    if size is not None and built.get("vocab_size", 0) > size:
+    if size is None:
+        return
+    if built.get("vocab_size", 0) > size:
         raise ConfigError(
             f"tokenizer mismatch: the shards in {shards} use a vocabulary of {built['vocab_size']} tokens "
             f"({built.get('name')}) but the model in {model_path} has only {size} embeddings; rebuild the "
             "shards with the model's tokenizer (`sftprep build --tokenizer MODEL_DIR`)")
-    candidates = [(Path(model_path), "model")] if has_tokenizer(model_path) else []
-    if tokenizer_path:
-        candidates.append((Path(tokenizer_path), "--tokenizer"))
-    tokenizer = None
-    for path, what in candidates:
-        ident = tokenizer_identity(load_fast(path), path)  # tokenizers only: fast, no transformers
-        diffs = [f"{k} {built.get(k)!s:.12} in the shards, {ident.get(k)!s:.12} in the {what}'s"
-                 for k in IDENTITY_KEYS if built.get(k) != ident.get(k)]
-        if diffs:
-            raise ConfigError(
-                f"tokenizer mismatch: the shards in {shards} were built with {built.get('name')}, which differs "
-                f"from the {what}'s tokenizer ({path}): {'; '.join(diffs)}. Rebuild the shards with "
-                f"`sftprep build --tokenizer {path}`, or train the model they were built for")
-        tokenizer = tokenizer or load_tokenizer(path)
-    own = tokenizer_dir(shards, manifest)
-    if tokenizer is None and own is not None:
-        tokenizer = load_tokenizer(own)  # saved with the adapter; identity is the build's own
-    return tokenizer
+    top, what = id_bound(manifest)
+    if top >= size:
+        raise ConfigError(
+            f"the shards in {shards} hold token id {top} ({what} in manifest.json) but the model in {model_path} "
+            f"has only {size} embeddings (ids 0..{size - 1}); rebuild the shards with the model's tokenizer "
+            "(`sftprep build --tokenizer MODEL_DIR --overwrite`)")
+
+
+def _compare_identity(built: dict[str, Any], path: Path, what: str, shards: str | Path) -> None:
+    from sftprep.tokenizer import load_fast, tokenizer_identity
+
+    ident = tokenizer_identity(load_fast(path), path)  # tokenizers only: fast, no transformers
+    owner = what if what == "build's copy" else f"{what}'s"
+    diffs = [f"{k} {built.get(k)!s:.12} in the shards, {ident.get(k)!s:.12} in the {owner}"
+             for k in IDENTITY_KEYS if built.get(k) != ident.get(k)]
+    if not diffs:
+        return
+    if what == "build's copy":
+        raise ConfigError(
+            f"tokenizer mismatch: the shards in {shards} were built with {built.get('name')}, but the tokenizer "
+            f"in {path} is another one: {'; '.join(diffs)}. The folder mixes two builds: rebuild it with "
+            "`sftprep build --overwrite`, or pass --tokenizer DIR (the shards' tokenizer)")
+    raise ConfigError(
+        f"tokenizer mismatch: the shards in {shards} were built with {built.get('name')}, which differs "
+        f"from the {what}'s tokenizer ({path}): {'; '.join(diffs)}. "
+        f"Rebuild the shards with `sftprep build --tokenizer {path}`, or train the model they were built for")
 
 
 def check_same_tokenizer(train: dict[str, Any], other: dict[str, Any], where: str) -> None:

@@ -42,6 +42,7 @@ _OPTIONS = [
     _setting("--model"),
     _setting("--output-dir"),
     _setting("--tokenizer"),
+    _flag("skip-tokenizer-check"),
     _setting("--eval", "eval_", metavar="DIR"),
     _setting("--lora-r", type=int),
     _setting("--lora-alpha", type=float),

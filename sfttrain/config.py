@@ -54,6 +54,9 @@ class ModelConfig:
     tokenizer: str | None = None
     """Tokenizer folder, when the model folder has none; default: the build's copy, SHARDS/tokenizer/
     (--tokenizer)."""
+    skip_tokenizer_check: bool = False
+    """Train without comparing the shards' tokenizer with the model's (or --tokenizer's, or the build's
+    copy's); the model's embedding size is still checked (--skip-tokenizer-check)."""
     dtype: str = "auto"
     """Weights dtype: auto (bf16/fp16 when bf16/fp16 mixed precision is on, else fp32), bf16, fp16, fp32 (--dtype)."""
     attn_implementation: str = "auto"
@@ -268,6 +271,7 @@ SHORTCUTS: dict[str, tuple[str, str]] = {
        if s not in ("lora", "model")},
     "model": ("model", "path"),
     "tokenizer": ("model", "tokenizer"),
+    "skip_tokenizer_check": ("model", "skip_tokenizer_check"),
     "dtype": ("model", "dtype"),
     "attn_implementation": ("model", "attn_implementation"),
     "trust_remote_code": ("model", "trust_remote_code"),

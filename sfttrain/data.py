@@ -17,6 +17,8 @@ from sftprep.errors import InputError
 from sftprep.labels import IGNORE_INDEX, mask_sample_starts
 
 from .attention import REAL_TOKENS, AttentionPath, positions_and_segments
+from .checks import confined_shard, id_bound
+from .config import ConfigError
 
 COLUMNS = ("input_ids", "labels", "seq_lens")
 
@@ -31,7 +33,8 @@ class ShardDataset(torch.utils.data.Dataset):
     def __init__(self, folder: str | Path, manifest: dict[str, Any]) -> None:
         self.folder = Path(folder)
         self.manifest = manifest
-        self.files = [self.folder / s["file"] for s in manifest["shards"]]
+        self.files = [confined_shard(self.folder, s["file"]) for s in manifest["shards"]]
+        self.max_id, self.bound_from = id_bound(manifest)
         self.offsets = np.cumsum([0] + [int(s["rows"]) for s in manifest["shards"]])
         self._tables: list | None = None
 
@@ -58,7 +61,14 @@ class ShardDataset(torch.utils.data.Dataset):
         shard = int(np.searchsorted(self.offsets, index, side="right")) - 1
         cols = self._tables[shard]
         row = index - int(self.offsets[shard])
-        return {name: col[row].values.to_numpy(zero_copy_only=False) for name, col in zip(COLUMNS, cols)}
+        out = {name: col[row].values.to_numpy(zero_copy_only=False) for name, col in zip(COLUMNS, cols)}
+        ids = out["input_ids"]
+        if len(ids) and (ids.max() > self.max_id or ids.min() < 0):  # O(row): an edited shard, not an IndexError
+            bad = int(ids.max() if ids.max() > self.max_id else ids.min())
+            raise ConfigError(f"{self.files[shard]} row {row} holds token id {bad}, beyond {self.bound_from} "
+                              f"{self.max_id} in its manifest: the shard was changed after the build; rebuild with "
+                              "`sftprep build --overwrite` (`sftprep verify` checks every shard)")
+        return out
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_tables": None}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import pyarrow as pa
 import pytest
 import pyarrow.feather as feather
@@ -84,3 +85,64 @@ def test_fast_loader_matches_transformers(tmp_path):
             [full(t, add_special_tokens=False)["input_ids"] for t in texts]
         assert (fast.bos_token_id, fast.eos_token_id, fast.chat_template) == \
             (full.bos_token_id, full.eos_token_id, full.chat_template)
+
+
+# -- .json arrays are streamed: memory bounded by the chunk and the largest record ---------------
+
+def _array_records(path):
+    from sftprep.readers.jsonfile import read_json
+
+    return [(r.source.rsplit("/", 1)[-1], r.fields, r.error) for r in read_json(path)]
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 4096, 1 << 20])
+def test_json_array_read_in_chunks_gives_each_record_or_its_reason(tmp_path, monkeypatch, chunk):
+    import sftprep.readers.jsonfile as jsonfile
+
+    monkeypatch.setattr(jsonfile, "CHUNK", chunk)
+    good = [{"prompt": "é" * i, "completion": "😀 \\u00e9 \n" * i, "n": [1, 2.5, None, True]} for i in range(12)]
+    body = ",\n ".join(json.dumps(r, ensure_ascii=i % 2 == 0) for i, r in enumerate(good))
+    path = tmp_path / "d.json"
+    path.write_text("\ufeff[ " + body + ", 7, " + "[" * 3000 + "]" * 3000 + ', {"n": ' + "9" * 5000
+                    + '}, {"p": "a\\ud800"}, {"p": "\\ud83d\\ude00"} ]\n', encoding="utf-8")
+    got = _array_records(path)
+    assert [f for _, f, _ in got[:12]] == good
+    assert [(s, e.split(":")[0] if e else e) for s, _, e in got[12:]] == [
+        ("d.json[12]", "expected a JSON object, got int"), ("d.json[13]", "invalid JSON"),
+        ("d.json[14]", "invalid JSON"), ("d.json[15]", "a string holds a lone UTF-16 surrogate ('\\ud800'), which is "
+                                                       "not Unicode text (often scraped data cut mid-character)"),
+        ("d.json[16]", None)]
+    assert "nested too deeply" in got[13][2] and "4300 digits" in got[14][2] and got[16][1] == {"p": "😀"}
+
+
+@pytest.mark.parametrize("chunk", [3, 1 << 20])
+def test_json_array_syntax_error_keeps_the_records_before_it(tmp_path, monkeypatch, chunk):
+    import sftprep.readers.jsonfile as jsonfile
+
+    monkeypatch.setattr(jsonfile, "CHUNK", chunk)
+    path = tmp_path / "d.json"
+    path.write_text('[{"a": 1},\n {"a": 2,},\n {"a": 3}]')
+    assert _array_records(path) == [
+        ("d.json[0]", {"a": 1}, None),
+        ("d.json:2", None, "invalid JSON: Expecting property name enclosed in double quotes (column 10); the array "
+                           "is unreadable from record 1 on")]
+
+
+def test_large_json_array_is_streamed_with_bounded_memory(tmp_path, monkeypatch):
+    """A 5 MB array is read with a small fraction of its size in memory (it was parsed whole)."""
+    import tracemalloc
+
+    import sftprep.readers.jsonfile as jsonfile
+
+    monkeypatch.setattr(jsonfile, "CHUNK", 64 << 10)
+    path = tmp_path / "big.json"
+    path.write_text(json.dumps([{"prompt": f"question {i} " * 10, "completion": "answer é " * 20}
+                                for i in range(12000)]))
+    tracemalloc.start()
+    try:
+        kept = sum(1 for r in jsonfile.read_json(path) if r.fields)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert kept == 12000
+    assert peak < path.stat().st_size / 8, f"peak {peak / 2**20:.1f} MiB for a {path.stat().st_size / 2**20:.1f} MiB file"

@@ -1,13 +1,14 @@
-"""JSON Lines (streamed line by line) and JSON arrays (one document, parsed whole)."""
+"""JSON Lines (streamed line by line) and JSON arrays (streamed item by item over a sliding buffer)."""
 
 from __future__ import annotations
 
+import codecs
 import gzip
 import json
 import re
 import zlib
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 from . import Record
 from ..errors import InputError
@@ -73,14 +74,24 @@ def read_lines(path: Path) -> Iterator[Record]:
 
 
 def read_json(path: Path) -> Iterator[Record]:
-    """A `.json` file: an array of objects (records numbered from 0), or JSON Lines misnamed."""
+    """A `.json` file: an array of objects (records numbered from 0), streamed with bounded memory
+    (`_read_array`), or JSON Lines misnamed (as `datasets.to_json` writes)."""
+    with open(path, "rb") as f:
+        head = f.read(4096)
+    first = head.removeprefix(b"\xef\xbb\xbf").lstrip()[:1]
+    if first == b"{":
+        yield from read_lines(path)
+    elif first == b"[":
+        yield from _read_array(path)
+    else:  # not an array (or only whitespace at the start): small or broken, read as one value
+        yield from _read_whole(path)
+
+
+def _read_whole(path: Path) -> Iterator[Record]:
     try:
         text = path.read_bytes().decode("utf-8-sig")
     except UnicodeDecodeError as e:
         yield Record(None, f"{path}", f"invalid UTF-8 at byte {e.start} of the file")
-        return
-    if text.lstrip().startswith("{"):  # JSON Lines saved as .json, as `datasets.to_json` does
-        yield from read_lines(path)
         return
     try:
         value = json.loads(text)
@@ -93,3 +104,155 @@ def read_json(path: Path) -> Iterator[Record]:
     surrogates = _SURROGATE_ESCAPE.search(text.encode("utf-8", "surrogatepass")) is not None
     for i, item in enumerate(value):
         yield _as_record(item, f"{path}[{i}]", surrogates)
+
+
+CHUNK = 1 << 20  # bytes read at a time from a .json array
+_SURROGATE_TEXT = re.compile(r"\\u[dD][89a-fA-F]")
+_SPACE = " \t\r\n"
+
+
+class _Text:
+    """A file's text decoded incrementally: `buf[pos:]` is what is not parsed yet; `more()` appends at
+    least as much as is buffered (so re-parsing a long value costs O(its size) in all), dropping the
+    parsed part. `line` is the line number of `buf[0]`."""
+
+    def __init__(self, f) -> None:
+        self.f, self.buf, self.pos, self.line, self.eof = f, "", 0, 1, False
+        self.col = 0  # characters of buf[0]'s line before it
+        self.decoder = codecs.getincrementaldecoder("utf-8-sig")()
+        self.read_bytes = 0
+
+    def more(self) -> bool:
+        if self.eof:
+            return False
+        chunk = self.f.read(max(CHUNK, 4 * (len(self.buf) - self.pos)))
+        self.eof = not chunk
+        pending = len(self.decoder.getstate()[0])
+        try:
+            text = self.decoder.decode(chunk, final=self.eof)
+        except UnicodeDecodeError as e:
+            raise _BadUtf8(self.read_bytes - pending + e.start) from None
+        self.read_bytes += len(chunk)
+        self.line += self.buf.count("\n", 0, self.pos)
+        nl = self.buf.rfind("\n", 0, self.pos)
+        self.col = self.pos - nl - 1 if nl >= 0 else self.col + self.pos
+        self.buf, self.pos = self.buf[self.pos:] + text, 0
+        return True
+
+    def skip_space(self) -> str:
+        """The next non-space character ('' at the end of the file), without consuming it."""
+        while True:
+            while self.pos < len(self.buf) and self.buf[self.pos] in _SPACE:
+                self.pos += 1
+            if self.pos < len(self.buf) or not self.more():
+                return self.buf[self.pos:self.pos + 1]
+
+    def line_of(self, index: int) -> int:
+        return self.line + self.buf.count("\n", 0, index)
+
+    def column_of(self, index: int) -> int:
+        nl = self.buf.rfind("\n", 0, index)
+        return index - nl if nl >= 0 else self.col + index + 1
+
+
+class _BadUtf8(Exception):
+    def __init__(self, byte: int) -> None:
+        self.byte = byte
+
+
+def _read_array(path: Path) -> Iterator[Record]:
+    """Stream the items of a top-level JSON array, one `raw_decode` each over a sliding buffer. A bad
+    item (too deep, an integer too long, a lone surrogate, not an object) is one rejected record;
+    a syntax error ends the array there: what follows it cannot be told apart into records, so it
+    is one rejected entry `file:line` saying so."""
+    with open(path, "rb") as f:
+        t = _Text(f)
+        try:
+            yield from _array_items(path, t)
+        except _BadUtf8 as e:
+            yield Record(None, f"{path}", f"invalid UTF-8 at byte {e.byte} of the file; the records after it "
+                                          "were not read")
+
+
+def _array_items(path: Path, t: _Text) -> Iterator[Record]:
+    decoder = json.JSONDecoder()
+    t.skip_space()
+    t.pos += 1  # the '[' read_json saw
+    i = 0
+    while True:
+        c = t.skip_space()
+        if c == "]" and i == 0:
+            break
+        if i > 0:  # after an item: ',' or ']'
+            if c == "]":
+                break
+            if c != ",":
+                yield _syntax_error(path, t, t.pos, "Expecting ',' delimiter" if c else "the array is not closed", i)
+                return
+            t.pos += 1
+            t.skip_space()
+        kind, value, end = _next_value(decoder, t)
+        start = t.pos
+        if kind == "syntax":
+            yield _syntax_error(path, t, end, value, i)
+            return
+        if kind == "bad":  # too deep, an integer too long: this item alone is rejected
+            yield Record(None, f"{path}[{i}]", value, size=end - start)
+        else:
+            record = _as_record(value, f"{path}[{i}]", _SURROGATE_TEXT.search(t.buf, start, end) is not None)
+            record.size = end - start
+            yield record
+        t.pos, i = end, i + 1
+    t.pos += 1  # the closing ']'
+    if t.skip_space():
+        yield _syntax_error(path, t, t.pos, "Extra data", i)
+
+
+def _next_value(decoder: json.JSONDecoder, t: _Text) -> tuple[str, Any, int]:
+    """The value at `t.pos`, reading more of the file until it is complete: ("value", value, end),
+    ("bad", message, end) for a value Python cannot hold, or ("syntax", message, index)."""
+    while True:
+        try:
+            value, end = decoder.raw_decode(t.buf, t.pos)
+        except json.JSONDecodeError as e:
+            cut = e.pos >= len(t.buf) - 6 or e.msg.startswith("Unterminated string")  # maybe the chunk's end
+            if cut and t.more():
+                continue
+            return "syntax", e.msg, e.pos
+        except (ValueError, RecursionError) as e:
+            end = _value_end(t.buf, t.pos)
+            if end is None and t.more():
+                continue
+            return ("bad", _json_error(e), end) if end is not None else ("syntax", "the value is not closed", len(t.buf))
+        if end == len(t.buf) and t.more():  # a number may go on in the next chunk
+            continue
+        return "value", value, end
+
+
+def _value_end(buf: str, pos: int) -> int | None:
+    """Where the JSON value at `pos` ends, by brackets and strings alone (for values `json` refuses
+    to build); None if it does not end in `buf`."""
+    depth, i, n = 0, pos, len(buf)
+    while i < n:
+        c = buf[i]
+        if c == '"':
+            i += 1
+            while i < n and buf[i] != '"':
+                i += 2 if buf[i] == "\\" else 1
+        elif c in "[{":
+            depth += 1
+        elif c in "]}" or (c == "," and depth == 0):
+            if depth == 0:
+                return i
+            depth -= 1
+            if depth == 0:
+                return i + 1
+        i += 1
+    return None
+
+
+def _syntax_error(path: Path, t: _Text, index: int, msg: str, i: int) -> Record:
+    """A syntax error in the array: it ends there (what follows cannot be split into records)."""
+    col = t.column_of(index)
+    after = f"; the array is unreadable from record {i} on" if i else ""
+    return Record(None, f"{path}:{t.line_of(index)}", f"invalid JSON: {msg} (column {col}){after}")
