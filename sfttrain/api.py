@@ -58,7 +58,6 @@ def setup(config: TrainConfig) -> Setup:
     Raises:
         ConfigError / FileNotFoundError / ValueError: with a message that says how to fix it.
     """
-    from .model import check_quantization_backend, cuda_available, resolve_dtype
 
     manifest = open_build(config.data.shards, config.data.verify_checksums)
     eval_manifest = None
@@ -68,13 +67,7 @@ def setup(config: TrainConfig) -> Setup:
     traits = model_traits(model_config(config.model.path))
     tokenizer = check_tokenizer(manifest, config.data.shards, config.model.path, config.model.tokenizer,
                                 config.model.skip_tokenizer_check)
-    check_quantization_backend(config)
-    _check_report_to(config.train.report_to)
-    cuda = cuda_available()
-    if config.train.fp16 and not cuda:
-        raise ConfigError("--fp16 mixed precision needs a CUDA GPU; on CPU use --bf16 or full precision")
-    half = str(resolve_dtype(config)).endswith(("bfloat16", "float16"))
-    attention = choose_attention(config.model.attn_implementation, cuda=cuda, half=half, traits=traits)
+    attention = check_runtime(config, traits)
     resume_from = _resume_point(config, manifest)
     return Setup(config, manifest, eval_manifest, tokenizer, attention, resume_from, traits)
 
@@ -215,6 +208,20 @@ def _check_report_to(report_to: str) -> None:
     if needs and not any(importlib.util.find_spec(m) for m in needs):
         raise ConfigError(f"--report-to {report_to} needs the {needs[0]} package: `pip install {needs[0]}` "
                           "(or --report-to none)")
+
+
+def check_runtime(config: TrainConfig, traits) -> AttentionPath:
+    """What this machine must offer for `config` (quantization backend, reporting packages, a GPU for
+    fp16), checked before the model loads; returns the attention path chosen for the model."""
+    from .model import check_quantization_backend, cuda_available, resolve_dtype
+
+    check_quantization_backend(config)
+    _check_report_to(config.train.report_to)
+    cuda = cuda_available()
+    if config.train.fp16 and not cuda:
+        raise ConfigError("--fp16 mixed precision needs a CUDA GPU; on CPU use --bf16 or full precision")
+    half = str(resolve_dtype(config)).endswith(("bfloat16", "float16"))
+    return choose_attention(config.model.attn_implementation, cuda=cuda, half=half, traits=traits)
 
 
 def _resume_point(config: TrainConfig, manifest: dict[str, Any]) -> str | None:

@@ -246,10 +246,9 @@ class IterativeTrainer:
         """The checks of `sfttrain run` that need no model, with the build settings in place of a build."""
         from sftprep.tokenizer import load_tokenizer
 
-        from .api import _check_report_to, _resume_point
-        from .attention import choose_attention, model_traits
+        from .api import _resume_point, check_runtime
+        from .attention import model_traits
         from .checks import check_tokenizer, has_tokenizer, model_config
-        from .model import check_quantization_backend, cuda_available, resolve_dtype
 
         c = self.config
         self.traits = model_traits(model_config(c.model.path))
@@ -260,13 +259,7 @@ class IterativeTrainer:
         self.build = BuildCode(build, tok_path, allow_code)
         self.tokenizer = check_tokenizer({"tokenizer": self.build.identity}, tok_path, c.model.path) \
             or load_tokenizer(tok_path)
-        check_quantization_backend(c)
-        _check_report_to(c.train.report_to)
-        cuda = cuda_available()
-        if c.train.fp16 and not cuda:
-            raise ConfigError("--fp16 mixed precision needs a CUDA GPU; on CPU use --bf16 or full precision")
-        half = str(resolve_dtype(c)).endswith(("bfloat16", "float16"))
-        self.attention = choose_attention(c.model.attn_implementation, cuda=cuda, half=half, traits=self.traits)
+        self.attention = check_runtime(c, self.traits)
         self.resume_from = _resume_point(c, {})
         self.tokenizer_path = tok_path
 

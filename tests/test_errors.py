@@ -33,6 +33,10 @@ BAD_RECORDS = [
      "bad.jsonl:2: template completion uses field {completion}, which the record lacks (keys found: prompt)"),
     ("ambiguous format", json.dumps({"text": "a", "prompt": "b", "completion": "c"}), [],
      "bad.jsonl:2: record fits several formats (prompt_completion, text; keys: completion, prompt, text); choose one with --format"),
+    ("bad tool call", json.dumps({"messages": [CHAT_OK, {"role": "assistant", "content": None,
+                                                          "tool_calls": [{"function": {"arguments": {}}}]}]}),
+     ["--template", "chatml"], 'bad.jsonl:2: messages[1].tool_calls[0]: a function call needs a "name" (and '
+     '"arguments"), got'),
     # hostile records (issue 11): each used to kill the whole build with a traceback or abort it
     ("lone surrogate", '{"prompt": "a\\ud800", "completion": "b"}', [],
      "bad.jsonl:2: a string holds a lone UTF-16 surrogate ('\\ud800'), which is not Unicode text"),

@@ -172,3 +172,23 @@ def test_unwritable_output_dir_is_refused_before_loading(tmp_path, spanish_shard
     (tmp_path / "a-file").write_text("not a folder")
     result = run_cli(spanish_shards, "--model", tiny_model, "--output-dir", tmp_path / "a-file" / "run")
     _refused(result, "--output-dir", "is not writable (Not a directory)")
+
+
+def test_disk_full_while_saving_a_checkpoint_is_one_line_that_says_how_to_continue(
+        tmp_path, spanish_shards, tiny_model, monkeypatch):  # noqa: F811
+    """The disk fills while the adapter is written (injected where safetensors writes the file): one
+    `Error:` line naming the file, the fix and `--resume`, no traceback."""
+    import errno
+
+    import safetensors.torch
+
+    def full(tensors, filename, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(filename))
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    result = run_cli(spanish_shards, "--model", tiny_model, "--output-dir", tmp_path / "run", "--max-steps", 1,
+                     "--save-steps", 1)
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    last = result.output.strip().splitlines()[-1]
+    assert last.startswith("Error: could not write ") and "adapter_model.safetensors: No space left on device; " \
+        "free space or choose another --output-dir, then continue with --resume" in last, last

@@ -21,7 +21,6 @@ Where the template has no end-of-turn marker, the tokenizer's EOS is appended to
 from __future__ import annotations
 
 import importlib
-import json
 from typing import Any, Callable, Mapping
 
 from ..config import ConfigError, TemplateConfig, did_you_mean
