@@ -14,6 +14,10 @@ its own section of `config.BuildConfig`):
     packing     lengths -> rows of pieces (sample, start, stop)
     shards      rows -> shard-train-NNNNN.arrow; output: side files; manifest: manifest.json, last
 
+Scaling out: `parts` (--part I/N keeps every N-th record), `merge` (parts 0..N-1 -> the build one
+process would have written: their samples read back from the shards and packed again), `executors`
+(--executor ray: the parts as Ray tasks, then the merge).
+
 The read side, `sftprep.inspect` (samples, view, stats, verify, diff), imports none of the build
 modules: only the shard contract (shards, manifest, labels) and the tokenizer the build copied.
 `errors` holds what users see (one line in the CLI); anything else is a bug and keeps its traceback.

@@ -26,10 +26,11 @@ from .manifest import write_manifest
 from .output import (REJECTS_FILE, SAMPLES_FILE, TOKENIZER_DIR, OutLock, build_id, copy_tokenizer, hash_input,
                      prepare_out, remove_temps, write_rejects, write_samples)
 from .packing import fill_ratio, pack
+from .parts import part_size
 from .pipeline import encode_all, encoder_for
 from .readers import count_records, expand_inputs
 from .shards import ShardSetWriter, load  # noqa: F401 (load: part of the public surface)
-from .store import SampleStore
+from .store import Samples, SampleStore
 from .tokenizer import load_fast, tokenizer_identity
 
 SPILL_STEM = "tokens.spill"  # tokens.spill.{ids,labels}.tmp: removed at the end, or by the next build
@@ -67,48 +68,37 @@ def _build(config: BuildConfig, progress: Callable[[int], None] | None, lock: Ou
     identity = tokenizer_identity(tok, config.tokenize.tokenizer)
     input_info = [{"path": str(p), "sha256": hash_input(p)} for p in inputs]
     this_build = build_id(config, input_info, identity)
+    part = None
+    if config.part is not None:  # what `sftprep merge` checks: parts 0..N-1 of one whole build (sftprep.parts)
+        part = {"index": config.part[0], "count": config.part[1],
+                "of_build": build_id(dataclasses.replace(config, part=None), input_info, identity)}
     lock.acquire()
     out = prepare_out(Path(config.out), this_build, config.overwrite)
 
     if hasattr(progress, "start"):
-        progress.start(_expected_records(config, inputs))
+        progress.start(expected_records(config, inputs))
     store = SampleStore(out, SPILL_STEM)
     try:
         rejects, read = encode_all(config, inputs, encoder, store, progress)
-        _check_rejects(config, rejects, read, out)
+        if part is None:  # a part may hold few or no records: merge checks all parts' together
+            check_rejects(config, rejects, read, out)
         store.seal()
-        shards = _write_shards(config, out, store, identity["pad_id"])
-        write_samples(out, store)
-        write_rejects(out, rejects)
-        copy_tokenizer(Path(config.tokenize.tokenizer), out)
+        shards, totals = write_build(config, out, store, rejects, read, identity["pad_id"],
+                                     Path(config.tokenize.tokenizer))
     except BaseException:
         remove_temps(out)  # a failed write (disk full...) leaves no *.tmp behind
         raise
     finally:
         store.remove()
 
-    tokens = sum(s["tokens"] for s in shards)
-    n_rows = sum(s["rows"] for s in shards)
-    trained = sum(s["trained_tokens"] for s in shards)
-    totals = {
-        "records_read": read,
-        "samples_kept": len(store),
-        "samples_dropped": len(rejects),
-        "dropped_by_reason": dict(sorted(Counter(r["reason"] for r in rejects).items())),
-        "samples_truncated": int(sum(store.truncated)),
-        "tokens": tokens,
-        "trained_tokens": trained,
-        "rows": n_rows,
-        "fill_ratio": round(fill_ratio(tokens, n_rows, config.tokenize.max_length), 6)
-        if config.pack.mode != "none" else None,
-    }
     manifest = {
         "tool": {"name": "sftprep", "version": __version__},
         "build_id": this_build,
         "config": config.to_dict(),
         "inputs": input_info,
         "template": encoder.renderer.description,
-        "warnings": encoder.renderer.warnings + _empty_inputs(inputs, store.sources, rejects),
+        # a part may hold none of an input's records: merge warns over all parts
+        "warnings": encoder.renderer.warnings + ([] if part else empty_inputs(inputs, store.sources, rejects)),
         "tokenizer": {**identity, "path": TOKENIZER_DIR, "source": str(tok.path.resolve()),
                       "files": sorted(p.name for p in (out / TOKENIZER_DIR).iterdir())},
         "max_length": config.tokenize.max_length,
@@ -119,6 +109,8 @@ def _build(config: BuildConfig, progress: Callable[[int], None] | None, lock: Ou
         "rejects_file": REJECTS_FILE,
         "totals": totals,
     }
+    if part is not None:
+        manifest["part"] = part
     write_manifest(out, manifest)
     return manifest
 
@@ -134,14 +126,17 @@ def _inputs(config: BuildConfig) -> list[Path]:
     return inputs
 
 
-def _expected_records(config: BuildConfig, inputs: list[Path]) -> int | None:
-    counts = [count_records(p) for p in inputs]
+def expected_records(config: BuildConfig, inputs: list[Path] | None = None) -> int | None:
+    """About how many records the build reads (its part's share with `--part`); None where the inputs do
+    not say cheaply (`readers.count_records`)."""
+    counts = [count_records(p) for p in (inputs if inputs is not None else _inputs(config))]
     total = None if None in counts else sum(counts)
     limit = config.read.num_samples
-    return limit if limit and (total is None or total > limit) else total
+    total = limit if limit and (total is None or total > limit) else total
+    return total if total is None or config.part is None else part_size(total, config.part)
 
 
-def _empty_inputs(inputs: list[Path], sources: pa.Array, rejects: list[dict[str, Any]]) -> list[str]:
+def empty_inputs(inputs: list[Path] | list[str], sources: pa.Array, rejects: list[dict[str, Any]]) -> list[str]:
     """A warning per input none of whose records was kept (e.g. a glob that swept in a file of
     another format): the build succeeds on the rest, so the summary must say so."""
     out = []
@@ -157,7 +152,9 @@ def _empty_inputs(inputs: list[Path], sources: pa.Array, rejects: list[dict[str,
     return out
 
 
-def _check_rejects(config: BuildConfig, rejects: list, read: int, out: Path) -> None:
+def check_rejects(config: BuildConfig, rejects: list, read: int, out: Path) -> None:
+    """Refuse a build that read no record or rejected more than `max_reject_ratio` of them (rejects.jsonl
+    is written for the user to read; no manifest)."""
     if read == 0:
         raise BuildError("the inputs hold no records")
     ratio = len(rejects) / read
@@ -169,7 +166,34 @@ def _check_rejects(config: BuildConfig, rejects: list, read: int, out: Path) -> 
                          f"{rejects[0]['message']}. All are listed in {out / REJECTS_FILE}")
 
 
-def _write_shards(config: BuildConfig, out: Path, store: SampleStore, pad: int) -> list[dict[str, Any]]:
+def write_build(config: BuildConfig, out: Path, samples: Samples, rejects: list[dict[str, Any]], read: int,
+                pad: int, tokenizer: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Everything of a build but its manifest, from its kept `samples` (in input order) and `rejects`:
+    shards, samples.feather, rejects.jsonl, tokenizer/ (copied from `tokenizer`). Returns the shards'
+    manifest entries and the manifest's totals (`read`: records read)."""
+    shards = _write_shards(config, out, samples, pad)
+    write_samples(out, samples)
+    write_rejects(out, rejects)
+    copy_tokenizer(tokenizer, out)
+    tokens = sum(s["tokens"] for s in shards)
+    n_rows = sum(s["rows"] for s in shards)
+    trained = sum(s["trained_tokens"] for s in shards)
+    totals = {
+        "records_read": read,
+        "samples_kept": len(samples),
+        "samples_dropped": len(rejects),
+        "dropped_by_reason": dict(sorted(Counter(r["reason"] for r in rejects).items())),
+        "samples_truncated": int(sum(samples.truncated)),
+        "tokens": tokens,
+        "trained_tokens": trained,
+        "rows": n_rows,
+        "fill_ratio": round(fill_ratio(tokens, n_rows, config.tokenize.max_length), 6)
+        if config.pack.mode != "none" else None,
+    }
+    return shards, totals
+
+
+def _write_shards(config: BuildConfig, out: Path, store: Samples, pad: int) -> list[dict[str, Any]]:
     """Pack the stored samples into rows and write them as shards; one manifest entry per shard."""
     max_length = config.tokenize.max_length
     rows = pack(store.lengths.tolist(), max_length, config.pack.mode, config.pack.seed)

@@ -8,8 +8,8 @@ from typing import Any, NoReturn
 
 import click
 
-from .config import (BUILD_SCHEMA, FORMATS, ON_ERROR, PACKING, TRAIN_ON, TRUNCATION, TRUNCATION_UNITS, BuildConfig,
-                     field_help)
+from .config import (BUILD_SCHEMA, EXECUTORS, FORMATS, ON_ERROR, PACKING, TRAIN_ON, TRUNCATION, TRUNCATION_UNITS,
+                     BuildConfig, ExecutorConfig, field_help)
 from .errors import USER_ERRORS, ConfigError
 
 
@@ -72,11 +72,13 @@ def _kwargs(values) -> dict[str, Any] | None:
     return out or None
 
 
-def _setting(*decls: str, key: str | None = None, **kwargs):
+def _setting(*decls: str, key: str | None = None, doc: type | None = None, **kwargs):
     """A `build` flag whose help text and default come from the config dataclasses' field docs
-    (`Schema.help`): one source of truth. `key` is the config key when it is not the flag's name."""
+    (`Schema.help`, or field `key` of dataclass `doc`): one source of truth. `key` is the config key
+    when it is not the flag's name."""
     dest = next((d for d in decls if not d.startswith("-")), decls[-1].lstrip("-").split("/")[0].replace("-", "_"))
-    return click.option(*decls, help=BUILD_SCHEMA.help(key or dest), **kwargs)
+    text = field_help(doc, key or dest) if doc else BUILD_SCHEMA.help(key or dest)
+    return click.option(*decls, help=text, **kwargs)
 
 
 @main.command()
@@ -111,6 +113,11 @@ def _setting(*decls: str, key: str | None = None, **kwargs):
 @_setting("-o", "--out")
 @_setting("--overwrite", is_flag=True, default=None)
 @click.option("--allow-code", is_flag=True, help=field_help(BuildConfig, "allow_code"))
+@_setting("--part")
+@_setting("--executor", type=click.Choice(EXECUTORS), doc=ExecutorConfig)
+@_setting("--ray-address", doc=ExecutorConfig)
+@_setting("--parts", type=int, doc=ExecutorConfig)
+@_setting("--parts-dir", doc=ExecutorConfig)
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")
 @user_errors
 def build(config: str | None, quiet: bool, format_: str | None, **flags: Any) -> None:
@@ -133,9 +140,16 @@ def build(config: str | None, quiet: bool, format_: str | None, **flags: Any) ->
     flags["inputs"] = list(flags.pop("inputs")) or None
     flags["stop_tokens"] = list(flags.pop("stop_tokens")) or None
     allow_code = flags.pop("allow_code")
+    where = {k: flags.pop(k) for k in ("executor", "ray_address", "parts", "parts_dir")}
+    where = ExecutorConfig(**{k: v for k, v in where.items() if v is not None})
     cfg = config_from_dict(data, flags, source=config or "config")
     with _progress(quiet) as advance:
-        manifest = run_build(cfg, progress=advance, allow_code=allow_code)
+        if where.executor == "ray":
+            from .executors import build_ray
+
+            manifest = build_ray(cfg, where.parts, where.ray_address, where.parts_dir, allow_code, progress=advance)
+        else:
+            manifest = run_build(cfg, progress=advance, allow_code=allow_code)
     if not quiet:
         print_summary(manifest)
 
@@ -235,6 +249,26 @@ def _out_console(color: bool | None = None):
         return Console(force_terminal=True, color_system="standard", highlight=False)
     tty = sys.stdout.isatty()
     return Console(highlight=False, width=None if tty else 120)
+
+
+@main.command("merge")
+@click.argument("part_dirs", metavar="PART_DIRS...", nargs=-1, required=True, type=click.Path())
+@_setting("-o", "--out", required=True)
+@_setting("--overwrite", is_flag=True)
+@click.option("-q", "--quiet", is_flag=True, help="No summary.")
+@user_errors
+def merge_(part_dirs: tuple[str, ...], out: str, overwrite: bool, quiet: bool) -> None:
+    """Join the parts of a build (`sftprep build --part I/N`, I = 0..N-1) into one build: their samples
+    packed again over all parts, not tokenized again; the same shards as one build of all the data.
+
+    \b
+      sftprep merge parts/part-* --out shards/
+    """
+    from .merge import merge
+
+    manifest = merge(list(part_dirs), out, overwrite=overwrite)
+    if not quiet:
+        print_summary(manifest)
 
 
 @main.command("inspect")

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from .errors import ConfigError
+from .parts import check_part, parse_part
 
 FORMATS = ("auto", "text", "prompt_completion", "messages", "sharegpt", "alpaca")
 TRAIN_ON = ("auto", "completion", "assistant", "last", "all")
@@ -123,6 +124,9 @@ class BuildConfig:
     """Let a `module:function` template import and run Python code: a config naming code is code, so only for
     configs you trust; `build(config, allow_code=True)` from Python, never from a YAML file, which is data
     (--allow-code)."""
+    part: tuple[int, int] | None = None
+    """Build only part I of N, counting from 0: the records whose index in the whole input is I modulo N, e.g.
+    2/8 (YAML `part: 2/8`); then `sftprep merge` the N part folders into the whole build (--part)."""
 
     def __post_init__(self) -> None:
         problems = _check(self)
@@ -130,7 +134,10 @@ class BuildConfig:
             raise ConfigError("invalid build config:\n  - " + "\n  - ".join(problems))
 
     def to_dict(self) -> dict[str, Any]:
-        return to_plain(dataclasses.asdict(self))
+        d = to_plain(dataclasses.asdict(self))
+        if d["part"] is None:  # a whole build's manifest (and build id) as before parts existed
+            del d["part"]
+        return d
 
 
 def _check(c: BuildConfig) -> list[str]:
@@ -160,6 +167,8 @@ def _check(c: BuildConfig) -> list[str]:
         p.append(f"shard_size={c.pack.shard_size} must be at least 1 row")
     if c.workers < 1:
         p.append(f"workers={c.workers} must be at least 1")
+    if c.part is not None:
+        p += check_part(c.part, c.pack.mode)
     if c.read.num_samples is not None and c.read.num_samples < 1:
         p.append(f"num_samples={c.read.num_samples} must be at least 1")
     if not 0 <= c.read.max_reject_ratio <= 1:
@@ -175,6 +184,36 @@ def _check(c: BuildConfig) -> list[str]:
         p.append("response_template applies to text you render yourself; it cannot be combined with "
                  f"--template {t.name} (the template already knows what the assistant says)")
     return p
+
+
+EXECUTORS = ("local", "ray")
+
+
+@dataclass(frozen=True)
+class ExecutorConfig:
+    """Where `sftprep build` runs: in this process, or as parts on Ray tasks merged at the end. Command-line
+    only (`sftprep.executors.build_ray` from Python): it never changes the shards, so no manifest holds it."""
+
+    executor: str = "local"
+    """local (this process, with --workers) or ray: the build as parts on Ray tasks (this machine, or
+    --ray-address), then merged into --out (--executor)."""
+    ray_address: str | None = None
+    """Ray cluster to join with --executor ray, e.g. auto or ray://head:10001 (--ray-address)."""
+    parts: int | None = None
+    """Parts for --executor ray; default: the cluster's CPUs (--parts)."""
+    parts_dir: str | None = None
+    """Where --executor ray writes the parts; default OUT/.parts, removed after the merge (a folder given here
+    is kept); on a cluster, storage every node sees (--parts-dir)."""
+
+    def __post_init__(self) -> None:
+        p: list[str] = []
+        check_choice(p, "executor=", self.executor, EXECUTORS)
+        if self.executor != "ray" and (self.ray_address, self.parts, self.parts_dir) != (None, None, None):
+            p.append("--ray-address, --parts and --parts-dir go with --executor ray")
+        if self.parts is not None and self.parts < 1:
+            p.append(f"parts={self.parts} must be at least 1")
+        if p:
+            raise ConfigError("invalid build config:\n  - " + "\n  - ".join(p))
 
 
 VOLATILE = ("out", "workers", "overwrite")
@@ -238,7 +277,7 @@ ALIASES: dict[str, tuple[str, Any]] = {
     "completion_only_loss": ("train_on", lambda v: "completion" if v else "all"),
     "assistant_only_loss": ("train_on", lambda v: "assistant" if v else "all"),
 }
-_TOP = ("out", "workers", "overwrite")  # allow_code is never read from a file: a YAML file is data
+_TOP = ("out", "workers", "overwrite", "part")  # allow_code is never read from a file: a YAML file is data
 
 
 def _packing_value(value: Any) -> Any:
@@ -359,7 +398,7 @@ def as_tuple(value: Any, split: str | None = None) -> tuple[str, ...]:
 
 BUILD_SCHEMA = Schema("build", BuildConfig, {"read": ReadConfig, "template": TemplateConfig, "tokenize": TokenizeConfig,
                                 "pack": PackConfig}, SHORTCUTS, ALIASES, scalars={"template": "name"}, top=_TOP,
-                      values={"packing": _packing_value})
+                      values={"packing": _packing_value, "part": parse_part})
 
 
 def config_from_dict(data: Mapping[str, Any], overrides: Mapping[str, Any] | None = None,

@@ -28,7 +28,7 @@ from .config import BuildConfig, shard_settings
 from .errors import ConfigError, InputError
 from .manifest import MANIFEST, fsync_dir, read_manifest
 from .shards import names_path, numpy_array, sha256_file, write_table
-from .store import SampleStore
+from .store import Samples
 
 SAMPLES_FILE = "samples.feather"  # Arrow IPC file too, but no `*.arrow` glob meets it
 OLD_SAMPLES_FILE = "samples.arrow"  # older builds: still read, as their manifest names it
@@ -131,7 +131,7 @@ def build_id(config: BuildConfig, inputs: list[dict], identity: dict) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def write_samples(out: Path, store: SampleStore) -> None:
+def write_samples(out: Path, store: Samples) -> None:
     """Per-sample side table: provenance, length and trained tokens of every kept sample."""
     table = pa.table({
         "sample_id": numpy_array(np.frombuffer(store.sample_ids, np.int64), pa.int64()),

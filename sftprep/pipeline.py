@@ -20,6 +20,7 @@ from itertools import islice
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
+from . import parts
 from .config import BuildConfig
 from .encode import Encoded, Encoder
 from .readers import reader_for
@@ -37,6 +38,7 @@ def _batches(config: BuildConfig, inputs: list[Path]) -> Iterator[list]:
     records = enumerate(record for path in inputs for record in reader_for(path)(path))
     if config.read.num_samples:
         records = islice(records, config.read.num_samples)
+    records = parts.select(records, config.part)  # --part I/N: every N-th record (all without it)
     batch, size, limit = [], 0, FIRST_BATCH
     for item in records:
         batch.append(item)
@@ -102,6 +104,9 @@ def encode_all(config: BuildConfig, inputs: list[Path], encoder: Encoder, store:
     finally:
         if pool is not None:
             pool.terminate()
+    # in input order (a batch lists render rejects before label rejects), whatever the batches were,
+    # so parts merged give the same rejects.jsonl as one build
+    rejects.sort(key=lambda r: r["sample_id"])
     return rejects, read
 
 

@@ -7,6 +7,10 @@ Best-fit-decreasing needs every sample's length before the first row can be writ
 holding every token in memory, each encoded batch is appended to two flat int32 files in the output
 folder (ids, labels); writing then copies rows out of their memory maps. Only a few numbers per
 sample (offset, length, id, provenance) stay in memory.
+
+`Samples` is what packing, the shard writer and `output.write_samples` read: per-sample numbers, and
+`rows_batch`. `SampleStore` fills it from the encoder; `sftprep.merge.MergedSamples` from the shards of
+a build's parts.
 """
 
 from __future__ import annotations
@@ -27,26 +31,73 @@ RELEASE_PIECES = 256  # samples copied out of the spill between two releases of 
 # fault maps up to 64 KiB around it (fault-around), so this bounds the spill pages mapped to ~32 MiB
 
 
-class SampleStore:
-    """Append batches while encoding (`add`), then `seal` and copy rows out (`rows_batch`)."""
+class Samples:
+    """Kept samples in input order: `lengths`, `sample_ids`, `num_trained`, `truncated` (int64 / int8
+    arrays), `sources` (Arrow strings), and shard rows copied out of their tokens (`rows_batch`).
+    Subclasses say where the tokens are (`_copy`)."""
 
-    def __init__(self, folder: Path, stem: str) -> None:
-        self.paths = (folder / f"{stem}.ids.tmp", folder / f"{stem}.labels.tmp")
-        self._files = [open(p, "wb") for p in self.paths]
+    def __init__(self) -> None:
         self.lengths = array("q")
         self.sample_ids = array("q")
         self.num_trained = array("q")
         self.truncated = array("b")
+        self._buffers = (np.empty(0, np.int32), np.empty(0, np.int32))  # reused from batch to batch
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def rows_batch(self, rows: list[list[Piece]], width: int | None, pad: int) -> pa.RecordBatch:
+        """Shard rows (`shards.SCHEMA`) holding `rows` (lists of pieces, `packing.pack`), each padded
+        with `pad` (label -100) to `width` tokens (None: as long as its pieces). Tokens are copied (`_copy`)
+        into two buffers reused from call to call: write the batch before the next."""
+        copies, gaps, seq_lens, sids, row_off, seq_off = [], [], [], [], [0], [0]
+        sample_ids = self.sample_ids
+        cut = False
+        for row in rows:
+            dest = row_off[-1]
+            for i, a, b in row:
+                copies.append((i, a, b, dest))
+                dest += b - a
+                seq_lens.append(b - a)
+                sids.append(sample_ids[i])
+                cut = cut or a > 0
+            row_off.append(row_off[-1] + width if width else dest)
+            seq_off.append(len(seq_lens))
+            if dest < row_off[-1]:
+                gaps.append((dest, row_off[-1]))
+        n = row_off[-1]
+        if n > len(self._buffers[0]):
+            self._buffers = (np.empty(n, np.int32), np.empty(n, np.int32))
+        ids, labels = self._buffers[0][:n], self._buffers[1][:n]
+        row_off, seq_lens, seq_off = np.asarray(row_off), np.asarray(seq_lens), np.asarray(seq_off)
+        for begin, end in gaps:
+            ids[begin:end] = pad
+            labels[begin:end] = IGNORE_INDEX
+        self._copy(copies, ids, labels)
+        if cut:  # a piece past its sample's first token starts a sample in its row (wrapped packing):
+            # mask sample starts again (whole samples had theirs masked when labelled)
+            mask_sample_starts(labels, seq_lens, row_off, seq_off)
+        return rows_batch(ids, labels, row_off, seq_lens, seq_off, np.asarray(sids))
+
+    def _copy(self, pieces: list[tuple[int, int, int, int]], ids: np.ndarray, labels: np.ndarray) -> None:
+        """Copy pieces `(sample, start, stop, dest)`, token range `[start, stop)` of a sample, into
+        `ids`/`labels` at `dest`."""
+        raise NotImplementedError
+
+
+class SampleStore(Samples):
+    """Append batches while encoding (`add`), then `seal` and copy rows out (`rows_batch`)."""
+
+    def __init__(self, folder: Path, stem: str) -> None:
+        super().__init__()
+        self.paths = (folder / f"{stem}.ids.tmp", folder / f"{stem}.labels.tmp")
+        self._files = [open(p, "wb") for p in self.paths]
         self._sources: list[pa.Array] = []  # one string array per batch
         self._maps: list = []
         self.total = 0
         self.max_id = -1  # the largest token id stored (the manifest's max_token_id bounds it)
         self._ids = self._labels = None
         self.starts: list[int] = []
-        self._buffers = (np.empty(0, np.int32), np.empty(0, np.int32))  # reused from batch to batch
-
-    def __len__(self) -> int:
-        return len(self.lengths)
 
     def add(self, enc: Encoded) -> None:
         with names_path(self.paths[0]):
@@ -68,7 +119,7 @@ class SampleStore:
         return pa.concat_arrays(self._sources) if self._sources else string_array([])
 
     def seal(self) -> None:
-        """Finish the files and map them back; after this, `gather` works."""
+        """Finish the files and map them back; after this, `rows_batch` works."""
         for f, p in zip(self._files, self.paths):
             with names_path(p):
                 f.close()
@@ -80,54 +131,15 @@ class SampleStore:
         lengths = np.frombuffer(self.lengths, dtype=np.int64)
         self.starts = (np.cumsum(lengths) - lengths).tolist()
 
-    def rows_batch(self, rows: list[list[Piece]], width: int | None, pad: int) -> pa.RecordBatch:
-        """Shard rows (`shards.SCHEMA`) holding `rows` (lists of pieces, `packing.pack`), each padded
-        with `pad` (label -100) to `width` tokens (None: as long as its pieces). Tokens are copied out
-        of the spill files into two buffers reused from call to call: write the batch before the next."""
-        copies, gaps, seq_lens, sids, row_off, seq_off = [], [], [], [], [0], [0]
-        sample_ids = self.sample_ids
-        for row in rows:
-            dest = row_off[-1]
-            for i, a, b in row:
-                copies.append((i, a, b, dest))
-                dest += b - a
-                seq_lens.append(b - a)
-                sids.append(sample_ids[i])
-            row_off.append(row_off[-1] + width if width else dest)
-            seq_off.append(len(seq_lens))
-            if dest < row_off[-1]:
-                gaps.append((dest, row_off[-1]))
-        n = row_off[-1]
-        if n > len(self._buffers[0]):
-            self._buffers = (np.empty(n, np.int32), np.empty(n, np.int32))
-        ids, labels = self._buffers[0][:n], self._buffers[1][:n]
-        row_off, seq_lens, seq_off = np.asarray(row_off), np.asarray(seq_lens), np.asarray(seq_off)
-        if self._gather(copies, gaps, ids, labels, pad):
-            mask_sample_starts(labels, seq_lens, row_off, seq_off)
-        return rows_batch(ids, labels, row_off, seq_lens, seq_off, np.asarray(sids))
-
-    def _gather(self, pieces: list[tuple[int, int, int, int]], gaps: list[tuple[int, int]], ids: np.ndarray,
-                labels: np.ndarray, pad: int) -> bool:
-        """Copy pieces `(sample, start, stop, dest)`, token range `[start, stop)` of a sample, into
-        `ids`/`labels` at `dest`; fill `gaps` (`[begin, end)` ranges) with `pad` and label -100.
-        Pieces and gaps together must cover the output. Returns whether a piece begins past its
-        sample's first token: it starts a sample in its row (wrapped packing), so the caller masks
-        sample starts again (whole samples had theirs masked when labelled).
-        """
-        for begin, end in gaps:
-            ids[begin:end] = pad
-            labels[begin:end] = IGNORE_INDEX
+    def _copy(self, pieces: list[tuple[int, int, int, int]], ids: np.ndarray, labels: np.ndarray) -> None:
         src_ids, src_labels, starts = self._ids, self._labels, self.starts
-        cut = False
         for k, (i, a, b, d) in enumerate(pieces, 1):
             if k % RELEASE_PIECES == 0:
                 self._release()
             s = starts[i]
             ids[d:d + b - a] = src_ids[s + a:s + b]
             labels[d:d + b - a] = src_labels[s + a:s + b]
-            cut = cut or a > 0
         self._release()
-        return cut
 
     def _release(self) -> None:
         """Drop the spill's mapped pages from this process's resident memory (read-only file pages:

@@ -6,7 +6,8 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "sftprep"
-BUILD_SIDE = {"api", "encode", "pipeline", "templates", "formats", "readers", "store", "output", "packing"}
+BUILD_SIDE = {"api", "encode", "pipeline", "templates", "formats", "readers", "store", "output", "packing", "parts",
+              "merge", "executors"}
 
 
 def _sftprep_imports(path: Path) -> set[str]:

@@ -1,0 +1,219 @@
+"""`sftprep merge`: parts 0..N-1 of one build (`sftprep build --part i/N`) -> the whole build.
+
+Nothing is tokenized again. Every part's shards are memory-mapped, each kept sample is located in them
+(by its row's `seq_lens`), the samples of all parts are put back in input order (by sample id), and the
+build's own packing and shard writer run over them: the same best-fit-decreasing over every length, the
+same seeded row order. Samples in input order are exactly what a single build holds before it packs, so
+the merged shards, samples.feather and rejects.jsonl are the single build's, byte for byte, and the
+manifest differs only in `config.out`, `config.workers` (as the parts were built) and `merged_from`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from array import array
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from . import __version__
+from .api import check_rejects, empty_inputs, write_build
+from .config import BuildConfig, config_from_dict, shard_settings
+from .errors import InputError
+from .inspect.diff import flat_items
+from .inspect.folder import read_rejects, read_sample_info
+from .inspect.unpack import flatten
+from .manifest import read_manifest, tokenizer_dir, write_manifest
+from .output import REJECTS_FILE, SAMPLES_FILE, OutLock, prepare_out, remove_temps
+from .shards import open_shard
+from .store import Samples
+
+# what every part of one build must agree on (besides `part.of_build`, which covers them all); a part's
+# warnings are its template's (an input with no record kept is only known, and warned of, at the merge)
+_SAME = ("template", "warnings", "max_length", "packing")
+
+
+@dataclasses.dataclass
+class Part:
+    """One part folder and its manifest."""
+
+    folder: Path
+    manifest: dict[str, Any]
+
+    @property
+    def index(self) -> int:
+        return self.manifest["part"]["index"]
+
+    @property
+    def count(self) -> int:
+        return self.manifest["part"]["count"]
+
+
+def merge(part_dirs: list[str | Path], out: str | Path, overwrite: bool = False) -> dict[str, Any]:
+    """Merge the parts in `part_dirs` (any order) into one build in `out`; return its manifest.
+
+    Raises:
+        InputError / FileNotFoundError: a folder is not a part, a part is missing or given twice, or
+            the parts are not of the same build (nothing is written).
+        BuildError: too many records rejected over all parts (rejects are left, no manifest).
+    """
+    parts = check_parts([open_part(d) for d in part_dirs])
+    first = parts[0].manifest
+    config = _whole_config(first["config"], out, overwrite)
+    lock = OutLock(Path(out))
+    try:
+        lock.acquire()
+        folder = prepare_out(Path(out), first["part"]["of_build"], overwrite)
+        try:
+            return _merge(parts, config, folder)
+        except BaseException:
+            remove_temps(folder)  # a failed write (disk full...) leaves no *.tmp behind, as a build
+            raise
+    finally:
+        lock.release()
+
+
+def open_part(folder: str | Path) -> Part:
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    if "part" not in manifest:
+        raise InputError(f"{folder} is a whole build, not a part (it was built without --part i/N)")
+    return Part(folder, manifest)
+
+
+def check_parts(parts: list[Part]) -> list[Part]:
+    """Parts 0..N-1 of one build, each once, sorted by index; else a one-line InputError."""
+    if not parts:
+        raise InputError("no part to merge: give the folders that `sftprep build --part i/N` wrote")
+    head = parts[0]
+    for p in parts[1:]:
+        if p.count != head.count:
+            raise InputError(f"{p.folder} is part {p.index}/{p.count} but {head.folder} is part "
+                             f"{head.index}/{head.count}: parts of different splits cannot be merged")
+        if p.manifest["part"]["of_build"] != head.manifest["part"]["of_build"]:
+            raise InputError(f"{p.folder} is not a part of the same build as {head.folder}: "
+                             f"{_difference(head.manifest, p.manifest)}")
+        for key in _SAME:
+            if p.manifest.get(key) != head.manifest.get(key):
+                raise InputError(f"{p.folder} is not a part of the same build as {head.folder}: {key} "
+                                 f"differs ({p.manifest.get(key)!r} vs {head.manifest.get(key)!r})")
+    by_index: dict[int, Part] = {}
+    for p in parts:
+        if p.index in by_index:
+            raise InputError(f"part {p.index}/{p.count} is given twice: {by_index[p.index].folder} and {p.folder}")
+        by_index[p.index] = p
+    missing = [i for i in range(head.count) if i not in by_index]
+    if missing:
+        raise InputError(f"part(s) {', '.join(map(str, missing))} of {head.count} missing (given: "
+                         f"{', '.join(map(str, sorted(by_index)))}); merge needs parts 0..{head.count - 1}")
+    version = head.manifest["tool"]["version"]
+    if version != __version__:
+        raise InputError(f"{head.folder} was built by sftprep {version}, this is {__version__}: merge parts "
+                         "with the version that built them (rows depend on its packing)")
+    return [by_index[i] for i in range(head.count)]
+
+
+def _difference(a: dict[str, Any], b: dict[str, Any]) -> str:
+    """What differs between two parts' manifests that `of_build` hashes, for the message."""
+    ca, cb = (flat_items({k: v for k, v in shard_settings(m["config"]).items() if k != "part"}) for m in (a, b))
+    changed = sorted(k for k in set(ca) | set(cb) if ca.get(k) != cb.get(k))
+    if changed:
+        key = changed[0]
+        return f"setting {key} differs ({cb.get(key)!r} vs {ca.get(key)!r})"
+    ha, hb = [i["sha256"] for i in a["inputs"]], [i["sha256"] for i in b["inputs"]]
+    if ha != hb:
+        return "their inputs differ (content hashes, in order: the same files must be read by every part)"
+    if a["tokenizer"].get("vocab_hash") != b["tokenizer"].get("vocab_hash"):
+        return "their tokenizers differ (vocabulary hash)"
+    return f"sftprep version differs ({b['tool']['version']} vs {a['tool']['version']})"
+
+
+def _whole_config(cfg: dict[str, Any], out: str | Path, overwrite: bool) -> BuildConfig:
+    """The build config the parts share, as a single build of the same data would have it."""
+    data = {k: v for k, v in cfg.items() if k not in ("allow_code", "part", "out", "overwrite")}
+    config = config_from_dict(data, {"out": str(out), "overwrite": overwrite}, source="part manifest")
+    return dataclasses.replace(config, allow_code=cfg.get("allow_code", False))
+
+
+def _merge(parts: list[Part], config: BuildConfig, out: Path) -> dict[str, Any]:
+    first = parts[0].manifest
+    samples = MergedSamples(parts)
+    rejects = sorted((r for p in parts for r in read_rejects(p.folder, p.manifest)),
+                     key=lambda r: r["sample_id"])  # in input order: sample ids are global
+    read = sum(p.manifest["totals"]["records_read"] for p in parts)
+    check_rejects(config, rejects, read, out)
+    tok = tokenizer_dir(parts[0].folder, first)
+    if tok is None:
+        raise FileNotFoundError(f"{parts[0].folder} has no tokenizer/ folder: build the part again")
+    shards, totals = write_build(config, out, samples, rejects, read, first["tokenizer"]["pad_id"], tok)
+    manifest = {key: first[key] for key in ("tool", "build_id", "config", "inputs", "template", "warnings",
+                                             "tokenizer", "max_length", "max_token_id", "packing")}
+    manifest.update({
+        "build_id": first["part"]["of_build"],
+        "config": config.to_dict(),
+        "warnings": first["warnings"] + empty_inputs([i["path"] for i in first["inputs"]], samples.sources, rejects),
+        "max_token_id": max(p.manifest["max_token_id"] for p in parts),  # each is max(its ids, pad): so is this
+        "shards": [{k: s[k] for k in ("file", "rows", "tokens", "sha256")} for s in shards],
+        "samples_file": SAMPLES_FILE,
+        "rejects_file": REJECTS_FILE,
+        "totals": totals,
+        "merged_from": {"count": len(parts), "build_ids": [p.manifest["build_id"] for p in parts]},
+    })
+    write_manifest(out, manifest)
+    return manifest
+
+
+class MergedSamples(Samples):
+    """Every part's kept samples in input order, read in place from the parts' memory-mapped shards: the
+    `Samples` that packing, the shard writer and the samples table read, as a build's `SampleStore` is."""
+
+    def __init__(self, parts: list[Part]) -> None:
+        super().__init__()
+        self._ids: list[np.ndarray] = []  # one flat token array per record batch of every shard
+        self._labels: list[np.ndarray] = []
+        empty = np.zeros(0, np.int64)
+        where, tables = [(empty,) * 4], []
+        for p in parts:
+            where += [self._locate(p.folder / s["file"]) for s in p.manifest["shards"]]
+            tables.append(read_sample_info(p.folder, p.manifest))
+        sid, chunk, start, length = (np.concatenate(c) for c in zip(*where))
+        order = np.argsort(sid, kind="stable")
+        sid, length, self._chunk, self._start = sid[order], length[order], chunk[order].tolist(), start[order].tolist()
+        if (np.diff(sid) == 0).any():
+            raise InputError(f"sample id {int(sid[np.flatnonzero(np.diff(sid) == 0)[0]])} is in two parts: "
+                             "the parts overlap (built from different inputs?)")
+        side = pa.concat_tables([t for t in tables if t is not None])
+        side = side.take(pa.array(np.argsort(side.column("sample_id").to_numpy(), kind="stable"), pa.int64()))
+        if not (np.array_equal(sid, side.column("sample_id").to_numpy())
+                and np.array_equal(length, side.column("num_tokens").to_numpy().astype(np.int64))):
+            raise InputError("a part's shards and its samples file disagree (a partial copy?): check the parts "
+                             "with `sftprep verify PART_DIR`")
+        self.lengths = array("q", length.astype(np.int64).tobytes())
+        self.sample_ids = array("q", sid.astype(np.int64).tobytes())
+        self.num_trained = array("q", side.column("num_trained").to_numpy().astype(np.int64).tobytes())
+        self.truncated = array("b", side.column("truncated").to_numpy().astype(np.int8).tobytes())
+        self.sources = side.column("source").combine_chunks()
+
+    def _locate(self, path: Path) -> tuple[np.ndarray, ...]:
+        """(sample id, token array index, start, length) of every sample in a shard, batch by batch (each
+        batch's tokens stay a view of the memory-mapped shard)."""
+        found = [(np.zeros(0, np.int64),) * 4]
+        for batch in open_shard(path).to_batches():
+            flat = flatten(batch)
+            self._ids.append(flat.ids)
+            self._labels.append(flat.labels)
+            k = np.full(len(flat.sample_ids), len(self._ids) - 1, np.int64)
+            found.append((flat.sample_ids, k, flat.piece_start.astype(np.int64), flat.seq_lens))
+        return tuple(np.concatenate(c) for c in zip(*found))
+
+    def _copy(self, pieces: list[tuple[int, int, int, int]], ids: np.ndarray, labels: np.ndarray) -> None:
+        chunk, first = self._chunk, self._start
+        for i, a, b, d in pieces:
+            k, s = chunk[i], first[i]
+            ids[d:d + b - a] = self._ids[k][s + a:s + b]
+            labels[d:d + b - a] = self._labels[k][s + a:s + b]
+
+
+__all__ = ["merge", "check_parts", "open_part", "MergedSamples"]
