@@ -176,16 +176,16 @@ def test_unwritable_output_dir_is_refused_before_loading(tmp_path, spanish_shard
 
 def test_disk_full_while_saving_a_checkpoint_is_one_line_that_says_how_to_continue(
         tmp_path, spanish_shards, tiny_model, monkeypatch):  # noqa: F811
-    """The disk fills while the adapter is written (injected where safetensors writes the file): one
+    """The disk fills while the adapter is written (injected where peft calls safetensors): one
     `Error:` line naming the file, the fix and `--resume`, no traceback."""
     import errno
 
-    import safetensors.torch
+    import peft.peft_model
 
     def full(tensors, filename, *args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device", str(filename))
 
-    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    monkeypatch.setattr(peft.peft_model, "safe_save_file", full)  # peft's own name for safetensors' save_file
     result = run_cli(spanish_shards, "--model", tiny_model, "--output-dir", tmp_path / "run", "--max-steps", 1,
                      "--save-steps", 1)
     assert result.exit_code == 2 and "Traceback" not in result.output, result.output
