@@ -11,6 +11,7 @@ manifest differs only in `config.out`, `config.workers` (as the parts were built
 from __future__ import annotations
 
 import dataclasses
+import mmap
 from array import array
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,6 @@ from .inspect.folder import read_rejects, read_sample_info
 from .inspect.unpack import flatten
 from .manifest import read_manifest, tokenizer_dir, write_manifest
 from .output import REJECTS_FILE, SAMPLES_FILE, OutLock, prepare_out, remove_temps
-from .shards import open_shard
 from .store import Samples
 
 # what every part of one build must agree on (besides `part.of_build`, which covers them all); a part's
@@ -200,7 +200,11 @@ class MergedSamples(Samples):
         """(sample id, token array index, start, length) of every sample in a shard, batch by batch (each
         batch's tokens stay a view of the memory-mapped shard)."""
         found = [(np.zeros(0, np.int64),) * 4]
-        for batch in open_shard(path).to_batches():
+        if path.stat().st_size == 0:
+            raise InputError(f"{path} is empty: the part was not copied whole; build or copy it again")
+        with open(path, "rb") as f:  # a map of our own, so that `_release` can hand its pages back
+            self._maps.append(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))
+        for batch in pa.ipc.open_file(pa.py_buffer(self._maps[-1])).read_all().to_batches():
             flat = flatten(batch)
             self._ids.append(flat.ids)
             self._labels.append(flat.labels)
@@ -208,12 +212,9 @@ class MergedSamples(Samples):
             found.append((flat.sample_ids, k, flat.piece_start.astype(np.int64), flat.seq_lens))
         return tuple(np.concatenate(c) for c in zip(*found))
 
-    def _copy(self, pieces: list[tuple[int, int, int, int]], ids: np.ndarray, labels: np.ndarray) -> None:
-        chunk, first = self._chunk, self._start
-        for i, a, b, d in pieces:
-            k, s = chunk[i], first[i]
-            ids[d:d + b - a] = self._ids[k][s + a:s + b]
-            labels[d:d + b - a] = self._labels[k][s + a:s + b]
+    def _tokens(self, i: int) -> tuple[np.ndarray, np.ndarray, int]:
+        k = self._chunk[i]
+        return self._ids[k], self._labels[k], self._start[i]
 
 
 __all__ = ["merge", "check_parts", "open_part", "MergedSamples"]

@@ -42,6 +42,7 @@ class Samples:
         self.num_trained = array("q")
         self.truncated = array("b")
         self._buffers = (np.empty(0, np.int32), np.empty(0, np.int32))  # reused from batch to batch
+        self._maps: list[mmap.mmap] = []  # the memory maps tokens are read from (`_release`)
 
     def __len__(self) -> int:
         return len(self.lengths)
@@ -81,8 +82,29 @@ class Samples:
 
     def _copy(self, pieces: list[tuple[int, int, int, int]], ids: np.ndarray, labels: np.ndarray) -> None:
         """Copy pieces `(sample, start, stop, dest)`, token range `[start, stop)` of a sample, into
-        `ids`/`labels` at `dest`."""
+        `ids`/`labels` at `dest`, releasing the mapped pages read every RELEASE_PIECES pieces."""
+        for k, (i, a, b, d) in enumerate(pieces, 1):
+            if k % RELEASE_PIECES == 0:
+                self._release()
+            src_ids, src_labels, s = self._tokens(i)
+            ids[d:d + b - a] = src_ids[s + a:s + b]
+            labels[d:d + b - a] = src_labels[s + a:s + b]
+        self._release()
+
+    def _tokens(self, i: int) -> tuple[np.ndarray, np.ndarray, int]:
+        """The token arrays sample `i` lies in, and where it starts in them."""
         raise NotImplementedError
+
+    def _release(self) -> None:
+        """Drop the mapped pages read so far from this process's resident memory (read-only file pages:
+        the kernel reads them again, from its page cache, if they are touched again). Rows gather samples
+        from all over their files, and each page fault maps up to 64 KiB around it: without this, whole
+        files would become resident."""
+        for m in self._maps:
+            try:
+                m.madvise(mmap.MADV_DONTNEED)
+            except (AttributeError, OSError, ValueError):  # platforms without madvise: only RSS differs
+                pass
 
 
 class SampleStore(Samples):
@@ -93,7 +115,6 @@ class SampleStore(Samples):
         self.paths = (folder / f"{stem}.ids.tmp", folder / f"{stem}.labels.tmp")
         self._files = [open(p, "wb") for p in self.paths]
         self._sources: list[pa.Array] = []  # one string array per batch
-        self._maps: list = []
         self.total = 0
         self.max_id = -1  # the largest token id stored (the manifest's max_token_id bounds it)
         self._ids = self._labels = None
@@ -131,24 +152,8 @@ class SampleStore(Samples):
         lengths = np.frombuffer(self.lengths, dtype=np.int64)
         self.starts = (np.cumsum(lengths) - lengths).tolist()
 
-    def _copy(self, pieces: list[tuple[int, int, int, int]], ids: np.ndarray, labels: np.ndarray) -> None:
-        src_ids, src_labels, starts = self._ids, self._labels, self.starts
-        for k, (i, a, b, d) in enumerate(pieces, 1):
-            if k % RELEASE_PIECES == 0:
-                self._release()
-            s = starts[i]
-            ids[d:d + b - a] = src_ids[s + a:s + b]
-            labels[d:d + b - a] = src_labels[s + a:s + b]
-        self._release()
-
-    def _release(self) -> None:
-        """Drop the spill's mapped pages from this process's resident memory (read-only file pages:
-        the kernel reads them again, from its page cache, if they are touched again)."""
-        for m in self._maps:
-            try:
-                m.madvise(mmap.MADV_DONTNEED)
-            except (AttributeError, OSError, ValueError):  # platforms without madvise: only RSS differs
-                pass
+    def _tokens(self, i: int) -> tuple[np.ndarray, np.ndarray, int]:
+        return self._ids, self._labels, self.starts[i]
 
     def remove(self) -> None:
         for f in self._files:
