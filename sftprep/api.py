@@ -27,7 +27,7 @@ from .output import (REJECTS_FILE, SAMPLES_FILE, TOKENIZER_DIR, OutLock, build_i
                      prepare_out, remove_temps, write_rejects, write_samples)
 from .packing import fill_ratio, pack
 from .parts import part_size
-from .pipeline import encode_all, encoder_for
+from .pipeline import encode_all, encoder_for, gc_paused
 from .readers import count_records, expand_inputs
 from .shards import ShardSetWriter, load  # noqa: F401 (load: part of the public surface)
 from .store import Samples, SampleStore
@@ -55,8 +55,12 @@ def build(config: BuildConfig, progress: Callable[[int], None] | None = None, *,
     if allow_code:
         config = dataclasses.replace(config, allow_code=True)
     lock = OutLock(Path(config.out))
+    # The cyclic garbage collector is paused for the build: it makes millions of short-lived objects
+    # (parsed records, messages, packing plans) and no cycle worth chasing, and each full collection
+    # would walk the caller's whole heap too (-0.6 s of 7.5 on 10k chats built from a process holding them).
     try:
-        return _build(config, progress, lock)
+        with gc_paused():
+            return _build(config, progress, lock)
     finally:
         lock.release()
 

@@ -94,13 +94,12 @@ def encode_all(config: BuildConfig, inputs: list[Path], encoder: Encoder, store:
         encoded = _prefetch((n, r, encoder.encode(r)) for n, r in rendered)
         results = ((n, encoder.label(r, encs)) for n, r, encs in encoded)
     try:
-        with gc_paused():  # millions of short-lived parsed records; nothing cyclic worth chasing
-            for n, enc in results:
-                store.add(enc)
-                rejects += enc.rejects
-                read += n
-                if progress:
-                    progress(n)
+        for n, enc in results:
+            store.add(enc)
+            rejects += enc.rejects
+            read += n
+            if progress:
+                progress(n)
     finally:
         if pool is not None:
             pool.terminate()

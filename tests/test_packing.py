@@ -127,3 +127,26 @@ def test_batches_are_bounded_by_bytes_as_well_as_records(tmp_path, monkeypatch):
     batches = list(pipeline._batches(cfg, [path]))
     assert [len(b) for b in batches] == [5] * 10  # 5 records of ~20 KB reach 100 KB
     assert [sid for b in batches for sid, _ in b] == list(range(50))  # ids run on across batches
+
+
+def test_a_build_leaves_the_garbage_collector_as_it_found_it(tmp_path):
+    """The build pauses the cyclic GC for its own work only: on after a build (and after a refused one)
+    when it was on, off when the caller had turned it off."""
+    import gc
+
+    import pytest
+
+    from sftprep.errors import ConfigError
+
+    assert gc.isenabled()
+    build_records(tmp_path / "a", alpaca()[:5], template="alpaca", max_length=512)
+    assert gc.isenabled()
+    with pytest.raises(ConfigError):
+        build_records(tmp_path / "b", alpaca()[:5], template="alpaca", max_length=8)
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        build_records(tmp_path / "c", alpaca()[:5], template="alpaca", max_length=512)
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
