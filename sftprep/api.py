@@ -148,12 +148,16 @@ def empty_inputs(inputs: list[Path] | list[str], sources: pa.Array, rejects: lis
         prefix = f"{path}:"
         if pc.any(pc.starts_with(sources, pattern=prefix)).as_py():
             continue
-        dropped = Counter(r["reason"] for r in rejects if r["source"].startswith(prefix))
+        dropped = [r for r in rejects if r["source"].startswith(prefix)]
         if dropped:
-            reasons = ", ".join(f"{k}: {v}" for k, v in dropped.most_common())
-            out.append(f"input {path}: all {sum(dropped.values()):,} records rejected ({reasons}); "
-                       f"first: {next(r['message'] for r in rejects if r['source'].startswith(prefix))}")
+            out.append(f"input {path}: all {len(dropped):,} records rejected ({_reasons(dropped)}); "
+                       f"first: {dropped[0]['message']}")
     return out
+
+
+def _reasons(rejects: list[dict[str, Any]]) -> str:
+    """`reason: count, ...`, the most frequent first."""
+    return ", ".join(f"{k}: {v}" for k, v in Counter(r["reason"] for r in rejects).most_common())
 
 
 def check_rejects(config: BuildConfig, rejects: list, read: int, out: Path) -> None:
@@ -164,9 +168,8 @@ def check_rejects(config: BuildConfig, rejects: list, read: int, out: Path) -> N
     ratio = len(rejects) / read
     if rejects and ratio > config.read.max_reject_ratio:
         write_rejects(out, rejects)
-        reasons = ", ".join(f"{k}: {v}" for k, v in Counter(r["reason"] for r in rejects).most_common())
         raise BuildError(f"{len(rejects)} of {read} records rejected ({ratio:.0%} > max_reject_ratio "
-                         f"{config.read.max_reject_ratio:.0%}; {reasons}); first: {rejects[0]['source']}: "
+                         f"{config.read.max_reject_ratio:.0%}; {_reasons(rejects)}); first: {rejects[0]['source']}: "
                          f"{rejects[0]['message']}. All are listed in {out / REJECTS_FILE}")
 
 

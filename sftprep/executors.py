@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .config import BuildConfig, ExecutorConfig
-from .errors import BuildError, ConfigError, MissingExtra
+from .errors import USER_ERRORS, BuildError, ConfigError, MissingExtra
 
 PARTS_DIR = ".parts"  # inside --out unless --parts-dir says otherwise
 RAY_EXTRA = "pip install 'sftprep[ray]'"
@@ -40,13 +40,14 @@ def _import_ray():
 
 
 def _run_part(config: BuildConfig, allow_code: bool) -> dict[str, Any]:
-    """One part, in a Ray worker: an ordinary build. Errors travel back as a (message, type) pair, so
-    the driver need not unpickle library exception types."""
+    """One part, in a Ray worker: an ordinary build. User errors travel back as a (message, type) pair,
+    reported by the driver naming the part; anything else is a bug and reaches the driver with its traceback
+    (Ray's `RayTaskError`)."""
     from .api import build
 
     try:
         return {"manifest": build(config, allow_code=allow_code)}
-    except Exception as e:  # noqa: BLE001 (reported by the driver, naming the part)
+    except USER_ERRORS as e:
         return {"error": str(e), "type": type(e).__name__}
 
 
@@ -79,14 +80,13 @@ def build_ray(config: BuildConfig, parts: int | None = None, address: str | None
         from .api import expected_records
 
         progress.start(expected_records(config))
-    started = not ray.is_initialized()
+    started, pending = not ray.is_initialized(), {}
     if started:
         ray.init(address=address, log_to_driver=False, include_dashboard=False, logging_level="ERROR")
     try:
         n = parts or max(1, int(ray.cluster_resources().get("CPU", 1)))
         where = Path(parts_dir) if parts_dir else Path(config.out) / PARTS_DIR
         remote = ray.remote(_run_part).options(max_retries=3, num_cpus=1)
-        pending = {}
         for i in range(n):
             cfg = dataclasses.replace(config, part=(i, n), out=str(part_dir(where, i, n)), overwrite=True)
             pending[remote.remote(cfg, allow_code)] = i
@@ -94,10 +94,8 @@ def build_ray(config: BuildConfig, parts: int | None = None, address: str | None
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1)
             i = pending.pop(ready[0])
-            result = _result(ray, ready[0], i, n, config)
+            result = _result(ray, ready[0])
             if "error" in result:
-                for ref in pending:
-                    ray.cancel(ref)
                 raise PartError(_failed(i, n, config, result["error"]))
             done.append(part_dir(where, i, n))
             if progress:
@@ -105,6 +103,8 @@ def build_ray(config: BuildConfig, parts: int | None = None, address: str | None
             if on_part:
                 on_part(i, n, result["manifest"])
     finally:
+        for ref in pending:  # a part failed: the others stop
+            ray.cancel(ref)
         if started:
             ray.shutdown()
     from .merge import merge
@@ -117,9 +117,11 @@ def build_ray(config: BuildConfig, parts: int | None = None, address: str | None
     return manifest
 
 
-def _result(ray, ref, i: int, n: int, config: BuildConfig) -> dict[str, Any]:
+def _result(ray, ref) -> dict[str, Any]:
     try:
         return ray.get(ref)
+    except ray.exceptions.RayTaskError:  # a bug in the part's code: keep its traceback
+        raise
     except Exception as e:  # noqa: BLE001 (a worker lost for good, a cancelled task)
         return {"error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}".rstrip(": ")}
 
