@@ -131,7 +131,7 @@ class BuildConfig:
     def __post_init__(self) -> None:
         problems = _check(self)
         if problems:
-            raise ConfigError("invalid build config:\n  - " + "\n  - ".join(problems))
+            raise ConfigError.listing("build config", problems)
 
     def to_dict(self) -> dict[str, Any]:
         d = to_plain(dataclasses.asdict(self))
@@ -213,7 +213,7 @@ class ExecutorConfig:
         if self.parts is not None and self.parts < 1:
             p.append(f"parts={self.parts} must be at least 1")
         if p:
-            raise ConfigError("invalid build config:\n  - " + "\n  - ".join(p))
+            raise ConfigError.listing("build config", p)
 
 
 VOLATILE = ("out", "workers", "overwrite")
@@ -375,7 +375,7 @@ def read_tree(schema: Schema, data: Mapping[str, Any] | None, overrides: Mapping
         if v is not None:
             put(k, v, "command line")
     if problems:
-        raise ConfigError(f"invalid {schema.what} config:\n  - " + "\n  - ".join(problems))
+        raise ConfigError.listing(f"{schema.what} config", problems)
     return sections, top
 
 

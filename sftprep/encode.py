@@ -116,22 +116,27 @@ class Encoder:
                 if rec.error is not None:
                     raise FormatError(rec.error, "unreadable")
                 conv = normalize(rec.fields, self.format, self.read.fields)
-                self._add(out, conv, sid, rec.source, window=True)
+                self._add(out, conv, sid, rec.source)
             except FormatError as e:
                 self._reject(out.encoded, sid, rec.source, e.reason, str(e))
         return out
 
-    def _add(self, out: Rendered, conv: Conversation, sid: int, source: str, window: bool = False) -> None:
+    def _add(self, out: Rendered, conv: Conversation, sid: int, source: str) -> None:
         text, spans = self.renderer.render(conv)
         whole = self.bos_id is None or text.startswith(self.bos) or self.renderer.uses_chat_template(conv)
         head = 0 if whole else 1
-        if window and self.window is not None and not (self.by_turns and conv.kind != "text"):
-            text, spans, head = self.window.cut(text, spans, head)  # a record far beyond max_length
+        # a record far beyond max_length is cut to a window (not chats cut by turns: they re-render whole turns)
+        if self.window is not None and not self._cuts_turns(conv):
+            text, spans, head = self.window.cut(text, spans, head)
         out.texts.append(text)
         out.spans.append(spans)
         out.kept.append((sid, source))
         out.heads.append(head)
         out.convs.append(conv)
+
+    def _cuts_turns(self, conv: Conversation) -> bool:
+        """Whether a too long `conv` loses whole turns (`--truncation-unit turns`) rather than tokens."""
+        return self.by_turns and conv.kind != "text"
 
     def _reject(self, out: Encoded, sid: int, source: str, reason: str, message: str) -> None:
         if self.fail_fast:
@@ -215,7 +220,7 @@ class Encoder:
         for k, (sid, source) in enumerate(kept):
             a, b = int(base[k]), int(base[k] + lengths[k])
             s_ids, s_labels, truncated = ids[a:b], labels[a:b], bool(too_long[k])
-            if truncated and self.by_turns and rendered.convs[k].kind != "text":
+            if truncated and self._cuts_turns(rendered.convs[k]):
                 fitted = self._fit_turns(rendered.convs[k])
                 if fitted is None:
                     self._reject(out, sid, source, "too_long", f"{b - a} tokens > max_length {n}, and no whole "

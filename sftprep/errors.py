@@ -22,6 +22,11 @@ class UserError(Exception):
 class ConfigError(UserError, ValueError):
     """A setting is wrong; the message lists every problem and how to fix it."""
 
+    @classmethod
+    def listing(cls, what: str, problems: list[str]) -> "ConfigError":
+        """One error for every problem found in `what` ("build config"), one per line."""
+        return cls(f"invalid {what}:\n  - " + "\n  - ".join(problems))
+
 
 class InputError(UserError, ValueError):
     """An input file, shard or build folder is unreadable or not what the command expects."""

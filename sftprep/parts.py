@@ -32,13 +32,13 @@ def parse_part(value: Any) -> PartSpec | None:
     else:
         i, sep, n = str(value).partition("/")
         if not sep:
-            raise ConfigError(f"invalid build config:\n  - part={value!r} is not i/N (e.g. --part 0/4, the "
-                              "first of 4 parts; parts count from 0)")
+            raise ConfigError.listing("build config", [f"part={value!r} is not i/N (e.g. --part 0/4, the first of "
+                                                       "4 parts; parts count from 0)"])
     try:
         return int(i), int(n)
     except (TypeError, ValueError):
-        raise ConfigError(f"invalid build config:\n  - part={value!r} is not i/N with whole numbers "
-                          "(e.g. --part 0/4)") from None
+        raise ConfigError.listing("build config", [f"part={value!r} is not i/N with whole numbers (e.g. "
+                                                   "--part 0/4)"]) from None
 
 
 def check_part(part: PartSpec, packing: str) -> list[str]:

@@ -26,7 +26,7 @@ import pyarrow as pa
 from .labels import IGNORE_INDEX
 from .manifest import read_manifest, shard_path
 
-WRITE_ROWS = 1024  # rows per record batch in a shard
+WRITE_ROWS = 1024  # rows per record batch in a shard (and in the side tables)
 
 SCHEMA = pa.schema([
     ("input_ids", pa.list_(pa.int32())),
@@ -122,7 +122,7 @@ class _AtomicIPC:
     def __enter__(self) -> "_AtomicIPC":
         return self
 
-    def write(self, batch: pa.RecordBatch | pa.Table, max_chunksize: int = 1024) -> None:
+    def write(self, batch: pa.RecordBatch | pa.Table, max_chunksize: int = WRITE_ROWS) -> None:
         with names_path(self.path):
             if isinstance(batch, pa.Table):
                 self.writer.write_table(batch, max_chunksize=max_chunksize)
@@ -155,7 +155,7 @@ class _AtomicIPC:
         self.tmp.unlink(missing_ok=True)
 
 
-def write_table(path: Path, table: pa.Table, batch_rows: int = 1024) -> str:
+def write_table(path: Path, table: pa.Table, batch_rows: int = WRITE_ROWS) -> str:
     """Write `table` atomically to `path` as an Arrow IPC file; returns its sha256."""
     with _AtomicIPC(path, table.schema) as f:
         f.write(table, batch_rows)

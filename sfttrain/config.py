@@ -175,7 +175,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         problems = _check(self)
         if problems:
-            raise ConfigError("invalid training config:\n  - " + "\n  - ".join(problems))
+            raise ConfigError.listing("training config", problems)
 
     def to_dict(self) -> dict[str, Any]:
         return to_plain(dataclasses.asdict(self))

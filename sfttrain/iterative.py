@@ -171,7 +171,7 @@ def split_settings(settings: Mapping[str, Any]) -> tuple[dict[str, Any], dict[st
         else:
             problems.append(f"unknown setting `{key}`{did_you_mean(key, sorted(train_keys | build_keys))}")
     if problems:
-        raise ConfigError("invalid IterativeTrainer settings:\n  - " + "\n  - ".join(problems))
+        raise ConfigError.listing("IterativeTrainer settings", problems)
     return train, build
 
 
