@@ -77,19 +77,19 @@ def shard_path(folder: str | Path, name: Any) -> Path:
     link leading out of the folder is refused, never read.
 
     Raises:
-        ValueError: the name is not a relative path to a file inside `folder`.
+        InputError: the name is not a relative path to a file inside `folder`.
     """
     folder = Path(folder)
     where = f"{folder / MANIFEST}: shard file {name!r}"
     if not isinstance(name, str) or not name:
-        raise ValueError(f"{where} is not a file name")
+        raise InputError(f"{where} is not a file name")
     p = Path(name)
     if p.is_absolute() or ".." in p.parts:
-        raise ValueError(f"{where} points outside the build folder; a shard is a file inside it: rebuild "
+        raise InputError(f"{where} points outside the build folder; a shard is a file inside it: rebuild "
                          "with `sftprep build --overwrite`")
     target = folder / p
     if not target.resolve().is_relative_to(folder.resolve()):
-        raise ValueError(f"{where} is a link that leads outside the build folder ({target.resolve()}); "
+        raise InputError(f"{where} is a link that leads outside the build folder ({target.resolve()}); "
                          "copy the shard into the folder instead")
     return target
 

@@ -9,6 +9,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from sftprep.manifest import shard_path
+
 from .config import ConfigError
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
@@ -41,7 +43,7 @@ def open_build(folder: str | Path, verify_checksums: bool = False, flag: str = "
         raise ConfigError(f"{folder} holds no shards (the build kept no rows); check {folder}/rejects.jsonl")
     hash_here = verify_checksums and int(os.environ.get("LOCAL_RANK", "0") or 0) == 0
     for s in manifest["shards"]:
-        f = confined_shard(folder, s["file"])
+        f = shard_path(folder, s["file"])
         if not f.is_file():
             raise FileNotFoundError(f"{f} is listed in {folder}/manifest.json but missing; "
                                     "rebuild with `sftprep build --overwrite`")
@@ -113,16 +115,6 @@ def check_schema(manifest: dict[str, Any], path: Path) -> None:
                           "`sftprep build --overwrite`")
 
 
-def confined_shard(folder: Path, name: str) -> Path:
-    """`sftprep.manifest.shard_path`, its refusal a `ConfigError`."""
-    from sftprep.manifest import shard_path
-
-    try:
-        return shard_path(folder, name)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-
-
 def id_bound(manifest: dict[str, Any]) -> tuple[int, str]:
     """The largest token id the shards may hold and where that bound comes from: the manifest's
     `max_token_id` (written by every build since it was added), else, for older builds, the
@@ -134,10 +126,11 @@ def id_bound(manifest: dict[str, Any]) -> tuple[int, str]:
 
 def _check_max_id(f: Path, manifest: dict[str, Any]) -> None:
     """With --verify-checksums: the shard's largest id, read in full, is within the manifest's bound."""
-    import pyarrow as pa
     import pyarrow.compute as pc
 
-    table = pa.ipc.open_file(pa.memory_map(str(f))).read_all()
+    from sftprep.shards import open_shard
+
+    table = open_shard(f)
     top = pc.max(pc.list_flatten(table.column("input_ids"))).as_py()
     bound, what = id_bound(manifest)
     if top is not None and (top > bound or top < 0):

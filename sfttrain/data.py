@@ -15,9 +15,10 @@ import torch
 
 from sftprep.errors import InputError
 from sftprep.labels import IGNORE_INDEX, mask_sample_starts
+from sftprep.manifest import shard_path
 
 from .attention import REAL_TOKENS, AttentionPath, positions_and_segments
-from .checks import confined_shard, id_bound
+from .checks import id_bound
 from .config import ConfigError
 
 COLUMNS = ("input_ids", "labels", "seq_lens")
@@ -33,7 +34,7 @@ class ShardDataset(torch.utils.data.Dataset):
     def __init__(self, folder: str | Path, manifest: dict[str, Any]) -> None:
         self.folder = Path(folder)
         self.manifest = manifest
-        self.files = [confined_shard(self.folder, s["file"]) for s in manifest["shards"]]
+        self.files = [shard_path(self.folder, s["file"]) for s in manifest["shards"]]
         self.max_id, self.bound_from = id_bound(manifest)
         self.offsets = np.cumsum([0] + [int(s["rows"]) for s in manifest["shards"]])
         self._tables: list | None = None
