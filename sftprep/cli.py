@@ -9,7 +9,7 @@ from typing import Any, NoReturn
 import click
 
 from .config import (BUILD_SCHEMA, EXECUTORS, FORMATS, ON_ERROR, PACKING, TRAIN_ON, TRUNCATION, TRUNCATION_UNITS,
-                     BuildConfig, ExecutorConfig, field_help)
+                     BuildConfig, ExecutorConfig, Schema, field_help)
 from .errors import USER_ERRORS, ConfigError
 
 
@@ -72,13 +72,16 @@ def _kwargs(values) -> dict[str, Any] | None:
     return out or None
 
 
-def _setting(*decls: str, key: str | None = None, doc: type | None = None, **kwargs):
-    """A `build` flag whose help text and default come from the config dataclasses' field docs
-    (`Schema.help`, or field `key` of dataclass `doc`): one source of truth. `key` is the config key
-    when it is not the flag's name."""
+def schema_option(schema: Schema, *decls: str, doc: type | None = None, **kwargs):
+    """A flag whose help text and default come from the config dataclasses' field docs (`schema.help`, or
+    the field of dataclass `doc`): one source of truth, for `sftprep build` and `sfttrain run`. The config
+    key is the flag's destination, less a trailing `_` (`format_` -> format)."""
     dest = next((d for d in decls if not d.startswith("-")), decls[-1].lstrip("-").split("/")[0].replace("-", "_"))
-    text = field_help(doc, key or dest) if doc else BUILD_SCHEMA.help(key or dest)
-    return click.option(*decls, help=text, **kwargs)
+    key = dest.rstrip("_")
+    return click.option(*decls, help=field_help(doc, key) if doc else schema.help(key), **kwargs)
+
+
+_setting = functools.partial(schema_option, BUILD_SCHEMA)
 
 
 @main.command()
@@ -93,7 +96,7 @@ def _setting(*decls: str, key: str | None = None, doc: type | None = None, **kwa
 @_setting("--system")
 @_setting("--response-template")
 @_setting("--instruction-template")
-@_setting("--format", "format_", key="format", type=click.Choice(FORMATS))
+@_setting("--format", "format_", type=click.Choice(FORMATS))
 @_setting("--field", "fields", multiple=True, callback=_field_pairs)
 @_setting("--train-on", type=click.Choice(TRAIN_ON))
 @_setting("--max-length", "--max-seq-length", "max_length", type=int)

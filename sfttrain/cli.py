@@ -7,6 +7,7 @@ code 2; anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import warnings
@@ -16,6 +17,7 @@ from typing import Any
 import click
 
 from sftprep.cli import fail as _fail
+from sftprep.cli import schema_option
 from sftprep.errors import USER_ERRORS
 
 from .config import TRAIN_SCHEMA, ModelConfig, config_from_dict, load_train_yaml
@@ -27,11 +29,7 @@ def main() -> None:
     """Train LoRA / QLoRA adapters (or full models) on shards built by `sftprep build`."""
 
 
-def _setting(*decls: str, **kwargs):
-    """A `run` flag whose help text and default come from the config dataclasses' field docs
-    (`Schema.help`): one source of truth."""
-    dest = next((d for d in decls if not d.startswith("-")), decls[0].lstrip("-").split("/")[0].replace("-", "_"))
-    return click.option(*decls, help=TRAIN_SCHEMA.help(dest.rstrip("_")), **kwargs)
+_setting = functools.partial(schema_option, TRAIN_SCHEMA)  # help and default from the field docs
 
 
 def _flag(name: str):
