@@ -46,3 +46,20 @@ def test_what_sfttrain_relies_on_beyond_the_documented_api_is_there():
     assert callable(TrainerCallback.on_epoch_begin) and callable(find_packed_sequence_indices)
     assert "llama" in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and "adamw_torch" in [o.value for o in OptimizerNames]
     assert hasattr(AttentionInterface, "register")
+
+
+@pytest.mark.slow  # imports transformers.Trainer
+def test_the_trainer_internals_iterative_training_drives_are_there():
+    """`IterativeTrainer` runs one optimizer step at a time through the pieces `Trainer._run_epoch` uses
+    (private: pinned by pyproject's transformers<6); a release that renames one fails here, by name."""
+    from accelerate.state import GradientState
+    from transformers import Trainer
+
+    import sfttrain.iterative
+
+    source = Path(sfttrain.iterative.__file__).read_text()
+    used = set(re.findall(r"\btr\.(_[a-z_]+)\(", source))
+    assert {"_clip_grad_norm", "_get_num_items_in_batch", "_maybe_log_save_evaluate", "_save_checkpoint"} <= used
+    missing = sorted(name for name in used if not callable(getattr(Trainer, name, None)))
+    assert not missing, f"transformers.Trainer no longer has {missing}"
+    assert callable(getattr(GradientState, "_set_sync_gradients", None))
