@@ -28,17 +28,16 @@ def _as_record(value, source: str, surrogates: bool = False) -> Record:
 
 
 # a \uD800-\uDFFF escape: only then can a parsed string hold a lone surrogate (pairs become one character)
-_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 
 
-def parse(text: str | bytes, source: str) -> Record:
+def parse(text: str, source: str) -> Record:
     """One JSON value as a record, or the reason it cannot be one (never an exception)."""
     try:
         value = json.loads(text)
     except (ValueError, RecursionError) as e:
         return Record(None, source, _json_error(e))
-    raw = text if isinstance(text, bytes) else text.encode("utf-8", "surrogatepass")
-    return _as_record(value, source, _SURROGATE_ESCAPE.search(raw) is not None)
+    return _as_record(value, source, _SURROGATE_ESCAPE.search(text) is not None)
 
 
 def _json_error(e: Exception) -> str:
@@ -101,13 +100,12 @@ def _read_whole(path: Path) -> Iterator[Record]:
     if not isinstance(value, list):
         yield Record(None, str(path), f"expected a JSON array of objects, got {type(value).__name__}")
         return
-    surrogates = _SURROGATE_ESCAPE.search(text.encode("utf-8", "surrogatepass")) is not None
+    surrogates = _SURROGATE_ESCAPE.search(text) is not None
     for i, item in enumerate(value):
         yield _as_record(item, f"{path}[{i}]", surrogates)
 
 
 CHUNK = 1 << 20  # bytes read at a time from a .json array
-_SURROGATE_TEXT = re.compile(r"\\u[dD][89a-fA-F]")
 _SPACE = " \t\r\n"
 
 
@@ -199,7 +197,7 @@ def _array_items(path: Path, t: _Text) -> Iterator[Record]:
         if kind == "bad":  # too deep, an integer too long: this item alone is rejected
             yield Record(None, f"{path}[{i}]", value, size=end - start)
         else:
-            record = _as_record(value, f"{path}[{i}]", _SURROGATE_TEXT.search(t.buf, start, end) is not None)
+            record = _as_record(value, f"{path}[{i}]", _SURROGATE_ESCAPE.search(t.buf, start, end) is not None)
             record.size = end - start
             yield record
         t.pos, i = end, i + 1
