@@ -145,10 +145,10 @@ def empty_inputs(inputs: list[Path] | list[str], sources: pa.Array, rejects: lis
     another format): the build succeeds on the rest, so the summary must say so."""
     out = []
     for path in inputs:
-        prefix = f"{path}:"
-        if pc.any(pc.starts_with(sources, pattern=prefix)).as_py():
+        prefixes = (f"{path}:", f"{path}[")  # file:line, file:row N; file[i], an item of a .json array
+        if any(pc.any(pc.starts_with(sources, pattern=p)).as_py() for p in prefixes):
             continue
-        dropped = [r for r in rejects if r["source"].startswith(prefix)]
+        dropped = [r for r in rejects if r["source"].startswith(prefixes) or r["source"] == str(path)]
         if dropped:
             out.append(f"input {path}: all {len(dropped):,} records rejected ({_reasons(dropped)}); "
                        f"first: {dropped[0]['message']}")

@@ -126,6 +126,12 @@ def test_summary_names_the_output_folder_and_an_input_whose_records_were_all_rej
     notes = tmp_path / "data" / "notes.jsonl"
     assert f"warning: input {notes}: all 3 records rejected (format_mismatch: 3)" in r.output
     assert "chat.jsonl" not in " ".join(read_manifest(out)["warnings"])
+    (tmp_path / "data" / "notes.jsonl").unlink()  # the same as a .json array (sources file[i])
+    (tmp_path / "data" / "notes.json").write_text(json.dumps([{"text": "a"}, {"text": "b"}]))
+    r = run("build", "-i", f"{tmp_path}/data/*.json*", "-t", CHATML_TOK, "--template", "chatml",
+            "--max-length", 256, "-o", out, "--overwrite")
+    assert r.exit_code == 0, r.output
+    assert f"warning: input {tmp_path / 'data' / 'notes.json'}: all 2 records rejected" in r.output
 
 
 def test_progress_gets_the_number_of_records_first_then_counts_up_to_it(tmp_path):
