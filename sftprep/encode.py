@@ -23,6 +23,7 @@ import numpy as np
 from .config import ReadConfig, TemplateConfig, TokenizeConfig
 from .errors import ConfigError, RecordError
 from .formats import Conversation, FormatError, normalize
+from .boundaries import ByteBoundaries
 from .labels import IGNORE_INDEX, mask_sample_starts, token_ranges
 from .readers import Record
 from .templates import Renderer
@@ -79,6 +80,7 @@ class Encoder:
                  truncate: bool = True, allow_code: bool = False) -> None:
         self.read, self.template_name = read, template.name
         self.backend = tok.backend_tokenizer
+        self.boundaries = ByteBoundaries.of(self.backend)
         self.renderer = Renderer(template, tokenize.train_on, tok.eos_token, tok, allow_code)
         self.bos_id = tok.bos_token_id if adds_bos(tok) else None
         self.bos = tok.bos_token
@@ -144,8 +146,13 @@ class Encoder:
         out.rejects.append({"sample_id": sid, "source": source, "reason": reason, "message": message})
 
     def encode(self, rendered: Rendered) -> list:
-        """One `encode_batch` call (Rust, multi-threaded, releases the GIL)."""
-        return self.backend.encode_batch(rendered.texts, add_special_tokens=False) if rendered.texts else []
+        """One `encode_batch` call (Rust, multi-threaded, releases the GIL); ids only where token
+        byte lengths locate the tokens (`boundaries`)."""
+        if not rendered.texts:
+            return []
+        if self.boundaries is not None:
+            return self.backend.encode_batch_fast(rendered.texts, add_special_tokens=False)
+        return self.backend.encode_batch(rendered.texts, add_special_tokens=False)
 
     def label(self, rendered: Rendered, encs: list) -> Encoded:
         """Labels for a tokenized batch, then truncation and the no-trained-token filter."""
@@ -163,21 +170,35 @@ class Encoder:
         heads = rendered.heads
         lengths = np.add(n_tok, heads, dtype=np.int64)
         base = np.cumsum(lengths) - lengths  # where each sample starts in the flat batch
-        ids = np.fromiter(chain.from_iterable(e.ids for e in encs), dtype=np.int32, count=sum(n_tok))
+        ids = ids_text = np.fromiter(chain.from_iterable(e.ids for e in encs), dtype=np.int32, count=sum(n_tok))
         if any(heads):
             at = (base - np.cumsum(heads) + heads)[np.asarray(heads, dtype=bool)]
             ids = np.insert(ids, at, self.bos_id)
+        k, i, j = self._ranges(rendered, encs, ids_text, n_tok)
+        at = (base + heads)[k]  # where each range's sample starts its text's tokens
         delta = np.zeros(len(ids) + 1, dtype=np.int32)
-        for enc, text, spans, b, h, n in zip(encs, texts, rendered.spans, base.tolist(), heads, n_tok):
-            for i, j in token_ranges(enc, text, spans, n):
-                delta[b + h + i] += 1
-                delta[b + h + j] -= 1
+        np.add.at(delta, at + i, 1)
+        np.add.at(delta, at + j, -1)
         trained = np.cumsum(delta[:-1]) > 0
         mask_sample_starts(trained, lengths, fill=False)
         labels = np.where(trained, ids, IGNORE_INDEX).astype(np.int32)
         counts = np.concatenate([[0], np.cumsum(trained, dtype=np.int64)])
         num_trained = counts[base + lengths] - counts[base]
         return ids, labels, lengths, base, num_trained
+
+    def _ranges(self, rendered: Rendered, encs: list, ids: np.ndarray, n_tok: list[int]) -> tuple:
+        """(sample, start, end) of every trained token range of a batch: from token byte lengths
+        where they locate the tokens, else from each text's offsets (`labels.token_ranges`)."""
+        texts, spans = rendered.texts, rendered.spans
+        if self.boundaries is None:
+            found, redo, full = [np.zeros(0, np.int64)] * 3, range(len(texts)), encs
+        else:
+            *found, redo = self.boundaries.ranges(ids, n_tok, texts, spans)
+            full = self.backend.encode_batch([texts[k] for k in redo], add_special_tokens=False) if redo else []
+        extra = [(k, i, j) for k, enc in zip(redo, full) for i, j in token_ranges(enc, texts[k], spans[k], n_tok[k])]
+        if not extra:
+            return found
+        return [np.concatenate([f, np.asarray(e, np.int64)]) for f, e in zip(found, zip(*extra))]
 
     def _fit_turns(self, conv: Conversation) -> tuple[np.ndarray, np.ndarray] | None:
         """The conversation with whole exchanges (a user turn and what follows it) dropped from the end

@@ -1,0 +1,167 @@
+"""Trained token ranges from token byte lengths, for byte-level BPE tokenizers (no offsets needed).
+
+A byte-level BPE tokenizer (GPT-2 style: Llama-3, Qwen, DeepSeek, gpt-oss, GLM...) whose
+normalizer leaves text as it is and whose pre-tokenizers only split (never drop) cuts the UTF-8
+bytes of a text into tokens, in order, each token covering a fixed byte string: its vocabulary
+entry mapped back through the byte alphabet, or an added token's content. So token `i` covers
+bytes `[ends[i] - nbytes[ids[i]], ends[i])` where `ends` is the running sum of `nbytes[ids]`,
+and the token ids alone say where every token starts. That lets a build ask the tokenizer for ids
+only (`encode_batch_fast`: no offsets, no token strings; freeing millions of those strings while
+the next batch is tokenized costs more than labelling itself).
+
+The rule stays `labels.first_token_from`'s: a trained span `[a, b)` trains tokens `[i, j)` where `i`
+is the first token whose first non-whitespace character is at or after `a`. Where a span boundary
+is a token start, that token is the answer; where a token straddles the boundary (`"\\n\\n"`
+merged across it), the answer depends on the token's characters, and that sample is labelled
+from a full offsets encoding instead (`ByteBoundaries.ranges` lists it). So are samples this
+module cannot vouch for: a token with no fixed bytes (unk), a text the NFC normalizer would
+change, a byte count that does not add up. Tokenizers of other kinds (SentencePiece's `▁`,
+WordPiece, any normalizer that rewrites text) get `None` from `ByteBoundaries.of`: offsets always.
+"""
+
+from __future__ import annotations
+
+import json
+import unicodedata
+from typing import Sequence
+
+import numpy as np
+
+# pre-tokenizers that split text without dropping or adding any of it (Split's "Removed" drops)
+_SPLITTERS = {"Split", "Digits", "Punctuation", "ByteLevel"}
+_IDENTITY_NORMALIZERS = ({"type": "Sequence", "normalizers": []},)
+
+
+def byte_alphabet() -> dict[str, int]:
+    """GPT-2's byte-level alphabet: the character that stands for each byte in a byte-level vocabulary."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
+
+
+def _state(component) -> dict | None:
+    return None if component is None else json.loads(component.__getstate__())
+
+
+def _splits_only(pre: dict | None) -> bool:
+    """Whether a pre-tokenizer is byte-level and only cuts text (nothing dropped, nothing added)."""
+    if pre is None:
+        return False
+    steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
+    for step in steps:
+        kind = step.get("type")
+        if kind not in _SPLITTERS or str(step.get("behavior", "")).lower() == "removed":
+            return False
+        if kind == "ByteLevel" and step.get("add_prefix_space"):
+            return False
+    return any(step.get("type") == "ByteLevel" for step in steps)
+
+
+class ByteBoundaries:
+    """Per token id, how many bytes of text it covers (-1: not fixed; such samples use offsets).
+
+    Args:
+        nbytes: byte length per token id.
+        nfc: the tokenizer NFC-normalizes text (an identity on text already in NFC, checked per text).
+    """
+
+    def __init__(self, nbytes: np.ndarray, nfc: bool = False) -> None:
+        self.nbytes = nbytes
+        self.nfc = nfc
+
+    @classmethod
+    def of(cls, backend) -> ByteBoundaries | None:
+        """For a `tokenizers.Tokenizer` whose token byte lengths fix its offsets, else None."""
+        norm = _state(backend.normalizer)
+        nfc = norm in ({"type": "NFC"}, {"type": "Sequence", "normalizers": [{"type": "NFC"}]})
+        if not (norm is None or norm in _IDENTITY_NORMALIZERS or nfc):
+            return None
+        if not _splits_only(_state(backend.pre_tokenizer)) or '"trim_offsets": true' in json.dumps(
+                _state(backend.post_processor)):
+            return None
+        model = backend.model
+        if type(model).__name__ != "BPE" or model.continuing_subword_prefix or model.end_of_word_suffix:
+            return None
+        alphabet = byte_alphabet()
+        vocab = backend.get_vocab(with_added_tokens=False)
+        added = backend.get_added_tokens_decoder()
+        nbytes = np.full(max([*vocab.values(), *added.keys()], default=-1) + 1, -1, dtype=np.int64)
+        plain = {token: i for token, i in vocab.items() if i not in added}
+        known = set(alphabet)
+        if not known.issuperset("".join(plain)):  # some tokens are not byte strings: leave them at -1
+            plain = {token: i for token, i in plain.items() if known.issuperset(token)}
+        # one character per byte
+        nbytes[np.fromiter(plain.values(), np.int64, len(plain))] = np.fromiter(map(len, plain), np.int64, len(plain))
+        if model.unk_token is not None and model.unk_token in vocab:
+            nbytes[vocab[model.unk_token]] = -1  # stands for bytes the vocabulary lacks
+        for i, tok in added.items():  # matched in the raw text, content as written
+            nbytes[i] = -1 if (tok.lstrip or tok.rstrip or not tok.content) else len(tok.content.encode())
+        nbytes[nbytes == 0] = -1
+        return cls(nbytes, nfc)
+
+    def ranges(self, ids: np.ndarray, n_tok: Sequence[int], texts: Sequence[str],
+               spans: Sequence[Sequence[tuple[int, int]]]) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[int]]:
+        """Trained token ranges of a batch whose ids lie end to end in `ids` (`n_tok` per text).
+
+        Returns (sample, start, end) arrays, one entry per non-empty range (token indices within
+        each sample), and the samples whose ranges need offsets instead (see module doc)."""
+        sizes = self.nbytes[ids]
+        ends = np.cumsum(np.maximum(sizes, 0))  # non-decreasing, whatever other samples hold
+        first = np.cumsum(n_tok) - n_tok  # each sample's first token in `ids`
+        last = first + n_tok
+        before = np.concatenate([[0], ends])  # bytes before token t: before[t]
+        unfixed = np.concatenate([[0], np.cumsum(sizes < 0)])
+        sample_bytes = before[last] - before[first]
+        sample_unfixed = unfixed[last] - unfixed[first]
+        base = before[first].tolist()
+        who: list[int] = []
+        at: list[int] = []
+        redo: list[int] = []
+        for k, (text, sp) in enumerate(zip(texts, spans)):
+            if sample_unfixed[k] or not sp:
+                if sp:
+                    redo.append(k)
+                continue
+            b = base[k]
+            if text.isascii():  # a byte per character
+                if len(text) != sample_bytes[k]:
+                    redo.append(k)
+                    continue
+                for s, e in sp:
+                    at += (b + s, b + e)
+            else:
+                if (self.nfc and not unicodedata.is_normalized("NFC", text)) or \
+                        len(text.encode("utf-8", "surrogatepass")) != sample_bytes[k]:
+                    redo.append(k)
+                    continue
+                pos = 0
+                for s, e in sp:
+                    b += len(text[pos:s].encode("utf-8", "surrogatepass"))
+                    at.append(b)
+                    b += len(text[s:e].encode("utf-8", "surrogatepass"))
+                    at.append(b)
+                    pos = e
+            who += (k, k) * len(sp)
+        if not at:
+            empty = np.zeros(0, np.int64)
+            return empty, empty, empty, redo
+        who_a = np.asarray(who, np.int64)
+        at_a = np.asarray(at, np.int64)
+        # the token holding byte `at` (last[k] at the sample's end)
+        tok = np.minimum(np.searchsorted(ends, at_a, side="right"), last[who_a])
+        straddles = (tok < last[who_a]) & (before[tok] != at_a)
+        if straddles.any():
+            bad = set(who_a[straddles].tolist())
+            redo = sorted(set(redo) | bad)
+            keep = ~np.isin(who_a, list(bad))
+            who_a, tok = who_a[keep], tok[keep]
+        local = tok - first[who_a]
+        k, i, j = who_a[0::2], local[0::2], local[1::2]
+        nonempty = j > i
+        return k[nonempty], i[nonempty], j[nonempty], redo
