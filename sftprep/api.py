@@ -24,14 +24,15 @@ from .config import BuildConfig
 from .errors import BuildError
 from .manifest import write_manifest
 from .output import (REJECTS_FILE, SAMPLES_FILE, TOKENIZER_DIR, OutLock, build_id, copy_tokenizer, hash_input,
+                     hash_tokenizer,
                      prepare_out, remove_temps, write_rejects, write_samples)
 from .packing import fill_ratio, pack
 from .parts import part_size
-from .pipeline import encode_all, encoder_for, gc_paused
+from .pipeline import encode_all, encoder_for, gc_paused, in_background
 from .readers import count_records, expand_inputs
 from .shards import ShardSetWriter, load  # noqa: F401 (load: part of the public surface)
 from .store import Samples, SampleStore
-from .tokenizer import load_fast, tokenizer_identity
+from .tokenizer import load_fast, pad_id, tokenizer_identity
 
 SPILL_STEM = "tokens.spill"  # tokens.spill.{ids,labels}.tmp: removed at the end, or by the next build
 
@@ -69,13 +70,15 @@ def _build(config: BuildConfig, progress: Callable[[int], None] | None, lock: Ou
     tok = load_fast(config.tokenize.tokenizer)
     inputs = _inputs(config)
     encoder = encoder_for(config, tok)  # validates template settings before any work
-    identity = tokenizer_identity(tok, config.tokenize.tokenizer)
+    # the vocabulary hash (for the manifest, ~0.3 s on a 129k vocabulary) is worked out while records are encoded
+    identity_of = in_background(tokenizer_identity, tok, config.tokenize.tokenizer)
     input_info = [{"path": str(p), "sha256": hash_input(p)} for p in inputs]
-    this_build = build_id(config, input_info, identity)
+    tokenizer_hash = hash_tokenizer(tok.path)
+    this_build = build_id(config, input_info, tokenizer_hash)
     part = None
     if config.part is not None:  # what `sftprep merge` checks: parts 0..N-1 of one whole build (sftprep.parts)
         part = {"index": config.part[0], "count": config.part[1],
-                "of_build": build_id(dataclasses.replace(config, part=None), input_info, identity)}
+                "of_build": build_id(dataclasses.replace(config, part=None), input_info, tokenizer_hash)}
     lock.acquire()
     out = prepare_out(Path(config.out), this_build, config.overwrite)
 
@@ -87,7 +90,7 @@ def _build(config: BuildConfig, progress: Callable[[int], None] | None, lock: Ou
         if part is None:  # a part may hold few or no records: merge checks all parts' together
             check_rejects(config, rejects, read, out)
         store.seal()
-        shards, totals = write_build(config, out, store, rejects, read, identity["pad_id"],
+        shards, totals = write_build(config, out, store, rejects, read, pad_id(tok),
                                      Path(config.tokenize.tokenizer))
     except BaseException:
         remove_temps(out)  # a failed write (disk full...) leaves no *.tmp behind
@@ -95,6 +98,7 @@ def _build(config: BuildConfig, progress: Callable[[int], None] | None, lock: Ou
     finally:
         store.remove()
 
+    identity = identity_of()
     manifest = {
         "tool": {"name": "sftprep", "version": __version__},
         "build_id": this_build,

@@ -165,7 +165,6 @@ class Encoder:
 
     def _label_arrays(self, rendered: Rendered, encs: list) -> tuple:
         """ids and labels of a batch laid end to end, with each sample's length, start and trained count."""
-        texts = rendered.texts
         n_tok = [len(e) for e in encs]
         heads = rendered.heads
         lengths = np.add(n_tok, heads, dtype=np.int64)

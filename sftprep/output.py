@@ -121,12 +121,23 @@ def hash_input(path: Path) -> str:
     return h.hexdigest()
 
 
-def build_id(config: BuildConfig, inputs: list[dict], identity: dict) -> str:
-    """What makes two builds the same: settings that change the shards, inputs, tokenizer, version."""
+def hash_tokenizer(folder: Path) -> str:
+    """sha256 of the tokenizer files a build copies (names and contents): cheap, known before any
+    work, and stricter than the vocabulary hash (a changed normalizer or template changes it too)."""
+    h = hashlib.sha256()
+    for name in TOKENIZER_FILES:
+        if (folder / name).is_file():
+            h.update(name.encode())
+            h.update(sha256_file(folder / name).encode())
+    return h.hexdigest()
+
+
+def build_id(config: BuildConfig, inputs: list[dict], tokenizer_hash: str) -> str:
+    """What makes two builds the same: settings that change the shards, inputs, tokenizer files, version."""
     cfg = shard_settings(config.to_dict())
     cfg["read"].pop("inputs")  # identified by content below, wherever the files lie
     cfg["tokenize"].pop("tokenizer")
-    key = {"config": cfg, "inputs": [i["sha256"] for i in inputs], "tokenizer": identity["vocab_hash"],
+    key = {"config": cfg, "inputs": [i["sha256"] for i in inputs], "tokenizer": tokenizer_hash,
            "version": __version__}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 

@@ -18,7 +18,7 @@ import queue
 import threading
 from itertools import islice
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 from . import parts
 from .config import BuildConfig
@@ -26,6 +26,8 @@ from .encode import Encoded, Encoder
 from .readers import reader_for
 from .store import SampleStore
 from .tokenizer import load_fast
+
+T = TypeVar("T")
 
 BATCH = 2000  # records per tokenizer call, at most
 FIRST_BATCH = 125  # the first batches are smaller (doubling up to BATCH): the tokenizer starts sooner
@@ -119,6 +121,28 @@ def gc_paused() -> Iterator[None]:
     finally:
         if was_on:
             gc.enable()
+
+
+def in_background(fn: Callable[..., T], *args: Any) -> Callable[[], T]:
+    """Start `fn(*args)` in a thread; the returned function waits for its result (or raises its error)."""
+    result: list = []
+
+    def run() -> None:
+        try:
+            result.append((True, fn(*args)))
+        except BaseException as e:  # handed to the caller
+            result.append((False, e))
+
+    thread = threading.Thread(target=run, daemon=True, name=f"sftprep-{getattr(fn, '__name__', 'task')}")
+    thread.start()
+
+    def wait() -> T:
+        thread.join()
+        ok, value = result[0]
+        if not ok:
+            raise value
+        return value
+    return wait
 
 
 def _prefetch(items: Iterator, depth: int = 2) -> Iterator:
