@@ -88,20 +88,21 @@ class ByteBoundaries:
         model = backend.model
         if type(model).__name__ != "BPE" or model.continuing_subword_prefix or model.end_of_word_suffix:
             return None
-        alphabet = byte_alphabet()
-        vocab = backend.get_vocab(with_added_tokens=False)
         added = backend.get_added_tokens_decoder()
-        nbytes = np.full(max([*vocab.values(), *added.keys()], default=-1) + 1, -1, dtype=np.int64)
-        plain = {token: i for token, i in vocab.items() if i not in added}
-        known = set(alphabet)
-        if not known.issuperset("".join(plain)):  # some tokens are not byte strings: leave them at -1
-            plain = {token: i for token, i in plain.items() if known.issuperset(token)}
-        # one character per byte
-        nbytes[np.fromiter(plain.values(), np.int64, len(plain))] = np.fromiter(map(len, plain), np.int64, len(plain))
-        if model.unk_token is not None and model.unk_token in vocab:
-            nbytes[vocab[model.unk_token]] = -1  # stands for bytes the vocabulary lacks
+        tokens = [backend.id_to_token(i) or "" for i in range(backend.get_vocab_size(with_added_tokens=False))]
+        for i in added:  # their bytes are their content (below)
+            if i < len(tokens):
+                tokens[i] = ""
+        known = set(byte_alphabet())
+        if not known.issuperset("".join(tokens)):  # some tokens are not byte strings: leave them unfixed
+            tokens = [t if known.issuperset(t) else "" for t in tokens]
+        nbytes = np.full(max(len(tokens), max(added, default=-1) + 1), -1, dtype=np.int64)
+        nbytes[:len(tokens)] = np.fromiter(map(len, tokens), np.int64, len(tokens))  # one character per byte
         for i, tok in added.items():  # matched in the raw text, content as written
             nbytes[i] = -1 if (tok.lstrip or tok.rstrip or not tok.content) else len(tok.content.encode())
+        unk = backend.token_to_id(model.unk_token) if model.unk_token is not None else None
+        if unk is not None:
+            nbytes[unk] = -1  # stands for whatever bytes the vocabulary lacks
         nbytes[nbytes == 0] = -1
         return cls(nbytes, nfc)
 

@@ -15,8 +15,9 @@ Errors are `FormatError`s that name the field and what was expected; the caller 
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping  # (typing.Mapping makes isinstance checks several times slower)
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 from .config import FORMATS, did_you_mean
 
@@ -65,8 +66,10 @@ class Message:
         """The message as a chat template reads it: the Hugging Face chat format (call arguments as
         objects, None-valued keys left out, as transformers does), or with `openai` the OpenAI wire
         format some templates expect instead (arguments as JSON text, content "" beside calls)."""
-        d: dict[str, Any] = {"role": self.role}
         calls, content = self.tool_calls, self.content
+        if calls is None and self.reasoning is None and self.name is None and self.tool_call_id is None:
+            return {"role": self.role} if content is None else {"role": self.role, "content": content}
+        d: dict[str, Any] = {"role": self.role}
         if openai and calls:
             calls = [{**c, "function": {**c["function"], "arguments": _json_text(c["function"]["arguments"])}}
                      for c in calls]

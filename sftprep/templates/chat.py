@@ -47,6 +47,7 @@ from ..formats import Conversation, FormatError, Message
 # Markers: code points of Supplementary Private Use Area-B, two per marked text (open, close).
 _MARK0 = 0x100000
 _MARK_RE = re.compile("[\U00100000-\U0010FFFD]")
+_MARK_SPLIT = re.compile("([\U00100000-\U0010FFFD])")
 _MAX_MARKS = 0xFFFD // 2
 _EMPTY_THINK = re.compile(r"\s*<(think|thinking|seed:think)>\s*</\1>\s*")
 _GENERATION_RE = re.compile(r"\{%-?\s*generation\s*-?%\}")
@@ -80,10 +81,10 @@ def compile_template(source: str):
 
     class Sandbox(ImmutableSandboxedEnvironment):
         def getattr(self, obj, attribute):
-            # `message.content` on a plain dict: the item, as the sandbox would return after failing
-            # the attribute lookup, without raising and catching an AttributeError each time
-            if type(obj) is dict and attribute in obj and attribute not in _DICT_ATTRS:
-                return obj[attribute]
+            # `message.content` on a plain dict: the item (or undefined), as the sandbox would return
+            # after failing the attribute lookup, without raising and catching errors each time
+            if type(obj) is dict and attribute not in _DICT_ATTRS:
+                return obj[attribute] if attribute in obj else self.undefined(obj=obj, name=attribute)
             return super().getattr(obj, attribute)
 
     env = Sandbox(trim_blocks=True, lstrip_blocks=True, extensions=[Generation, jinja2.ext.loopcontrols])
@@ -347,6 +348,8 @@ def _close(k: int) -> str:
 
 def _wrap(s: str, k: int) -> str:
     """`s` with markers inside its leading/trailing whitespace, so that strip() keeps them."""
+    if s and not (s[0].isspace() or s[-1].isspace()):  # the common case: nothing to step over
+        return f"{_open(k)}{s}{_close(k)}"
     core = s.strip()
     if not core:  # "" stays "" (templates test it for truth); whitespace keeps its place
         return s and s + _open(k) + _close(k)
@@ -380,11 +383,12 @@ def _marked_messages(messages: list[Message], openai: bool) -> tuple[list[dict[s
 def _strip_marks(raw: str, owners: list[int]) -> tuple[str, dict[int, tuple[int, int]], list[tuple[int, int]]]:
     """The text without markers; per message, where its first and last marker were (in the clean
     text); and the `{% generation %}` spans."""
-    pieces = _MARK_RE.split(raw)
+    parts = _MARK_SPLIT.split(raw)  # text, marker, text, marker, ..., text
+    pieces = parts[0::2]
     marks: dict[int, tuple[int, int]] = {}
     gen: list[tuple[int, int]] = []
     at, gen_start = 0, None
-    for piece, c in zip(pieces, _MARK_RE.findall(raw)):
+    for piece, c in zip(pieces, parts[1::2]):
         at += len(piece)
         if c == _GEN_OPEN:
             gen_start = at
