@@ -2,11 +2,12 @@
 
     (sample_id, Record)  --render-->  Rendered (texts, trained character spans)    formats, templates
                          --encode-->  tokenizers.Encoding per text (Rust, no GIL)   tokenizer
-                         --label--->  Encoded (flat ids/labels + lengths), rejects  labels
+                         --label--->  Encoded (flat ids/labels + lengths), rejects  labels, boundaries
                                       truncated to max_length, untrained samples dropped
 
 Three steps, so a build can run them as a pipeline: `render` (pure Python), `encode` (one
-fast-tokenizer `encode_batch` call, which releases the GIL) and `label` (a few look-ups per trained
+fast-tokenizer `encode_batch` call, which releases the GIL: ids only for byte-level tokenizers,
+whose token byte lengths locate the tokens, see `boundaries`) and `label` (a few look-ups per trained
 span, then numpy over the whole batch). A batch's samples travel as flat arrays plus lengths.
 The `Encoder` takes its own config sections (read, template, tokenize); whether to truncate at all
 is the caller's choice (`wrapped` packing cuts samples itself).
