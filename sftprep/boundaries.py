@@ -1,12 +1,15 @@
-"""Trained token ranges from token byte lengths, for byte-level BPE tokenizers (no offsets needed).
+"""Trained token ranges from token byte lengths, for BPE tokenizers whose tokens cover fixed bytes.
 
-A byte-level BPE tokenizer (GPT-2 style: Llama-3, Qwen, DeepSeek, gpt-oss, GLM...) whose
-normalizer leaves text as it is and whose pre-tokenizers only split (never drop) cuts the UTF-8
-bytes of a text into tokens, in order, each token covering a fixed byte string: its vocabulary
-entry mapped back through the byte alphabet, or an added token's content. So token `i` covers
-bytes `[ends[i] - nbytes[ids[i]], ends[i])` where `ends` is the running sum of `nbytes[ids]`,
-and the token ids alone say where every token starts. That lets a build ask the tokenizer for ids
-only (`encode_batch_fast`: no offsets, no token strings; freeing millions of those strings while
+Two kinds of tokenizer cut a text into tokens that each cover a fixed string of its UTF-8 bytes:
+byte-level BPE (GPT-2 style: Llama-3, Qwen, DeepSeek, gpt-oss, GLM, Phi-4), whose vocabulary entries
+are bytes through a 256-character alphabet, and SentencePiece-style BPE with a `Metaspace`
+pre-tokenizer (Mistral), whose entries are text with `▁` for a space and `<0xNN>` for a byte. When
+the normalizer leaves text as it is and the pre-tokenizers only split (never drop), token `i` covers
+bytes `[ends[i] - nbytes[ids[i]], ends[i])` where `ends` is the running sum of `nbytes[ids]` (an
+added token covers its content). The one byte that is not the text's, Metaspace's `▁` put in front
+of a text that starts with neither a space nor an added token (`prepend_scheme: first`), is taken off
+the text's first token. So ids alone say where every token starts, and a build asks the tokenizer for
+ids only (`encode_batch_fast`: no offsets, no token strings; freeing millions of those strings while
 the next batch is tokenized costs more than labelling itself).
 
 The rule stays `labels.first_token_from`'s: a trained span `[a, b)` trains tokens `[i, j)` where `i`
@@ -14,14 +17,16 @@ is the first token whose first non-whitespace character is at or after `a`. Wher
 is a token start, that token is the answer; where a token straddles the boundary (`"\\n\\n"`
 merged across it), the answer depends on the token's characters, and that sample is labelled
 from a full offsets encoding instead (`ByteBoundaries.ranges` lists it). So are samples this
-module cannot vouch for: a token with no fixed bytes (unk), a text the NFC normalizer would
-change, a byte count that does not add up. Tokenizers of other kinds (SentencePiece's `▁`,
-WordPiece, any normalizer that rewrites text) get `None` from `ByteBoundaries.of`: offsets always.
+module cannot vouch for: a token with no fixed bytes (unk), a first token left with no byte of its
+own, a text holding `▁` itself (Metaspace), a text the NFC normalizer would change, a byte count
+that does not add up. Other tokenizers (WordPiece, Unigram, a normalizer that rewrites text, a
+`▁` put before every section) get `None` from `ByteBoundaries.of`: offsets always.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import unicodedata
 from typing import Sequence
 
@@ -49,18 +54,32 @@ def _state(component) -> dict | None:
     return None if component is None else json.loads(component.__getstate__())
 
 
-def _splits_only(pre: dict | None) -> bool:
-    """Whether a pre-tokenizer is byte-level and only cuts text (nothing dropped, nothing added)."""
+def _kind(pre: dict | None) -> tuple[str, bool] | None:
+    """("byte_level" | "metaspace", whether Metaspace puts `▁` before the text) for a pre-tokenizer
+    that only cuts text (nothing dropped, nothing added but that `▁`), else None."""
     if pre is None:
-        return False
+        return None
     steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
+    kinds, lead = set(), False
     for step in steps:
         kind = step.get("type")
-        if kind not in _SPLITTERS or str(step.get("behavior", "")).lower() == "removed":
-            return False
-        if kind == "ByteLevel" and step.get("add_prefix_space"):
-            return False
-    return any(step.get("type") == "ByteLevel" for step in steps)
+        if kind == "Metaspace":
+            if step.get("prepend_scheme") not in ("first", "never") or step.get("replacement", "▁") != "▁":
+                return None
+            lead = step["prepend_scheme"] == "first"
+        elif kind not in _SPLITTERS or str(step.get("behavior", "")).lower() == "removed":
+            return None
+        elif kind == "ByteLevel" and step.get("add_prefix_space"):
+            return None
+        kinds.add(kind)
+    if kinds & {"Metaspace", "ByteLevel"} == {"Metaspace"}:
+        return "metaspace", lead
+    if kinds & {"Metaspace", "ByteLevel"} == {"ByteLevel"}:
+        return "byte_level", False
+    return None
+
+
+_BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 
 
 class ByteBoundaries:
@@ -69,11 +88,18 @@ class ByteBoundaries:
     Args:
         nbytes: byte length per token id.
         nfc: the tokenizer NFC-normalizes text (an identity on text already in NFC, checked per text).
+        lead: Metaspace puts a `▁` (one byte, as a space) before a text that starts with neither a
+            space nor an added token; `added` (bool per id) says which ids are added tokens.
+        metaspace: a `▁` in the text is not one byte: such texts use offsets.
     """
 
-    def __init__(self, nbytes: np.ndarray, nfc: bool = False) -> None:
+    def __init__(self, nbytes: np.ndarray, nfc: bool = False, lead: bool = False,
+                 added: np.ndarray | None = None, metaspace: bool = False) -> None:
         self.nbytes = nbytes
         self.nfc = nfc
+        self.lead = lead
+        self.added = added if added is not None else np.zeros(len(nbytes), dtype=bool)
+        self.metaspace = metaspace
 
     @classmethod
     def of(cls, backend) -> ByteBoundaries | None:
@@ -82,29 +108,38 @@ class ByteBoundaries:
         nfc = norm in ({"type": "NFC"}, {"type": "Sequence", "normalizers": [{"type": "NFC"}]})
         if not (norm is None or norm in _IDENTITY_NORMALIZERS or nfc):
             return None
-        if not _splits_only(_state(backend.pre_tokenizer)) or '"trim_offsets": true' in json.dumps(
-                _state(backend.post_processor)):
+        found = _kind(_state(backend.pre_tokenizer))
+        if found is None or '"trim_offsets": true' in json.dumps(_state(backend.post_processor)):
             return None
         model = backend.model
         if type(model).__name__ != "BPE" or model.continuing_subword_prefix or model.end_of_word_suffix:
             return None
+        kind, lead = found
         added = backend.get_added_tokens_decoder()
         tokens = [backend.id_to_token(i) or "" for i in range(backend.get_vocab_size(with_added_tokens=False))]
         for i in added:  # their bytes are their content (below)
             if i < len(tokens):
                 tokens[i] = ""
-        known = set(byte_alphabet())
-        if not known.issuperset("".join(tokens)):  # some tokens are not byte strings: leave them unfixed
-            tokens = [t if known.issuperset(t) else "" for t in tokens]
+        if kind == "byte_level":
+            known = set(byte_alphabet())
+            if not known.issuperset("".join(tokens)):  # some tokens are not byte strings: leave them unfixed
+                tokens = [t if known.issuperset(t) else "" for t in tokens]
+            sizes = map(len, tokens)  # one character per byte
+        else:  # `▁` is a space; `<0xNN>` one byte (byte fallback); other characters their UTF-8 bytes
+            fallback = bool(model.byte_fallback)
+            sizes = (1 if fallback and t.startswith("<0x") and _BYTE_TOKEN.fullmatch(t)
+                     else len(t.replace("▁", " ").encode("utf-8", "surrogatepass")) for t in tokens)
         nbytes = np.full(max(len(tokens), max(added, default=-1) + 1), -1, dtype=np.int64)
-        nbytes[:len(tokens)] = np.fromiter(map(len, tokens), np.int64, len(tokens))  # one character per byte
+        nbytes[:len(tokens)] = np.fromiter(sizes, np.int64, len(tokens))
         for i, tok in added.items():  # matched in the raw text, content as written
             nbytes[i] = -1 if (tok.lstrip or tok.rstrip or not tok.content) else len(tok.content.encode())
         unk = backend.token_to_id(model.unk_token) if model.unk_token is not None else None
         if unk is not None:
             nbytes[unk] = -1  # stands for whatever bytes the vocabulary lacks
         nbytes[nbytes == 0] = -1
-        return cls(nbytes, nfc)
+        is_added = np.zeros(len(nbytes), dtype=bool)
+        is_added[list(added)] = True
+        return cls(nbytes, nfc, lead, is_added, kind == "metaspace")
 
     def ranges(self, ids: np.ndarray, n_tok: Sequence[int], texts: Sequence[str],
                spans: Sequence[Sequence[tuple[int, int]]]) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[int]]:
@@ -113,8 +148,13 @@ class ByteBoundaries:
         Returns (sample, start, end) arrays, one entry per non-empty range (token indices within
         each sample), and the samples whose ranges need offsets instead (see module doc)."""
         sizes = self.nbytes[ids]
-        ends = np.cumsum(np.maximum(sizes, 0))  # non-decreasing, whatever other samples hold
         first = np.cumsum(n_tok) - n_tok  # each sample's first token in `ids`
+        if self.lead:  # Metaspace's `▁` in front is no byte of the text: off the first token
+            bare = np.fromiter((not t.startswith(" ") for t in texts), bool, len(texts))
+            f = first[bare & (np.asarray(n_tok) > 0)]
+            f = f[~self.added[ids[f]]]
+            sizes[f] = np.where(sizes[f] > 0, sizes[f] - 1, sizes[f])  # a lone `▁` is left with none
+        ends = np.cumsum(np.maximum(sizes, 0))  # non-decreasing, whatever other samples hold
         last = first + n_tok
         before = np.concatenate([[0], ends])  # bytes before token t: before[t]
         unfixed = np.concatenate([[0], np.cumsum(sizes < 0)])
@@ -137,7 +177,7 @@ class ByteBoundaries:
                 for s, e in sp:
                     at += (b + s, b + e)
             else:
-                if (self.nfc and not unicodedata.is_normalized("NFC", text)) or \
+                if (self.nfc and not unicodedata.is_normalized("NFC", text)) or (self.metaspace and "▁" in text) or \
                         len(text.encode("utf-8", "surrogatepass")) != sample_bytes[k]:
                     redo.append(k)
                     continue
@@ -156,6 +196,8 @@ class ByteBoundaries:
         at_a = np.asarray(at, np.int64)
         # the token holding byte `at` (last[k] at the sample's end)
         tok = np.minimum(np.searchsorted(ends, at_a, side="right"), last[who_a])
+        # a text's start is its first token's, even one with no byte of its own (a lone leading `▁`)
+        tok = np.where(at_a == before[first[who_a]], first[who_a], tok)
         straddles = (tok < last[who_a]) & (before[tok] != at_a)
         if straddles.any():
             bad = set(who_a[straddles].tolist())

@@ -16,7 +16,7 @@ from tokenizers import Tokenizer
 
 from sftprep.boundaries import ByteBoundaries
 from sftprep.config import config_from_dict
-from sftprep.labels import IGNORE_INDEX, labels_from_spans, mask_sample_starts
+from sftprep.labels import labels_from_spans, token_ranges
 from sftprep.pipeline import encoder_for
 from sftprep.readers import Record
 from sftprep.tokenizer import load_fast
@@ -25,25 +25,34 @@ from tests.conftest import FIXTURES, MISTRAL
 DEEPSEEK = FIXTURES / "tokenizers" / "deepseek-v4"
 BACKEND = Tokenizer.from_file(str(DEEPSEEK / "tokenizer.json"))
 BYTES = ByteBoundaries.of(BACKEND)
+# byte-level BPE, and SentencePiece-style BPE (Metaspace, byte fallback) without and with added tokens
+BACKENDS = {name: Tokenizer.from_file(str(FIXTURES / "tokenizers" / name / "tokenizer.json"))
+            for name in ("deepseek-v4", "mistral", "mistral-chatml")}
 SETTINGS = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 EOS = "<｜end▁of▁sentence｜>"
 # whitespace runs that merge across a span boundary, CJK, emoji split across tokens, digits, specials
 PIECE = st.sampled_from(["Hello", " world", "\n", "\n\n", "  ", "\t", " ", "你好", "世界", "👍🏽", "🙂", "123", "4567",
-                         "e\u0301", "ñ", ".", "!?", "<think>", EOS, "<｜User｜>", "<｜Assistant｜>", "ab c", "\r\n"])
+                         "e\u0301", "ñ", ".", "!?", "<think>", EOS, "<｜User｜>", "<｜Assistant｜>", "ab c", "\r\n",
+                         "<|im_start|>", "<|im_end|>", "</s>", "▁", "▁x", "鑫", "1", "𝔘"])
 TEXT = st.lists(PIECE, min_size=1, max_size=12).map("".join)
 
 
-def _reference(backend: Tokenizer, text: str, spans: list[tuple[int, int]]) -> list[int]:
+def _reference(backend: Tokenizer, text: str, spans: list[tuple[int, int]]) -> list[bool]:
+    """Trained tokens by the offsets rule, first token included (with a BOS in front it is trained);
+    `test_properties.py` checks `token_ranges` against `labels_from_spans`."""
     enc = backend.encode(text, add_special_tokens=False)
-    return labels_from_spans(enc.ids, enc.offsets, text, spans).tolist()
+    trained = np.zeros(len(enc.ids), dtype=bool)
+    for a, b in token_ranges(enc, text, spans, len(enc.ids)):
+        trained[a:b] = True
+    return trained.tolist()
 
 
-def _labels(ids: np.ndarray, k: np.ndarray, i: np.ndarray, j: np.ndarray, sample: int, start: int, n: int) -> list[int]:
-    out = np.full(n, IGNORE_INDEX, dtype=np.int32)
+def _labels(ids: np.ndarray, k: np.ndarray, i: np.ndarray, j: np.ndarray, sample: int, start: int, n: int) -> list[bool]:
+    trained = np.zeros(n, dtype=bool)
     for a, b in zip(i[k == sample], j[k == sample]):
-        out[a:b] = ids[start + a:start + b]
-    return mask_sample_starts(out, [n]).tolist()
+        trained[a:b] = True
+    return trained.tolist()
 
 
 def _segments_to_spans(segments: list[tuple[str, bool]]) -> tuple[str, list[tuple[int, int]]]:
@@ -55,19 +64,37 @@ def _segments_to_spans(segments: list[tuple[str, bool]]) -> tuple[str, list[tupl
     return "".join(t for t, _ in segments), spans
 
 
+@pytest.mark.parametrize("name", BACKENDS)
 @SETTINGS
-@given(st.lists(st.lists(st.tuples(TEXT, st.booleans()), min_size=1, max_size=5), min_size=1, max_size=4))
-def test_byte_lengths_give_the_offsets_rule_or_hand_the_sample_back(batch):
+@given(batch=st.lists(st.lists(st.tuples(TEXT, st.booleans()), min_size=1, max_size=5), min_size=1, max_size=4))
+def test_byte_lengths_give_the_offsets_rule_or_hand_the_sample_back(name, batch):
+    backend = BACKENDS[name]
+    bounds = ByteBoundaries.of(backend)
     texts, spans = zip(*(_segments_to_spans(s) for s in batch))
-    encs = BACKEND.encode_batch_fast(list(texts), add_special_tokens=False)
+    encs = backend.encode_batch_fast(list(texts), add_special_tokens=False)
     n_tok = [len(e) for e in encs]
     ids = np.asarray([t for e in encs for t in e.ids], dtype=np.int32)
-    k, i, j, redo = BYTES.ranges(ids, n_tok, texts, spans)
+    k, i, j, redo = bounds.ranges(ids, n_tok, texts, spans)
     start = 0
     for s, (text, sp) in enumerate(zip(texts, spans)):
         if s not in redo and sp:
-            assert _labels(ids, k, i, j, s, start, n_tok[s]) == _reference(BACKEND, text, sp), (text, sp)
+            assert _labels(ids, k, i, j, s, start, n_tok[s]) == _reference(backend, text, sp), (text, sp)
         start += n_tok[s]
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_most_samples_are_labelled_from_byte_lengths(name):
+    """The byte path is the rule, offsets the exception: ordinary chat text needs no offsets."""
+    backend = BACKENDS[name]
+    texts = ["<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\nIt is 4.<|im_end|>\n",
+             "Summarize: the cat sat on the mat.\nThe cat sat.", "把这句话翻译成英文：你好，世界！\nHello, world!",
+             " A leading space, then 👍🏽 and tabs\tand digits 12345."]
+    starts = ["It is", "The cat", "Hello", " then"]  # spans that start where a word does
+    spans = [[(t.index(w), len(t))] for t, w in zip(texts, starts)]
+    encs = backend.encode_batch_fast(texts, add_special_tokens=False)
+    ids = np.asarray([t for e in encs for t in e.ids], dtype=np.int32)
+    *_, redo = ByteBoundaries.of(backend).ranges(ids, [len(e) for e in encs], texts, spans)
+    assert redo == []
 
 
 def test_a_token_merged_across_a_span_boundary_sends_its_sample_to_offsets():
@@ -137,5 +164,19 @@ def test_tokenizers_whose_bytes_do_not_fix_offsets_always_use_offsets(tmp_path, 
     assert ByteBoundaries.of(_variant(tmp_path, name.replace(" ", "_"), change)) is None
 
 
-def test_sentencepiece_tokenizers_use_offsets():
-    assert ByteBoundaries.of(Tokenizer.from_file(f"{MISTRAL}/tokenizer.json")) is None
+def test_metaspace_before_every_section_uses_offsets(tmp_path):
+    data = json.loads((FIXTURES / "tokenizers" / "mistral" / "tokenizer.json").read_text(encoding="utf-8"))
+    data["pre_tokenizer"]["prepend_scheme"] = "always"
+    path = tmp_path / "always.json"
+    path.write_text(json.dumps(data), encoding="utf-8")
+    assert ByteBoundaries.of(Tokenizer.from_file(str(path))) is None
+    assert ByteBoundaries.of(Tokenizer.from_file(f"{MISTRAL}/tokenizer.json")).lead  # Mistral's own: "first"
+
+
+def test_metaspace_text_holding_the_space_mark_uses_offsets():
+    backend = BACKENDS["mistral"]
+    texts = ["a ▁b c", "a b c"]
+    encs = backend.encode_batch_fast(texts, add_special_tokens=False)
+    ids = np.asarray([t for e in encs for t in e.ids], dtype=np.int32)
+    *_, redo = ByteBoundaries.of(backend).ranges(ids, [len(e) for e in encs], texts, [[(4, 6)], [(3, 5)]])
+    assert redo == [0]
