@@ -17,9 +17,9 @@ is the first token whose first non-whitespace character is at or after `a`. Wher
 is a token start, that token is the answer; where a token straddles the boundary (`"\\n\\n"`
 merged across it), the answer depends on the token's characters, and that sample is labelled
 from a full offsets encoding instead (`ByteBoundaries.ranges` lists it). So are samples this
-module cannot vouch for: a token with no fixed bytes (unk), a first token left with no byte of its
-own, a text holding `▁` itself (Metaspace), a text the NFC normalizer would change, a byte count
-that does not add up. Other tokenizers (WordPiece, Unigram, a normalizer that rewrites text, a
+module cannot vouch for: a token with no fixed bytes (unk), a text holding `▁` itself (Metaspace),
+a text the NFC normalizer would change, a byte count that does not add up. (A lone leading `▁` token
+is left with no byte: it still starts the text, as its offsets say.) Other tokenizers (WordPiece, Unigram, a normalizer that rewrites text, a
 `▁` put before every section) get `None` from `ByteBoundaries.of`: offsets always.
 """
 

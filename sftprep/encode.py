@@ -6,8 +6,8 @@
                                       truncated to max_length, untrained samples dropped
 
 Three steps, so a build can run them as a pipeline: `render` (pure Python), `encode` (one
-fast-tokenizer `encode_batch` call, which releases the GIL: ids only for byte-level tokenizers,
-whose token byte lengths locate the tokens, see `boundaries`) and `label` (a few look-ups per trained
+fast-tokenizer `encode_batch` call, which releases the GIL: ids only for BPE tokenizers whose
+token byte lengths locate the tokens, see `boundaries`) and `label` (a few look-ups per trained
 span, then numpy over the whole batch). A batch's samples travel as flat arrays plus lengths.
 The `Encoder` takes its own config sections (read, template, tokenize); whether to truncate at all
 is the caller's choice (`wrapped` packing cuts samples itself).
@@ -21,10 +21,10 @@ from typing import Any
 
 import numpy as np
 
+from .boundaries import ByteBoundaries
 from .config import ReadConfig, TemplateConfig, TokenizeConfig
 from .errors import ConfigError, RecordError
 from .formats import Conversation, FormatError, normalize
-from .boundaries import ByteBoundaries
 from .labels import IGNORE_INDEX, mask_sample_starts, token_ranges
 from .readers import Record
 from .templates import Renderer

@@ -136,7 +136,7 @@ def labels_from_spans(ids: Sequence[int], offsets: Sequence[tuple[int, int]], te
     and the first token never trained.
 
     The reference form of the rule, from a full offset list (any tokenizer's). Builds use the
-    faster `boundaries.ByteBoundaries.ranges` (byte-level tokenizers) or `token_ranges`; property
+    faster `boundaries.ByteBoundaries.ranges` (tokens of fixed bytes) or `token_ranges`; property
     tests check that each agrees with this one."""
     ids = np.asarray(ids, dtype=np.int32)
     off = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
