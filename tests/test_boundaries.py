@@ -64,6 +64,7 @@ def _segments_to_spans(segments: list[tuple[str, bool]]) -> tuple[str, list[tupl
     return "".join(t for t, _ in segments), spans
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", BACKENDS)
 @SETTINGS
 @given(batch=st.lists(st.lists(st.tuples(TEXT, st.booleans()), min_size=1, max_size=5), min_size=1, max_size=4))
