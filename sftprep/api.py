@@ -107,7 +107,8 @@ def _build(config: BuildConfig, progress: Callable[[int], None] | None, lock: Ou
         "template": encoder.renderer.description,
         # a part may hold none of an input's records: merge warns over all parts
         "warnings": encoder.renderer.warnings + ([] if part else empty_inputs(inputs, store.sources, rejects)),
-        "tokenizer": {**identity, "path": TOKENIZER_DIR, "source": str(tok.path.resolve()),
+        "tokenizer": {**identity, "files_sha256": tokenizer_hash, "path": TOKENIZER_DIR,
+                      "source": str(tok.path.resolve()),
                       "files": sorted(p.name for p in (out / TOKENIZER_DIR).iterdir())},
         "max_length": config.tokenize.max_length,
         "max_token_id": max(store.max_id, identity["pad_id"]),  # lets sfttrain check ids without reading shards

@@ -118,7 +118,9 @@ def check_parts(parts: list[Part]) -> list[Part]:
 def _difference(a: dict[str, Any], b: dict[str, Any]) -> str:
     """What differs between two parts' manifests that `of_build` hashes, for the message."""
     ca, cb = (flat_items({k: v for k, v in shard_settings(m["config"]).items() if k != "part"}) for m in (a, b))
-    changed = sorted(k for k in set(ca) | set(cb) if ca.get(k) != cb.get(k))
+    # as in `output.build_id`: inputs and tokenizer count by content (below), wherever their files lie
+    changed = sorted(k for k in set(ca) | set(cb) if ca.get(k) != cb.get(k)
+                     and k not in ("read.inputs", "tokenize.tokenizer"))
     if changed:
         key = changed[0]
         return f"setting {key} differs ({cb.get(key)!r} vs {ca.get(key)!r})"
@@ -127,6 +129,8 @@ def _difference(a: dict[str, Any], b: dict[str, Any]) -> str:
         return "their inputs differ (content hashes, in order: the same files must be read by every part)"
     if a["tokenizer"].get("vocab_hash") != b["tokenizer"].get("vocab_hash"):
         return "their tokenizers differ (vocabulary hash)"
+    if a["tokenizer"].get("files_sha256") != b["tokenizer"].get("files_sha256"):
+        return "their tokenizer files differ (same vocabulary; e.g. another chat template or normalizer)"
     return f"sftprep version differs ({b['tool']['version']} vs {a['tool']['version']})"
 
 

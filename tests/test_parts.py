@@ -132,6 +132,12 @@ def test_merge_refuses_missing_duplicate_and_foreign_parts(tmp_path, three_parts
     with pytest.raises(InputError, match=r"r1 is not a part of the same build as .*p0: setting "
                                          r"tokenize.max_length differs \(512 vs 256\)"):
         merge([p0, tmp_path / "r1", p2], tmp_path / "m")
+    tok = shutil.copytree(MISTRAL, tmp_path / "tok")  # the same vocabulary, another tokenizer_config.json
+    config = json.loads((tok / "tokenizer_config.json").read_text(encoding="utf-8"))
+    (tok / "tokenizer_config.json").write_text(json.dumps({**config, "model_max_length": 4096}), encoding="utf-8")
+    build(config_from_dict({**cfg, "out": str(tmp_path / "t1"), "part": "1/3", "tokenizer": str(tok)}))
+    with pytest.raises(InputError, match=r"t1 is not a part of the same build as .*p0: their tokenizer files differ"):
+        merge([p0, tmp_path / "t1", p2], tmp_path / "m")
     build(config_from_dict({**cfg, "out": str(tmp_path / "whole")}))
     with pytest.raises(InputError, match=r"whole is a whole build, not a part \(it was built without --part"):
         merge([tmp_path / "whole"], tmp_path / "m")
