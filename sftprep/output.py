@@ -169,11 +169,16 @@ def copy_tokenizer(source: Path, out: Path) -> None:
     os.replace(tmp, out / TOKENIZER_DIR)
 
 
+# characters that JSON leaves raw but str.splitlines() (and so many JSON Lines readers) splits lines at
+_LINE_BREAKS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
 def write_rejects(out: Path, rejects: list[dict[str, Any]]) -> None:
+    """rejects.jsonl: one JSON object per line, under any line splitter (record text can hold U+0085...)."""
     tmp = out / (REJECTS_FILE + ".tmp")
     with names_path(out / REJECTS_FILE), open(tmp, "w", encoding="utf-8") as f:
         for r in rejects:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+            f.write(json.dumps(r, ensure_ascii=False).translate(_LINE_BREAKS) + "\n")
     os.replace(tmp, out / REJECTS_FILE)
 
 

@@ -91,6 +91,16 @@ def test_a_lone_surrogate_in_a_json_array_rejects_only_its_record(tmp_path):
     assert reject["source"] == f"{path}[1]" and "a string holds a lone UTF-16 surrogate" in reject["message"]
 
 
+def test_rejects_file_keeps_one_record_per_line_whatever_the_text_holds(tmp_path):
+    """U+0085, U+2028 and U+2029 are line breaks to str.splitlines(): a message quoting them stays one line."""
+    path = write(tmp_path, [GOOD, '{"prompt": {"a\u0085b": null}, "completion": "x\u2028y\u2029"}', '{"text": ""}'])
+    r = build("-i", path, "-t", MISTRAL, "-o", tmp_path / "o", "--max-reject-ratio", "1")
+    assert r.exit_code == 0, r.output
+    lines = (tmp_path / "o" / "rejects.jsonl").read_text(encoding="utf-8").splitlines()
+    assert [json.loads(x)["sample_id"] for x in lines] == [1, 2]
+    assert "a\u0085b" in json.loads(lines[0])["message"]
+
+
 def test_a_utf8_byte_order_mark_loses_no_record(tmp_path):
     path = tmp_path / "bom.jsonl"
     path.write_bytes(b"\xef\xbb\xbf" + (GOOD + "\n" + GOOD + "\n").encode())
