@@ -24,8 +24,7 @@ from .config import BuildConfig
 from .errors import BuildError
 from .manifest import write_manifest
 from .output import (REJECTS_FILE, SAMPLES_FILE, TOKENIZER_DIR, OutLock, build_id, copy_tokenizer, hash_input,
-                     hash_tokenizer,
-                     prepare_out, remove_temps, write_rejects, write_samples)
+                     hash_tokenizer, prepare_out, remove_temps, write_rejects, write_samples)
 from .packing import fill_ratio, pack
 from .parts import part_size
 from .pipeline import encode_all, encoder_for, gc_paused, in_background
@@ -85,13 +84,13 @@ def _build(config: BuildConfig, progress: Callable[[int], None] | None, lock: Ou
     if hasattr(progress, "start"):
         progress.start(expected_records(config, inputs))
     store = SampleStore(out, SPILL_STEM)
+    pad = pad_id(tok)
     try:
         rejects, read = encode_all(config, inputs, encoder, store, progress)
         if part is None:  # a part may hold few or no records: merge checks all parts' together
             check_rejects(config, rejects, read, out)
         store.seal()
-        shards, totals = write_build(config, out, store, rejects, read, pad_id(tok),
-                                     Path(config.tokenize.tokenizer))
+        shards, totals = write_build(config, out, store, rejects, read, pad, Path(config.tokenize.tokenizer))
     except BaseException:
         remove_temps(out)  # a failed write (disk full...) leaves no *.tmp behind
         raise
@@ -111,7 +110,7 @@ def _build(config: BuildConfig, progress: Callable[[int], None] | None, lock: Ou
                       "source": str(tok.path.resolve()),
                       "files": sorted(p.name for p in (out / TOKENIZER_DIR).iterdir())},
         "max_length": config.tokenize.max_length,
-        "max_token_id": max(store.max_id, identity["pad_id"]),  # lets sfttrain check ids without reading shards
+        "max_token_id": max(store.max_id, pad),  # lets sfttrain check ids without reading shards
         "packing": config.pack.mode,
         "shards": [{k: s[k] for k in ("file", "rows", "tokens", "sha256")} for s in shards],
         "samples_file": SAMPLES_FILE,

@@ -19,8 +19,9 @@ merged across it), the answer depends on the token's characters, and that sample
 from a full offsets encoding instead (`ByteBoundaries.ranges` lists it). So are samples this
 module cannot vouch for: a token with no fixed bytes (unk), a text holding `▁` itself (Metaspace),
 a text the NFC normalizer would change, a byte count that does not add up. (A lone leading `▁` token
-is left with no byte: it still starts the text, as its offsets say.) Other tokenizers (WordPiece, Unigram, a normalizer that rewrites text, a
-`▁` put before every section) get `None` from `ByteBoundaries.of`: offsets always.
+is left with no byte: it still starts the text, as its offsets say.) Other tokenizers (WordPiece,
+Unigram, a normalizer that rewrites text, a `▁` put before every section) get `None` from
+`ByteBoundaries.of`: offsets always.
 """
 
 from __future__ import annotations

@@ -396,8 +396,9 @@ def as_tuple(value: Any, split: str | None = None) -> tuple[str, ...]:
     return tuple(str(v) for v in value)
 
 
-BUILD_SCHEMA = Schema("build", BuildConfig, {"read": ReadConfig, "template": TemplateConfig, "tokenize": TokenizeConfig,
-                                "pack": PackConfig}, SHORTCUTS, ALIASES, scalars={"template": "name"}, top=_TOP,
+BUILD_SCHEMA = Schema("build", BuildConfig,
+                      {"read": ReadConfig, "template": TemplateConfig, "tokenize": TokenizeConfig, "pack": PackConfig},
+                      SHORTCUTS, ALIASES, scalars={"template": "name"}, top=_TOP,
                       values={"packing": _packing_value, "part": parse_part})
 
 

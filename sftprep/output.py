@@ -114,21 +114,21 @@ def hash_input(path: Path) -> str:
     """sha256 of an input file, or of a folder's files (names and contents)."""
     if path.is_file():
         return sha256_file(path)
-    h = hashlib.sha256()
-    for f in sorted(p for p in path.rglob("*") if p.is_file()):
-        h.update(str(f.relative_to(path)).encode())
-        h.update(sha256_file(f).encode())
-    return h.hexdigest()
+    return _hash_files(path, [str(f.relative_to(path)) for f in sorted(p for p in path.rglob("*") if p.is_file())])
 
 
 def hash_tokenizer(folder: Path) -> str:
     """sha256 of the tokenizer files a build copies (names and contents): cheap, known before any
     work, and stricter than the vocabulary hash (a changed normalizer or template changes it too)."""
+    return _hash_files(folder, [name for name in TOKENIZER_FILES if (folder / name).is_file()])
+
+
+def _hash_files(folder: Path, names: list[str]) -> str:
+    """sha256 over each named file of `folder`, in order: its name, then its contents' sha256."""
     h = hashlib.sha256()
-    for name in TOKENIZER_FILES:
-        if (folder / name).is_file():
-            h.update(name.encode())
-            h.update(sha256_file(folder / name).encode())
+    for name in names:
+        h.update(name.encode())
+        h.update(sha256_file(folder / name).encode())
     return h.hexdigest()
 
 
