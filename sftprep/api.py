@@ -68,11 +68,10 @@ def build(config: BuildConfig, progress: Callable[[int], None] | None = None, *,
 def _build(config: BuildConfig, progress: Callable[[int], None] | None, lock: OutLock) -> dict[str, Any]:
     tok = load_fast(config.tokenize.tokenizer)
     inputs = _inputs(config)
+    # file hashes (the build id) while the template is compiled: hashlib works without the GIL
+    hashes = in_background(_hash_sources, inputs, tok.path)
     encoder = encoder_for(config, tok)  # validates template settings before any work
-    # the vocabulary hash (for the manifest, ~0.3 s on a 129k vocabulary) is worked out while records are encoded
-    identity_of = in_background(tokenizer_identity, tok, config.tokenize.tokenizer)
-    input_info = [{"path": str(p), "sha256": hash_input(p)} for p in inputs]
-    tokenizer_hash = hash_tokenizer(tok.path)
+    input_info, tokenizer_hash = hashes()
     this_build = build_id(config, input_info, tokenizer_hash)
     part = None
     if config.part is not None:  # what `sftprep merge` checks: parts 0..N-1 of one whole build (sftprep.parts)
@@ -85,8 +84,14 @@ def _build(config: BuildConfig, progress: Callable[[int], None] | None, lock: Ou
         progress.start(expected_records(config, inputs))
     store = SampleStore(out, SPILL_STEM)
     pad = pad_id(tok)
+    # the vocabulary hash (for the manifest, ~0.2 s on a 129k vocabulary, much of it holding the GIL) is
+    # worked out once the first batch is in the tokenizer
+    identity: list[Callable[[], dict[str, Any]]] = []
+
+    def start_identity() -> None:
+        identity.append(in_background(tokenizer_identity, tok, config.tokenize.tokenizer))
     try:
-        rejects, read = encode_all(config, inputs, encoder, store, progress)
+        rejects, read = encode_all(config, inputs, encoder, store, progress, start_identity)
         if part is None:  # a part may hold few or no records: merge checks all parts' together
             check_rejects(config, rejects, read, out)
         store.seal()
@@ -97,7 +102,7 @@ def _build(config: BuildConfig, progress: Callable[[int], None] | None, lock: Ou
     finally:
         store.remove()
 
-    identity = identity_of()
+    identity = identity[0]() if identity else tokenizer_identity(tok, config.tokenize.tokenizer)
     manifest = {
         "tool": {"name": "sftprep", "version": __version__},
         "build_id": this_build,
@@ -121,6 +126,11 @@ def _build(config: BuildConfig, progress: Callable[[int], None] | None, lock: Ou
         manifest["part"] = part
     write_manifest(out, manifest)
     return manifest
+
+
+def _hash_sources(inputs: list[Path], tokenizer: Path) -> tuple[list[dict[str, str]], str]:
+    """The manifest's input entries (path, sha256) and the tokenizer files' hash."""
+    return [{"path": str(p), "sha256": hash_input(p)} for p in inputs], hash_tokenizer(tokenizer)
 
 
 def _inputs(config: BuildConfig) -> list[Path]:

@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import re
 import unicodedata
+from functools import cached_property
 from typing import Sequence
 
 import numpy as np
@@ -86,21 +87,23 @@ _BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 class ByteBoundaries:
     """Per token id, how many bytes of text it covers (-1: not fixed; such samples use offsets).
 
+    `of` decides from the tokenizer's shape alone; the table (a pass over the vocabulary, ~0.1 s on
+    129k tokens) is made on first use, so a build's first batch goes to the tokenizer without it.
+
     Args:
-        nbytes: byte length per token id.
+        backend: the `tokenizers.Tokenizer`.
+        kind: "byte_level" or "metaspace" (a `▁` in the text is not one byte: such texts use offsets).
         nfc: the tokenizer NFC-normalizes text (an identity on text already in NFC, checked per text).
         lead: Metaspace puts a `▁` (one byte, as a space) before a text that starts with neither a
-            space nor an added token; `added` (bool per id) says which ids are added tokens.
-        metaspace: a `▁` in the text is not one byte: such texts use offsets.
+            space nor an added token.
     """
 
-    def __init__(self, nbytes: np.ndarray, nfc: bool = False, lead: bool = False,
-                 added: np.ndarray | None = None, metaspace: bool = False) -> None:
-        self.nbytes = nbytes
+    def __init__(self, backend, kind: str, nfc: bool = False, lead: bool = False) -> None:
+        self.backend = backend
+        self.kind = kind
         self.nfc = nfc
         self.lead = lead
-        self.added = added if added is not None else np.zeros(len(nbytes), dtype=bool)
-        self.metaspace = metaspace
+        self.metaspace = kind == "metaspace"
 
     @classmethod
     def of(cls, backend) -> ByteBoundaries | None:
@@ -116,12 +119,21 @@ class ByteBoundaries:
         if type(model).__name__ != "BPE" or model.continuing_subword_prefix or model.end_of_word_suffix:
             return None
         kind, lead = found
+        return cls(backend, kind, nfc, lead)
+
+    nbytes = property(lambda self: self._table[0], doc="Bytes per token id (-1: not fixed).")
+    added = property(lambda self: self._table[1], doc="Per token id, whether it is an added token.")
+
+    @cached_property
+    def _table(self) -> tuple[np.ndarray, np.ndarray]:
+        backend = self.backend
+        model = backend.model
         added = backend.get_added_tokens_decoder()
         tokens = [backend.id_to_token(i) or "" for i in range(backend.get_vocab_size(with_added_tokens=False))]
         for i in added:  # their bytes are their content (below)
             if i < len(tokens):
                 tokens[i] = ""
-        if kind == "byte_level":
+        if self.kind == "byte_level":
             known = set(byte_alphabet())
             if not known.issuperset("".join(tokens)):  # some tokens are not byte strings: leave them unfixed
                 tokens = [t if known.issuperset(t) else "" for t in tokens]
@@ -140,7 +152,7 @@ class ByteBoundaries:
         nbytes[nbytes == 0] = -1
         is_added = np.zeros(len(nbytes), dtype=bool)
         is_added[list(added)] = True
-        return cls(nbytes, nfc, lead, is_added, kind == "metaspace")
+        return nbytes, is_added
 
     def ranges(self, ids: np.ndarray, n_tok: Sequence[int], texts: Sequence[str],
                spans: Sequence[Sequence[tuple[int, int]]]) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[int]]:

@@ -75,9 +75,11 @@ def _run_worker(batch: list) -> tuple[int, Encoded]:
 
 
 def encode_all(config: BuildConfig, inputs: list[Path], encoder: Encoder, store: SampleStore,
-               progress: Callable[[int], None] | None = None) -> tuple[list[dict[str, Any]], int]:
+               progress: Callable[[int], None] | None = None,
+               started: Callable[[], None] | None = None) -> tuple[list[dict[str, Any]], int]:
     """Encode every record of `inputs` (resolved once, by the caller) into `store`; returns
-    (rejects, records read)."""
+    (rejects, records read). `started` is called once the first batch is stored (the next ones
+    are in the tokenizer by then): work that must not delay the start begins there."""
     rejects, read = [], 0
     pool = None
     batches = _batches(config, inputs, BATCH if encoder.boundaries is None else BATCH_IDS_ONLY)
@@ -102,6 +104,9 @@ def encode_all(config: BuildConfig, inputs: list[Path], encoder: Encoder, store:
     try:
         for n, enc in results:
             store.add(enc)
+            if started is not None:  # the next batches are in the tokenizer and rendered ahead
+                started()
+                started = None
             rejects += enc.rejects
             read += n
             if progress:
