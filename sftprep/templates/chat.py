@@ -43,6 +43,7 @@ from typing import Any, Mapping, Sequence
 
 from ..config import ConfigError
 from ..formats import Conversation, FormatError, Message
+from . import plans
 
 # Markers: code points of Supplementary Private Use Area-B, two per marked text (open, close).
 _MARK0 = 0x100000
@@ -55,9 +56,10 @@ _GENERATION_RE = re.compile(r"\{%-?\s*generation\s*-?%\}")
 Segment = tuple[str, "int | None"]
 
 
-def compile_template(source: str):
+def compile_template(source: str, planning: bool = False):
     """Compile a chat template in the sandbox transformers uses (same filters, globals and
-    whitespace rules), with `{% generation %}` blocks recorded as character spans."""
+    whitespace rules), with `{% generation %}` blocks recorded as character spans; with `planning`,
+    for renders with `plans.Slot` texts (written as characters from `_MARK0` on)."""
     import jinja2
     from jinja2.ext import Extension
     from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -91,6 +93,8 @@ def compile_template(source: str):
     env.filters["tojson"] = tojson
     env.globals.update(raise_exception=raise_exception, strftime_now=lambda f: datetime.now().strftime(f),
                        dict=dict, namespace=jinja2.utils.Namespace)
+    if planning:
+        plans.planning_environment(env, _MARK0)
     try:
         return env.from_string(source)
     except jinja2.TemplateSyntaxError as e:
@@ -119,20 +123,35 @@ class ChatTemplate:
         self.template = compile_template(source)
         self.context = {**self.template.globals, **variables, **(kwargs or {})}
         self.generation_blocks = bool(_GENERATION_RE.search(source))
+        self.captures = _captures_output(self.template.environment, source)
         self.stop_tokens = [s for s in dict.fromkeys(stop_tokens) if s]
         self.stop_re = _alternation(self.stop_tokens)
         self.special_re = _alternation(special_tokens)
         self.boundaries = set(special_tokens) | set(added_tokens) | set(self.stop_tokens)
         self.header, self.user_tail = self._header()
         self.headers = self._header_prefixes()
+        self.source = source
+        self._plans: dict[tuple, _Plan | None] = {}
+        self._planning = None  # the template compiled for plans, on first use
 
     # -- the one render -----------------------------------------------------------------------
     def segments(self, conv: Conversation) -> list[Segment]:
         """The rendered conversation cut into untrained text (group None) and trained assistant
         turns (group = the turn's index among assistant turns).
 
-        Tool calls go in the Hugging Face form first; a template that fails on it gets the OpenAI
-        form (DeepSeek-V3 concatenates arguments as text and reads `content` beside calls)."""
+        From the plan of its shape where there is one (`plans`); else rendered. Tool calls go in the
+        Hugging Face form first; a template that fails on it gets the OpenAI form (DeepSeek-V3
+        concatenates arguments as text and reads `content` beside calls)."""
+        if not (self.generation_blocks or self.captures):
+            key = _shape(conv)
+            if key is not None:
+                plan = self._plans.get(key, _UNSEEN)
+                if plan is _UNSEEN:
+                    plan = self._plan(conv)
+                    if len(self._plans) < _MAX_PLANS:
+                        self._plans[key] = plan
+                if plan is not None:
+                    return plan.segments(conv.messages)
         try:
             return self._segments(conv, openai=False)
         except FormatError as e:
@@ -152,7 +171,7 @@ class ChatTemplate:
         finally:
             _WATCH.log = []
         text, marks, gen = _strip_marks(raw, owners)
-        if log and text != self._plain(conv, tools, openai):
+        if (log or self.captures) and text != self._plain(conv, tools, openai):
             raise FormatError("the chat template changes its output when message text is marked (it inspects "
                               "the text, e.g. with startswith or ==), so trained spans cannot be located",
                               "template_changes_text")
@@ -161,6 +180,44 @@ class ChatTemplate:
         else:
             spans = self._turn_spans(text, conv.messages, marks)
         return self._cut(text, spans)
+
+    def _plan(self, conv: Conversation) -> _Plan | None:
+        """Render `conv`'s shape with slots for its texts (`plans`); None where the template does
+        something with a text that a slot cannot stand for, or writes texts out of message order."""
+        messages, sources = [], []
+        for i, m in enumerate(conv.messages):
+            d = m.to_chat()
+            for key, attr in (("content", "content"), ("reasoning_content", "reasoning")):
+                value = d.get(key)
+                if value:
+                    core = value.strip()
+                    lead = value[:value.index(core[0])]
+                    d[key] = plans.Slot(len(sources), lead, value[len(lead) + len(core):])
+                    sources.append((i, attr))
+            if "thinking" in d:
+                d["thinking"] = d["reasoning_content"]
+            messages.append(d)
+        if self._planning is None:
+            self._planning = compile_template(self.source, planning=True)
+        try:
+            ctx = self._planning.new_context({**self.context, "messages": messages, "tools": None,
+                                              "documents": None, "add_generation_prompt": False}, shared=True)
+            text = "".join(self._planning.root_render_func(ctx))
+        except Exception:  # plans.Unsupported, or the template's own error (which rendering will report)
+            return None
+        marks: dict[int, tuple[int, int]] = {}
+        owner = -1
+        for m in _MARK_RE.finditer(text):
+            i = sources[ord(m.group()) - _MARK0][0]
+            if i < owner:  # a text written after a later message's: turns are not where they seem
+                return None
+            owner, at = i, m.start()
+            marks[i] = (marks[i][0] if i in marks else at, at + 1)
+        try:
+            spans = self._turn_spans(text, conv.messages, marks)
+        except FormatError:  # rendering will say so, record by record
+            return None
+        return _Plan(self._cut(text, spans), sources)
 
     def _plain(self, conv: Conversation, tools: list | None, openai: bool) -> str:
         plain = self.render([m.to_chat(openai) for m in conv.messages], tools)
@@ -282,6 +339,72 @@ class ChatTemplate:
                 if h.startswith(tok, i):
                     cuts.update((i, i + len(tok)))
         return [h[:c] for c in sorted(cuts, reverse=True) if c > 0]
+
+
+def _captures_output(env, source: str) -> bool:
+    """Whether the template turns rendered output into values it can inspect or transform: `{% set
+    x %}` and `{% filter %}` blocks, macros, call blocks, autoescape (not `{% generation %}` blocks,
+    which only bracket theirs). Marked or slotted texts inside such output are not watched (GLM-4.5
+    tests `visible_text(m.content).endswith("/nothink")`), so renders of these templates are always
+    checked against the plain render, and never planned."""
+    from jinja2 import nodes
+
+    kinds = (nodes.AssignBlock, nodes.FilterBlock, nodes.Macro, nodes.CallBlock, nodes.Block,
+             nodes.ScopedEvalContextModifier, nodes.EvalContextModifier)
+    for node in env.parse(source).find_all(kinds):
+        call = getattr(node, "call", None)
+        if not (isinstance(node, nodes.CallBlock) and isinstance(call.node, nodes.ExtensionAttribute)
+                and call.node.name == "_mark"):
+            return True
+    return False
+
+
+_UNSEEN = object()
+_MAX_PLANS = 4096  # shapes remembered per template (a dataset has a handful; beyond, conversations render)
+
+
+class _Plan:
+    """A shape's segments with its texts left out: each segment a list of literal strings and
+    indices into `sources`, the (message index, attribute) of each text, written stripped."""
+
+    def __init__(self, segments: list[Segment], sources: list[tuple[int, str]]) -> None:
+        self.sources = sources
+        self.parts: list[tuple[list, int | None]] = []
+        for seg, group in segments:
+            pieces = _MARK_SPLIT.split(seg)  # text, slot, text, slot, ..., text
+            parts = [ord(p) - _MARK0 if j % 2 else p for j, p in enumerate(pieces) if p]
+            self.parts.append((parts, group))
+
+    def segments(self, messages: list[Message]) -> list[Segment]:
+        texts = [getattr(messages[i], attr).strip() for i, attr in self.sources]
+        return [("".join([p if p.__class__ is str else texts[p] for p in parts]), group)
+                for parts, group in self.parts]
+
+
+def _shape(conv: Conversation) -> tuple | None:
+    """What a conversation's plan depends on: roles, and per text whether it is absent or empty, and
+    its edge whitespace; None for conversations a plan cannot stand for (tools, tool calls,
+    all-whitespace texts, reserved characters)."""
+    if conv.tools:
+        return None
+    key = []
+    for m in conv.messages:
+        if m.tool_calls is not None or m.name is not None or m.tool_call_id is not None:
+            return None
+        state = []
+        for text in (m.content, m.reasoning):
+            if not text:
+                state.append(text)
+            elif text.isspace() or not (text.isascii() or _MARK_RE.search(text) is None):
+                return None
+            elif text[0].isspace() or text[-1].isspace():  # the edge whitespace itself
+                core = text.strip()
+                lead = text.index(core[0])
+                state.append((text[:lead], text[lead + len(core):]))
+            else:
+                state.append(0)
+        key.append((m.role, *state))
+    return tuple(key)
 
 
 def _alternation(strings: Sequence[str]) -> re.Pattern | None:
