@@ -70,6 +70,41 @@ CHATML_JINJA = (
 
 # -- clocks ------------------------------------------------------------------------------------
 
+def isolated(fn, *args):
+    """`fn(*args)` in a fresh Python process: every timed run starts from the same state, not from
+    what the previous one left behind (freed memory, the tokenizer threads' caches, which tokenizers
+    keeps per thread for the life of the process). Returns its result; raises its error."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    receive, send = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_run_child, args=(send, fn, args))  # not a Pool: workers may start their own
+    proc.start()
+    send.close()
+    try:
+        ok, value = receive.recv()
+    except EOFError:
+        raise RuntimeError(f"{fn.__name__} died in its process") from None
+    finally:
+        proc.join()
+    if not ok:
+        raise value
+    return value
+
+
+def _run_child(send, fn, args) -> None:
+    try:
+        send.send((True, fn(*args)))
+    except BaseException as e:  # handed to the parent
+        send.send((False, e))
+
+
+def _cache_words() -> int:
+    from sftprep.encode import BPE_CACHE_WORDS
+
+    return BPE_CACHE_WORDS
+
+
 def cpu_seconds() -> float:
     """CPU time of this process (all its threads) plus its reaped children (worker pools).
     Less sensitive than wall time to other processes competing for the cores."""
@@ -338,6 +373,16 @@ def verdict(ok: bool) -> str:
     return "PASS" if ok else "FAIL"
 
 
+def run_chat_build(jsonl: Path, tok_dir: Path, max_length: int, out: Path) -> dict[str, Any]:
+    from sftprep import build, config_from_dict
+
+    c0, t0 = cpu_seconds(), time.perf_counter()
+    m = build(config_from_dict({"inputs": [str(jsonl)], "tokenizer": str(tok_dir), "template": "tokenizer",
+                                "max_length": max_length, "out": str(out), "overwrite": True}))
+    return {"seconds": time.perf_counter() - t0, "cpu": cpu_seconds() - c0, "tokens": m["totals"]["tokens"],
+            "trained": m["totals"]["trained_tokens"], "fill": m["totals"]["fill_ratio"]}
+
+
 def run_chat_case(a, tmp: Path) -> None:
     """Multi-turn chats with a real Jinja chat template: sftprep `--template tokenizer` vs the floor
     vs TRL `SFTTrainer(assistant_only_loss=True)` with TRL's `_training` variant of the same template."""
@@ -357,19 +402,11 @@ def run_chat_case(a, tmp: Path) -> None:
     print(f"sftprep code: {_git_state()}; load average {_load()}")
     floor = cached = sft = None
     for rep in range(a.repeat):
-        fl = run_floor(texts, tok_dir, [int(x) for x in a.floor_batches.split(",") if x.strip()])
+        fl = isolated(run_floor, texts, tok_dir, [int(x) for x in a.floor_batches.split(",") if x.strip()])
         floor = fl if floor is None or fl["seconds"] < floor["seconds"] else floor
-        from sftprep.encode import BPE_CACHE_WORDS
-
-        fc = run_floor(texts, tok_dir, [0], BPE_CACHE_WORDS)
+        fc = isolated(run_floor, texts, tok_dir, [0], _cache_words())
         cached = fc if cached is None or fc["seconds"] < cached["seconds"] else cached
-        from sftprep import build, config_from_dict
-
-        c0, t0 = cpu_seconds(), time.perf_counter()
-        m = build(config_from_dict({"inputs": [str(jsonl)], "tokenizer": str(tok_dir), "template": "tokenizer",
-                                    "max_length": a.max_length, "out": str(tmp / "out"), "overwrite": True}))
-        r = {"seconds": time.perf_counter() - t0, "cpu": cpu_seconds() - c0, "tokens": m["totals"]["tokens"],
-             "trained": m["totals"]["trained_tokens"], "fill": m["totals"]["fill_ratio"]}
+        r = isolated(run_chat_build, jsonl, tok_dir, a.max_length, tmp / "out")
         sft = r if sft is None or r["seconds"] < sft["seconds"] else sft
         print(f"[{rep + 1}/{a.repeat}] floor {fl['seconds']:.2f}s (with sftprep's word cache {fc['seconds']:.2f}s), "
               f"sftprep {r['seconds']:.2f}s")
@@ -455,21 +492,19 @@ def main(argv: list[str] | None = None) -> int:
         # floor and sftprep are interleaved, `--repeat` times; each keeps its fastest (least disturbed) run
         for rep in range(a.repeat):
             tag = f"[{rep + 1}/{a.repeat}] " if a.repeat > 1 else ""
-            fl = run_floor(texts, a.tokenizer, batch_sizes)
+            fl = isolated(run_floor, texts, a.tokenizer, batch_sizes)
             for v in fl["variants"]:
                 if v["batch"] not in floor_best or v["seconds"] < floor_best[v["batch"]]["seconds"]:
                     floor_best[v["batch"]] = v
-            from sftprep.encode import BPE_CACHE_WORDS
-
-            fc = run_floor(texts, a.tokenizer, [0], BPE_CACHE_WORDS)
+            fc = isolated(run_floor, texts, a.tokenizer, [0], _cache_words())
             cached = fc if cached is None or fc["seconds"] < cached["seconds"] else cached
             tried = ", ".join(f"batch {v['batch']}: {v['seconds']:.2f}s ({v['cpu']:.1f}s CPU)"
                               for v in fl["variants"])
             print(f"{tag}floor  encode_batch ({tried}; batch all with sftprep's word cache: {fc['seconds']:.2f}s)")
             sys.stdout.flush()
             for w in runs:
-                r = run_sftprep(jsonl, a.tokenizer, a.max_length, w, tmp / f"out-w{w}",
-                                profile=a.profile if (w == a.workers and rep == 0) else None)
+                r = isolated(run_sftprep, jsonl, a.tokenizer, a.max_length, w, tmp / f"out-w{w}",
+                             a.profile if (w == a.workers and rep == 0) else None)
                 if w not in sft or r["seconds"] < sft[w]["seconds"]:
                     sft[w] = r
                 print(f"{tag}sftprep workers={w}: {r['seconds']:.2f}s ({r['cpu']:.1f}s CPU), {r['kept']:,} kept, "
