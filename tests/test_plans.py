@@ -166,3 +166,17 @@ def test_glm_nothink_suffix_is_checked_not_guessed(tmp_path):
     assert rows == [reference(tok, chats[0], enable_thinking=False).ids + [tok.eos_token_id]]
     rejects = [json.loads(line) for line in (tmp_path / "out" / "rejects.jsonl").read_text().splitlines()]
     assert [(r["sample_id"], r["reason"]) for r in rejects] == [(1, "template_changes_text")]
+
+
+def test_trim_with_characters_is_exact_or_refused():
+    """`strip(chars)` on a slot: whitespace characters act on the shape's edge whitespace exactly;
+    other characters could reach the text itself, so the shape is rendered instead."""
+    tok = load_fast(family_path("qwen2.5"))
+    for source, planned in (("{% for m in messages %}[{{ m.content | trim('\n') }}]{% endfor %}", True),
+                            ("{% for m in messages %}[{{ m.content.strip(' \n') }}]{% endfor %}", True),
+                            ("{% for m in messages %}[{{ m.content | trim('\"') }}]{% endfor %}", False)):
+        chat = chat_template(tok, source)
+        for text in ("\n a \n", " \nb\n", '"quoted"\n', "plain"):
+            conv = Conversation("chat", [Message("user", text), Message("assistant", "ok")])
+            assert outcome(chat.segments, conv) == outcome(lambda c: chat._segments(c, openai=False), conv)
+        assert any(p is not None for p in chat._plans.values()) == planned, source

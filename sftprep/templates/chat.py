@@ -190,13 +190,13 @@ class ChatTemplate:
             for key, attr in (("content", "content"), ("reasoning_content", "reasoning")):
                 value = d.get(key)
                 if value:
-                    core = value.strip()
-                    lead = value[:value.index(core[0])]
-                    d[key] = plans.Slot(len(sources), lead, value[len(lead) + len(core):])
+                    d[key] = plans.Slot(len(sources), *_edges(value))
                     sources.append((i, attr))
             if "thinking" in d:
                 d["thinking"] = d["reasoning_content"]
             messages.append(d)
+        if len(sources) > _MAX_MARKS:  # rendering says why
+            return None
         if self._planning is None:
             self._planning = compile_template(self.source, planning=True)
         try:
@@ -398,13 +398,18 @@ def _shape(conv: Conversation) -> tuple | None:
             elif text.isspace() or not (text.isascii() or _MARK_RE.search(text) is None):
                 return None
             elif text[0].isspace() or text[-1].isspace():  # the edge whitespace itself
-                core = text.strip()
-                lead = text.index(core[0])
-                state.append((text[:lead], text[lead + len(core):]))
+                state.append(_edges(text))
             else:
                 state.append(0)
         key.append((m.role, *state))
     return tuple(key)
+
+
+def _edges(text: str) -> tuple[str, str]:
+    """The leading and trailing whitespace of a text that is not all whitespace."""
+    core = text.strip()
+    lead = text.index(core[0])
+    return text[:lead], text[lead + len(core):]
 
 
 def _alternation(strings: Sequence[str]) -> re.Pattern | None:

@@ -32,19 +32,47 @@ def _refuse(*_args: Any, **_kwargs: Any):
     raise Unsupported("the template inspects a message text")
 
 
-def _eq(self, other) -> bool:
-    """A string equals no value of another type (`system_message != false`); against a string the
-    answer depends on the text."""
-    if isinstance(other, (str, Slot, Joined)):
-        _refuse()
-    return False
+class _Opaque:
+    """What slots and their concatenations share: truth, `+` with strings, whitespace trims, and
+    nothing else."""
+
+    __slots__ = ()
+
+    def __bool__(self) -> bool:  # the real texts are never empty nor all whitespace
+        return True
+
+    def __add__(self, other):
+        return Joined((self, other)) if isinstance(other, (str, _Opaque)) else NotImplemented
+
+    def __radd__(self, other):
+        return Joined((other, self)) if isinstance(other, str) else NotImplemented
+
+    def __eq__(self, other) -> bool:
+        if isinstance(other, (str, _Opaque)):  # the answer depends on the text
+            _refuse()
+        return False  # a string equals no value of another type (Cohere: `system_message != false`)
+
+    def __ne__(self, other) -> bool:
+        return not self.__eq__(other)
+
+    def strip(self, chars: str | None = None):
+        return self._trim(True, True, chars)
+
+    def lstrip(self, chars: str | None = None):
+        return self._trim(True, False, chars)
+
+    def rstrip(self, chars: str | None = None):
+        return self._trim(False, True, chars)
+
+    def _trim(self, left: bool, right: bool, chars: str | None):
+        raise NotImplementedError
+
+    __str__ = __repr__ = __format__ = __len__ = __iter__ = __contains__ = __getitem__ = _refuse
+    __lt__ = __le__ = __gt__ = __ge__ = __hash__ = __mul__ = __rmul__ = __mod__ = __rmod__ = _refuse
+    __getattr__ = _refuse
 
 
-def _ne(self, other) -> bool:
-    return not _eq(self, other)
-
-
-class Slot:
+class Slot(_Opaque):
     """Message text number `k` in a planning render: the template sees `lead` + core + `trail`,
     the text's edge whitespace (the same for every text of the shape) around its core (which
     differs); it is written as `lead`, one character for the core, `trail`."""
@@ -54,24 +82,6 @@ class Slot:
     def __init__(self, k: int, lead: str, trail: str) -> None:
         self.k, self.lead, self.trail = k, lead, trail
 
-    def __bool__(self) -> bool:  # the real texts are never empty nor all whitespace
-        return True
-
-    def __add__(self, other):
-        return Joined((self, other)) if isinstance(other, (str, Slot, Joined)) else NotImplemented
-
-    def __radd__(self, other):
-        return Joined((other, self)) if isinstance(other, str) else NotImplemented
-
-    def strip(self, chars: str | None = None) -> Slot:
-        return self._trim(True, True, chars)
-
-    def lstrip(self, chars: str | None = None) -> Slot:
-        return self._trim(True, False, chars)
-
-    def rstrip(self, chars: str | None = None) -> Slot:
-        return self._trim(False, True, chars)
-
     def _trim(self, left: bool, right: bool, chars: str | None) -> Slot:
         lead = self.lead.lstrip(chars) if left else self.lead
         trail = self.trail.rstrip(chars) if right else self.trail
@@ -80,15 +90,10 @@ class Slot:
             _refuse()
         return Slot(self.k, lead, trail)
 
-    __str__ = __repr__ = __format__ = __len__ = __iter__ = __contains__ = __getitem__ = _refuse
-    __eq__, __ne__ = _eq, _ne
-    __lt__ = __le__ = __gt__ = __ge__ = __hash__ = __mul__ = __rmul__ = _refuse
-    __mod__ = __rmod__ = __getattr__ = _refuse
 
-
-class Joined:
-    """Strings and slots concatenated (`"<|im_start|>" + message.content`): a slot itself for the
-    template, written as its parts."""
+class Joined(_Opaque):
+    """Strings and slots concatenated (`"<|im_start|>" + message.content`): opaque too, written
+    as its parts."""
 
     __slots__ = ("parts",)
 
@@ -98,26 +103,8 @@ class Joined:
             flat += p.parts if isinstance(p, Joined) else [p]
         self.parts = tuple(flat)
 
-    def __bool__(self) -> bool:
-        return True
-
-    def __add__(self, other):
-        return Joined((self, other)) if isinstance(other, (str, Slot, Joined)) else NotImplemented
-
-    def __radd__(self, other):
-        return Joined((other, self)) if isinstance(other, str) else NotImplemented
-
-    def strip(self, chars: str | None = None) -> Joined:
-        return self._trim(True, True, chars)
-
-    def lstrip(self, chars: str | None = None) -> Joined:
-        return self._trim(True, False, chars)
-
-    def rstrip(self, chars: str | None = None) -> Joined:
-        return self._trim(False, True, chars)
-
     def _trim(self, left: bool, right: bool, chars: str | None) -> Joined:
-        parts = list(self.parts)
+        parts = list(self.parts)  # strings trimmed as any string; the first slot reached trims itself
         if left:
             while parts and isinstance(parts[0], str) and not parts[0].lstrip(chars):
                 parts.pop(0)
@@ -130,11 +117,6 @@ class Joined:
                 parts[-1] = parts[-1].rstrip(chars)
         return Joined(tuple(parts))
 
-    __str__ = __repr__ = __format__ = __len__ = __iter__ = __contains__ = __getitem__ = _refuse
-    __eq__, __ne__ = _eq, _ne
-    __lt__ = __le__ = __gt__ = __ge__ = __hash__ = __mul__ = __rmul__ = _refuse
-    __mod__ = __rmod__ = __getattr__ = _refuse
-
 
 def written(base: int, slot: Slot) -> str:
     """A slot as the planning render writes it: its whitespace around character `base + k`."""
@@ -142,9 +124,8 @@ def written(base: int, slot: Slot) -> str:
 
 
 def planning_environment(env, base: int) -> None:
-    """Make a template environment write slots (`written`) and give
-    the tests and filters that would silently treat a slot unlike a string its string answer (or
-    `Unsupported`)."""
+    """Make a template environment write slots (`written`), and give the tests and filters that
+    would silently treat a slot unlike a string the string's answer (or `Unsupported`)."""
     def finalize(value):
         if isinstance(value, Slot):
             return written(base, value)
@@ -153,14 +134,12 @@ def planning_environment(env, base: int) -> None:
         return value
 
     def guarded(fn, answer=_refuse):
-        return lambda value, *a, **kw: answer(value) if isinstance(value, (Slot, Joined)) else fn(value, *a, **kw)
+        return lambda value, *a, **kw: (answer if isinstance(value, _Opaque) else fn)(value, *a, **kw)
 
     env.finalize = finalize
-    default_trim = env.filters["trim"]
-    env.filters["trim"] = lambda value, chars=None: value.strip(chars) if isinstance(value, (Slot, Joined)) \
-        else default_trim(value, chars)
+    env.filters["trim"] = guarded(env.filters["trim"], lambda value, chars=None: value.strip(chars))
     for name in ("int", "float"):  # they answer 0 for a value they cannot convert
         env.filters[name] = guarded(env.filters[name])
     for name in ("string", "sequence", "iterable"):  # a slot stands for a string
-        env.tests[name] = guarded(env.tests[name], lambda _value: True)
+        env.tests[name] = guarded(env.tests[name], lambda *_: True)
     env.tests["sameas"] = guarded(env.tests["sameas"])
