@@ -33,7 +33,7 @@ from .window import Window
 
 # Words a BPE model remembers, per tokenizer thread. tokenizers' default, 10,000, fills within the
 # first ~1,000 chats and then stops caching: words met after that are merged again at every use.
-# 100,000: -0.5 of 8.5 tokenizer CPU s on 10k multi-turn chats (bench/prep.py --case chat), ~30 MB
+# 100,000: 8.5 -> 7.4 tokenizer CPU s on 10k multi-turn chats (bench/prep.py --case chat), ~30 MB
 # more per thread. (tokenizers keeps these caches in its worker threads after the tokenizer is gone.)
 BPE_CACHE_WORDS = 100_000
 

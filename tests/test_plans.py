@@ -180,3 +180,16 @@ def test_trim_with_characters_is_exact_or_refused():
             conv = Conversation("chat", [Message("user", text), Message("assistant", "ok")])
             assert outcome(chat.segments, conv) == outcome(lambda c: chat._segments(c, openai=False), conv)
         assert any(p is not None for p in chat._plans.values()) == planned, source
+
+
+def test_reserved_characters_are_rejected_never_planned():
+    """A text holding the private-use characters sftprep locates texts with is rejected, with its
+    message and field named, whether or not its shape has a plan."""
+    chat = chat_template(load_fast(family_path("qwen2.5")))
+    plain = Conversation("chat", [Message("user", "ab"), Message("assistant", "ok")])
+    chat.segments(plain)  # the shape has a plan now
+    for user, answer, where in (("a\U00100005b", "ok", "messages[0].content"),
+                                ("ab", "o\U0010FFFCk", "messages[1].content")):
+        conv = Conversation("chat", [Message("user", user), Message("assistant", answer)])
+        rejected, reason, message = outcome(chat.segments, conv)
+        assert (rejected, reason) == ("rejected", "reserved_characters") and message.startswith(where)

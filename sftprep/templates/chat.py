@@ -147,9 +147,10 @@ class ChatTemplate:
             if key is not None:
                 plan = self._plans.get(key, _UNSEEN)
                 if plan is _UNSEEN:
-                    plan = self._plan(conv)
-                    if len(self._plans) < _MAX_PLANS:
-                        self._plans[key] = plan
+                    if len(self._plans) >= _MAX_PLANS:  # beyond that many shapes, new ones are rendered
+                        plan = None
+                    else:
+                        plan = self._plans[key] = self._plan(conv)
                 if plan is not None:
                     return plan.segments(conv.messages)
         try:
@@ -184,25 +185,21 @@ class ChatTemplate:
     def _plan(self, conv: Conversation) -> _Plan | None:
         """Render `conv`'s shape with slots for its texts (`plans`); None where the template does
         something with a text that a slot cannot stand for, or writes texts out of message order."""
-        messages, sources = [], []
-        for i, m in enumerate(conv.messages):
-            d = m.to_chat()
-            for key, attr in (("content", "content"), ("reasoning_content", "reasoning")):
-                value = d.get(key)
-                if value:
-                    d[key] = plans.Slot(len(sources), *_edges(value))
-                    sources.append((i, attr))
-            if "thinking" in d:
-                d["thinking"] = d["reasoning_content"]
-            messages.append(d)
+        sources: list[tuple[int, str]] = []
+
+        def slot(i: int, key: str, value: str) -> str | plans.Slot:
+            if not value:  # an empty text is part of the shape
+                return value
+            sources.append((i, _TEXT_KEYS[key]))
+            return plans.Slot(len(sources) - 1, *_edges(value))
+
+        messages = _chat_messages(conv.messages, False, slot)
         if len(sources) > _MAX_MARKS:  # rendering says why
             return None
         if self._planning is None:
             self._planning = compile_template(self.source, planning=True)
         try:
-            ctx = self._planning.new_context({**self.context, "messages": messages, "tools": None,
-                                              "documents": None, "add_generation_prompt": False}, shared=True)
-            text = "".join(self._planning.root_render_func(ctx))
+            text = self.render(messages, None, template=self._planning)
         except Exception:  # plans.Unsupported, or the template's own error (which rendering will report)
             return None
         marks: dict[int, tuple[int, int]] = {}
@@ -223,10 +220,12 @@ class ChatTemplate:
         plain = self.render([m.to_chat(openai) for m in conv.messages], tools)
         return plain.replace(_GEN_OPEN, "").replace(_GEN_CLOSE, "") if self.generation_blocks else plain
 
-    def render(self, messages: list[dict[str, Any]], tools: list | None, add_generation_prompt: bool = False) -> str:
-        """`template.render(...)`, less its per-call copy of the environment's globals (a ChainMap,
-        slow to copy): they are merged once into `self.context`, which each render extends."""
-        t = self.template
+    def render(self, messages: list[dict[str, Any]], tools: list | None, add_generation_prompt: bool = False,
+               template=None) -> str:
+        """`template.render(...)` (the chat template, or `template`: its planning compilation), less its
+        per-call copy of the environment's globals (a ChainMap, slow to copy): they are merged once into
+        `self.context`, which each render extends."""
+        t = template or self.template
         try:
             ctx = t.new_context({**self.context, "messages": messages, "tools": tools, "documents": None,
                                  "add_generation_prompt": add_generation_prompt}, shared=True)
@@ -395,7 +394,7 @@ def _shape(conv: Conversation) -> tuple | None:
         for text in (m.content, m.reasoning):
             if not text:
                 state.append(text)
-            elif text.isspace() or not (text.isascii() or _MARK_RE.search(text) is None):
+            elif text.isspace() or (not text.isascii() and _MARK_RE.search(text)):
                 return None
             elif text[0].isspace() or text[-1].isspace():  # the edge whitespace itself
                 state.append(_edges(text))
@@ -485,27 +484,41 @@ def _wrap(s: str, k: int) -> str:
     return f"{s[:lead]}{_open(k)}{core}{_close(k)}{s[lead + len(core):]}"
 
 
-def _marked_messages(messages: list[Message], openai: bool) -> tuple[list[dict[str, Any]], list[int]]:
-    """Messages as the template reads them, each text wrapped in markers (and watched, see
-    `_Watched`); `owners[k]` is the message index of marker pair k."""
-    out, owners = [], []
+_TEXT_KEYS = {"content": "content", "reasoning_content": "reasoning"}  # chat key -> `Message` attribute
+
+
+def _chat_messages(messages: list[Message], openai: bool, replace) -> list[dict[str, Any]]:
+    """Messages as the template reads them, each text (`_TEXT_KEYS`) given as `replace(i, key, text)`;
+    gpt-oss's `thinking` is the reasoning as replaced."""
+    out = []
     for i, m in enumerate(messages):
         d = m.to_chat(openai)
-        for key in ("content", "reasoning_content"):
+        for key in _TEXT_KEYS:
             value = d.get(key)
             if isinstance(value, str):
-                if _MARK_RE.search(value):
-                    raise FormatError(f"messages[{i}].{key} holds characters of Unicode's private use "
-                                      "plane 16, which sftprep reserves to locate text in chat templates",
-                                      "reserved_characters")
-                d[key] = _Watched(_wrap(value, len(owners)))
-                owners.append(i)
+                d[key] = replace(i, key, value)
         if "thinking" in d:
             d["thinking"] = d["reasoning_content"]
         out.append(d)
-        if len(owners) > _MAX_MARKS - 2:
+    return out
+
+
+def _marked_messages(messages: list[Message], openai: bool) -> tuple[list[dict[str, Any]], list[int]]:
+    """Messages as the template reads them, each text wrapped in markers (and watched, see
+    `_Watched`); `owners[k]` is the message index of marker pair k."""
+    owners: list[int] = []
+
+    def mark(i: int, key: str, value: str) -> _Watched:
+        if _MARK_RE.search(value):
+            raise FormatError(f"messages[{i}].{key} holds characters of Unicode's private use "
+                              "plane 16, which sftprep reserves to locate text in chat templates",
+                              "reserved_characters")
+        if len(owners) >= _MAX_MARKS - 2:
             raise FormatError("too many messages in one conversation to locate", "too_many_turns")
-    return out, owners
+        owners.append(i)
+        return _Watched(_wrap(value, len(owners) - 1))
+
+    return _chat_messages(messages, openai, mark), owners
 
 
 def _strip_marks(raw: str, owners: list[int]) -> tuple[str, dict[int, tuple[int, int]], list[tuple[int, int]]]:
