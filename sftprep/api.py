@@ -21,10 +21,11 @@ import pyarrow.compute as pc
 
 from . import __version__
 from .config import BuildConfig
-from .errors import BuildError
+from .errors import BuildError, ConfigError
+from .files import overlaps
 from .manifest import write_manifest
 from .output import (REJECTS_FILE, SAMPLES_FILE, TOKENIZER_DIR, OutLock, build_id, copy_tokenizer, hash_input,
-                     hash_tokenizer, prepare_out, remove_temps, write_rejects, write_samples)
+                     hash_tokenizer, owned, prepare_out, remove_temps, write_rejects, write_samples)
 from .packing import fill_ratio, pack
 from .parts import part_size
 from .pipeline import encode_all, encoder_for, gc_paused, in_background
@@ -66,8 +67,8 @@ def build(config: BuildConfig, progress: Callable[[int], None] | None = None, *,
 
 
 def _build(config: BuildConfig, progress: Callable[[int], None] | None, lock: OutLock) -> dict[str, Any]:
-    tok = load_fast(config.tokenize.tokenizer)
     inputs = _inputs(config)
+    tok = load_fast(config.tokenize.tokenizer)
     # file hashes (the build id) while the template is compiled: hashlib works without the GIL
     hashes = in_background(_hash_sources, inputs, tok.path)
     encoder = encoder_for(config, tok)  # validates template settings before any work
@@ -134,13 +135,27 @@ def _hash_sources(inputs: list[Path], tokenizer: Path) -> tuple[list[dict[str, s
 
 
 def _inputs(config: BuildConfig) -> list[Path]:
-    """The input files, resolved once (the list hashed is the list read), never from inside `--out`
-    (a recursive glob would otherwise read the build's own rejects.jsonl)."""
-    out = Path(config.out).resolve()
-    inputs = [p for p in expand_inputs(config.read.inputs) if out not in p.resolve().parents]
+    """The input files, resolved once (the list hashed is the list read). A glob that sweeps in files
+    of a previous build in `--out` (its rejects.jsonl) skips them; any other input that is, contains or
+    lies inside `--out`, and a tokenizer there, is refused before any work: a build replaces its files."""
+    out = Path(config.out)
+    ours = owned(out) if out.is_dir() else set()
+    inputs = []
+    for p in expand_inputs(config.read.inputs):
+        inside = out.resolve() in p.resolve().parents
+        if inside and p.resolve().relative_to(out.resolve()).parts[0] in ours:
+            continue
+        if overlaps(p, out):
+            raise ConfigError(f"input {p} {'is inside' if inside else 'contains'} the output folder --out {out}: "
+                              "a build replaces files there; choose an output folder apart from the inputs")
+        inputs.append(p)
     if not inputs:
         raise FileNotFoundError(f"no input outside the output folder {config.out}: "
                                 f"{', '.join(config.read.inputs)} match only files the build writes")
+    tokenizer = Path(config.tokenize.tokenizer)
+    if tokenizer.exists() and overlaps(tokenizer, out):
+        raise ConfigError(f"the tokenizer {tokenizer} is inside the output folder --out {out} (or contains it): a "
+                          "build replaces OUT/tokenizer/; copy the tokenizer elsewhere, or choose another folder")
     return inputs
 
 

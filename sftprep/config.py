@@ -34,7 +34,8 @@ class ReadConfig:
 
     inputs: tuple[str, ...] = ()
     """Input files, folders or glob patterns (repeatable): JSONL, JSON, CSV/TSV, Parquet, Arrow/Feather or a
-    `datasets.save_to_disk` folder (--input)."""
+    `datasets.save_to_disk` folder (--input). A path that exists is read as it is, even with `*?[` in its name;
+    `glob:PATTERN` always expands."""
     format: str = "auto"
     """Record format: auto, text, prompt_completion, messages, sharegpt, alpaca (--format)."""
     fields: Mapping[str, str] = field(default_factory=dict)
