@@ -26,7 +26,7 @@ from .files import overlaps
 from .manifest import write_manifest
 from .output import (REJECTS_FILE, SAMPLES_FILE, TOKENIZER_DIR, OutLock, build_id, copy_tokenizer, hash_input,
                      hash_tokenizer, owned, prepare_out, remove_temps, write_rejects, write_samples)
-from .packing import fill_ratio, pack
+from .packing import fill_ratio, mode
 from .parts import part_size
 from .pipeline import encode_all, encoder_for, gc_paused, in_background
 from .readers import count_records, expand_inputs
@@ -224,7 +224,7 @@ def write_build(config: BuildConfig, out: Path, samples: Samples, rejects: list[
         "trained_tokens": trained,
         "rows": n_rows,
         "fill_ratio": round(fill_ratio(tokens, n_rows, config.tokenize.max_length), 6)
-        if config.pack.mode != "none" else None,
+        if mode(config.pack.mode).padded else None,
     }
     return shards, totals
 
@@ -232,7 +232,8 @@ def write_build(config: BuildConfig, out: Path, samples: Samples, rejects: list[
 def _write_shards(config: BuildConfig, out: Path, store: Samples, pad: int) -> list[dict[str, Any]]:
     """Pack the stored samples into rows and write them as shards; one manifest entry per shard."""
     max_length = config.tokenize.max_length
-    rows = pack(store.lengths.tolist(), max_length, config.pack.mode, config.pack.seed)
-    width = max_length if config.pack.mode != "none" else None  # packed rows are padded to max_length
+    packing = mode(config.pack.mode)
+    rows = packing.rows(store.lengths.tolist(), max_length, config.pack.seed)
+    width = max_length if packing.padded else None
     writer = ShardSetWriter(out, config.pack.shard_size)
     return writer.write(len(rows), lambda lo, hi: store.rows_batch(rows[lo:hi], width, pad))

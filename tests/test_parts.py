@@ -160,7 +160,7 @@ def test_part_settings_are_checked(tmp_path):
                           ("0/0", r"the number of parts must be at least 1")]:
         with pytest.raises(ConfigError, match=message):
             config_from_dict({**settings(tmp_path), "out": "o", "part": part})
-    with pytest.raises(ConfigError, match="--packing wrapped cannot be built in parts: wrapped rows cut samples"):
+    with pytest.raises(ConfigError, match="--packing wrapped cannot be built in parts: its rows cut samples"):
         config_from_dict({**settings(tmp_path), "out": "o", "part": "0/2", "packing": "wrapped"})
 
 
