@@ -19,12 +19,11 @@ from typing import Any, Callable
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from . import __version__
 from .config import BuildConfig
 from .errors import BuildError, ConfigError
 from .files import overlaps
 from .manifest import write_manifest
-from .output import (REJECTS_FILE, SAMPLES_FILE, TOKENIZER_DIR, OutLock, build_id, copy_tokenizer, hash_input,
+from .output import (REJECTS_FILE, TOKENIZER_DIR, OutLock, build_id, build_manifest, copy_tokenizer, hash_input,
                      hash_tokenizer, owned, prepare_out, remove_temps, write_rejects, write_samples)
 from .packing import fill_ratio, mode
 from .parts import part_size
@@ -104,27 +103,13 @@ def _build(config: BuildConfig, progress: Callable[[int], None] | None, lock: Ou
         store.remove()
 
     identity = identity[0]() if identity else tokenizer_identity(tok, config.tokenize.tokenizer)
-    manifest = {
-        "tool": {"name": "sftprep", "version": __version__},
-        "build_id": this_build,
-        "config": config.to_dict(),
-        "inputs": input_info,
-        "template": encoder.renderer.description,
+    manifest = build_manifest(
+        config, build_id=this_build, inputs=input_info, template=encoder.renderer.description,
         # a part may hold none of an input's records: merge warns over all parts
-        "warnings": encoder.renderer.warnings + ([] if part else empty_inputs(inputs, store.sources, rejects)),
-        "tokenizer": {**identity, "files_sha256": tokenizer_hash, "path": TOKENIZER_DIR,
-                      "source": str(tok.path.resolve()),
-                      "files": sorted(p.name for p in (out / TOKENIZER_DIR).iterdir())},
-        "max_length": config.tokenize.max_length,
-        "max_token_id": max(store.max_id, pad),  # lets sfttrain check ids without reading shards
-        "packing": config.pack.mode,
-        "shards": [{k: s[k] for k in ("file", "rows", "tokens", "sha256")} for s in shards],
-        "samples_file": SAMPLES_FILE,
-        "rejects_file": REJECTS_FILE,
-        "totals": totals,
-    }
-    if part is not None:
-        manifest["part"] = part
+        warnings=encoder.renderer.warnings + ([] if part else empty_inputs(inputs, store.sources, rejects)),
+        tokenizer={**identity, "files_sha256": tokenizer_hash, "path": TOKENIZER_DIR,
+                   "source": str(tok.path.resolve()), "files": sorted(p.name for p in (out / TOKENIZER_DIR).iterdir())},
+        max_token_id=max(store.max_id, pad), shards=shards, totals=totals, **({"part": part} if part else {}))
     write_manifest(out, manifest)
     return manifest
 

@@ -28,7 +28,7 @@ from .inspect.diff import flat_items
 from .inspect.folder import read_rejects, read_sample_info
 from .inspect.unpack import flatten
 from .manifest import MANIFEST, read_manifest, tokenizer_dir, write_manifest
-from .output import REJECTS_FILE, SAMPLES_FILE, OutLock, build_key, prepare_out, remove_temps
+from .output import OutLock, build_key, build_manifest, prepare_out, remove_temps
 from .store import Samples
 
 # what every part of one build must agree on (besides `part.of_build`, which covers them all); a part's
@@ -183,19 +183,13 @@ def _merge(parts: list[Part], config: BuildConfig, out: Path) -> dict[str, Any]:
     if tok is None:
         raise FileNotFoundError(f"{parts[0].folder} has no tokenizer/ folder: build the part again")
     shards, totals = write_build(config, out, samples, rejects, read, first["tokenizer"]["pad_id"], tok)
-    manifest = {key: first[key] for key in ("tool", "build_id", "config", "inputs", "template", "warnings",
-                                             "tokenizer", "max_length", "max_token_id", "packing")}
-    manifest.update({
-        "build_id": first["part"]["of_build"],
-        "config": config.to_dict(),
-        "warnings": first["warnings"] + empty_inputs([i["path"] for i in first["inputs"]], samples.sources, rejects),
-        "max_token_id": max(p.manifest["max_token_id"] for p in parts),  # each is max(its ids, pad): so is this
-        "shards": [{k: s[k] for k in ("file", "rows", "tokens", "sha256")} for s in shards],
-        "samples_file": SAMPLES_FILE,
-        "rejects_file": REJECTS_FILE,
-        "totals": totals,
-        "merged_from": {"count": len(parts), "build_ids": [p.manifest["build_id"] for p in parts]},
-    })
+    manifest = build_manifest(
+        config, build_id=first["part"]["of_build"], inputs=first["inputs"], template=first["template"],
+        warnings=first["warnings"] + empty_inputs([i["path"] for i in first["inputs"]], samples.sources, rejects),
+        tokenizer=first["tokenizer"],
+        max_token_id=max(p.manifest["max_token_id"] for p in parts),  # each is max(its ids, pad): so is this
+        shards=shards, totals=totals,
+        merged_from={"count": len(parts), "build_ids": [p.manifest["build_id"] for p in parts]})
     write_manifest(out, manifest)
     return manifest
 

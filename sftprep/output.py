@@ -229,6 +229,30 @@ def build_key(config: dict[str, Any], input_hashes: list[str], tokenizer_hash: s
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def build_manifest(config: BuildConfig, *, build_id: str, inputs: list[dict[str, str]], template: Any,
+                   warnings: list[str], tokenizer: dict[str, Any], max_token_id: int, shards: list[dict[str, Any]],
+                   totals: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    """The manifest of a build, a merge or a part (`extra`: `part`, `merged_from`): assembled here only.
+    `max_token_id` (the largest id stored, or the pad id) lets sfttrain check ids without reading shards."""
+    return {
+        "tool": {"name": "sftprep", "version": __version__},
+        "build_id": build_id,
+        "config": config.to_dict(),
+        "inputs": inputs,
+        "template": template,
+        "warnings": warnings,
+        "tokenizer": tokenizer,
+        "max_length": config.tokenize.max_length,
+        "max_token_id": max_token_id,
+        "packing": config.pack.mode,
+        "shards": [{k: s[k] for k in ("file", "rows", "tokens", "sha256")} for s in shards],
+        "samples_file": SAMPLES_FILE,
+        "rejects_file": REJECTS_FILE,
+        "totals": totals,
+        **extra,
+    }
+
+
 def write_samples(out: Path, store: Samples) -> None:
     """Per-sample side table: provenance, length and trained tokens of every kept sample."""
     table = pa.table({
