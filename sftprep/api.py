@@ -23,6 +23,7 @@ from .config import BuildConfig
 from .errors import BuildError, ConfigError
 from .files import overlaps
 from .manifest import write_manifest
+from .memory import MemoryBuild  # noqa: F401 (public: the in-memory build)
 from .output import (REJECTS_FILE, TOKENIZER_DIR, OutLock, build_id, build_manifest, copy_tokenizer, hash_input,
                      hash_tokenizer, owned, prepare_out, remove_temps, write_rejects, write_samples)
 from .packing import fill_ratio, mode
@@ -31,6 +32,7 @@ from .pipeline import encode_all, encoder_for, gc_paused, in_background
 from .readers import count_records, expand_inputs
 from .shards import ShardSetWriter, load  # noqa: F401 (load: part of the public surface)
 from .store import Samples, SampleStore
+from .templates.export import chat_template_for  # noqa: F401 (public: what sfttrain saves with adapters)
 from .tokenizer import load_fast, pad_id, tokenizer_identity
 
 SPILL_STEM = "tokens.spill"  # tokens.spill.{ids,labels}.tmp: removed at the end, or by the next build

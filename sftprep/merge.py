@@ -26,9 +26,9 @@ from .errors import InputError
 from .files import overlaps
 from .inspect.diff import flat_items
 from .inspect.folder import read_rejects, read_sample_info
-from .inspect.unpack import flatten
 from .manifest import MANIFEST, read_manifest, tokenizer_dir, write_manifest
 from .output import OutLock, build_key, build_manifest, prepare_out, remove_temps
+from .shards import flatten
 from .store import Samples
 
 # what every part of one build must agree on (besides `part.of_build`, which covers them all); a part's
