@@ -12,6 +12,7 @@ Every stage takes its own config section; this module is the only one that sees 
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections import Counter
 from pathlib import Path
 from typing import Any, Callable
@@ -22,7 +23,7 @@ import pyarrow.compute as pc
 from .config import BuildConfig
 from .errors import BuildError, ConfigError
 from .files import overlaps
-from .manifest import write_manifest
+from .manifest import tokenizer_dir, write_manifest
 from .memory import MemoryBuild  # noqa: F401 (public: the in-memory build)
 from .output import (REJECTS_FILE, TOKENIZER_DIR, OutLock, build_id, build_manifest, copy_tokenizer, hash_input,
                      hash_tokenizer, owned, prepare_out, remove_temps, write_rejects, write_samples)
@@ -32,7 +33,8 @@ from .pipeline import encode_all, encoder_for, gc_paused, in_background
 from .readers import count_records, expand_inputs
 from .shards import ShardSetWriter, load  # noqa: F401 (load: part of the public surface)
 from .store import Samples, SampleStore
-from .templates.export import chat_template_for  # noqa: F401 (public: what sfttrain saves with adapters)
+from .templates.export import preset_jinja
+from .templates.presets import PRESETS
 from .tokenizer import load_fast, pad_id, tokenizer_identity
 
 SPILL_STEM = "tokens.spill"  # tokens.spill.{ids,labels}.tmp: removed at the end, or by the next build
@@ -224,3 +226,48 @@ def _write_shards(config: BuildConfig, out: Path, store: Samples, pad: int) -> l
     width = max_length if packing.padded else None
     writer = ShardSetWriter(out, config.pack.shard_size)
     return writer.write(len(rows), lambda lo, hi: store.rows_batch(rows[lo:hi], width, pad))
+
+
+def chat_template_for(manifest: dict[str, Any], tokenizer, folder: str | Path = ".") -> str | None:
+    """The chat template matching the build's (the build in `folder`; `tokenizer` a transformers
+    tokenizer of the build's vocabulary), or None when the build used no chat template."""
+    cfg = (manifest.get("config") or {}).get("template") or {}
+    name = cfg.get("name")
+    if cfg.get("prompt") is not None or cfg.get("response_template") or not name:
+        return None
+    if name == "tokenizer":
+        return _tokenizer_template(manifest, folder) or getattr(tokenizer, "chat_template", None)
+    preset = PRESETS.get(name)
+    if preset is None:
+        return None
+    plain = preset_jinja(preset, eos=tokenizer.eos_token or "", bos=None, system=cfg.get("system"))
+    if not tokenizer.bos_token:
+        return plain
+    # With BOS written by the template, apply_chat_template(tokenize=True) gives the training ids, unless
+    # the tokenizer treats text after a special token differently (SentencePiece's prefix space): then the
+    # template leaves BOS to the tokenizer (tokenize its text output with special tokens).
+    with_bos = preset_jinja(preset, eos=tokenizer.eos_token or "", bos=tokenizer.bos_token, system=cfg.get("system"))
+    probe = [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello"}]
+    try:
+        from jinja2 import Template
+
+        text = Template(plain).render(messages=probe, add_generation_prompt=False, bos_token=tokenizer.bos_token)
+        same = (tokenizer(text).input_ids ==
+                tokenizer(tokenizer.bos_token + text, add_special_tokens=False).input_ids)
+    except Exception:  # noqa: BLE001 - any failure: keep the plain template
+        return plain
+    return with_bos if same else plain
+
+
+def _tokenizer_template(manifest: dict[str, Any], build: str | Path) -> str | None:
+    folder = tokenizer_dir(build, manifest)
+    if folder is None:
+        return None
+    jinja = folder / "chat_template.jinja"
+    if jinja.is_file():
+        return jinja.read_text(encoding="utf-8")
+    cfg = folder / "tokenizer_config.json"
+    if cfg.is_file():
+        template = json.loads(cfg.read_text(encoding="utf-8")).get("chat_template")
+        return template if isinstance(template, str) else None
+    return None
