@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import sftprep
-from sftprep.shards import open_shard
+from sftprep.shards import open_table
 from tests.conftest import DATA, MISTRAL, write_jsonl, sftprep_cli
 
 EXTRA = [
@@ -32,7 +32,7 @@ def built(tmp_path_factory):
     r = run("build", "-i", DATA / "alpaca_en.json", "-i", extra, "-t", MISTRAL, "--template", "alpaca",
             "--max-length", 256, "-o", out, "-q")
     assert r.exit_code == 0, r.output
-    info = open_shard(out / "samples.feather")
+    info = open_table(out / "samples.feather")
     return out, str(extra), info
 
 
