@@ -13,6 +13,7 @@ first, so that the folder never claims a finished build mid-way.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -39,11 +40,13 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 
 class OutLock:
-    """One build per output folder at a time: an advisory lock on OUT/.lock, taken once the settings
-    are checked (a refused build writes nothing) and held until the build ends."""
+    """One build per output folder at a time: an advisory lock on OUT/.lock, taken before any work (a second
+    build into the folder is refused at once, not after hashing its inputs) and held until the build ends.
+    A folder the lock created is removed again when the build stops before writing into it, so a refused
+    build leaves nothing behind."""
 
     def __init__(self, out: Path) -> None:
-        self.out, self.fd = out, None
+        self.out, self.fd, self.created = out, None, False
 
     def acquire(self) -> None:
         import fcntl
@@ -51,12 +54,17 @@ class OutLock:
         out = self.out
         if out.exists() and not out.is_dir():
             raise ConfigError(f"--out {out} is a file, not a folder")
-        out.mkdir(parents=True, exist_ok=True)
+        try:
+            out.mkdir(parents=True)
+            self.created = True
+        except FileExistsError:
+            pass
         self.fd = os.open(out / ".lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(self.fd, 32, 0).decode(errors="replace").strip() or "?"
+            self.created = False  # the holder's folder now, whoever made it
             self.release()
             raise ConfigError(f"--out {out} is being written by another sftprep build (pid {holder}); wait for it "
                               "to finish, or choose another folder") from None
@@ -64,9 +72,14 @@ class OutLock:
         os.pwrite(self.fd, f"{os.getpid()}\n".encode(), 0)
 
     def release(self) -> None:
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
+        if self.fd is None:
+            return
+        if self.created and [p.name for p in self.out.iterdir()] == [".lock"]:  # nothing was written
+            (self.out / ".lock").unlink()
+            with contextlib.suppress(OSError):  # another build may be starting in it already
+                self.out.rmdir()
+        os.close(self.fd)
+        self.fd = None
 
 
 def prepare_out(out: Path, build_id: str, overwrite: bool) -> Path:
