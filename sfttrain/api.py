@@ -58,18 +58,27 @@ def setup(config: TrainConfig) -> Setup:
     Raises:
         ConfigError / FileNotFoundError / ValueError: with a message that says how to fix it.
     """
-
-    manifest = open_build(config.data.shards, config.data.verify_checksums)
-    eval_manifest = None
-    if config.data.eval:
-        eval_manifest = open_build(config.data.eval, config.data.verify_checksums, flag="--eval")
-        check_same_tokenizer(manifest, eval_manifest, config.data.eval)
+    manifest, eval_manifest = check_inputs(config, config.data.verify_checksums)
     traits = model_traits(model_config(config.model.path))
     tokenizer = check_tokenizer(manifest, config.data.shards, config.model.path, config.model.tokenizer,
                                 config.model.skip_tokenizer_check)
     attention = check_runtime(config, traits)
     resume_from = _resume_point(config, manifest)
     return Setup(config, manifest, eval_manifest, tokenizer, attention, resume_from, traits)
+
+
+def check_inputs(config: TrainConfig, verify_checksums: bool = False) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """The checks that need neither torch nor transformers: the build folders and their manifests (and
+    shards' footers), the model folder's config.json. Quick (no shard is read in full unless
+    `verify_checksums`), so `sfttrain run` answers a mistake here before it imports the heavy libraries.
+    Returns the training and evaluation manifests."""
+    manifest = open_build(config.data.shards, verify_checksums)
+    eval_manifest = None
+    if config.data.eval:
+        eval_manifest = open_build(config.data.eval, verify_checksums, flag="--eval")
+        check_same_tokenizer(manifest, eval_manifest, config.data.eval)
+    model_config(config.model.path)
+    return manifest, eval_manifest
 
 
 def train(config: TrainConfig, *, callbacks: Iterable[Any] = (),

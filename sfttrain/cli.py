@@ -8,6 +8,7 @@ code 2; anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import sys
 import warnings
@@ -20,6 +21,7 @@ from sftprep.cli import fail as _fail
 from sftprep.cli import schema_option
 from sftprep.errors import USER_ERRORS
 
+from .api import check_inputs
 from .config import TRAIN_SCHEMA, ModelConfig, config_from_dict, load_train_yaml
 
 
@@ -111,6 +113,7 @@ def run(source: str, **flags: Any) -> None:
         else:
             data, where = {"shards": source}, "command line"
         config = config_from_dict(data, flags, source=where)
+        check_inputs(config)  # a mistake in the folders is answered before torch is imported (seconds)
         _run(config)
     except USER_ERRORS as e:
         _fail(e)
@@ -119,8 +122,13 @@ def run(source: str, **flags: Any) -> None:
                       "choose another --output-dir, then continue with --resume"))
 
 
-def _quiet() -> None:
-    """Keep the libraries' progress bars and deprecation notes out of the user's terminal."""
+def _quiet(quantized: bool = False) -> None:
+    """Keep the libraries' progress bars and deprecation notes out of the user's terminal; and, unless
+    the run is quantized, bitsandbytes' note that an optional CPU 4-bit kernel failed to download (it
+    speaks whenever peft imports it, even when no weight is quantized)."""
+    if not quantized:
+        logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
+            lambda record: "gemm_4bit_forward" not in str(record.msg))
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
@@ -134,7 +142,7 @@ def _run(config) -> None:
     from .api import train
     from .progress import RichProgress
 
-    _quiet()
+    _quiet(config.quantized)
     console = Console(stderr=True)
     main_rank = int(os.environ.get("RANK", "0")) == 0  # under torchrun, one rank speaks
     result = train(config, callbacks=[RichProgress(console)], disable_tqdm=True,

@@ -1,0 +1,119 @@
+"""The first hour of a TRL user (issue 24), `sfttrain` side: mistakes answered before torch is imported,
+no bitsandbytes note on a run that quantizes nothing, a model made for another vocabulary refused, plain
+progress lines in a log file. Each through the command line, most in a subprocess as a user runs it."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.conftest import write_jsonl
+from tests.sfttrain_helpers import TINY_LLAMA, spanish_shards, tiny_model  # noqa: F401
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+
+
+def python(code: str, *args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True, env=ENV,
+                          timeout=300)
+
+
+MISTAKES = """
+import json, sys, time
+from sfttrain.cli import main
+out = []
+for args in json.loads(sys.argv[1]):
+    start = time.perf_counter()
+    try:
+        main(["run", *args], standalone_mode=False)
+    except SystemExit as e:
+        out.append({"code": e.code, "seconds": time.perf_counter() - start})
+print(json.dumps({"runs": out, "heavy": [m for m in ("torch", "transformers", "peft") if m in sys.modules]}))
+"""
+
+
+def test_mistakes_that_need_no_model_are_answered_before_torch_is_imported(tmp_path, spanish_shards):  # noqa: F811
+    raw = write_jsonl(tmp_path / "data.jsonl", [{"prompt": "a", "completion": "b"}])
+    out = ["--output-dir", str(tmp_path / "run")]
+    cases = [[str(raw), "--model", str(tmp_path), *out],                      # raw data instead of a build
+             [str(tmp_path / "missing"), "--model", str(tmp_path), *out],     # a missing folder
+             [str(spanish_shards), "--model", str(tmp_path / "no-model"), *out],
+             [str(spanish_shards), "--model", str(tmp_path), "--eval", str(tmp_path / "no-eval"), *out]]
+    p = python(MISTAKES, json.dumps(cases))
+    assert p.returncode == 0, p.stderr
+    result = json.loads(p.stdout)
+    assert [r["code"] for r in result["runs"]] == [2, 2, 2, 2]
+    errors = p.stderr.splitlines()
+    assert len(errors) == 4 and all(e.startswith("Error: ") for e in errors), p.stderr
+    assert "is a file, not a build folder" in errors[0] and "does not exist" in errors[1]
+    assert "--model" in errors[2] and "--eval" in errors[3]
+    assert result["heavy"] == []  # torch / transformers / peft cost 7-15 s to import
+    assert max(r["seconds"] for r in result["runs"]) < 2
+
+
+QUIET = """
+import logging, sys
+from sfttrain.cli import main
+
+def run(*flags):
+    try:
+        main(["run", *sys.argv[1:], *flags], standalone_mode=False)
+    except SystemExit:
+        pass
+    # what bitsandbytes logs when peft imports it on a CPU whose optional 4-bit kernel is not downloadable
+    logging.getLogger("bitsandbytes.backends.cpu.ops").warning(
+        "Failed to load CPU gemm_4bit_forward from kernels-community: %s.", "offline" + "".join(flags))
+
+run("--load-in-4bit")  # the note matters to a quantized run: kept
+run()
+"""
+
+
+def test_bitsandbytes_note_is_silenced_unless_quantized_and_a_model_for_another_vocabulary_is_refused(
+        tmp_path, spanish_shards):  # noqa: F811
+    """A model made from a config with a 129k vocabulary, in a folder without a tokenizer, on a build of a
+    32k tokenizer: refused, naming both sizes and --skip-tokenizer-check."""
+    model = tmp_path / "big-vocab"
+    model.mkdir()
+    config = json.loads(TINY_LLAMA.read_text())
+    (model / "config.json").write_text(json.dumps({**config, "vocab_size": 129_024}))
+    p = python(QUIET, spanish_shards, "--model", model, "--output-dir", tmp_path / "run")
+    assert p.returncode == 0, p.stderr
+    errors = [line for line in p.stderr.splitlines() if line.startswith("Error: ")]
+    assert len(errors) == 2
+    assert f"the model in {model} has 129,024 embedding rows but the shards' tokenizer" in errors[1]
+    assert "has 32,000 tokens" in errors[1] and "--skip-tokenizer-check" in errors[1]
+    notes = [line for line in p.stderr.splitlines() if "gemm_4bit_forward" in line]
+    assert notes == ["Failed to load CPU gemm_4bit_forward from kernels-community: offline--load-in-4bit."]
+
+
+def test_skip_tokenizer_check_lets_a_model_without_tokenizer_train_with_spare_rows(tmp_path, spanish_shards):  # noqa: F811
+    from sfttrain import config_from_dict
+    from sfttrain.api import setup
+
+    model = tmp_path / "big-vocab"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({**json.loads(TINY_LLAMA.read_text()), "vocab_size": 129_024}))
+    config = config_from_dict({"shards": str(spanish_shards), "model": str(model), "output_dir": str(tmp_path / "r"),
+                               "skip_tokenizer_check": True})
+    assert setup(config).manifest["tokenizer"]["vocab_size"] == 32_000
+
+
+def test_progress_in_a_log_file_is_one_plain_line_per_log(tmp_path, spanish_shards, tiny_model):  # noqa: F811
+    p = subprocess.run([sys.executable, "-m", "sfttrain.cli", "run", str(spanish_shards), "--model", str(tiny_model),
+                        "--output-dir", str(tmp_path / "run"), "--max-steps", "3", "--logging-steps", "1",
+                        "--lora-r", "4", "--learning-rate", "1e-3"],
+                       capture_output=True, text=True, env={**ENV, "COLUMNS": "80"}, timeout=300)
+    assert p.returncode == 0, p.stderr
+    steps = [line for line in p.stderr.splitlines() if line.startswith("step ")]
+    assert len(steps) == 3, p.stderr
+    for i, line in enumerate(steps, 1):
+        assert re.fullmatch(rf"step {i}/3: loss \d+\.\d{{4}}, .*tokens_per_s [\d,]+, trained_tokens_seen [\d,]+, "
+                            r".*eta \d+:\d\d:\d\d", line), line
+    assert "…" not in p.stderr and "..." not in p.stderr  # nothing cut to the width of a terminal
+    assert "Failed to load CPU gemm_4bit_forward" not in p.stderr
