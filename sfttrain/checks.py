@@ -202,8 +202,8 @@ def check_tokenizer(manifest: dict[str, Any], shards: str | Path, model_path: st
     the tokenizer the shards were built with), and without that copy the run is refused, since
     nothing can be compared. A model folder without a tokenizer must not have many more embedding rows
     than the build's tokenizer has tokens (`_check_spare_rows`). `skip_check` (--skip-tokenizer-check)
-    skips the identity comparisons and that one (never the embedding bounds). The tokenizer returned is the model's (or `tokenizer_path`'s), else
-    the build's copy.
+    skips the identity comparisons and that one (never the embedding bounds). The tokenizer returned is
+    the model's (or `tokenizer_path`'s), else the build's copy.
 
     Raises:
         ConfigError: a mismatch, naming the differing fields and how to fix it.

@@ -127,13 +127,16 @@ def _quiet(quantized: bool = False) -> None:
     the run is quantized, bitsandbytes' note that an optional CPU 4-bit kernel failed to download (it
     speaks whenever peft imports it, even when no weight is quantized)."""
     if not quantized:
-        logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
-            lambda record: "gemm_4bit_forward" not in str(record.msg))
+        logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_not_the_cpu_kernel_note)
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+def _not_the_cpu_kernel_note(record: logging.LogRecord) -> bool:
+    return "gemm_4bit_forward" not in str(record.msg)
 
 
 def _run(config) -> None:

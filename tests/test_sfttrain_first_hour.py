@@ -56,6 +56,15 @@ def test_mistakes_that_need_no_model_are_answered_before_torch_is_imported(tmp_p
     assert max(r["seconds"] for r in result["runs"]) < 2
 
 
+def big_vocab_model(tmp: Path) -> Path:
+    """A model folder as a config-made model leaves it: config.json (129,024 embedding rows), no tokenizer
+    (no weights either: every check here runs before they load)."""
+    model = tmp / "big-vocab"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({**json.loads(TINY_LLAMA.read_text()), "vocab_size": 129_024}))
+    return model
+
+
 QUIET = """
 import logging, sys
 from sfttrain.cli import main
@@ -78,10 +87,7 @@ def test_bitsandbytes_note_is_silenced_unless_quantized_and_a_model_for_another_
         tmp_path, spanish_shards):  # noqa: F811
     """A model made from a config with a 129k vocabulary, in a folder without a tokenizer, on a build of a
     32k tokenizer: refused, naming both sizes and --skip-tokenizer-check."""
-    model = tmp_path / "big-vocab"
-    model.mkdir()
-    config = json.loads(TINY_LLAMA.read_text())
-    (model / "config.json").write_text(json.dumps({**config, "vocab_size": 129_024}))
+    model = big_vocab_model(tmp_path)
     p = python(QUIET, spanish_shards, "--model", model, "--output-dir", tmp_path / "run")
     assert p.returncode == 0, p.stderr
     errors = [line for line in p.stderr.splitlines() if line.startswith("Error: ")]
@@ -92,13 +98,11 @@ def test_bitsandbytes_note_is_silenced_unless_quantized_and_a_model_for_another_
     assert notes == ["Failed to load CPU gemm_4bit_forward from kernels-community: offline--load-in-4bit."]
 
 
-def test_skip_tokenizer_check_lets_a_model_without_tokenizer_train_with_spare_rows(tmp_path, spanish_shards):  # noqa: F811
+def test_skip_tokenizer_check_passes_a_model_with_spare_rows(tmp_path, spanish_shards):  # noqa: F811
     from sfttrain import config_from_dict
     from sfttrain.api import setup
 
-    model = tmp_path / "big-vocab"
-    model.mkdir()
-    (model / "config.json").write_text(json.dumps({**json.loads(TINY_LLAMA.read_text()), "vocab_size": 129_024}))
+    model = big_vocab_model(tmp_path)
     config = config_from_dict({"shards": str(spanish_shards), "model": str(model), "output_dir": str(tmp_path / "r"),
                                "skip_tokenizer_check": True})
     assert setup(config).manifest["tokenizer"]["vocab_size"] == 32_000
