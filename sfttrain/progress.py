@@ -13,6 +13,7 @@ from transformers import TrainerCallback
 
 _SHOWN = ("loss", "mean_token_accuracy", "eval_loss", "eval_mean_token_accuracy", "learning_rate", "grad_norm",
           "tokens_per_s", "trained_tokens_seen", "epoch")
+_WHOLE = ("tokens_per_s", "trained_tokens_seen")  # counts and rates: read as whole numbers
 
 
 class RichProgress(TrainerCallback):
@@ -50,10 +51,10 @@ class RichProgress(TrainerCallback):
         if "loss" in logs:
             self.last_loss = float(logs["loss"])
             if "tokens_per_s" in logs:
-                self.last_rate = (f"  {_fmt(logs['tokens_per_s'])} tok/s  "
-                                  f"{_fmt(logs.get('trained_tokens_seen', 0))} trained tokens")
+                self.last_rate = (f"  {_fmt(logs['tokens_per_s'], whole=True)} tok/s  "
+                                  f"{_fmt(logs.get('trained_tokens_seen', 0), whole=True)} trained tokens")
             self.on_step_end(args, state, control)
-        parts = [f"{k} {_fmt(logs[k])}" for k in _SHOWN if k in logs]
+        parts = [f"{k} {_fmt(logs[k], whole=k in _WHOLE)}" for k in _SHOWN if k in logs]
         if not parts:
             return
         if self.progress is None:
@@ -74,11 +75,11 @@ class RichProgress(TrainerCallback):
             self.progress = None
 
 
-def _fmt(value) -> str:
-    """Every number one way: whole ones and those of 100 or more rounded, with thousands separators;
+def _fmt(value, whole: bool = False) -> str:
+    """Every number one way, with thousands separators: counts and rates (`whole`) and integers rounded,
     the others to 4 decimals, or 3 significant digits below 0.01 (learning rates)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return str(value)
-    if isinstance(value, int) or abs(value) >= 100:
+    if whole or isinstance(value, int):
         return f"{value:,.0f}"
-    return f"{value:.3g}" if 0 < abs(value) < 1e-2 else f"{value:.4f}"
+    return f"{value:.3g}" if 0 < abs(value) < 1e-2 else f"{value:,.4f}"

@@ -121,3 +121,25 @@ def test_progress_in_a_log_file_is_one_plain_line_per_log(tmp_path, spanish_shar
                             r".*eta \d+:\d\d:\d\d", line), line
     assert "…" not in p.stderr and "..." not in p.stderr  # nothing cut to the width of a terminal
     assert "Failed to load CPU gemm_4bit_forward" not in p.stderr
+
+
+def test_a_slow_rate_reads_as_a_whole_number_like_a_fast_one():
+    """Under load tokens/s drops below 100; it still reads `87`, not `87.1234` beside `1,055`."""
+    import io
+
+    from rich.console import Console
+    from transformers import TrainerState
+
+    from sfttrain.progress import RichProgress
+
+    out = io.StringIO()
+    progress, state = RichProgress(Console(file=out, width=80)), TrainerState(max_steps=30, global_step=0)
+    progress.on_train_begin(None, state, None)
+    for step, rate in ((10, 87.1234), (20, 1055.4)):
+        state.global_step = step
+        progress.on_log(None, state, None, logs={"loss": 2.5, "learning_rate": 2e-4, "tokens_per_s": rate,
+                                                 "trained_tokens_seen": 1234 * step})
+    lines = out.getvalue().splitlines()
+    assert lines[0].startswith("step 10/30: loss 2.5000, learning_rate 0.0002, tokens_per_s 87, "
+                               "trained_tokens_seen 12,340, eta ")
+    assert "tokens_per_s 1,055, trained_tokens_seen 24,680" in lines[1]
