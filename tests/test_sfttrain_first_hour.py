@@ -1,21 +1,31 @@
 """The first hour of a TRL user (issue 24), `sfttrain` side: mistakes answered before torch is imported,
 no bitsandbytes note on a run that quantizes nothing, a model made for another vocabulary refused, plain
-progress lines in a log file. Each through the command line, most in a subprocess as a user runs it."""
+progress lines in a log file. Each through the command line: in a subprocess where what it imports is the
+point, else in-process (click's runner: its output is no terminal, as a pipe or a log file is not)."""
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import subprocess
 import sys
 from pathlib import Path
 
+from click.testing import CliRunner
+
+from sfttrain.cli import main
 from tests.conftest import write_jsonl
-from tests.sfttrain_helpers import TINY_LLAMA, spanish_shards, tiny_model  # noqa: F401
+from tests.sfttrain_helpers import TINY_LLAMA, one_thread, spanish_shards, tiny_model  # noqa: F401
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+
+
+def run_cli(*args):
+    """`sfttrain run ARGS` in-process; its output is no terminal, as in a pipe or a log file."""
+    return CliRunner().invoke(main, ["run", *map(str, args)])
 
 
 def python(code: str, *args) -> subprocess.CompletedProcess:
@@ -65,37 +75,29 @@ def big_vocab_model(tmp: Path) -> Path:
     return model
 
 
-QUIET = """
-import logging, sys
-from sfttrain.cli import main
-
-def run(*flags):
-    try:
-        main(["run", *sys.argv[1:], *flags], standalone_mode=False)
-    except SystemExit:
-        pass
-    # what bitsandbytes logs when peft imports it on a CPU whose optional 4-bit kernel is not downloadable
-    logging.getLogger("bitsandbytes.backends.cpu.ops").warning(
-        "Failed to load CPU gemm_4bit_forward from kernels-community: %s.", "offline" + "".join(flags))
-
-run("--load-in-4bit")  # the note matters to a quantized run: kept
-run()
-"""
+BNB_LOGGER = "bitsandbytes.backends.cpu.ops"
 
 
 def test_bitsandbytes_note_is_silenced_unless_quantized_and_a_model_for_another_vocabulary_is_refused(
-        tmp_path, spanish_shards):  # noqa: F811
+        tmp_path, spanish_shards, monkeypatch, caplog):  # noqa: F811
     """A model made from a config with a 129k vocabulary, in a folder without a tokenizer, on a build of a
-    32k tokenizer: refused, naming both sizes and --skip-tokenizer-check."""
+    32k tokenizer: refused, naming both sizes and --skip-tokenizer-check. Each refused run has set up its
+    logging first; then the note bitsandbytes logs when peft imports it (on a CPU whose optional 4-bit
+    kernel cannot be downloaded) is sent as bitsandbytes sends it."""
+    logger = logging.getLogger(BNB_LOGGER)
+    monkeypatch.setattr(logger, "filters", [])  # as in a fresh process
     model = big_vocab_model(tmp_path)
-    p = python(QUIET, spanish_shards, "--model", model, "--output-dir", tmp_path / "run")
-    assert p.returncode == 0, p.stderr
-    errors = [line for line in p.stderr.splitlines() if line.startswith("Error: ")]
-    assert len(errors) == 2
-    assert f"the model in {model} has 129,024 embedding rows but the shards' tokenizer" in errors[1]
-    assert "has 32,000 tokens" in errors[1] and "--skip-tokenizer-check" in errors[1]
-    notes = [line for line in p.stderr.splitlines() if "gemm_4bit_forward" in line]
-    assert notes == ["Failed to load CPU gemm_4bit_forward from kernels-community: offline--load-in-4bit."]
+    notes = []
+    for flags in (["--load-in-4bit"], []):  # the note matters to a quantized run: kept
+        r = run_cli(spanish_shards, "--model", model, "--output-dir", tmp_path / "run", *flags)
+        assert r.exit_code == 2
+        assert r.output.startswith(f"Error: the model in {model} has 129,024 embedding rows but the shards' "
+                                   "tokenizer (") and len(r.output.splitlines()) == 1
+        assert "has 32,000 tokens" in r.output and "--skip-tokenizer-check" in r.output
+        caplog.clear()
+        logger.warning("Failed to load CPU gemm_4bit_forward from kernels-community: %s.", "offline")
+        notes.append(len([rec for rec in caplog.records if rec.name == BNB_LOGGER]))
+    assert notes == [1, 0]
 
 
 def test_skip_tokenizer_check_passes_a_model_with_spare_rows(tmp_path, spanish_shards):  # noqa: F811
@@ -108,19 +110,17 @@ def test_skip_tokenizer_check_passes_a_model_with_spare_rows(tmp_path, spanish_s
     assert setup(config).manifest["tokenizer"]["vocab_size"] == 32_000
 
 
-def test_progress_in_a_log_file_is_one_plain_line_per_log(tmp_path, spanish_shards, tiny_model):  # noqa: F811
-    p = subprocess.run([sys.executable, "-m", "sfttrain.cli", "run", str(spanish_shards), "--model", str(tiny_model),
-                        "--output-dir", str(tmp_path / "run"), "--max-steps", "3", "--logging-steps", "1",
-                        "--lora-r", "4", "--learning-rate", "1e-3"],
-                       capture_output=True, text=True, env={**ENV, "COLUMNS": "80"}, timeout=300)
-    assert p.returncode == 0, p.stderr
-    steps = [line for line in p.stderr.splitlines() if line.startswith("step ")]
-    assert len(steps) == 3, p.stderr
+def test_progress_in_a_log_file_is_one_plain_line_per_log(tmp_path, spanish_shards, tiny_model,  # noqa: F811
+                                                          one_thread):  # noqa: F811
+    r = run_cli(spanish_shards, "--model", tiny_model, "--output-dir", tmp_path / "run", "--max-steps", 3,
+                "--logging-steps", 1, "--lora-r", 4, "--learning-rate", "1e-3")  # stderr: not a terminal
+    assert r.exit_code == 0, r.output
+    steps = [line for line in r.stderr.splitlines() if line.startswith("step ")]
+    assert len(steps) == 3, r.stderr
     for i, line in enumerate(steps, 1):
         assert re.fullmatch(rf"step {i}/3: loss \d+\.\d{{4}}, .*tokens_per_s [\d,]+, trained_tokens_seen [\d,]+, "
                             r".*eta \d+:\d\d:\d\d", line), line
-    assert "…" not in p.stderr and "..." not in p.stderr  # nothing cut to the width of a terminal
-    assert "Failed to load CPU gemm_4bit_forward" not in p.stderr
+    assert "…" not in r.stderr and "..." not in r.stderr  # nothing cut to the width of a terminal
 
 
 def test_a_slow_rate_reads_as_a_whole_number_like_a_fast_one():
