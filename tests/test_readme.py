@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.sfttrain_helpers import one_thread  # noqa: F401
+
 pytestmark = pytest.mark.slow  # subprocesses that import torch and train a few steps
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,20 +56,29 @@ def test_the_skipped_blocks_are_exactly_those_named():
     assert all(sum(old in code for _, code in blocks()) == 1 for old in SHORTENED)
 
 
-def test_every_readme_block_runs_as_written(tmp_path):
+def test_every_readme_block_runs_as_written(tmp_path, monkeypatch, one_thread):  # noqa: F811
+    """bash blocks in a shell; python blocks in this process (each with fresh globals), which saves
+    importing torch for each."""
+    import datasets
+
     folder = newcomer_folder(tmp_path)
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
            "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-           "HF_DATASETS_CACHE": str(tmp_path / ".cache"), "WANDB_DISABLED": "true"}
+           "HF_DATASETS_CACHE": str(tmp_path / ".cache")}
+    monkeypatch.chdir(folder)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / ".cache"))
     ran = 0
     for lang, code in blocks():
         if code.splitlines()[0] in SKIPPED:
             continue
         for old, new in SHORTENED.items():
             code = code.replace(old, new)
-        command = ["bash", "-euo", "pipefail", "-c", code] if lang == "bash" else [sys.executable, "-c", code]
-        p = subprocess.run(command, cwd=folder, env=env, capture_output=True, text=True, timeout=600)
-        assert p.returncode == 0, f"README block failed:\n{code}\n--- stdout\n{p.stdout}\n--- stderr\n{p.stderr}"
+        if lang == "python":
+            exec(compile(code, "README.md python block", "exec"), {"__name__": "__main__"})
+        else:
+            p = subprocess.run(["bash", "-euo", "pipefail", "-c", code], env=env, capture_output=True, text=True,
+                               timeout=600)
+            assert p.returncode == 0, f"README block failed:\n{code}\n--- stdout\n{p.stdout}\n--- stderr\n{p.stderr}"
         ran += 1
     assert ran == len(blocks()) - len(SKIPPED)
     assert (folder / "runs" / "demo-merged" / "config.json").is_file()  # the demo ran to its last line
