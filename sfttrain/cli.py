@@ -211,10 +211,12 @@ def _print_end(console, r) -> None:
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty --out.")
 def merge(adapter: str, model: str | None, out: str, dtype: str, trust_remote_code: bool, overwrite: bool) -> None:
     """Fold the LoRA adapter in ADAPTER_DIR into its base model; save model and tokenizer to --out."""
+    from .api import check_merge
     from .api import merge as merge_adapter
 
-    _quiet()
     try:
+        check_merge(adapter, out, model, dtype, overwrite)  # a mistake is answered before torch is imported
+        _quiet()
         path = merge_adapter(adapter, out, model=model, dtype=dtype, trust_remote_code=trust_remote_code,
                              overwrite=overwrite)
     except USER_ERRORS as e:

@@ -40,7 +40,7 @@ out = []
 for args in json.loads(sys.argv[1]):
     start = time.perf_counter()
     try:
-        main(["run", *args], standalone_mode=False)
+        main(args, standalone_mode=False)
     except SystemExit as e:
         out.append({"code": e.code, "seconds": time.perf_counter() - start})
 print(json.dumps({"runs": out, "heavy": [m for m in ("torch", "transformers", "peft") if m in sys.modules]}))
@@ -50,18 +50,19 @@ print(json.dumps({"runs": out, "heavy": [m for m in ("torch", "transformers", "p
 def test_mistakes_that_need_no_model_are_answered_before_torch_is_imported(tmp_path, spanish_shards):  # noqa: F811
     raw = write_jsonl(tmp_path / "data.jsonl", [{"prompt": "a", "completion": "b"}])
     out = ["--output-dir", str(tmp_path / "run")]
-    cases = [[str(raw), "--model", str(tmp_path), *out],                      # raw data instead of a build
-             [str(tmp_path / "missing"), "--model", str(tmp_path), *out],     # a missing folder
-             [str(spanish_shards), "--model", str(tmp_path / "no-model"), *out],
-             [str(spanish_shards), "--model", str(tmp_path), "--eval", str(tmp_path / "no-eval"), *out]]
+    cases = [["run", str(raw), "--model", str(tmp_path), *out],                      # raw data instead of a build
+             ["run", str(tmp_path / "missing"), "--model", str(tmp_path), *out],     # a missing folder
+             ["run", str(spanish_shards), "--model", str(tmp_path / "no-model"), *out],
+             ["run", str(spanish_shards), "--model", str(tmp_path), "--eval", str(tmp_path / "no-eval"), *out],
+             ["merge", str(tmp_path / "no-adapter"), "--out", str(tmp_path / "merged")]]
     p = python(MISTAKES, json.dumps(cases))
     assert p.returncode == 0, p.stderr
     result = json.loads(p.stdout)
-    assert [r["code"] for r in result["runs"]] == [2, 2, 2, 2]
+    assert [r["code"] for r in result["runs"]] == [2, 2, 2, 2, 2]
     errors = p.stderr.splitlines()
-    assert len(errors) == 4 and all(e.startswith("Error: ") for e in errors), p.stderr
+    assert len(errors) == 5 and all(e.startswith("Error: ") for e in errors), p.stderr
     assert "is a file, not a build folder" in errors[0] and "does not exist" in errors[1]
-    assert "--model" in errors[2] and "--eval" in errors[3]
+    assert "--model" in errors[2] and "--eval" in errors[3] and "adapter folder" in errors[4]
     assert result["heavy"] == []  # torch / transformers / peft cost 7-15 s to import
     assert max(r["seconds"] for r in result["runs"]) < 2
 
