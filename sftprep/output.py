@@ -44,7 +44,8 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 
 class OutLock:
-    """One build per output folder at a time: an advisory lock on OUT/.lock, held until the build ends.
+    """One build per output folder at a time: an advisory lock on OUT/.lock, taken before any work (a second
+    build into the folder is refused at once, not after hashing its inputs) and held until the build ends.
 
     A build refused before it wrote anything (no `.build_id` in the folder) leaves nothing behind: the
     `.lock` it created, and the folder if it made it, are removed on `release`."""

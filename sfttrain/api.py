@@ -19,7 +19,7 @@ from sftprep.packing import mode
 from .attention import AttentionPath, choose_attention, model_traits
 from .checks import (build_stats, check_same_tokenizer, check_tokenizer, has_tokenizer, model_config,
                      open_build)
-from .config import ConfigError, TrainConfig
+from .config import DTYPES, ConfigError, TrainConfig
 
 FINAL = "final"
 
@@ -60,18 +60,27 @@ def setup(config: TrainConfig) -> Setup:
     Raises:
         ConfigError / FileNotFoundError / ValueError: with a message that says how to fix it.
     """
-
-    manifest = open_build(config.data.shards, config.data.verify_checksums)
-    eval_manifest = None
-    if config.data.eval:
-        eval_manifest = open_build(config.data.eval, config.data.verify_checksums, flag="--eval")
-        check_same_tokenizer(manifest, eval_manifest, config.data.eval)
+    manifest, eval_manifest = check_inputs(config, config.data.verify_checksums)
     traits = model_traits(model_config(config.model.path))
     tokenizer = check_tokenizer(manifest, config.data.shards, config.model.path, config.model.tokenizer,
                                 config.model.skip_tokenizer_check)
     attention = check_runtime(config, traits)
     resume_from = _resume_point(config, manifest)
     return Setup(config, manifest, eval_manifest, tokenizer, attention, resume_from, traits)
+
+
+def check_inputs(config: TrainConfig, verify_checksums: bool = False) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """The checks that need neither torch nor transformers: the build folders and their manifests (and
+    shards' footers), the model folder's config.json. Quick (no shard is read in full unless
+    `verify_checksums`), so `sfttrain run` answers a mistake here before it imports the heavy libraries.
+    Returns the training and evaluation manifests."""
+    manifest = open_build(config.data.shards, verify_checksums)
+    eval_manifest = None
+    if config.data.eval:
+        eval_manifest = open_build(config.data.eval, verify_checksums, flag="--eval")
+        check_same_tokenizer(manifest, eval_manifest, config.data.eval)
+    model_config(config.model.path)
+    return manifest, eval_manifest
 
 
 def train(config: TrainConfig, *, callbacks: Iterable[Any] = (),
@@ -162,6 +171,27 @@ def _fit(s: Setup, trainer, stopper, summary: dict[str, Any]) -> TrainResult:
     return result
 
 
+def check_merge(adapter: str | Path, out: str | Path, model: str | Path | None = None, dtype: str = "auto",
+                overwrite: bool = False) -> str:
+    """What `merge` checks before importing torch (so `sfttrain merge` answers a mistake at once): the
+    adapter folder, the base model's config.json, the --dtype, an --out it may write. Returns the base
+    model folder: `model`, else the one the adapter records."""
+    adapter, out = Path(adapter), Path(out)
+    cfg_file = adapter / "adapter_config.json"
+    if not adapter.is_dir():
+        raise FileNotFoundError(f"adapter folder {adapter} does not exist")
+    if not cfg_file.is_file():
+        hint = " (it holds a full model already: load it directly)" if (adapter / "config.json").is_file() else ""
+        raise ConfigError(f"{adapter} is not a LoRA adapter folder: no adapter_config.json{hint}")
+    base = str(model or json.loads(cfg_file.read_text())["base_model_name_or_path"])
+    model_config(base)
+    if dtype not in DTYPES:
+        raise ConfigError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise ConfigError(f"--out {out} is not empty; pass --overwrite to replace it, or choose another folder")
+    return base
+
+
 def merge(adapter: str | Path, out: str | Path, model: str | Path | None = None, dtype: str = "auto",
           trust_remote_code: bool = False, overwrite: bool = False) -> Path:
     """Fold a LoRA adapter into its base model and save the result (with the tokenizer) to `out`.
@@ -172,25 +202,13 @@ def merge(adapter: str | Path, out: str | Path, model: str | Path | None = None,
         model: the base model folder; default: the one the adapter records.
         dtype: auto (the base's own), bf16, fp16 or fp32.
     """
-    import torch
-
     adapter, out = Path(adapter), Path(out)
-    cfg_file = adapter / "adapter_config.json"
-    if not adapter.is_dir():
-        raise FileNotFoundError(f"adapter folder {adapter} does not exist")
-    if not cfg_file.is_file():
-        hint = " (it holds a full model already: load it directly)" if (adapter / "config.json").is_file() else ""
-        raise ConfigError(f"{adapter} is not a LoRA adapter folder: no adapter_config.json{hint}")
-    base = model or json.loads(cfg_file.read_text())["base_model_name_or_path"]
-    model_config(base)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise ConfigError(f"--out {out} is not empty; pass --overwrite to replace it, or choose another folder")
+    base = check_merge(adapter, out, model, dtype, overwrite)
+    import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     names = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "auto": "auto"}
-    if dtype not in names:
-        raise ConfigError(f"--dtype {dtype!r} is not one of {', '.join(names)}")
     base_model = AutoModelForCausalLM.from_pretrained(str(base), dtype=names[dtype], local_files_only=True,
                                                       trust_remote_code=trust_remote_code)
     merged = PeftModel.from_pretrained(base_model, str(adapter)).merge_and_unload()

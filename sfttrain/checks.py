@@ -200,9 +200,10 @@ def check_tokenizer(manifest: dict[str, Any], shards: str | Path, model_path: st
     identity (vocabulary hash, size, pad and EOS ids) is the model folder's own when it has one, then
     `tokenizer_path` if given; when neither exists, the build's copy in SHARDS/tokenizer/ (it must be
     the tokenizer the shards were built with), and without that copy the run is refused, since
-    nothing can be compared. `skip_check` (--skip-tokenizer-check) skips the identity comparisons
-    (never the embedding bounds). The tokenizer returned is the model's (or `tokenizer_path`'s), else
-    the build's copy.
+    nothing can be compared. A model folder without a tokenizer must not have many more embedding rows
+    than the build's tokenizer has tokens (`_check_spare_rows`). `skip_check` (--skip-tokenizer-check)
+    skips the identity comparisons and that one (never the embedding bounds). The tokenizer returned is
+    the model's (or `tokenizer_path`'s), else the build's copy.
 
     Raises:
         ConfigError: a mismatch, naming the differing fields and how to fix it.
@@ -212,6 +213,8 @@ def check_tokenizer(manifest: dict[str, Any], shards: str | Path, model_path: st
 
     built = manifest.get("tokenizer") or {}
     _check_embeddings(manifest, shards, model_path)
+    if not skip_check and not has_tokenizer(model_path):
+        _check_spare_rows(built, model_path)
     candidates = [(Path(model_path), "model")] if has_tokenizer(model_path) else []
     if tokenizer_path:
         candidates.append((Path(tokenizer_path), "--tokenizer"))
@@ -252,6 +255,25 @@ def _check_embeddings(manifest: dict[str, Any], shards: str | Path, model_path: 
             f"the shards in {shards} hold token id {top} ({what} in manifest.json) but the model in {model_path} "
             f"has only {size} embeddings (ids 0..{size - 1}); rebuild the shards with the model's tokenizer "
             "(`sftprep build --tokenizer MODEL_DIR --overwrite`)")
+
+
+SPARE_ROWS = 128
+"""Embedding rows a model may hold beyond its tokenizer's length: padding the matrix to a multiple of 128
+(or 64) is common; more than that says the model was made for another vocabulary."""
+
+
+def _check_spare_rows(built: dict[str, Any], model_path: str | Path) -> None:
+    """A model folder without a tokenizer (made from a config, as in tests and demos) whose embedding
+    matrix is much larger than the build's tokenizer: nothing ties the two together, so the run is refused
+    (--skip-tokenizer-check passes) rather than train rows no token will ever use."""
+    size, vocab = _vocab_size(model_config(model_path)), built.get("vocab_size")
+    if size is None or not isinstance(vocab, int) or size - vocab < SPARE_ROWS:
+        return
+    raise ConfigError(
+        f"the model in {model_path} has {size:,} embedding rows but the shards' tokenizer ({built.get('name')}) "
+        f"has {vocab:,} tokens, and the model folder has no tokenizer to say they belong together: a model made "
+        f"for another vocabulary? Make it with vocab_size={vocab} (e.g. `LlamaConfig(vocab_size=len(tokenizer))`) "
+        "or save the tokenizer in its folder; or pass --skip-tokenizer-check to train it as it is")
 
 
 def _compare_identity(built: dict[str, Any], path: Path, what: str, shards: str | Path) -> None:

@@ -56,7 +56,8 @@ class ModelConfig:
     (--tokenizer)."""
     skip_tokenizer_check: bool = False
     """Train without comparing the shards' tokenizer with the model's (or --tokenizer's, or the build's
-    copy's); the model's embedding size is still checked (--skip-tokenizer-check)."""
+    copy's), and with a model folder without a tokenizer whose embedding rows outnumber the tokenizer's by
+    128 or more; the shards' ids must still fit the model's embeddings (--skip-tokenizer-check)."""
     dtype: str = "auto"
     """Weights dtype: auto (bf16/fp16 when bf16/fp16 mixed precision is on, else fp32), bf16, fp16, fp32 (--dtype)."""
     attn_implementation: str = "auto"
