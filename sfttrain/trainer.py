@@ -8,13 +8,15 @@ Everything that Trainer already does well (optimizers, schedulers, gradient accu
 checkpoints, logging, distributed, NEFTune, gradient checkpointing) is left to it; this module
 only plugs in what it cannot know about packed shards, through its public hooks: the
 `compute_loss_func` argument, `get_train_dataloader`, `compute_loss`, `log`, `evaluation_loop` and
-callbacks (`SetSamplerEpoch`, `StopOnSignal`, `WriteRunInfo`).
+callbacks (`SetSamplerEpoch`, `StopOnSignal`, `WriteRunInfo`, `CheckGradients`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
+import math
 import os
 import signal
 import time
@@ -25,12 +27,19 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from .attention import REAL_TOKENS
+from sftprep.errors import UserError
+
 from .config import ConfigError, TrainConfig, did_you_mean
 from .data import EpochSampler
 from .loss import LossMeter, next_token_targets, per_token_loss, trained_head
 from .model import bf16_on
 
 RUN_FILE = "sfttrain.json"
+log = logging.getLogger("sfttrain")
+
+
+class TrainingDiverged(UserError, ArithmeticError):
+    """A loss or gradient became NaN or infinite: training stopped before that step changed the weights."""
 
 
 class ShardTrainer(Trainer):
@@ -44,8 +53,11 @@ class ShardTrainer(Trainer):
         self.meter, self.eval_meter = LossMeter(), LossMeter()
         self.seen: dict[str, float] | None = None  # cumulative, across ranks; restored from the log history
         self._since = time.perf_counter()
+        self._step_losses: list[torch.Tensor] = []  # this optimizer step's micro-batch losses (no sync)
+        self._warned_frozen = False
         super().__init__(*args, compute_loss_func=self._loss, **kwargs)
         self.add_callback(SetSamplerEpoch(self))
+        self.add_callback(CheckGradients(self))
 
     def _loss(self, outputs, labels, num_items_in_batch=None):
         meter = self.meter if self.model.training else self.eval_meter
@@ -59,6 +71,33 @@ class ShardTrainer(Trainer):
         keep, _ = next_token_targets(inputs["labels"])
         with trained_head(self.accelerator.unwrap_model(model), keep):
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        self._step_losses.append(loss.detach())
+        return loss
+
+    def check_step(self, step: int) -> None:
+        """Before optimizer step `step` changes the weights: a non-finite loss or gradient raises
+        `TrainingDiverged` (the Trainer's log would hide it: it replaces a NaN loss by the mean so far);
+        every gradient 0 while the loss is not is a dead optimizer, warned about once."""
+        grads = [p.grad.detach() for p in self.model.parameters() if p.requires_grad and p.grad is not None]
+        largest = torch.stack([g.abs().amax().float() for g in grads]).amax().item() if grads else 0.0
+        loss = torch.stack(self._step_losses).sum().item() if self._step_losses else 0.0
+        self._step_losses.clear()
+        lr = f"--learning-rate {self.args.learning_rate:g}"
+        if not (math.isfinite(loss) and math.isfinite(largest)):
+            what = f"the loss is {loss}" if not math.isfinite(loss) else f"a gradient is {largest}"
+            last = saved_checkpoints(self.args.output_dir)
+            keep = (f"the last good checkpoint is {last[-1]} (continue with --resume --accept-changes and a lower "
+                    "--learning-rate)" if last else "no checkpoint was saved: start again with a lower --learning-rate")
+            raise TrainingDiverged(f"step {step}: {what} with {lr}: training stopped before this step changed the "
+                                   f"weights, no adapter saved; {keep}")
+        if largest == 0.0 and loss > 0.0 and not self._warned_frozen:
+            self._warned_frozen = True
+            log.warning(f"Warning: step {step}: every gradient is 0 while the loss is {loss:.4g}: the optimizer can no "
+                        f"longer move the weights and the loss stays frozen ({lr} is likely too high: the "
+                        "activations saturated); stop the run and lower --learning-rate")
 
     def _reduced(self, meter: LossMeter) -> dict[str, float]:
         """The meter's counts summed over ranks (a collective: every rank calls it at the same point)."""
@@ -134,6 +173,25 @@ class SetSamplerEpoch(TrainerCallback):
         if self.trainer._sampler is not None:
             self.trainer._sampler.set_epoch(int(state.epoch or 0))
         return control
+
+
+class CheckGradients(TrainerCallback):
+    """Runs `ShardTrainer.check_step` before every optimizer step (on every rank: the gradients are
+    the synchronised ones, so every rank stops together)."""
+
+    def __init__(self, trainer: ShardTrainer) -> None:
+        self.trainer = trainer
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        self.trainer.check_step(state.global_step + 1)
+        return control
+
+
+def saved_checkpoints(output_dir: str | Path) -> list[Path]:
+    """The complete checkpoints (with trainer_state.json) in `output_dir`, oldest step first."""
+    out = Path(output_dir)
+    found = [p for p in out.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()] if out.is_dir() else []
+    return sorted((p for p in found if (p / "trainer_state.json").is_file()), key=lambda p: int(p.name.split("-")[-1]))
 
 
 class StopOnSignal(TrainerCallback):
