@@ -40,9 +40,9 @@ class DataConfig:
     shuffle: bool = True
     """Shuffle rows each epoch (seeded by --seed and the epoch) (--shuffle/--no-shuffle)."""
     verify_checksums: bool = False
-    """Hash every shard (sha256) against the manifest at start-up, once per machine; start-up then grows
-    with the data. Without it, shards are checked by size-independent means (footer, rows, columns); run
-    `sftprep verify` once after copying shards (--verify-checksums)."""
+    """Run the whole `sftprep verify` at start-up (sha256 of every shard, the shard contract in every row, the
+    samples file, the totals), once per machine; start-up then grows with the data. Without it, shards are
+    checked by size-independent means (footer, rows, columns) and each row when it is read (--verify-checksums)."""
 
 
 @dataclass(frozen=True)

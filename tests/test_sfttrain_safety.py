@@ -1,14 +1,98 @@
-"""sfttrain never trains on data or weights it cannot vouch for: a diverged step stops the run
-(issue 26)."""
+"""sfttrain never trains on data or weights it cannot vouch for (issue 26): an edited shard is refused,
+a diverged step stops the run."""
 
+import hashlib
+import json
 import logging
 import math
+import shutil
 
+import pyarrow as pa
+import pytest
 from safetensors.torch import load_file
 
 from sfttrain import train
-from tests.sfttrain_helpers import SPANISH, build_shards, one_thread, tiny_model, train_config  # noqa: F401
+from tests.sfttrain_helpers import (SPANISH, build_shards, one_thread, spanish_shards, tiny_model,  # noqa: F401
+                                    train_config)
 from tests.test_sfttrain_guards import run_cli
+
+SHARD = "shard-train-00000.arrow"
+
+
+# -- edited shards (their sha256 updated in the manifest, so only the contract can tell) ------------
+
+def _forge_row0(shards, **change) -> None:
+    """Replace columns of the shard's row 0 (`change(row) -> new value` per column), fix the sha256."""
+    path = shards / SHARD
+    table = pa.ipc.open_file(pa.memory_map(str(path))).read_all()
+    rows = table.to_pylist()
+    for column, edit in change.items():
+        rows[0][column] = edit(rows[0])
+    table = pa.Table.from_pylist(rows, schema=table.schema)
+    with pa.ipc.new_file(str(path), table.schema) as w:
+        w.write_table(table)
+    manifest = json.loads((shards / "manifest.json").read_text())
+    manifest["shards"][0]["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+    (shards / "manifest.json").write_text(json.dumps(manifest))
+
+
+def _pad_labels_set(r):  # the padding after the row's samples is trained
+    used = sum(r["seq_lens"])
+    return r["labels"][:used] + r["input_ids"][used:]
+
+
+def _last_sample_shortened(r):  # its last token (EOS, trained) becomes padding
+    return r["seq_lens"][:-1] + [r["seq_lens"][-1] - 1]
+
+
+def _two_merged(r):  # samples 0 and 1 become one: sample 1 would attend to sample 0
+    return [r["seq_lens"][0] + r["seq_lens"][1]] + r["seq_lens"][2:]
+
+
+EDITS = {  # name -> (columns changed, what sfttrain says when it reads the row, what verify says)
+    "pad labels set": ({"labels": _pad_labels_set}, "padding at position 58 has label 2, not -100", "padding label"),
+    "seq_lens changed": ({"seq_lens": _last_sample_shortened}, "padding at position 57 has label 2, not -100",
+                         "padding label"),
+    "two samples merged": ({"seq_lens": _two_merged}, "4 seq_lens but 5 sample_ids", "lengths"),
+}
+
+
+def _train_cli(shards, model, out, *extra):
+    return run_cli(shards, "--model", model, "--output-dir", out, "--max-steps", 2, "--lora-r", 4, *extra)
+
+
+@pytest.mark.parametrize("edit", EDITS)
+def test_an_edited_shard_is_refused_when_read_and_by_verify_checksums(tmp_path, spanish_shards, tiny_model,  # noqa: F811
+                                                                      one_thread, edit):  # noqa: F811
+    change, read_error, check = EDITS[edit]
+    shards = tmp_path / "copy"
+    shutil.copytree(spanish_shards, shards)
+    _forge_row0(shards, **change)
+    result = _train_cli(shards, tiny_model, tmp_path / "run")
+    assert result.exit_code == 2, result.output
+    last = result.output.strip().splitlines()[-1]
+    assert last == (f"Error: {shards / SHARD} row 0: {read_error}; the shard was changed after the build: rebuild "
+                    "with `sftprep build --overwrite` (`sftprep verify` checks every shard)"), last
+    assert not (tmp_path / "run" / "final").exists()
+    result = _train_cli(shards, tiny_model, tmp_path / "run2", "--verify-checksums")
+    assert result.exit_code == 2 and "trainable of" not in result.output, result.output  # before the model loads
+    assert result.output.startswith(f"Error: --verify-checksums: {shards} fails `sftprep verify` ("), result.output
+    assert f"{check}: " in result.output.split("), first:")[0], result.output
+
+
+def test_two_samples_merged_in_every_column_are_refused_by_verify_checksums(tmp_path, spanish_shards,  # noqa: F811
+                                                                            tiny_model):  # noqa: F811
+    """Merged in seq_lens and sample_ids alike, the row keeps the contract: only the samples file knows."""
+    shards = tmp_path / "copy"
+    shutil.copytree(spanish_shards, shards)
+    _forge_row0(shards, seq_lens=_two_merged, sample_ids=lambda r: r["sample_ids"][:1] + r["sample_ids"][2:])
+    result = _train_cli(shards, tiny_model, tmp_path / "run", "--verify-checksums")
+    assert result.exit_code == 2, result.output
+    assert "samples file: 2), first: samples.feather: 1 sample(s) listed here are in no shard (first: [1]); " \
+           "rebuild with `sftprep build --overwrite`" in result.output, result.output
+
+
+# -- training that diverges ---------------------------------------------------------------------------
 
 
 def test_learning_rate_1e30_stops_at_the_first_non_finite_step_keeping_the_last_checkpoint(
