@@ -8,7 +8,9 @@ Everything that Trainer already does well (optimizers, schedulers, gradient accu
 checkpoints, logging, distributed, NEFTune, gradient checkpointing) is left to it; this module
 only plugs in what it cannot know about packed shards, through its public hooks: the
 `compute_loss_func` argument, `get_train_dataloader`, `compute_loss`, `log`, `evaluation_loop` and
-callbacks (`SetSamplerEpoch`, `StopOnSignal`, `WriteRunInfo`, `CheckGradients`).
+callbacks (`SetSamplerEpoch`, `StopOnSignal`, `CheckGradients`, `ApplyLearningRate`), and `save_model`,
+which writes sfttrain.json into every checkpoint before the Trainer's trainer_state.json (a checkpoint
+`--resume` can use always says which build and settings it was trained with).
 """
 
 from __future__ import annotations
@@ -47,8 +49,9 @@ class ShardTrainer(Trainer):
     loss at trained positions only, per-token eval loss, and in every training log: mean token
     accuracy, non-pad tokens/s, and tokens / trained tokens seen since the run began."""
 
-    def __init__(self, *args, shuffle: bool = True, **kwargs) -> None:
+    def __init__(self, *args, shuffle: bool = True, run_info: dict[str, Any] | None = None, **kwargs) -> None:
         self._shuffle = shuffle
+        self.run_info = run_info
         self._sampler: EpochSampler | None = None
         self.meter, self.eval_meter = LossMeter(), LossMeter()
         self.seen: dict[str, float] | None = None  # cumulative, across ranks; restored from the log history
@@ -71,6 +74,13 @@ class ShardTrainer(Trainer):
         keep, _ = next_token_targets(inputs["labels"])
         with trained_head(self.accelerator.unwrap_model(model), keep):
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """The Trainer's, then sfttrain.json beside the weights: a checkpoint saves its model first and
+        trainer_state.json last, so a checkpoint that `--resume` accepts always holds its run info."""
+        super().save_model(output_dir, _internal_call)
+        if self.run_info is not None and self.is_world_process_zero():
+            write_run_info(output_dir or self.args.output_dir, self.run_info)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)
@@ -187,6 +197,24 @@ class CheckGradients(TrainerCallback):
         return control
 
 
+class ApplyLearningRate(TrainerCallback):
+    """On a resume with --accept-changes: the checkpoint's optimizer and scheduler carry the old peak
+    learning rate (they would silently keep it); this sets the new one, at the schedule's current point."""
+
+    def __init__(self, learning_rate: float) -> None:
+        self.learning_rate = learning_rate
+
+    def on_train_begin(self, args, state, control, optimizer=None, lr_scheduler=None, **kwargs):
+        lambdas = getattr(lr_scheduler, "lr_lambdas", None)  # transformers' schedules are LambdaLR
+        for i, group in enumerate(optimizer.param_groups):
+            group["initial_lr"] = self.learning_rate
+            group["lr"] = self.learning_rate * (lambdas[i](lr_scheduler.last_epoch) if lambdas else 1.0)
+        if hasattr(lr_scheduler, "base_lrs"):
+            lr_scheduler.base_lrs = [self.learning_rate] * len(optimizer.param_groups)
+            lr_scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
+        return control
+
+
 def saved_checkpoints(output_dir: str | Path) -> list[Path]:
     """The complete checkpoints (with trainer_state.json) in `output_dir`, oldest step first."""
     out = Path(output_dir)
@@ -230,22 +258,15 @@ class StopOnSignal(TrainerCallback):
         return control
 
 
-class WriteRunInfo(TrainerCallback):
-    """Writes the resolved config, the data identity and the attention path into each checkpoint."""
-
-    def __init__(self, info: dict[str, Any]) -> None:
-        self.info = info
-
-    def on_save(self, args, state, control, **kwargs):
-        if state.is_world_process_zero:
-            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            if folder.is_dir():
-                write_run_info(folder, self.info)
-        return control
-
-
 def write_run_info(folder: str | Path, info: dict[str, Any]) -> None:
-    Path(folder, RUN_FILE).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+    """sfttrain.json (config, build id, attention path), written whole or not at all (temp file, renamed)."""
+    path = Path(folder, RUN_FILE)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(json.dumps(info, indent=2) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def training_arguments(config: TrainConfig, *, has_eval: bool, disable_tqdm: bool,
