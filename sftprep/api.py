@@ -12,6 +12,7 @@ Every stage takes its own config section; this module is the only one that sees 
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections import Counter
 from pathlib import Path
 from typing import Any, Callable
@@ -19,18 +20,21 @@ from typing import Any, Callable
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from . import __version__
 from .config import BuildConfig
-from .errors import BuildError
-from .manifest import write_manifest
-from .output import (REJECTS_FILE, SAMPLES_FILE, TOKENIZER_DIR, OutLock, build_id, copy_tokenizer, hash_input,
-                     hash_tokenizer, prepare_out, remove_temps, write_rejects, write_samples)
-from .packing import fill_ratio, pack
+from .errors import BuildError, ConfigError
+from .files import overlaps
+from .manifest import tokenizer_dir, write_manifest
+from .memory import MemoryBuild  # noqa: F401 (public: the in-memory build)
+from .output import (REJECTS_FILE, TOKENIZER_DIR, OutLock, build_id, build_manifest, copy_tokenizer, hash_input,
+                     hash_tokenizer, owned, prepare_out, remove_temps, write_rejects, write_samples)
+from .packing import fill_ratio, mode
 from .parts import part_size
 from .pipeline import encode_all, encoder_for, gc_paused, in_background
 from .readers import count_records, expand_inputs
 from .shards import ShardSetWriter, load  # noqa: F401 (load: part of the public surface)
 from .store import Samples, SampleStore
+from .templates.export import preset_jinja
+from .templates.presets import PRESETS
 from .tokenizer import load_fast, pad_id, tokenizer_identity
 
 SPILL_STEM = "tokens.spill"  # tokens.spill.{ids,labels}.tmp: removed at the end, or by the next build
@@ -66,8 +70,8 @@ def build(config: BuildConfig, progress: Callable[[int], None] | None = None, *,
 
 
 def _build(config: BuildConfig, progress: Callable[[int], None] | None, lock: OutLock) -> dict[str, Any]:
-    tok = load_fast(config.tokenize.tokenizer)
     inputs = _inputs(config)
+    tok = load_fast(config.tokenize.tokenizer)
     # file hashes (the build id) while the template is compiled: hashlib works without the GIL
     hashes = in_background(_hash_sources, inputs, tok.path)
     encoder = encoder_for(config, tok)  # validates template settings before any work
@@ -103,27 +107,13 @@ def _build(config: BuildConfig, progress: Callable[[int], None] | None, lock: Ou
         store.remove()
 
     identity = identity[0]() if identity else tokenizer_identity(tok, config.tokenize.tokenizer)
-    manifest = {
-        "tool": {"name": "sftprep", "version": __version__},
-        "build_id": this_build,
-        "config": config.to_dict(),
-        "inputs": input_info,
-        "template": encoder.renderer.description,
+    manifest = build_manifest(
+        config, build_id=this_build, inputs=input_info, template=encoder.renderer.description,
         # a part may hold none of an input's records: merge warns over all parts
-        "warnings": encoder.renderer.warnings + ([] if part else empty_inputs(inputs, store.sources, rejects)),
-        "tokenizer": {**identity, "files_sha256": tokenizer_hash, "path": TOKENIZER_DIR,
-                      "source": str(tok.path.resolve()),
-                      "files": sorted(p.name for p in (out / TOKENIZER_DIR).iterdir())},
-        "max_length": config.tokenize.max_length,
-        "max_token_id": max(store.max_id, pad),  # lets sfttrain check ids without reading shards
-        "packing": config.pack.mode,
-        "shards": [{k: s[k] for k in ("file", "rows", "tokens", "sha256")} for s in shards],
-        "samples_file": SAMPLES_FILE,
-        "rejects_file": REJECTS_FILE,
-        "totals": totals,
-    }
-    if part is not None:
-        manifest["part"] = part
+        warnings=encoder.renderer.warnings + ([] if part else empty_inputs(inputs, store.sources, rejects)),
+        tokenizer={**identity, "files_sha256": tokenizer_hash, "path": TOKENIZER_DIR,
+                   "source": str(tok.path.resolve()), "files": sorted(p.name for p in (out / TOKENIZER_DIR).iterdir())},
+        max_token_id=max(store.max_id, pad), shards=shards, totals=totals, **({"part": part} if part else {}))
     write_manifest(out, manifest)
     return manifest
 
@@ -134,13 +124,27 @@ def _hash_sources(inputs: list[Path], tokenizer: Path) -> tuple[list[dict[str, s
 
 
 def _inputs(config: BuildConfig) -> list[Path]:
-    """The input files, resolved once (the list hashed is the list read), never from inside `--out`
-    (a recursive glob would otherwise read the build's own rejects.jsonl)."""
-    out = Path(config.out).resolve()
-    inputs = [p for p in expand_inputs(config.read.inputs) if out not in p.resolve().parents]
+    """The input files, resolved once (the list hashed is the list read). A glob that sweeps in files
+    of a previous build in `--out` (its rejects.jsonl) skips them; any other input that is, contains or
+    lies inside `--out`, and a tokenizer there, is refused before any work: a build replaces its files."""
+    out = Path(config.out)
+    ours = owned(out) if out.is_dir() else set()
+    inputs = []
+    for p in expand_inputs(config.read.inputs):
+        inside = out.resolve() in p.resolve().parents
+        if inside and p.resolve().relative_to(out.resolve()).parts[0] in ours:
+            continue
+        if overlaps(p, out):
+            raise ConfigError(f"input {p} {'is inside' if inside else 'contains'} the output folder --out {out}: "
+                              "a build replaces files there; choose an output folder apart from the inputs")
+        inputs.append(p)
     if not inputs:
         raise FileNotFoundError(f"no input outside the output folder {config.out}: "
                                 f"{', '.join(config.read.inputs)} match only files the build writes")
+    tokenizer = Path(config.tokenize.tokenizer)
+    if tokenizer.exists() and overlaps(tokenizer, out):
+        raise ConfigError(f"the tokenizer {tokenizer} is inside the output folder --out {out} (or contains it): a "
+                          "build replaces OUT/tokenizer/; copy the tokenizer elsewhere, or choose another folder")
     return inputs
 
 
@@ -209,7 +213,7 @@ def write_build(config: BuildConfig, out: Path, samples: Samples, rejects: list[
         "trained_tokens": trained,
         "rows": n_rows,
         "fill_ratio": round(fill_ratio(tokens, n_rows, config.tokenize.max_length), 6)
-        if config.pack.mode != "none" else None,
+        if mode(config.pack.mode).padded else None,
     }
     return shards, totals
 
@@ -217,7 +221,59 @@ def write_build(config: BuildConfig, out: Path, samples: Samples, rejects: list[
 def _write_shards(config: BuildConfig, out: Path, store: Samples, pad: int) -> list[dict[str, Any]]:
     """Pack the stored samples into rows and write them as shards; one manifest entry per shard."""
     max_length = config.tokenize.max_length
-    rows = pack(store.lengths.tolist(), max_length, config.pack.mode, config.pack.seed)
-    width = max_length if config.pack.mode != "none" else None  # packed rows are padded to max_length
+    packing = mode(config.pack.mode)
+    rows = packing.rows(store.lengths.tolist(), max_length, config.pack.seed)
+    width = max_length if packing.padded else None
     writer = ShardSetWriter(out, config.pack.shard_size)
     return writer.write(len(rows), lambda lo, hi: store.rows_batch(rows[lo:hi], width, pad))
+
+
+def hold_build(folder: str | Path):
+    """A context manager that holds the build in `folder` while a reader (`sfttrain run`) uses it: a build
+    into the folder is refused meanwhile, and a build under way refuses the reader (`OutLock.reading`)."""
+    return OutLock(Path(folder)).reading()
+
+
+def chat_template_for(manifest: dict[str, Any], tokenizer, folder: str | Path = ".") -> str | None:
+    """The chat template matching the build's (the build in `folder`; `tokenizer` a transformers
+    tokenizer of the build's vocabulary), or None when the build used no chat template."""
+    cfg = (manifest.get("config") or {}).get("template") or {}
+    name = cfg.get("name")
+    if cfg.get("prompt") is not None or cfg.get("response_template") or not name:
+        return None
+    if name == "tokenizer":
+        return _tokenizer_template(manifest, folder) or getattr(tokenizer, "chat_template", None)
+    preset = PRESETS.get(name)
+    if preset is None:
+        return None
+    plain = preset_jinja(preset, eos=tokenizer.eos_token or "", bos=None, system=cfg.get("system"))
+    if not tokenizer.bos_token:
+        return plain
+    # With BOS written by the template, apply_chat_template(tokenize=True) gives the training ids, unless
+    # the tokenizer treats text after a special token differently (SentencePiece's prefix space): then the
+    # template leaves BOS to the tokenizer (tokenize its text output with special tokens).
+    with_bos = preset_jinja(preset, eos=tokenizer.eos_token or "", bos=tokenizer.bos_token, system=cfg.get("system"))
+    probe = [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello"}]
+    try:
+        from jinja2 import Template
+
+        text = Template(plain).render(messages=probe, add_generation_prompt=False, bos_token=tokenizer.bos_token)
+        same = (tokenizer(text).input_ids ==
+                tokenizer(tokenizer.bos_token + text, add_special_tokens=False).input_ids)
+    except Exception:  # noqa: BLE001 - any failure: keep the plain template
+        return plain
+    return with_bos if same else plain
+
+
+def _tokenizer_template(manifest: dict[str, Any], build: str | Path) -> str | None:
+    folder = tokenizer_dir(build, manifest)
+    if folder is None:
+        return None
+    jinja = folder / "chat_template.jinja"
+    if jinja.is_file():
+        return jinja.read_text(encoding="utf-8")
+    cfg = folder / "tokenizer_config.json"
+    if cfg.is_file():
+        template = json.loads(cfg.read_text(encoding="utf-8")).get("chat_template")
+        return template if isinstance(template, str) else None
+    return None

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
+from sftprep.packing import mode
+
 from .attention import AttentionPath, choose_attention, model_traits
 from .checks import (build_stats, check_same_tokenizer, check_tokenizer, has_tokenizer, model_config,
                      open_build)
@@ -100,13 +102,13 @@ def train(config: TrainConfig, *, callbacks: Iterable[Any] = (),
 def _holding(*folders: str | None) -> Iterator[None]:
     """A shared lock on each build folder for the whole run: `sftprep build` refuses to rebuild a folder
     while it is read (and a build under way refuses the run), so the run trains on the build it checked."""
-    from sftprep.output import OutLock
+    from sftprep.api import hold_build
 
     with ExitStack() as held:
         for given in filter(None, folders):
             folder = Path(given) if Path(given).is_dir() else Path(given).parent
             if (folder / "manifest.json").is_file():  # anything else is refused by `setup`, and left untouched
-                held.enter_context(OutLock(folder).reading())
+                held.enter_context(hold_build(folder))
         yield
 
 
@@ -132,7 +134,7 @@ def _build(s: Setup, callbacks: list, disable_tqdm: bool):
     # One sample per row (packing none) needs no proof: padding is on the right, behind every token.
     isolation = (check_isolation(model, collator, s.manifest["tokenizer"]["vocab_size"],
                                  window=s.traits.get("window"), max_length=s.manifest.get("max_length"))
-                 if s.manifest.get("packing") != "none" else None)
+                 if mode(s.manifest.get("packing")).shared else None)
     stopper = StopOnSignal()
     trainer = ShardTrainer(
         model=model, args=args,

@@ -56,7 +56,7 @@ def open_build(folder: str | Path, verify_checksums: bool = False, flag: str = "
 def _verify(folder: Path, manifest: dict[str, Any]) -> None:
     """--verify-checksums: the whole `sftprep verify` (checksums, the shard contract in every row, samples
     file, totals), then every id within the manifest's `max_token_id`."""
-    from sftprep.inspect.verify import verify
+    from sftprep import verify
 
     report = verify(folder)
     if not report.ok:

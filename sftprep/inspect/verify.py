@@ -15,7 +15,8 @@ tokens takes a fraction of a second):
 then over the build: sample ids unique (a wrapped sample's pieces sit next to each other), the
 samples and their lengths agree with `samples.feather`, and the manifest totals are the sums.
 
-`row_problem` runs the row checks on one row in O(row): what `sfttrain` checks on every row it reads.
+`sftprep.shards.row_problem` runs the row checks on one row in O(row): what `sfttrain` checks on every
+row it reads.
 """
 
 from __future__ import annotations
@@ -27,10 +28,10 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from ..labels import IGNORE_INDEX, mask_sample_starts, sample_starts
-from ..shards import SCHEMA, open_shard, sha256_file
+from ..labels import IGNORE_INDEX, mask_sample_starts
+from ..packing import mode
+from ..shards import SCHEMA, Flat, flatten, list_parts, open_shard, sha256_file
 from .folder import read_build, read_sample_info
-from .unpack import Flat, flatten, list_parts
 
 PER_CHECK = 20  # violations listed per check and batch of rows (all are counted)
 BATCH_ROWS = 2048  # rows checked at once: about 2048 x max_length x 30 bytes of scratch
@@ -175,7 +176,7 @@ def _check_rows(report: Report, k: int, name: str, table, flat: Flat, manifest: 
         report.add("seq_lens", k, name, f"sum(seq_lens) = {real[r]} > row length {lens[r]}",
                    row=row0 + int(r))
         sound = False
-    if manifest.get("packing") == "none":
+    if not mode(manifest.get("packing")).padded:
         bad = (lens > max_length) | (lens != real)
         what = "must hold one sample, unpadded, of at most max_length"
     else:
@@ -225,7 +226,7 @@ def _check_build(report: Report, folder: Path, manifest: dict[str, Any], seen: l
     n = len(manifest["shards"])
     sids = np.concatenate(seen) if seen else np.zeros(0, np.int64)
     lens = np.concatenate(lengths) if lengths else np.zeros(0, np.int64)
-    if manifest.get("packing") == "wrapped":  # pieces of one sample are adjacent: count it once
+    if mode(manifest.get("packing")).splits:  # pieces of one sample are adjacent: count it once
         keep = np.concatenate([[True], sids[1:] != sids[:-1]]) if len(sids) else np.zeros(0, bool)
         cs = np.concatenate([[0], np.cumsum(lens)])
         starts = np.flatnonzero(keep)
@@ -272,40 +273,6 @@ def _check_totals(report: Report, manifest: dict[str, Any]) -> None:
         if key in totals and totals[key] != have:
             report.add("manifest totals", at, "manifest.json", f"totals.{key} is {totals[key]}, the shards "
                        f"hold {have}")
-
-
-def row_problem(ids: np.ndarray, labels: np.ndarray, seq_lens: np.ndarray, num_sample_ids: int,
-                manifest: dict[str, Any]) -> str | None:
-    """The first broken promise of the shard contract in one row, None when it holds: the row checks
-    above (lengths, seq_lens, row length, padding, first tokens, trained labels) in O(row), for a
-    reader that checks each row as it reads it (`sfttrain`); no checksum, no cross-row check."""
-    n, used, max_length = len(ids), int(np.sum(seq_lens)), manifest["max_length"]
-    if len(labels) != n:
-        return f"{n} input_ids but {len(labels)} labels"
-    if len(seq_lens) != num_sample_ids:
-        return f"{len(seq_lens)} seq_lens but {num_sample_ids} sample_ids"
-    if len(seq_lens) and np.min(seq_lens) <= 0:
-        return f"seq_lens {np.asarray(seq_lens).tolist()} holds a length <= 0"
-    packed = manifest.get("packing") != "none"
-    if used > n or (n != max_length if packed else n != used):
-        what = "packed rows are max_length long" if packed else "a row holds one sample, unpadded"
-        return f"row length {n} with sum(seq_lens) = {used}, max_length {max_length}: {what}"
-    pad_id = manifest["tokenizer"].get("pad_id")
-    trained = labels != IGNORE_INDEX
-    starts = sample_starts(seq_lens)
-    if (i := _first(trained[used:], used)) is not None:
-        return f"padding at position {i} has label {labels[i]}, not -100"
-    if (i := _first(ids[used:] != pad_id, used)) is not None:
-        return f"padding at position {i} has id {ids[i]}, not pad_id {pad_id}"
-    if (j := _first(trained[starts])) is not None:
-        return f"the first token of its sample {j} (position {starts[j]}) has label {labels[starts[j]]}, not -100"
-    if (i := _first(trained & (labels != ids))) is not None:
-        return f"the label at position {i} is {labels[i]}, not its input id {ids[i]}"
-    return None
-
-
-def _first(mask: np.ndarray, offset: int = 0) -> int | None:
-    return offset + int(np.argmax(mask)) if mask.any() else None
 
 
 def format_report(report: Report, limit: int = 20) -> str:
