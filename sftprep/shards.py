@@ -118,7 +118,6 @@ def flatten(table: pa.Table | pa.RecordBatch) -> Flat:
                 piece_row, sample_starts(seq_lens, row_off, seq_off))
 
 
-
 def row_problem(ids: np.ndarray, labels: np.ndarray, seq_lens: np.ndarray, num_sample_ids: int,
                 manifest: dict[str, Any]) -> str | None:
     """The first broken promise of the shard contract in one row, None when it holds: the row checks of

@@ -136,13 +136,14 @@ def _build(s: Setup, callbacks: list, disable_tqdm: bool):
                                  window=s.traits.get("window"), max_length=s.manifest.get("max_length"))
                  if mode(s.manifest.get("packing")).shared else None)
     stopper = StopOnSignal()
+    # a resume with --accept-changes: the checkpoint's optimizer and scheduler would keep the old rate
+    changed = [ApplyLearningRate(config.train.learning_rate)] if s.resume_changes else []
     trainer = ShardTrainer(
         model=model, args=args,
         train_dataset=ShardDataset(config.data.shards, s.manifest),
         eval_dataset=ShardDataset(config.data.eval, s.eval_manifest) if s.eval_manifest else None,
         data_collator=collator, processing_class=s.tokenizer,
-        callbacks=[stopper, *([ApplyLearningRate(config.train.learning_rate)] if s.resume_changes else []), *callbacks],
-        shuffle=config.data.shuffle, run_info=_run_info(s))
+        callbacks=[stopper, *changed, *callbacks], shuffle=config.data.shuffle, run_info=_run_info(s))
     if disable_tqdm:
         trainer.remove_callback(PrinterCallback)
     return trainer, stopper, _summary(s, model, parameter_counts(model), isolation, args)
@@ -244,12 +245,11 @@ def check_runtime(config: TrainConfig, traits) -> AttentionPath:
 def _resume_point(config: TrainConfig, manifest: dict[str, Any]) -> tuple[str | None, list[str]]:
     """The checkpoint to resume from (None: start afresh) and how this run differs from it (accepted
     with --accept-changes, else refused)."""
-    from .trainer import saved_checkpoints
+    from .trainer import checkpoint_folders, saved_checkpoints
 
     out = Path(config.train.output_dir)
     _check_writable(out)
-    checkpoints = sorted((p for p in out.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
-                         key=lambda p: int(p.name.split("-")[-1])) if out.is_dir() else []
+    checkpoints = checkpoint_folders(out)
     if not config.train.resume:
         if checkpoints and not config.train.overwrite:
             raise ConfigError(f"--output-dir {out} already holds {checkpoints[-1].name}: pass --resume to continue "

@@ -28,9 +28,9 @@ from typing import Any
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from .attention import REAL_TOKENS
 from sftprep.errors import UserError
 
+from .attention import REAL_TOKENS
 from .config import ConfigError, TrainConfig, did_you_mean
 from .data import EpochSampler
 from .loss import LossMeter, next_token_targets, per_token_loss, trained_head
@@ -92,7 +92,7 @@ class ShardTrainer(Trainer):
         `TrainingDiverged` (the Trainer's log would hide it: it replaces a NaN loss by the mean so far);
         every gradient 0 while the loss is not is a dead optimizer, warned about once."""
         grads = [p.grad.detach() for p in self.model.parameters() if p.requires_grad and p.grad is not None]
-        largest = torch.stack([g.abs().amax().float() for g in grads]).amax().item() if grads else 0.0
+        largest = torch.nn.utils.get_total_norm(grads, norm_type=math.inf).item() if grads else 0.0  # fused, one sync
         loss = torch.stack(self._step_losses).sum().item() if self._step_losses else 0.0
         self._step_losses.clear()
         lr = f"--learning-rate {self.args.learning_rate:g}"
@@ -215,11 +215,16 @@ class ApplyLearningRate(TrainerCallback):
         return control
 
 
-def saved_checkpoints(output_dir: str | Path) -> list[Path]:
-    """The complete checkpoints (with trainer_state.json) in `output_dir`, oldest step first."""
+def checkpoint_folders(output_dir: str | Path) -> list[Path]:
+    """The checkpoint-N folders in `output_dir`, oldest step first (complete or not)."""
     out = Path(output_dir)
     found = [p for p in out.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()] if out.is_dir() else []
-    return sorted((p for p in found if (p / "trainer_state.json").is_file()), key=lambda p: int(p.name.split("-")[-1]))
+    return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
+
+
+def saved_checkpoints(output_dir: str | Path) -> list[Path]:
+    """The complete checkpoints (trainer_state.json, the Trainer's last write) in `output_dir`, oldest first."""
+    return [p for p in checkpoint_folders(output_dir) if (p / "trainer_state.json").is_file()]
 
 
 class StopOnSignal(TrainerCallback):

@@ -111,6 +111,7 @@ def _learning_rates(checkpoint) -> list[float]:
 def test_resume_with_other_settings_or_without_run_info_needs_accept_changes_which_applies_them(
         tmp_path, spanish_shards, tiny_model, one_thread):  # noqa: F811
     out = tmp_path / "run"
+    assert "--accept-changes applies to --resume only" in _cli(spanish_shards, tiny_model, out, "--accept-changes").output
     assert _cli(spanish_shards, tiny_model, out, "--max-steps", 2).exit_code == 0
     refused = _cli(spanish_shards, tiny_model, out, "--max-steps", 4, "--learning-rate", "0.002", "--seed", 1,
                    "--per-device-batch-size", 2, "--resume")
