@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
+from sftprep.errors import UserError
 from sftprep.packing import mode
 
 from .attention import AttentionPath, choose_attention, model_traits
@@ -156,6 +157,8 @@ def _fit(s: Setup, trainer, stopper, summary: dict[str, Any]) -> TrainResult:
     stopper.install()
     try:
         out = trainer.train(resume_from_checkpoint=s.resume_from)
+    except UserError as e:  # e.g. an edited shard's row, perhaps read in a DataLoader worker
+        raise _unwrapped(e) from None
     finally:
         stopper.restore()
     output_dir = s.config.train.output_dir
@@ -176,6 +179,15 @@ def _fit(s: Setup, trainer, stopper, summary: dict[str, Any]) -> TrainResult:
     trainer.save_model(str(final))  # with sfttrain.json
     result.final_dir = str(final)
     return result
+
+
+def _unwrapped(e: UserError) -> UserError:
+    """A user error raised in a DataLoader worker comes back as "Caught X in DataLoader worker process 0.
+    Original Traceback ... module.X: message" (torch): the one-line message again."""
+    text = str(e)
+    if not text.startswith("Caught ") or "\n" not in text:
+        return e
+    return type(e)(text.rstrip().splitlines()[-1].split(": ", 1)[-1])
 
 
 def merge(adapter: str | Path, out: str | Path, model: str | Path | None = None, dtype: str = "auto",
