@@ -72,7 +72,7 @@ class OutLock:
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            readers = self._readers(self.fd)
+            readers = self._readers()
             holder = os.pread(self.fd, 32, 0).decode(errors="replace").strip() or "?"
             self.made = []  # the holder's
             self.release()
@@ -120,16 +120,23 @@ class OutLock:
         finally:
             os.close(fd)
 
-    @staticmethod
-    def _readers(fd: int) -> list[str]:
-        """The pids holding a shared lock on the file open as `fd` (Linux' /proc/locks; [] elsewhere)."""
-        st = os.fstat(fd)
+    def _readers(self) -> list[str]:
+        """After a refused exclusive lock: the pids of the readers holding it, [] when a build holds it (a
+        shared lock is granted only beside readers); pids from Linux' /proc/locks, "?" elsewhere."""
+        import fcntl
+
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # released with the descriptor
+        except BlockingIOError:
+            return []
+        st, me = os.fstat(self.fd), str(os.getpid())
         key = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
         try:
             entries = [line.split() for line in Path("/proc/locks").read_text().splitlines() if "->" not in line]
         except OSError:
-            return []
-        return sorted({e[4] for e in entries if len(e) > 5 and e[1] == "FLOCK" and e[3] == "READ" and e[5] == key})
+            entries = []
+        pids = {e[4] for e in entries if len(e) > 5 and e[1] == "FLOCK" and e[3] == "READ" and e[5] == key}
+        return sorted(pids - {me}) or ["?"]
 
 
 # the names a build writes in its folder (`*.tmp`: while writing); a file or folder of such a name that
