@@ -153,6 +153,12 @@ def expected_records(config: BuildConfig, inputs: list[Path] | None = None) -> i
     return total if total is None or config.part is None else part_size(total, config.part)
 
 
+def hold_build(folder: str | Path):
+    """A context manager that holds the build in `folder` while a reader (`sfttrain run`) uses it: a build
+    into the folder is refused meanwhile, and a build under way refuses the reader (`OutLock.reading`)."""
+    return OutLock(Path(folder)).reading()
+
+
 def chat_template_for(manifest: dict[str, Any], tokenizer, folder: str | Path = ".") -> str | None:
     """The chat template matching the build's (the build in `folder`; `tokenizer` a transformers
     tokenizer of the build's vocabulary), or None when the build used no chat template."""

@@ -28,6 +28,7 @@ from .errors import InputError
 from .files import claim, names_path
 from .labels import IGNORE_INDEX, sample_starts
 from .manifest import read_manifest, shard_path
+from .packing import mode
 
 WRITE_ROWS = 1024  # rows per record batch in a shard (and in the side tables)
 
@@ -118,6 +119,39 @@ def flatten(table: pa.Table | pa.RecordBatch) -> Flat:
     return Flat(ids, labels, row_off, seq_lens.astype(np.int64), seq_off, sample_ids.astype(np.int64),
                 piece_row, sample_starts(seq_lens, row_off, seq_off))
 
+
+def row_problem(ids: np.ndarray, labels: np.ndarray, seq_lens: np.ndarray, num_sample_ids: int,
+                manifest: dict[str, Any]) -> str | None:
+    """The first broken promise of the shard contract in one row, None when it holds: the row checks of
+    `sftprep verify` (lengths, seq_lens, row length, padding, first tokens, trained labels) in O(row),
+    for a reader that checks each row as it reads it (`sfttrain`); no checksum, no cross-row check."""
+    n, used, max_length = len(ids), int(np.sum(seq_lens)), manifest["max_length"]
+    if len(labels) != n:
+        return f"{n} input_ids but {len(labels)} labels"
+    if len(seq_lens) != num_sample_ids:
+        return f"{len(seq_lens)} seq_lens but {num_sample_ids} sample_ids"
+    if len(seq_lens) and np.min(seq_lens) <= 0:
+        return f"seq_lens {np.asarray(seq_lens).tolist()} holds a length <= 0"
+    padded = mode(manifest.get("packing")).padded
+    if used > n or (n != max_length if padded else n != used or n > max_length):
+        what = "padded rows are max_length long" if padded else "a row holds its samples, unpadded"
+        return f"row length {n} with sum(seq_lens) = {used}, max_length {max_length}: {what}"
+    pad_id = manifest["tokenizer"].get("pad_id")
+    trained = labels != IGNORE_INDEX
+    starts = sample_starts(seq_lens)
+    if (i := _first(trained[used:], used)) is not None:
+        return f"padding at position {i} has label {labels[i]}, not -100"
+    if (i := _first(ids[used:] != pad_id, used)) is not None:
+        return f"padding at position {i} has id {ids[i]}, not pad_id {pad_id}"
+    if (j := _first(trained[starts])) is not None:
+        return f"the first token of its sample {j} (position {starts[j]}) has label {labels[starts[j]]}, not -100"
+    if (i := _first(trained & (labels != ids))) is not None:
+        return f"the label at position {i} is {labels[i]}, not its input id {ids[i]}"
+    return None
+
+
+def _first(mask: np.ndarray, offset: int = 0) -> int | None:
+    return offset + int(np.argmax(mask)) if mask.any() else None
 
 
 def shard_name(i: int) -> str:

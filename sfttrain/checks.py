@@ -21,8 +21,9 @@ SHARD_COLUMNS = ("input_ids", "labels", "seq_lens")
 def open_build(folder: str | Path, verify_checksums: bool = False, flag: str = "SHARDS") -> dict[str, Any]:
     """Read and check the manifest of a `sftprep build` folder and its shards, in time independent
     of the dataset's size: each shard must exist and open as an Arrow file (its footer, memory-mapped)
-    with the manifest's row count and columns. `verify_checksums` also hashes every byte (sha256),
-    on one rank per machine; `sftprep verify` does the same once, outside training.
+    with the manifest's row count and columns. `verify_checksums` also runs the whole `sftprep verify`
+    (sha256 of every byte, the shard contract in every row, the samples file, the totals) on one
+    rank per machine. Without it, each row is checked when read (`ShardDataset`).
 
     Raises:
         FileNotFoundError: no folder, no manifest (an unfinished build), or a missing shard.
@@ -41,17 +42,30 @@ def open_build(folder: str | Path, verify_checksums: bool = False, flag: str = "
     check_schema(manifest, folder / "manifest.json")
     if not manifest["shards"]:
         raise ConfigError(f"{folder} holds no shards (the build kept no rows); check {folder}/rejects.jsonl")
-    hash_here = verify_checksums and int(os.environ.get("LOCAL_RANK", "0") or 0) == 0
     for s in manifest["shards"]:
         f = shard_path(folder, s["file"])
         if not f.is_file():
             raise FileNotFoundError(f"{f} is listed in {folder}/manifest.json but missing; "
                                     "rebuild with `sftprep build --overwrite`")
         _check_footer(f, s)
-        if hash_here:
-            _check_sha256(f, s)
-            _check_max_id(f, manifest)
+    if verify_checksums and int(os.environ.get("LOCAL_RANK", "0") or 0) == 0:
+        _verify(folder, manifest)
     return manifest
+
+
+def _verify(folder: Path, manifest: dict[str, Any]) -> None:
+    """--verify-checksums: the whole `sftprep verify` (checksums, the shard contract in every row, samples
+    file, totals), then every id within the manifest's `max_token_id`."""
+    from sftprep import verify
+
+    report = verify(folder)
+    if not report.ok:
+        counts = ", ".join(f"{k}: {v}" for k, v in sorted(report.counts.items()))
+        raise ConfigError(f"--verify-checksums: {folder} fails `sftprep verify` ({counts}), first: "
+                          f"{report.violations[0]}; rebuild with `sftprep build --overwrite` (or copy the files "
+                          f"again); `sftprep verify {folder}` lists every violation")
+    for s in manifest["shards"]:
+        _check_max_id(shard_path(folder, s["file"]), manifest)
 
 
 # -- the manifest is input: its schema, checked before anything relies on it ---------------------
@@ -153,16 +167,6 @@ def _check_footer(f: Path, entry: dict[str, Any]) -> None:
     if missing or rows != int(entry["rows"]):
         what = f"lacks the columns {', '.join(missing)}" if missing else f"holds {rows} rows, not {entry['rows']}"
         raise ConfigError(f"{f} {what} as its manifest says; rebuild with `sftprep build --overwrite`")
-
-
-def _check_sha256(f: Path, entry: dict[str, Any]) -> None:
-    from sftprep.shards import sha256_file
-
-    digest = sha256_file(f)
-    if digest != entry["sha256"]:
-        raise ConfigError(f"{f} is corrupted: sha256 {digest[:16]}... does not match the manifest's "
-                          f"{entry['sha256'][:16]}...; rebuild with `sftprep build --overwrite` "
-                          "(or copy the file again)")
 
 
 def model_config(model_path: str | Path) -> dict[str, Any]:

@@ -85,6 +85,7 @@ _OPTIONS = [
     _flag("verify-checksums"),
     _setting("--dataloader-workers", type=int),
     _setting("--resume", is_flag=True, default=None),
+    _setting("--accept-changes", is_flag=True, default=None),
     _setting("--overwrite", is_flag=True, default=None),
 ]
 
@@ -173,6 +174,8 @@ def _print_start(console, s: dict[str, Any]) -> None:
         ("steps", f"{s['steps']:,}" + (f", resuming from {s['resume_from']}" if s["resume_from"] else "")),
         ("output", s["output_dir"]),
     ]
+    if s.get("resume_changes"):
+        lines.append(("changed", "; ".join(s["resume_changes"]) + " (--accept-changes: applied)"))
     for k, v in lines:
         console.print(f"[bold]{k:>10}[/bold]  {v}", highlight=False, soft_wrap=True)
 

@@ -14,6 +14,9 @@ tokens takes a fraction of a second):
 
 then over the build: sample ids unique (a wrapped sample's pieces sit next to each other), the
 samples and their lengths agree with `samples.feather`, and the manifest totals are the sums.
+
+`sftprep.shards.row_problem` runs the row checks on one row in O(row): what `sfttrain` checks on every
+row it reads.
 """
 
 from __future__ import annotations
