@@ -20,7 +20,8 @@ from tests.chat_families import FAMILIES, family_path, load_family, reference
 
 # families whose templates inspect message texts (split out <think> blocks, test suffixes...) or
 # turn output into values (macros): rendered conversation by conversation, never planned
-NOT_PLANNED = {"qwen3", "gpt-oss", "deepseek-v3", "deepseek-r1-distill", "glm-4.5"}
+NOT_PLANNED = {"qwen3", "gpt-oss", "deepseek-v3", "deepseek-r1-distill", "glm-4.5", "hermes-3", "gemma-4",
+               "nemotron-3-nano"}
 
 PIECES = ["Hello", "world", "你好，世界", "🙂", "<|im_end|>", "<|im_start|>assistant\n", "[INST]", "<think>x</think>",
           "</think>", "<|eot_id|>", "<end_of_turn>", "\n\n", "\n", "  ", "\t", "a.b", "{x}", "'", '"', "\\n",
