@@ -12,6 +12,7 @@ Every stage takes its own config section; this module is the only one that sees 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from collections import Counter
 from pathlib import Path
 from typing import Any, Callable
@@ -31,7 +32,7 @@ from .pipeline import encode_all, encoder_for, gc_paused, in_background
 from .readers import count_records, expand_inputs
 from .shards import ShardSetWriter, load  # noqa: F401 (load: part of the public surface)
 from .store import Samples, SampleStore
-from .tokenizer import load_fast, pad_id, tokenizer_identity
+from .tokenizer import install_chat_template, load_fast, pad_id, tokenizer_identity
 
 SPILL_STEM = "tokens.spill"  # tokens.spill.{ids,labels}.tmp: removed at the end, or by the next build
 
@@ -69,7 +70,7 @@ def _build(config: BuildConfig, progress: Callable[[int], None] | None, lock: Ou
     tok = load_fast(config.tokenize.tokenizer)
     inputs = _inputs(config)
     # file hashes (the build id) while the template is compiled: hashlib works without the GIL
-    hashes = in_background(_hash_sources, inputs, tok.path)
+    hashes = in_background(_hash_sources, inputs, tok.path, config.template.chat_template)
     encoder = encoder_for(config, tok)  # validates template settings before any work
     input_info, tokenizer_hash = hashes()
     this_build = build_id(config, input_info, tokenizer_hash)
@@ -95,7 +96,8 @@ def _build(config: BuildConfig, progress: Callable[[int], None] | None, lock: Ou
         if part is None:  # a part may hold few or no records: merge checks all parts' together
             check_rejects(config, rejects, read, out)
         store.seal()
-        shards, totals = write_build(config, out, store, rejects, read, pad, Path(config.tokenize.tokenizer))
+        shards, totals = write_build(config, out, store, rejects, read, pad, Path(config.tokenize.tokenizer),
+                                     encoder.renderer.template_file)
     except BaseException:
         remove_temps(out)  # a failed write (disk full...) leaves no *.tmp behind
         raise
@@ -128,9 +130,13 @@ def _build(config: BuildConfig, progress: Callable[[int], None] | None, lock: Ou
     return manifest
 
 
-def _hash_sources(inputs: list[Path], tokenizer: Path) -> tuple[list[dict[str, str]], str]:
-    """The manifest's input entries (path, sha256) and the tokenizer files' hash."""
-    return [{"path": str(p), "sha256": hash_input(p)} for p in inputs], hash_tokenizer(tokenizer)
+def _hash_sources(inputs: list[Path], tokenizer: Path, chat_template: str | None) -> tuple[list[dict[str, str]], str]:
+    """The manifest's input entries (path, sha256) and the tokenizer files' hash (with the `--chat-template`
+    file's, which the build's tokenizer/ folder holds in place of the tokenizer's own)."""
+    files = hash_tokenizer(tokenizer)
+    if chat_template:
+        files = hashlib.sha256(f"{files} chat_template {hash_input(Path(chat_template))}".encode()).hexdigest()
+    return [{"path": str(p), "sha256": hash_input(p)} for p in inputs], files
 
 
 def _inputs(config: BuildConfig) -> list[Path]:
@@ -188,14 +194,18 @@ def check_rejects(config: BuildConfig, rejects: list, read: int, out: Path) -> N
 
 
 def write_build(config: BuildConfig, out: Path, samples: Samples, rejects: list[dict[str, Any]], read: int,
-                pad: int, tokenizer: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+                pad: int, tokenizer: Path, chat_template: str | None = None
+                ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Everything of a build but its manifest, from its kept `samples` (in input order) and `rejects`:
-    shards, samples.feather, rejects.jsonl, tokenizer/ (copied from `tokenizer`). Returns the shards'
-    manifest entries and the manifest's totals (`read`: records read)."""
+    shards, samples.feather, rejects.jsonl, tokenizer/ (copied from `tokenizer`, with `chat_template` as
+    its chat template where given). Returns the shards' manifest entries and the manifest's totals
+    (`read`: records read)."""
     shards = _write_shards(config, out, samples, pad)
     write_samples(out, samples)
     write_rejects(out, rejects)
     copy_tokenizer(tokenizer, out)
+    if chat_template is not None:
+        install_chat_template(out / TOKENIZER_DIR, chat_template)
     tokens = sum(s["tokens"] for s in shards)
     n_rows = sum(s["rows"] for s in shards)
     trained = sum(s["trained_tokens"] for s in shards)
