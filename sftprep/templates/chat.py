@@ -327,8 +327,9 @@ class ChatTemplate:
     def _not_located(self, text: str, i: int, start: int, bound: int, why: str) -> str:
         """Why turn `i` cannot be located, what the template wrote there, and the fix when there is one:
         the token that ends the template's user turns, written in this turn but not a stop token."""
-        around = text[max(0, start - 40):min(len(text), bound + 40)]
-        message = f"messages[{i}]: {why}; the template wrote ...{around!r}... around it"
+        a, b = max(0, start - 40), min(len(text), bound + 40)
+        around = repr(text[a:b]) if b - a <= 320 else f"{text[a:a + 200]!r} ... {text[b - 100:b]!r}"
+        message = f"messages[{i}]: {why}; the template wrote ...{around}... around it"
         end = self._turn_marker()
         if end and end not in self.stop_tokens and end in text[start:bound + len(end)]:
             message += (f"; {end!r} ends the template's turns but is not a stop token of this tokenizer: "
