@@ -20,13 +20,13 @@ from typing import Any, Callable
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from . import __version__
 from .config import BuildConfig
-from .errors import BuildError
+from .errors import BuildError, ConfigError
+from .files import overlaps
 from .manifest import write_manifest
-from .output import (REJECTS_FILE, SAMPLES_FILE, TOKENIZER_DIR, OutLock, build_id, copy_tokenizer, hash_input,
-                     hash_tokenizer, prepare_out, remove_temps, write_rejects, write_samples)
-from .packing import fill_ratio, pack
+from .output import (REJECTS_FILE, TOKENIZER_DIR, OutLock, build_id, build_manifest, copy_tokenizer, hash_input,
+                     hash_tokenizer, owned, prepare_out, remove_temps, write_rejects, write_samples)
+from .packing import fill_ratio, mode
 from .parts import part_size
 from .pipeline import encode_all, encoder_for, gc_paused, in_background
 from .readers import count_records, expand_inputs
@@ -67,8 +67,8 @@ def build(config: BuildConfig, progress: Callable[[int], None] | None = None, *,
 
 
 def _build(config: BuildConfig, progress: Callable[[int], None] | None, lock: OutLock) -> dict[str, Any]:
-    tok = load_fast(config.tokenize.tokenizer)
     inputs = _inputs(config)
+    tok = load_fast(config.tokenize.tokenizer)
     # file hashes (the build id) while the template is compiled: hashlib works without the GIL
     hashes = in_background(_hash_sources, inputs, tok.path, config.template.chat_template)
     encoder = encoder_for(config, tok)  # validates template settings before any work
@@ -105,27 +105,13 @@ def _build(config: BuildConfig, progress: Callable[[int], None] | None, lock: Ou
         store.remove()
 
     identity = identity[0]() if identity else tokenizer_identity(tok, config.tokenize.tokenizer)
-    manifest = {
-        "tool": {"name": "sftprep", "version": __version__},
-        "build_id": this_build,
-        "config": config.to_dict(),
-        "inputs": input_info,
-        "template": encoder.renderer.description,
+    manifest = build_manifest(
+        config, build_id=this_build, inputs=input_info, template=encoder.renderer.description,
         # a part may hold none of an input's records: merge warns over all parts
-        "warnings": encoder.renderer.warnings + ([] if part else empty_inputs(inputs, store.sources, rejects)),
-        "tokenizer": {**identity, "files_sha256": tokenizer_hash, "path": TOKENIZER_DIR,
-                      "source": str(tok.path.resolve()),
-                      "files": sorted(p.name for p in (out / TOKENIZER_DIR).iterdir())},
-        "max_length": config.tokenize.max_length,
-        "max_token_id": max(store.max_id, pad),  # lets sfttrain check ids without reading shards
-        "packing": config.pack.mode,
-        "shards": [{k: s[k] for k in ("file", "rows", "tokens", "sha256")} for s in shards],
-        "samples_file": SAMPLES_FILE,
-        "rejects_file": REJECTS_FILE,
-        "totals": totals,
-    }
-    if part is not None:
-        manifest["part"] = part
+        warnings=encoder.renderer.warnings + ([] if part else empty_inputs(inputs, store.sources, rejects)),
+        tokenizer={**identity, "files_sha256": tokenizer_hash, "path": TOKENIZER_DIR,
+                   "source": str(tok.path.resolve()), "files": sorted(p.name for p in (out / TOKENIZER_DIR).iterdir())},
+        max_token_id=max(store.max_id, pad), shards=shards, totals=totals, **({"part": part} if part else {}))
     write_manifest(out, manifest)
     return manifest
 
@@ -140,13 +126,27 @@ def _hash_sources(inputs: list[Path], tokenizer: Path, chat_template: str | None
 
 
 def _inputs(config: BuildConfig) -> list[Path]:
-    """The input files, resolved once (the list hashed is the list read), never from inside `--out`
-    (a recursive glob would otherwise read the build's own rejects.jsonl)."""
-    out = Path(config.out).resolve()
-    inputs = [p for p in expand_inputs(config.read.inputs) if out not in p.resolve().parents]
+    """The input files, resolved once (the list hashed is the list read). A glob that sweeps in files
+    of a previous build in `--out` (its rejects.jsonl) skips them; any other input that is, contains or
+    lies inside `--out`, and a tokenizer there, is refused before any work: a build replaces its files."""
+    out = Path(config.out)
+    ours = owned(out) if out.is_dir() else set()
+    inputs = []
+    for p in expand_inputs(config.read.inputs):
+        inside = out.resolve() in p.resolve().parents
+        if inside and p.resolve().relative_to(out.resolve()).parts[0] in ours:
+            continue
+        if overlaps(p, out):
+            raise ConfigError(f"input {p} {'is inside' if inside else 'contains'} the output folder --out {out}: "
+                              "a build replaces files there; choose an output folder apart from the inputs")
+        inputs.append(p)
     if not inputs:
         raise FileNotFoundError(f"no input outside the output folder {config.out}: "
                                 f"{', '.join(config.read.inputs)} match only files the build writes")
+    tokenizer = Path(config.tokenize.tokenizer)
+    if tokenizer.exists() and overlaps(tokenizer, out):
+        raise ConfigError(f"the tokenizer {tokenizer} is inside the output folder --out {out} (or contains it): a "
+                          "build replaces OUT/tokenizer/; copy the tokenizer elsewhere, or choose another folder")
     return inputs
 
 
@@ -219,7 +219,7 @@ def write_build(config: BuildConfig, out: Path, samples: Samples, rejects: list[
         "trained_tokens": trained,
         "rows": n_rows,
         "fill_ratio": round(fill_ratio(tokens, n_rows, config.tokenize.max_length), 6)
-        if config.pack.mode != "none" else None,
+        if mode(config.pack.mode).padded else None,
     }
     return shards, totals
 
@@ -227,7 +227,8 @@ def write_build(config: BuildConfig, out: Path, samples: Samples, rejects: list[
 def _write_shards(config: BuildConfig, out: Path, store: Samples, pad: int) -> list[dict[str, Any]]:
     """Pack the stored samples into rows and write them as shards; one manifest entry per shard."""
     max_length = config.tokenize.max_length
-    rows = pack(store.lengths.tolist(), max_length, config.pack.mode, config.pack.seed)
-    width = max_length if config.pack.mode != "none" else None  # packed rows are padded to max_length
+    packing = mode(config.pack.mode)
+    rows = packing.rows(store.lengths.tolist(), max_length, config.pack.seed)
+    width = max_length if packing.padded else None
     writer = ShardSetWriter(out, config.pack.shard_size)
     return writer.write(len(rows), lambda lo, hi: store.rows_batch(rows[lo:hi], width, pad))

@@ -17,13 +17,14 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from .errors import ConfigError
+from .packing import MODES
 from .parts import check_part, parse_part
 
 FORMATS = ("auto", "text", "prompt_completion", "messages", "sharegpt", "alpaca")
 TRAIN_ON = ("auto", "completion", "assistant", "last", "all")
 TRUNCATION = ("keep_start", "keep_end", "drop")
 TRUNCATION_UNITS = ("tokens", "turns")
-PACKING = ("bfd", "wrapped", "none")
+PACKING = tuple(MODES)  # the packing modes (`packing.MODES`)
 ON_ERROR = ("skip", "fail")
 MAX_LENGTH = 1 << 20  # 1,048,576 tokens: longer than any model's context today
 
@@ -34,7 +35,8 @@ class ReadConfig:
 
     inputs: tuple[str, ...] = ()
     """Input files, folders or glob patterns (repeatable): JSONL, JSON, CSV/TSV, Parquet, Arrow/Feather or a
-    `datasets.save_to_disk` folder (--input)."""
+    `datasets.save_to_disk` folder (--input). A path that exists is read as it is, even with `*?[` in its name;
+    `glob:PATTERN` always expands."""
     format: str = "auto"
     """Record format: auto, text, prompt_completion, messages, sharegpt, alpaca (--format)."""
     fields: Mapping[str, str] = field(default_factory=dict)
@@ -169,7 +171,7 @@ def _check(c: BuildConfig) -> list[str]:
     choice(c.tokenize.truncation, TRUNCATION, "truncation")
     choice(c.tokenize.truncation_unit, TRUNCATION_UNITS, "truncation_unit")
     choice(c.tokenize.train_on, TRAIN_ON, "train_on")
-    choice(c.pack.mode, PACKING, "packing")
+    choice(c.pack.mode, tuple(MODES), "packing")
     if c.tokenize.max_length < 8:
         p.append(f"max_length={c.tokenize.max_length} is too small (at least 8 tokens)")
     if c.tokenize.max_length > MAX_LENGTH:

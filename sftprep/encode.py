@@ -210,29 +210,47 @@ class Encoder:
 
     def _fit_turns(self, conv: Conversation) -> tuple[np.ndarray, np.ndarray] | None:
         """The conversation with whole exchanges (a user turn and what follows it) dropped from the end
-        (keep_start) or from the start after any system message (keep_end), re-rendered, until it fits."""
+        (keep_start) or from the start after any system message (keep_end), re-rendered: the most
+        exchanges that fit. A longer conversation is never shorter, so the count is found by bisection
+        (O(log n) renders, not n); an exchange count that cannot be rendered or trains nothing sends the
+        search to the next smaller count, one by one, as a plain scan would."""
         msgs = conv.messages
         system = msgs[:1] if msgs and msgs[0].role == "system" else []
         body = msgs[len(system):]
         starts = [i for i, m in enumerate(body) if m.role == "user"] + [len(body)]
         groups = [body[a:b] for a, b in zip(starts, starts[1:])]
-        if self.truncation == "keep_start":
-            candidates = [groups[:k] for k in range(len(groups) - 1, 0, -1)]
-        else:
-            candidates = [groups[k:] for k in range(1, len(groups))]
-        for kept in candidates:
-            shorter = [m for g in kept for m in g]
-            if not any(m.role == "assistant" for m in shorter):
-                continue
-            trial = Rendered(Encoded(), [], [], [], [], [])
-            try:
-                self._add(trial, Conversation(conv.kind, system + shorter, tools=conv.tools, fields=conv.fields),
-                          0, "")
-            except FormatError:
-                continue
-            ids, labels, lengths, _, _ = self._label_arrays(trial, self.encode(trial))
-            if lengths[0] <= self.max_length:
-                return ids, labels
+        tried: dict[int, tuple[np.ndarray, np.ndarray] | None] = {}
+
+        def attempt(k: int) -> tuple[np.ndarray, np.ndarray] | None:  # None: no assistant turn, or unrenderable
+            if k not in tried:
+                kept = groups[:k] if self.truncation == "keep_start" else groups[len(groups) - k:]
+                shorter = [m for g in kept for m in g]
+                tried[k] = None
+                if any(m.role == "assistant" for m in shorter):
+                    trial = Rendered(Encoded(), [], [], [], [], [])
+                    try:
+                        self._add(trial, Conversation(conv.kind, system + shorter, tools=conv.tools,
+                                                      fields=conv.fields), 0, "")
+                    except FormatError:
+                        return None
+                    ids, labels, _, _, _ = self._label_arrays(trial, self.encode(trial))
+                    tried[k] = ids, labels
+            return tried[k]
+
+        lo, hi = 1, len(groups) - 1  # the answer is the largest k in [lo, hi] that fits
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            found = attempt(mid)
+            if found is None:
+                break  # a hole in the search: scan down from hi
+            if len(found[0]) <= self.max_length:
+                lo = mid
+            else:
+                hi = mid - 1
+        for k in range(hi, 0, -1):
+            found = attempt(k)
+            if found is not None and len(found[0]) <= self.max_length:
+                return found
         return None
 
     def _keep(self, out: Encoded, rendered: Rendered, ids, labels, lengths, base, num_trained) -> None:

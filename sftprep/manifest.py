@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 from .errors import InputError
+from .files import claim, fsync_dir, names_path
 
 VERSION = 1
 MANIFEST = "manifest.json"
@@ -14,9 +15,8 @@ MANIFEST = "manifest.json"
 
 def write_manifest(out: Path, manifest: dict[str, Any]) -> None:
     """Write `manifest.json` via a temporary file, fsync and rename (atomic on POSIX)."""
-    from .shards import names_path
-
     tmp = out / (MANIFEST + ".tmp")
+    claim(out / MANIFEST, tmp)
     try:
         with names_path(out / MANIFEST), open(tmp, "w", encoding="utf-8") as f:
             json.dump({"version": VERSION, **manifest}, f, indent=2, ensure_ascii=False)
@@ -92,11 +92,3 @@ def shard_path(folder: str | Path, name: Any) -> Path:
         raise InputError(f"{where} is a link that leads outside the build folder ({target.resolve()}); "
                          "copy the shard into the folder instead")
     return target
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

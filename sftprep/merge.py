@@ -23,11 +23,12 @@ from . import __version__
 from .api import check_rejects, empty_inputs, write_build
 from .config import BuildConfig, config_from_dict, shard_settings
 from .errors import InputError
+from .files import overlaps
 from .inspect.diff import flat_items
 from .inspect.folder import read_rejects, read_sample_info
 from .inspect.unpack import flatten
-from .manifest import read_manifest, tokenizer_dir, write_manifest
-from .output import REJECTS_FILE, SAMPLES_FILE, OutLock, prepare_out, remove_temps
+from .manifest import MANIFEST, read_manifest, tokenizer_dir, write_manifest
+from .output import OutLock, build_key, build_manifest, prepare_out, remove_temps
 from .store import Samples
 
 # what every part of one build must agree on (besides `part.of_build`, which covers them all); a part's
@@ -60,6 +61,10 @@ def merge(part_dirs: list[str | Path], out: str | Path, overwrite: bool = False)
         BuildError: too many records rejected over all parts (rejects are left, no manifest).
     """
     parts = check_parts([open_part(d) for d in part_dirs])
+    for p in parts:
+        if overlaps(p.folder, Path(out)) and not _hidden_inside(p.folder, Path(out)):
+            raise InputError(f"--out {out} is the part {p.folder}, or inside or around it: merge reads every part "
+                             "while it writes; merge into another folder")
     first = parts[0].manifest
     config = _whole_config(first["config"], out, overwrite)
     lock = OutLock(Path(out))
@@ -75,6 +80,13 @@ def merge(part_dirs: list[str | Path], out: str | Path, overwrite: bool = False)
         lock.release()
 
 
+def _hidden_inside(part: Path, out: Path) -> bool:
+    """Whether `part` lies in a hidden folder of `out` (`OUT/.parts`, where --executor ray puts its parts):
+    a build never writes, replaces or removes a dot-folder."""
+    part, out = part.resolve(), out.resolve()
+    return out in part.parents and part.relative_to(out).parts[0].startswith(".")
+
+
 def open_part(folder: str | Path) -> Part:
     folder = Path(folder)
     manifest = read_manifest(folder)
@@ -87,6 +99,8 @@ def check_parts(parts: list[Part]) -> list[Part]:
     """Parts 0..N-1 of one build, each once, sorted by index; else a one-line InputError."""
     if not parts:
         raise InputError("no part to merge: give the folders that `sftprep build --part i/N` wrote")
+    for p in parts:
+        _check_of_build(p)
     head = parts[0]
     for p in parts[1:]:
         if p.count != head.count:
@@ -131,7 +145,24 @@ def _difference(a: dict[str, Any], b: dict[str, Any]) -> str:
         return "their tokenizers differ (vocabulary hash)"
     if a["tokenizer"].get("files_sha256") != b["tokenizer"].get("files_sha256"):
         return "their tokenizer files differ (same vocabulary; e.g. another chat template or normalizer)"
-    return f"sftprep version differs ({b['tool']['version']} vs {a['tool']['version']})"
+    if a["tool"]["version"] != b["tool"]["version"]:
+        return f"sftprep version differs ({b['tool']['version']} vs {a['tool']['version']})"
+    return "nothing in their settings, inputs or tokenizer differs: a manifest's part.of_build was edited"
+
+
+def _check_of_build(p: Part) -> None:
+    """Refuse a part whose recorded `part.of_build` is not what its own manifest's settings, inputs and
+    tokenizer give (an edited or forged manifest), naming both."""
+    m = p.manifest
+    try:
+        own = build_key({k: v for k, v in m["config"].items() if k != "part"}, [i["sha256"] for i in m["inputs"]],
+                        m["tokenizer"]["files_sha256"], m["tool"]["version"])
+    except (KeyError, TypeError, AttributeError):
+        raise InputError(f"{p.folder / MANIFEST}: the part's settings, inputs or tokenizer are missing from its "
+                         "manifest; build the part again") from None
+    if own != m["part"]["of_build"]:
+        raise InputError(f"{p.folder / MANIFEST}: part.of_build is {m['part']['of_build']}, but its own settings, "
+                         f"inputs and tokenizer make {own}: the manifest was edited or damaged; build the part again")
 
 
 def _whole_config(cfg: dict[str, Any], out: str | Path, overwrite: bool) -> BuildConfig:
@@ -152,19 +183,13 @@ def _merge(parts: list[Part], config: BuildConfig, out: Path) -> dict[str, Any]:
     if tok is None:
         raise FileNotFoundError(f"{parts[0].folder} has no tokenizer/ folder: build the part again")
     shards, totals = write_build(config, out, samples, rejects, read, first["tokenizer"]["pad_id"], tok)
-    manifest = {key: first[key] for key in ("tool", "build_id", "config", "inputs", "template", "warnings",
-                                             "tokenizer", "max_length", "max_token_id", "packing")}
-    manifest.update({
-        "build_id": first["part"]["of_build"],
-        "config": config.to_dict(),
-        "warnings": first["warnings"] + empty_inputs([i["path"] for i in first["inputs"]], samples.sources, rejects),
-        "max_token_id": max(p.manifest["max_token_id"] for p in parts),  # each is max(its ids, pad): so is this
-        "shards": [{k: s[k] for k in ("file", "rows", "tokens", "sha256")} for s in shards],
-        "samples_file": SAMPLES_FILE,
-        "rejects_file": REJECTS_FILE,
-        "totals": totals,
-        "merged_from": {"count": len(parts), "build_ids": [p.manifest["build_id"] for p in parts]},
-    })
+    manifest = build_manifest(
+        config, build_id=first["part"]["of_build"], inputs=first["inputs"], template=first["template"],
+        warnings=first["warnings"] + empty_inputs([i["path"] for i in first["inputs"]], samples.sources, rejects),
+        tokenizer=first["tokenizer"],
+        max_token_id=max(p.manifest["max_token_id"] for p in parts),  # each is max(its ids, pad): so is this
+        shards=shards, totals=totals,
+        merged_from={"count": len(parts), "build_ids": [p.manifest["build_id"] for p in parts]})
     write_manifest(out, manifest)
     return manifest
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -26,8 +27,9 @@ import pyarrow as pa
 from . import __version__
 from .config import BuildConfig, shard_settings
 from .errors import ConfigError, InputError
-from .manifest import MANIFEST, fsync_dir, read_manifest
-from .shards import names_path, numpy_array, sha256_file, write_table
+from .files import LEDGER, claim, fsync_dir, ledger, names_path, rewrite_ledger
+from .manifest import MANIFEST, read_manifest
+from .shards import numpy_array, sha256_file, write_table
 from .store import Samples
 
 SAMPLES_FILE = "samples.feather"  # Arrow IPC file too, but no `*.arrow` glob meets it
@@ -39,11 +41,14 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 
 class OutLock:
-    """One build per output folder at a time: an advisory lock on OUT/.lock, taken once the settings
-    are checked (a refused build writes nothing) and held until the build ends."""
+    """One build per output folder at a time: an advisory lock on OUT/.lock, held until the build ends.
+
+    A build refused before it wrote anything (no `.build_id` in the folder) leaves nothing behind: the
+    `.lock` it created, and the folder if it made it, are removed on `release`."""
 
     def __init__(self, out: Path) -> None:
         self.out, self.fd = out, None
+        self.made: list[Path] = []  # what acquire created: removed on release if the build wrote nothing
 
     def acquire(self) -> None:
         import fcntl
@@ -51,12 +56,20 @@ class OutLock:
         out = self.out
         if out.exists() and not out.is_dir():
             raise ConfigError(f"--out {out} is a file, not a folder")
+        missing = [p for p in (out, *out.parents) if not p.exists()]
         out.mkdir(parents=True, exist_ok=True)
-        self.fd = os.open(out / ".lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        lock = out / ".lock"
+        try:
+            self.fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+            self.made = [lock, *missing]
+        except FileExistsError:
+            self.fd = os.open(lock, os.O_RDWR | os.O_NOFOLLOW)
+            self.made = missing
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(self.fd, 32, 0).decode(errors="replace").strip() or "?"
+            self.made = []  # the holder's
             self.release()
             raise ConfigError(f"--out {out} is being written by another sftprep build (pid {holder}); wait for it "
                               "to finish, or choose another folder") from None
@@ -64,38 +77,108 @@ class OutLock:
         os.pwrite(self.fd, f"{os.getpid()}\n".encode(), 0)
 
     def release(self) -> None:
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
+        if self.fd is None:
+            return
+        if self.made and not (self.out / ".build_id").exists():
+            for p in self.made:  # the lock file, then the folders it made, innermost first
+                try:
+                    p.unlink() if p.name == ".lock" else p.rmdir()
+                except OSError:
+                    break
+        os.close(self.fd)
+        self.fd = None
+
+
+# the names a build writes in its folder (`*.tmp`: while writing); a file or folder of such a name that
+# sftprep cannot prove it wrote is never replaced, removed or written into
+_BUILD_NAME = re.compile(r"(manifest\.json|shard-[^/]*\.arrow|samples\.(feather|arrow)|rejects\.jsonl|tokenizer)"
+                         r"(\.tmp)?|tokens\.spill\.[^/]*\.tmp")
+_MARKERS = (".build_id", ".lock", LEDGER, LEDGER + ".tmp")  # kept: the folder's identity, lock and ledger
 
 
 def prepare_out(out: Path, build_id: str, overwrite: bool) -> Path:
-    """Make `out` ready: refuse a folder holding another build unless `overwrite`; then remove the
-    manifest first (so the folder never claims a finished build mid-way) and old shards. The folder
-    exists and is locked (`OutLock`)."""
+    """Make `out` ready: refuse a folder holding another build unless `overwrite`, and any file of a name
+    the build writes that sftprep cannot prove it wrote (`owned`); then remove the previous build's files,
+    manifest first (so the folder never claims a finished build mid-way). Nothing else in the folder is
+    touched. The folder exists and is locked (`OutLock`)."""
     if out.exists():
         links = sorted(p.name for p in out.iterdir() if p.is_symlink())
         if links:
             raise ConfigError(f"--out {out} holds symbolic links ({', '.join(links)}); sftprep never writes "
                               "through a link: remove them or choose another folder")
+        ours = owned(out)
+        _refuse_foreign_names(out, ours)
         previous = _previous_build_id(out)
-        foreign = previous is None and any(p for p in out.iterdir() if not p.name.startswith("."))
+        foreign = previous is None and any(p.name not in ours for p in out.iterdir() if not p.name.startswith("."))
         # a build that failed before writing a shard (e.g. everything rejected) left nothing to protect
         failed = not (out / MANIFEST).exists() and not any(out.glob("shard-*.arrow"))
         if not overwrite and (foreign or (previous is not None and previous != build_id and not failed)):
-            what = "files that are not a sftprep build" if foreign else "a different build"
-            raise ConfigError(f"--out {out} already holds {what}; pass --overwrite to replace it, "
+            if foreign:
+                raise ConfigError(f"--out {out} already holds files that are not a sftprep build; pass --overwrite "
+                                  "to write the build beside them (sftprep removes only files it wrote), or "
+                                  "choose another folder")
+            raise ConfigError(f"--out {out} already holds a different build; pass --overwrite to replace it, "
                               "or choose another folder")
+    else:
+        ours = set()
     out.mkdir(parents=True, exist_ok=True)
-    (out / MANIFEST).unlink(missing_ok=True)
+    if MANIFEST in ours:
+        (out / MANIFEST).unlink(missing_ok=True)
+    claim(out / ".build_id")
     with names_path(out / ".build_id"):
         (out / ".build_id").write_text(build_id + "\n")
-    for old in [*out.glob("shard-*.arrow"), *out.glob("*.tmp"), out / SAMPLES_FILE, out / OLD_SAMPLES_FILE,
-                out / REJECTS_FILE]:
-        shutil.rmtree(old) if old.is_dir() else old.unlink(missing_ok=True)
-    shutil.rmtree(out / TOKENIZER_DIR, ignore_errors=True)
+    for name in sorted(ours - set(_MARKERS)):
+        remove_owned(out / name)
+    rewrite_ledger(out, {".build_id"})
     fsync_dir(out)
     return out
+
+
+def owned(out: Path) -> set[str]:
+    """The names in `out` that sftprep provably wrote: those its ledger claims, and those the folder's
+    manifest lists (builds made before the ledger), as plain names inside the folder."""
+    names = ledger(out)
+    try:
+        m = read_manifest(out) if (out / MANIFEST).is_file() else None
+    except (InputError, FileNotFoundError):
+        m = None
+    if isinstance(m, dict):
+        listed = [MANIFEST, m.get("samples_file"), m.get("rejects_file"), (m.get("tokenizer") or {}).get("path")]
+        listed += [s.get("file") for s in m.get("shards") or [] if isinstance(s, dict)]
+        names |= {n for n in listed if isinstance(n, str) and n and "/" not in n and n not in (".", "..")}
+    return names
+
+
+def _refuse_foreign_names(out: Path, ours: set[str]) -> None:
+    """Refuse a folder holding files of the names a build writes that sftprep did not write, and a
+    tokenizer folder of ours holding anything but the tokenizer files it copied."""
+    clash = sorted(p.name for p in out.iterdir() if _BUILD_NAME.fullmatch(p.name) and p.name not in ours)
+    for name in (TOKENIZER_DIR, TOKENIZER_DIR + ".tmp"):
+        if name in ours and (out / name).is_dir():
+            clash += sorted(f"{name}/{p.name}" for p in (out / name).iterdir()
+                            if p.name not in TOKENIZER_FILES or not p.is_file() or p.is_symlink())
+    if clash:
+        listed = ", ".join(clash[:5]) + (f" and {len(clash) - 5} more" if len(clash) > 5 else "")
+        raise ConfigError(f"--out {out} holds {listed}, which no sftprep build wrote there (no manifest or "
+                          "ledger of this folder lists them), under names a build writes; sftprep never "
+                          "replaces what it did not write: move them, or choose another folder")
+
+
+def remove_owned(path: Path) -> None:
+    """Remove a file sftprep wrote, or a tokenizer folder it made (its tokenizer files, then the folder
+    if that leaves it empty: never a file of someone else's)."""
+    if path.is_symlink() or not path.is_dir():
+        path.unlink(missing_ok=True)
+        return
+    for name in TOKENIZER_FILES:
+        f = path / name
+        if f.is_file() and not f.is_symlink():
+            f.unlink()
+    try:
+        path.rmdir()
+    except OSError:
+        raise ConfigError(f"{path} holds files sftprep did not write ({', '.join(sorted(p.name for p in path.iterdir()))}); "
+                          "move them, then build again") from None
 
 
 def _previous_build_id(out: Path) -> str | None:
@@ -134,12 +217,40 @@ def _hash_files(folder: Path, names: list[str]) -> str:
 
 def build_id(config: BuildConfig, inputs: list[dict], tokenizer_hash: str) -> str:
     """What makes two builds the same: settings that change the shards, inputs, tokenizer files, version."""
-    cfg = shard_settings(config.to_dict())
+    return build_key(config.to_dict(), [i["sha256"] for i in inputs], tokenizer_hash, __version__)
+
+
+def build_key(config: dict[str, Any], input_hashes: list[str], tokenizer_hash: str, version: str) -> str:
+    """`build_id` from a config as saved in a manifest (so a manifest's own ids can be checked)."""
+    cfg = json.loads(json.dumps(shard_settings(config)))
     cfg["read"].pop("inputs")  # identified by content below, wherever the files lie
     cfg["tokenize"].pop("tokenizer")
-    key = {"config": cfg, "inputs": [i["sha256"] for i in inputs], "tokenizer": tokenizer_hash,
-           "version": __version__}
+    key = {"config": cfg, "inputs": input_hashes, "tokenizer": tokenizer_hash, "version": version}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def build_manifest(config: BuildConfig, *, build_id: str, inputs: list[dict[str, str]], template: Any,
+                   warnings: list[str], tokenizer: dict[str, Any], max_token_id: int, shards: list[dict[str, Any]],
+                   totals: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    """The manifest of a build, a merge or a part (`extra`: `part`, `merged_from`): assembled here only.
+    `max_token_id` (the largest id stored, or the pad id) lets sfttrain check ids without reading shards."""
+    return {
+        "tool": {"name": "sftprep", "version": __version__},
+        "build_id": build_id,
+        "config": config.to_dict(),
+        "inputs": inputs,
+        "template": template,
+        "warnings": warnings,
+        "tokenizer": tokenizer,
+        "max_length": config.tokenize.max_length,
+        "max_token_id": max_token_id,
+        "packing": config.pack.mode,
+        "shards": [{k: s[k] for k in ("file", "rows", "tokens", "sha256")} for s in shards],
+        "samples_file": SAMPLES_FILE,
+        "rejects_file": REJECTS_FILE,
+        "totals": totals,
+        **extra,
+    }
 
 
 def write_samples(out: Path, store: Samples) -> None:
@@ -158,15 +269,16 @@ def copy_tokenizer(source: Path, out: Path) -> None:
     """Copy the tokenizer's files to `out/tokenizer/` (via a temporary folder, renamed)."""
     if source.is_file():  # a path to tokenizer.json itself
         source = source.parent
-    tmp = out / (TOKENIZER_DIR + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp, final = out / (TOKENIZER_DIR + ".tmp"), out / TOKENIZER_DIR
+    claim(final, tmp)
+    remove_owned(tmp)
     tmp.mkdir()
     for name in TOKENIZER_FILES:
         if (source / name).is_file():
             with names_path(tmp / name):  # shutil names the source when the destination's disk is full
                 shutil.copyfile(source / name, tmp / name)
-    shutil.rmtree(out / TOKENIZER_DIR, ignore_errors=True)
-    os.replace(tmp, out / TOKENIZER_DIR)
+    remove_owned(final)
+    os.replace(tmp, final)
 
 
 # characters that JSON leaves raw but str.splitlines() (and so many JSON Lines readers) splits lines at
@@ -176,6 +288,7 @@ _LINE_BREAKS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": 
 def write_rejects(out: Path, rejects: list[dict[str, Any]]) -> None:
     """rejects.jsonl: one JSON object per line, under any line splitter (record text can hold U+0085...)."""
     tmp = out / (REJECTS_FILE + ".tmp")
+    claim(out / REJECTS_FILE, tmp)
     with names_path(out / REJECTS_FILE), open(tmp, "w", encoding="utf-8") as f:
         for r in rejects:
             f.write(json.dumps(r, ensure_ascii=False).translate(_LINE_BREAKS) + "\n")
@@ -183,6 +296,10 @@ def write_rejects(out: Path, rejects: list[dict[str, Any]]) -> None:
 
 
 def remove_temps(out: Path) -> None:
-    """Remove the build's temporary files and folders (`*.tmp`) from `out`, after an error."""
-    for p in out.glob("*.tmp"):
-        shutil.rmtree(p, ignore_errors=True) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)
+    """Remove the build's temporary files and folders (`*.tmp` that it claimed) from `out`, after an error."""
+    for name in ledger(out):
+        if name.endswith(".tmp") and name != LEDGER + ".tmp":
+            try:
+                remove_owned(out / name)
+            except (ConfigError, OSError):  # cleaning up after an error: the first error is the one to report
+                pass

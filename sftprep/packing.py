@@ -10,8 +10,11 @@ A packed row of `max_length` = 12 holding samples 7 (5 tokens) and 3 (4 tokens):
 Positions restart at 0 for every sample and attention stays inside a sample (the trainer derives
 both from `seq_lens`). The first token of every sample has label -100.
 
-Modes (`pack` returns the same row shape for all three: a row is a list of pieces
-`(sample_index, start, stop)`, the token range of a sample it holds):
+Modes are objects (`MODES`, by name; `mode(name)`): each says how rows are formed and what a reader
+of its rows must know (whether rows are padded to `max_length`, whether a sample may be split across
+rows). Nothing else in sftprep or sfttrain tests a mode's name, so a new strategy is one `PackingMode`
+entry here. Every mode returns the same row shape: a row is a list of pieces `(sample_index, start,
+stop)`, the token range of a sample it holds:
 - `bfd`: best-fit-decreasing over the whole dataset; a sample is never split (every piece is a whole
   sample); rows are shuffled (seeded), so a row's place in the shards says nothing of its fill.
 - `wrapped`: samples laid end to end and cut every `max_length` tokens (pre-training style);
@@ -23,7 +26,8 @@ from __future__ import annotations
 
 import bisect
 import random
-from typing import Sequence
+from dataclasses import dataclass
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -31,18 +35,53 @@ Piece = tuple[int, int, int]
 """`(sample_index, start, stop)`: tokens `[start, stop)` of one sample, placed in a row."""
 
 
-def pack(lengths: Sequence[int], max_length: int, mode: str, seed: int = 0) -> list[list[Piece]]:
-    """Rows of pieces for packing `mode` (bfd, wrapped, none); see the module docstring."""
-    if mode == "wrapped":
-        return pack_wrapped(lengths, max_length)
-    if mode == "bfd":
-        rows = pack_bfd(lengths, max_length)
-        order = list(range(len(rows)))
-        random.Random(seed).shuffle(order)
-        rows = [rows[i] for i in order]
-    else:
-        rows = [[i] for i in range(len(lengths))]
-    return [[(i, 0, lengths[i]) for i in row] for row in rows]
+@dataclass(frozen=True)
+class PackingMode:
+    """How a packing strategy forms rows, and what a reader of its rows must know."""
+
+    name: str
+    rows: Callable[[Sequence[int], int, int], list[list[Piece]]]
+    """`rows(lengths, max_length, seed)`: every sample's tokens, placed as pieces in rows."""
+    padded: bool
+    """Rows are padded to `max_length` (else each row is as long as what it holds)."""
+    shared: bool
+    """A row may hold several samples (so attention must be kept inside each: sfttrain proves it does)."""
+    splits: bool
+    """A sample may be cut across rows: samples are not truncated to fit, a row's first piece may be the
+    rest of the previous row's last sample, and a build of it cannot be rebuilt from parts."""
+    help: str
+
+
+def _bfd_rows(lengths: Sequence[int], max_length: int, seed: int) -> list[list[Piece]]:
+    rows = pack_bfd(lengths, max_length)
+    random.Random(seed).shuffle(order := list(range(len(rows))))
+    return [[(i, 0, lengths[i]) for i in rows[k]] for k in order]
+
+
+def _one_per_row(lengths: Sequence[int], max_length: int, seed: int) -> list[list[Piece]]:
+    return [[(i, 0, n)] for i, n in enumerate(lengths)]
+
+
+MODES: dict[str, PackingMode] = {m.name: m for m in (
+    PackingMode("bfd", _bfd_rows, padded=True, shared=True, splits=False,
+                help="best-fit-decreasing over the whole dataset, samples never split"),
+    PackingMode("wrapped", lambda lengths, max_length, seed: pack_wrapped(lengths, max_length), padded=True,
+                shared=True, splits=True, help="samples end to end, cut every max_length tokens (pre-training style)"),
+    PackingMode("none", _one_per_row, padded=False, shared=False, splits=False, help="one sample per row, no padding"),
+)}
+
+
+def mode(name: str | None) -> PackingMode:
+    """The packing mode called `name` (a build's `packing`; builds that name none were `bfd`)."""
+    try:
+        return MODES[name or "bfd"]
+    except KeyError:
+        raise ValueError(f"unknown packing mode {name!r}; known: {', '.join(MODES)}") from None
+
+
+def pack(lengths: Sequence[int], max_length: int, mode_name: str, seed: int = 0) -> list[list[Piece]]:
+    """Rows of pieces for the packing mode called `mode_name`; see the module docstring."""
+    return mode(mode_name).rows(lengths, max_length, seed)
 
 
 def pack_bfd(lengths: Sequence[int], max_length: int) -> list[list[int]]:

@@ -19,6 +19,7 @@ from itertools import islice
 from typing import Any, Iterator
 
 from .errors import ConfigError
+from .packing import MODES
 
 PartSpec = tuple[int, int]
 
@@ -50,10 +51,10 @@ def check_part(part: PartSpec, packing: str) -> list[str]:
     elif not 0 <= i < n:
         problems.append(f"part={i}/{n}: the part index counts from 0 to {n - 1} (e.g. "
                         "--part $SLURM_ARRAY_TASK_ID/N with --array=0-(N-1))")
-    if packing == "wrapped":
-        problems.append("part: --packing wrapped cannot be built in parts: wrapped rows cut samples, and the "
+    if packing in MODES and MODES[packing].splits:
+        problems.append(f"part: --packing {packing} cannot be built in parts: its rows cut samples, and the "
                         "label of the token a cut lands on is lost (-100), so merge could not rebuild them; "
-                        "use --packing bfd or none, or build wrapped data on one machine")
+                        "use a packing that keeps samples whole (bfd, none), or build on one machine")
     return problems
 
 

@@ -23,6 +23,7 @@ from typing import Any, Callable, Iterable, Iterator, TypeVar
 from . import parts
 from .config import BuildConfig
 from .encode import Encoded, Encoder
+from .packing import mode
 from .readers import reader_for
 from .store import SampleStore
 from .tokenizer import load_fast
@@ -57,8 +58,8 @@ def _batches(config: BuildConfig, inputs: list[Path], most: int = BATCH) -> Iter
 
 def encoder_for(config: BuildConfig, tok) -> Encoder:
     """The encoder of a build: each stage gets its own config section; samples are not truncated
-    when packing is `wrapped` (it cuts them into rows itself)."""
-    return Encoder(config.read, config.template, config.tokenize, tok, truncate=config.pack.mode != "wrapped",
+    when the packing mode splits them (it cuts them into rows itself)."""
+    return Encoder(config.read, config.template, config.tokenize, tok, truncate=not mode(config.pack.mode).splits,
                    allow_code=config.allow_code)
 
 

@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import hashlib
 import os
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import numpy as np
 import pyarrow as pa
 
+from .files import claim, names_path
 from .labels import IGNORE_INDEX
 from .manifest import read_manifest, shard_path
 
@@ -34,18 +34,6 @@ SCHEMA = pa.schema([
     ("seq_lens", pa.list_(pa.int32())),
     ("sample_ids", pa.list_(pa.int64())),
 ])
-
-
-@contextmanager
-def names_path(path: Path) -> Iterator[None]:
-    """Re-raise a failed write (disk full, file-size limit, I/O error) as an `OSError` naming `path`:
-    the OS reports `No space left on device` without saying where, and `shutil` names the source."""
-    try:
-        yield
-    except OSError as e:
-        if e.errno is None or isinstance(e, (FileNotFoundError, PermissionError, NotADirectoryError)):
-            raise
-        raise OSError(e.errno, e.strerror or os.strerror(e.errno), str(path)) from None
 
 
 def shard_name(i: int) -> str:
@@ -113,6 +101,7 @@ class _AtomicIPC:
 
     def __init__(self, path: Path, schema: pa.Schema) -> None:
         self.path, self.tmp = path, path.with_name(path.name + ".tmp")
+        claim(self.path, self.tmp)
         self.sink = _HashingFile(self.tmp)
         with names_path(self.path):
             self.writer = pa.ipc.new_file(pa.PythonFile(self.sink, mode="w"), schema)

@@ -25,7 +25,8 @@ import pyarrow as pa
 from .encode import Encoded
 from .labels import IGNORE_INDEX, mask_sample_starts
 from .packing import Piece
-from .shards import names_path, rows_batch, string_array
+from .files import claim, names_path
+from .shards import rows_batch, string_array
 
 RELEASE_PIECES = 256  # samples copied out of the spill between two releases of its pages: each page
 # fault maps up to 64 KiB around it (fault-around), so this bounds the spill pages mapped to ~32 MiB
@@ -113,6 +114,7 @@ class SampleStore(Samples):
     def __init__(self, folder: Path, stem: str) -> None:
         super().__init__()
         self.paths = (folder / f"{stem}.ids.tmp", folder / f"{stem}.labels.tmp")
+        claim(*self.paths)
         self._files = [open(p, "wb") for p in self.paths]
         self._sources: list[pa.Array] = []  # one string array per batch
         self.total = 0

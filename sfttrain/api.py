@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+from sftprep.packing import mode
+
 from .attention import AttentionPath, choose_attention, model_traits
 from .checks import (build_stats, check_same_tokenizer, check_tokenizer, has_tokenizer, model_config,
                      open_build)
@@ -114,7 +116,7 @@ def _build(s: Setup, callbacks: list, disable_tqdm: bool):
     # One sample per row (packing none) needs no proof: padding is on the right, behind every token.
     isolation = (check_isolation(model, collator, s.manifest["tokenizer"]["vocab_size"],
                                  window=s.traits.get("window"), max_length=s.manifest.get("max_length"))
-                 if s.manifest.get("packing") != "none" else None)
+                 if mode(s.manifest.get("packing")).shared else None)
     stopper = StopOnSignal()
     trainer = ShardTrainer(
         model=model, args=args,

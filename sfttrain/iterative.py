@@ -34,6 +34,8 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from sftprep.packing import mode
+
 from .attention import IGNORE_INDEX
 from .config import ConfigError, TrainConfig, did_you_mean
 
@@ -290,7 +292,7 @@ class IterativeTrainer:
         self.collator = PackedCollator(self.attention, self.build.identity["pad_id"])
         self.isolation = (check_isolation(model, self.collator, self.build.identity["vocab_size"],
                                           window=self.traits.get("window"), max_length=self.build.max_length)
-                          if self.build.packing != "none" else None)
+                          if mode(self.build.packing).shared else None)
         self.trainer = ShardTrainer(model=model, args=args, data_collator=self.collator,
                                     processing_class=self.tokenizer,
                                     callbacks=[WriteRunInfo(self._run_info()), *callbacks])

@@ -135,4 +135,4 @@ def test_disk_full_while_writing_a_shard(tmp_path, monkeypatch):
     cfg = config_from_dict({"inputs": [str(_spanish_input(tmp_path))], "tokenizer": MISTRAL, "out": str(out)})
     with pytest.raises(OSError, match=r"No space left on device: '.*shard-train-00000.arrow'"):
         build(cfg)
-    assert sorted(p.name for p in out.iterdir()) == [".build_id", ".lock"]
+    assert sorted(p.name for p in out.iterdir()) == [".build_id", ".ledger", ".lock"]

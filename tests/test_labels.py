@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from tests.conftest import CHATML_TOK, DATA, MISTRAL, build_records, samples_of, trained_runs
+from tests.conftest import CHATML_TOK, DATA, MISTRAL, build_records, samples_of, sftprep_cli, trained_runs, write_jsonl
 
 CHAT = {"messages": [
     {"role": "system", "content": "You are terse."},
@@ -301,3 +301,47 @@ def test_without_bos_keep_end_truncation_leaves_the_first_token_untrained(tmp_pa
     rec = {"prompt": "Count:", "completion": " " + " ".join(str(i) for i in range(200))}
     ids, labels, _ = one_sample(tmp_path, [rec], path, truncation="keep_end", max_length=64)[0]
     assert len(ids) == 64 and labels[0] == -100 and labels[1] == ids[1]  # cut inside the completion
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("truncation", ["keep_start", "keep_end"])
+def test_turn_truncation_of_a_long_conversation_takes_few_renders_and_keeps_the_most_exchanges(
+        tmp_path, monkeypatch, mistral_chatml, truncation):
+    """A 1,000-exchange record used to be re-rendered once per dropped exchange (a 10k-turn one took minutes):
+    the exchange count is bisected, and it is still the largest that fits."""
+    from sftprep.templates.chat import ChatTemplate
+
+    calls = []
+    real = ChatTemplate.segments
+    monkeypatch.setattr(ChatTemplate, "segments", lambda self, conv: calls.append(1) or real(self, conv))
+    msgs = [m for k in range(1000) for m in ({"role": "user", "content": f"Question {k}?"},
+                                             {"role": "assistant", "content": f"Answer {k}."})]
+    manifest, table = build_records(tmp_path, [{"messages": msgs}], CHATML_TOK, template="tokenizer",
+                                    packing="none", truncation=truncation, truncation_unit="turns", max_length=2000)
+    assert len(calls) <= 2 + 12  # the record, its bisection (log2 of 1,000), and slack; it was ~1,000
+    ids, _, _ = samples_of(table)[0]
+    pairs = [msgs[i:i + 2] for i in range(0, len(msgs), 2)]
+    k = next(k for k in range(1, 1000) if mistral_chatml.apply_chat_template(
+        [m for p in (pairs[:k] if truncation == "keep_start" else pairs[-k:]) for m in p],
+        tokenize=True, return_dict=False) == ids)
+    bigger = [m for p in (pairs[:k + 1] if truncation == "keep_start" else pairs[-k - 1:]) for m in p]
+    assert len(ids) <= 2000 < len(mistral_chatml.apply_chat_template(bigger, tokenize=True, return_dict=False))
+
+
+@pytest.mark.parametrize("template", [
+    "{{ bos_token }}{% for m in messages %}<|im_start|>{{ m.role }}\n<|im_end|>\n{% endfor %}",  # no text at all
+    "{{ bos_token }}Hello{{ eos_token }}",  # ignores messages
+    "{% for m in messages %}{% if m.role == 'user' %}<|im_start|>user\n{{ m.content }}<|im_end|>\n{% endif %}"
+    "{% endfor %}",  # writes the user's text only
+])
+def test_a_template_that_writes_no_assistant_text_rejects_the_record(tmp_path, template):
+    import shutil
+
+    tok = tmp_path / "tok"
+    shutil.copytree(CHATML_TOK, tok)
+    (tok / "chat_template.jinja").write_text(template + "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    chats = [CHAT, {"messages": [{"role": "user", "content": "Yo"}, {"role": "assistant", "content": "Hi"}]}]
+    r = sftprep_cli("build", "-i", write_jsonl(tmp_path / "c.jsonl", chats), "-t", tok, "--template", "tokenizer",
+                    "-o", tmp_path / "o")
+    assert r.exit_code == 2 and "2 of 2 records rejected" in r.output and "template_drops_text: 2" in r.output
+    assert "]: the chat template writes none of this assistant turn's text, so only its end would be trained" in r.output

@@ -11,6 +11,7 @@ import pytest
 
 from sftprep import build, config_from_dict
 from sftprep.errors import InputError
+from sftprep.files import claim
 from sftprep.merge import merge
 from tests.conftest import CHATML_TOK, DATA, MISTRAL, sftprep_cli, write_jsonl
 
@@ -103,7 +104,8 @@ def test_a_killed_part_run_again_gives_the_same_bytes(tmp_path):
     # what a kill mid-write leaves: no manifest, a shard half written, spill files, a stale lock
     (tmp_path / "p0" / "manifest.json").unlink()
     (tmp_path / "p0" / "shard-train-00001.arrow").write_bytes(b"ARROW1\0\0 half")
-    (tmp_path / "p0" / "shard-train-00002.arrow.tmp").write_bytes(b"partial")
+    claim(tmp_path / "p0" / "shard-train-00002.arrow", tmp_path / "p0" / "shard-train-00002.arrow.tmp")
+    (tmp_path / "p0" / "shard-train-00002.arrow.tmp").write_bytes(b"partial")  # claimed first, as the writer does
     (tmp_path / "p0" / "tokens.spill.ids.tmp").write_bytes(b"\0" * 64)
     build(cfg)  # the same command again: no --overwrite needed
     again = {p.name: p.read_bytes() for p in (tmp_path / "p0").iterdir() if p.is_file() and p.name != ".lock"}
@@ -158,7 +160,7 @@ def test_part_settings_are_checked(tmp_path):
                           ("0/0", r"the number of parts must be at least 1")]:
         with pytest.raises(ConfigError, match=message):
             config_from_dict({**settings(tmp_path), "out": "o", "part": part})
-    with pytest.raises(ConfigError, match="--packing wrapped cannot be built in parts: wrapped rows cut samples"):
+    with pytest.raises(ConfigError, match="--packing wrapped cannot be built in parts: its rows cut samples"):
         config_from_dict({**settings(tmp_path), "out": "o", "part": "0/2", "packing": "wrapped"})
 
 

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import MissingExtra
+from ..packing import mode
 from ..shards import load
 from .folder import read_build, read_rejects, read_sample_info, source_file
 
@@ -82,7 +83,7 @@ def histogram(values: np.ndarray, hi: int, bins: int = BINS) -> dict[str, list[i
 def summarize(c: Collected) -> dict[str, Any]:
     """The statistics as a JSON-able dict (what `sftprep stats --json` prints)."""
     m = c.manifest
-    max_length, packed = m["max_length"], m.get("packing") != "none"
+    max_length, packed = m["max_length"], mode(m.get("packing")).padded
     fill = c.row_tokens / max_length if packed else np.zeros(0)
     values, counts = np.unique(c.samples_per_row, return_counts=True)
     kept = int(len(c.sample_tokens))
@@ -254,7 +255,7 @@ def plot(c: Collected, path: str | Path) -> Path:
     d.bar(values, counts, color="tab:purple")
     d.set(title="samples per row", xlabel="samples in the row", ylabel="rows")
     d.xaxis.set_major_locator(MaxNLocator(integer=True))
-    if m.get("packing") != "none" and len(c.row_tokens):
+    if mode(m.get("packing")).padded and len(c.row_tokens):
         e.hist(100 * c.row_tokens / max_length, bins=np.linspace(0, 100, 21), color="tab:orange")
         e.set(title="row fill", xlabel="% of max_length that is real tokens", ylabel="rows")
     else:

@@ -26,6 +26,7 @@ import numpy as np
 import pyarrow as pa
 
 from ..labels import IGNORE_INDEX, mask_sample_starts
+from ..packing import mode
 from ..shards import SCHEMA, open_shard, sha256_file
 from .folder import read_build, read_sample_info
 from .unpack import Flat, flatten, list_parts
@@ -173,7 +174,7 @@ def _check_rows(report: Report, k: int, name: str, table, flat: Flat, manifest: 
         report.add("seq_lens", k, name, f"sum(seq_lens) = {real[r]} > row length {lens[r]}",
                    row=row0 + int(r))
         sound = False
-    if manifest.get("packing") == "none":
+    if not mode(manifest.get("packing")).padded:
         bad = (lens > max_length) | (lens != real)
         what = "must hold one sample, unpadded, of at most max_length"
     else:
@@ -223,7 +224,7 @@ def _check_build(report: Report, folder: Path, manifest: dict[str, Any], seen: l
     n = len(manifest["shards"])
     sids = np.concatenate(seen) if seen else np.zeros(0, np.int64)
     lens = np.concatenate(lengths) if lengths else np.zeros(0, np.int64)
-    if manifest.get("packing") == "wrapped":  # pieces of one sample are adjacent: count it once
+    if mode(manifest.get("packing")).splits:  # pieces of one sample are adjacent: count it once
         keep = np.concatenate([[True], sids[1:] != sids[:-1]]) if len(sids) else np.zeros(0, bool)
         cs = np.concatenate([[0], np.cumsum(lens)])
         starts = np.flatnonzero(keep)

@@ -24,6 +24,7 @@ import numpy as np
 
 from ..errors import InputError
 from ..labels import IGNORE_INDEX
+from ..packing import mode
 from ..shards import load
 from .decode import decode_segments, token_strings
 from .folder import read_rejects, read_sample_info
@@ -74,9 +75,9 @@ def view_row(folder: Path, manifest: dict[str, Any], load_tok: Callable[[], Any]
     file, local = _shard_of(manifest, row)
     blocks: list[Block] = [Rule(f"row {row} of {n:,} · {file} row {local} · {len(flat.seq_lens)} "
                                 f"sample(s), {real:,} tokens + {length - real:,} padding")]
-    wrapped = manifest.get("packing") == "wrapped"
+    packing = mode(manifest.get("packing"))
     for j in range(len(flat.seq_lens)):
-        blocks += _piece_blocks(tok, flat, j, src, tokens, " · a piece (wrapped packing)" if wrapped else "")
+        blocks += _piece_blocks(tok, flat, j, src, tokens, f" · a piece ({packing.name} packing)" if packing.splits else "")
     if length > real:
         pad = int(flat.ids[flat.row_off[1] - 1])
         blocks.append(Rule(f"padding · {length - real:,} × {_token_text(tok, pad)} (id {pad}), label -100"))

@@ -25,11 +25,21 @@ class Record:
     size: int = 0  # bytes of input it came from, where known (bounds a batch's memory)
 
 
+GLOB_PREFIX = "glob:"  # `glob:PATTERN` is always expanded, even where a file has that very name
+
+
 def expand_inputs(patterns: tuple[str, ...] | list[str]) -> list[Path]:
-    """Resolve files, folders and glob patterns to a sorted, de-duplicated list of input paths."""
+    """Resolve files, folders and glob patterns to a sorted, de-duplicated list of input paths.
+
+    A path that exists is taken as it is, whatever characters it holds (`[1].jsonl`, `star*.jsonl`); a
+    pattern that names no file is expanded (`*`, `?`, `[...]`, `**` across folders); `glob:PATTERN` is
+    always expanded. To name a file literally whatever exists, escape the glob characters (`[[]1].jsonl`).
+    """
     paths: list[Path] = []
     for pattern in patterns:
-        if any(ch in pattern for ch in "*?["):
+        forced = pattern.startswith(GLOB_PREFIX)
+        pattern = pattern[len(GLOB_PREFIX):] if forced else pattern
+        if forced or (any(ch in pattern for ch in "*?[") and not Path(pattern).exists()):
             matches = sorted(glob.glob(pattern, recursive=True))
             if not matches:
                 raise FileNotFoundError(f"input pattern {pattern!r} matches no file")

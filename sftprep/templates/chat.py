@@ -254,6 +254,10 @@ class ChatTemplate:
                 if i in marks:
                     done = max(done, marks[i][1])
                 continue
+            if i not in marks and (m.content or "").strip() and not m.tool_calls:
+                raise FormatError(f"messages[{i}]: the chat template writes none of this assistant turn's text, so "
+                                  "only its end would be trained; a template must render each message's content",
+                                  "template_drops_text")
             later = [marks[j] for j in range(i + 1, len(messages)) if j in marks]
             bound = min((a for a, _ in later), default=len(text))
             first, last = marks.get(i, (bound, None))
