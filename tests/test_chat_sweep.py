@@ -44,26 +44,36 @@ def _common(a: str, b: str) -> int:
     return n
 
 
-def oracle(tok, before: str, prompt: str, full: str, stops: list[str]) -> str:
+def oracle(tok, previous: str | None, before: str, prompt: str, full: str, stops: list[str]) -> str:
     """What the model writes for a turn: `full` (with the turn) from where it parts from `before` (without
-    it), after the generation prompt's addition to `before` (or its longest prefix made of whole tokens;
-    none where the template writes no header there), normalised by `EXCEPTIONS`."""
-    region = full[_common(before, full):]
+    it), or from the end of the `previous` message's text and what `before` writes after it, where the
+    template writes earlier messages differently once a turn follows (Mistral Nemo moves the system
+    message); backed off to a token's start; then after the generation prompt's addition to `before`
+    (or its longest prefix made of whole tokens; none where the template writes no header there);
+    normalised by `EXCEPTIONS`."""
+    start = _common(before, full)
+    text = previous.strip() if previous else ""
+    if text and text in before and text in full:
+        after, at = before.rfind(text) + len(text), full.rfind(text) + len(text)
+        start = max(start, at + _common(before[after:], full[at:]))
+    offsets = tok(full, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    start = max((a for a, _ in offsets if a <= start), default=0)
+    region = full[start:]
     header = prompt[_common(before, prompt):]
     cuts, at = [], 0
     for piece in tok.tokenize(header):  # the header's token boundaries
         at += len(tok.convert_tokens_to_string([piece]))
         cuts.append(at)
-    start = 0
+    begin = 0
     for cut in sorted((c for c in cuts if c <= len(header)), reverse=True):
         found = region.find(header[:cut])
         if found >= 0:
-            start = found + cut
+            begin = found + cut
             break
     for block in _EMPTY_BLOCK.finditer(region):  # "empty think block"
-        if block.start() <= start <= block.end():
-            start = block.end()
-    added = region[start:]
+        if block.start() <= begin <= block.end():
+            begin = block.end()
+    added = region[begin:]
     ends = [added.find(s) + len(s) for s in stops if s in added]
     added = added[:min(ends)] if ends else added.rstrip() + stops[0]  # "stop token", "appended stop"
     return added.lstrip()  # "leading space"
@@ -104,7 +114,8 @@ def test_trained_text_of_every_turn_equals_the_oracle(family):
                 continue
             last = max(g for _, g in segments if g is not None)
             ours = "".join(s for s, g in segments if g == last).lstrip()
-            expected = oracle(tok, before, prompt, full, stops)
+            previous = rec["messages"][i - 1].get("content")
+            expected = oracle(tok, previous if isinstance(previous, str) else None, before, prompt, full, stops)
             compared += 1
             if ours != expected:
                 differ.append((sid, i, ours[-80:], expected[-80:]))

@@ -49,7 +49,7 @@ REF_EXTRA = {
     "phi-3.5": lambda piece: piece == "<|endoftext|>",
 }
 # Families whose template writes no stop token after the last assistant turn: sftprep appends EOS.
-APPENDS_EOS = {"glm-4.5"}
+APPENDS_EOS = {"glm-4.5", "glm-4.6", "glm-4.7-flash"}
 
 
 def hf_messages(messages, openai: bool = False):

@@ -375,7 +375,9 @@ class ChatTemplate:
     def _header(self) -> tuple[str, str, int]:
         """What `add_generation_prompt=True` adds after a user turn's text, less what the template
         writes there anyway; that user turn's own end (`[/INST]`); and where, in the header, an empty
-        think block the prompt pre-fills starts (`len(header)` if none).
+        think block the prompt pre-fills starts (`len(header)` if none). A template that writes its
+        prompt whether or not it is asked for (Command R7B) has that written prompt as its header, its
+        part that turns write too (`_written_header`) as where a pre-filled block starts.
 
         Rendered without tools, else with an empty list, else with one tool (Hermes' tool-use
         template iterates `tools` unguarded)."""
@@ -387,8 +389,33 @@ class ChatTemplate:
                     header, tail = self._prompt_after(msgs, tools)
                 except FormatError:
                     continue
+                if not header:  # the prompt adds nothing: Mistral writes no header, Command R7B always writes it
+                    written = self._written_header(msgs, tools, tail)
+                    return (tail, tail, len(written)) if written else ("", tail, 0)
                 return header, tail, self._prefilled_think(msgs, tools, header)
         return "", "", 0  # fails on [user]: records say why; any that render start turns at their text
+
+    def _written_header(self, msgs: list[dict], tools: list | None, tail: str) -> str:
+        """The header of a template whose generation prompt adds nothing because it writes one anyway
+        (Command R7B): what it writes after a user turn's text both where the conversation ends (`tail`)
+        and before an assistant turn's text, up to a token or line boundary, where that is less than the
+        tail (`<|END_OF_TURN_TOKEN|><|START_OF_TURN_TOKEN|><|CHATBOT_TOKEN|>`, then an empty thinking
+        block or the response's opener). "" where the tail is the user turn's end alone (Mistral's
+        `[/INST]`): turns start at their text."""
+        answer = {"role": "assistant", "content": f"{_open(1)}y{_close(1)}"}
+        try:
+            text = self.render([*msgs, answer], tools)
+        except FormatError:
+            return ""
+        between = _MARK_RE.sub("", text.split(_close(0), 1)[-1].split(_open(1), 1)[0])
+        n = 0
+        while n < min(len(tail), len(between)) and tail[n] == between[n]:
+            n += 1
+        if n == len(tail):
+            return ""
+        cuts = [i + 1 for i in range(n) if tail[i] == "\n"]
+        cuts += [i + len(tok) for tok in self.boundaries for i in range(n) if tail.startswith(tok, i)]
+        return tail[:max((c for c in cuts if c <= n), default=0)]
 
     def _prompt_after(self, msgs: list[dict], tools: list | None, **variables) -> tuple[str, str]:
         with_prompt = self.render(msgs, tools, True, variables=variables)
