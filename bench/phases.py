@@ -24,7 +24,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-PHASES = ("load_fast", "hash_input", "encode_all", "pack", "_write_shards", "write_samples", "copy_tokenizer")
+PHASES = {"load_fast": "api", "hash_input": "api", "encode_all": "api", "pack": "output", "_write_shards": "output",
+          "write_samples": "output", "copy_tokenizer": "output"}  # phase -> the sftprep module that calls it
 NESTED = {"_write_shards": "pack"}  # packing runs inside _write_shards: shown apart, not twice
 
 
@@ -34,11 +35,14 @@ def children_cpu() -> float:
 
 
 def timed_build(cfg: dict) -> dict[str, tuple[float, float, float]]:
+    import importlib
+
     import sftprep.api as api
     from sftprep import config_from_dict
 
     spent: dict[str, list[float]] = {p: [0.0, 0.0, 0.0] for p in PHASES}
-    originals = {p: getattr(api, p) for p in PHASES}
+    where = {p: importlib.import_module(f"sftprep.{m}") for p, m in PHASES.items()}
+    originals = {p: getattr(where[p], p) for p in PHASES}
 
     def wrap(name, fn):
         def inner(*a, **k):
@@ -53,7 +57,7 @@ def timed_build(cfg: dict) -> dict[str, tuple[float, float, float]]:
         return inner
 
     for p in PHASES:
-        setattr(api, p, wrap(p, originals[p]))
+        setattr(where[p], p, wrap(p, originals[p]))
     try:
         t, c, kids = time.perf_counter(), time.process_time(), children_cpu()
         api.build(config_from_dict(cfg))
@@ -62,7 +66,7 @@ def timed_build(cfg: dict) -> dict[str, tuple[float, float, float]]:
             spent[outer] = [a - b for a, b in zip(spent[outer], spent[inner])]
     finally:
         for p in PHASES:
-            setattr(api, p, originals[p])
+            setattr(where[p], p, originals[p])
     return spent
 
 
@@ -83,13 +87,13 @@ def main() -> None:
             for r in islice(cycle(base), a.records):
                 f.write(json.dumps(r, ensure_ascii=False) + "\n")
         print(f"{a.records:,} records; wall s / main-process CPU s / worker-pool CPU s per phase")
-        print("| workers | " + " | ".join(PHASES + ("total",)) + " |")
+        print("| workers | " + " | ".join((*PHASES, "total")) + " |")
         print("| ---: |" + " ---: |" * (len(PHASES) + 1))
         for w in a.workers:
             spent = timed_build({"inputs": [str(data)], "tokenizer": a.tokenizer, "template": "chatml",
                                  "max_length": 2048, "out": str(tmp / "out"), "overwrite": True, "workers": w})
             cells = [f"{s[0]:.1f} / {s[1]:.1f}" + (f" / {s[2]:.1f}" if s[2] > 0.05 else "")
-                     for s in (spent[p] for p in PHASES + ("total",))]
+                     for s in (spent[p] for p in (*PHASES, "total"))]
             print(f"| {w} | " + " | ".join(cells) + " |", flush=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -11,15 +11,17 @@ its own section of `config.BuildConfig`):
     encode      text -> ids (tokenizer) -> labels (labels)  tokenize, label, truncate: one batch
     pipeline    batches through encode, into store          (threads or --workers processes)
     store       samples spilled to disk until packing
-    packing     lengths -> rows of pieces (sample, start, stop)
-    shards      rows -> shard-train-NNNNN.arrow; output: side files; manifest: manifest.json, last
+    packing     lengths -> rows of pieces (sample, start, stop); its MODES say how rows read back
+    shards      rows -> shard-train-NNNNN.arrow, and the one row reader (flatten, row_positions)
+    output      the output folder: lock, side files, build_manifest; manifest: manifest.json, last
+    files       below every stage: writes that name their path, the ledger, overlapping folders
 
 Scaling out: `parts` (--part I/N keeps every N-th record), `merge` (parts 0..N-1 -> the build one
 process would have written: their samples read back from the shards and packed again), `executors`
 (--executor ray: the parts as Ray tasks, then the merge).
 
 The read side, `sftprep.inspect` (samples, view, stats, verify, diff), imports none of the build
-modules: only the shard contract (shards, manifest, labels) and the tokenizer the build copied.
+modules: only the shard contract (shards, manifest, labels, packing) and the tokenizer the build copied.
 `errors` holds what users see (one line in the CLI); anything else is a bug and keeps its traceback.
 """
 

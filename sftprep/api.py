@@ -13,25 +13,24 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-from collections import Counter
+import json
 from pathlib import Path
 from typing import Any, Callable
 
-import pyarrow as pa
-import pyarrow.compute as pc
-
 from .config import BuildConfig
-from .errors import BuildError, ConfigError
+from .errors import ConfigError
 from .files import overlaps
-from .manifest import write_manifest
-from .output import (REJECTS_FILE, TOKENIZER_DIR, OutLock, build_id, build_manifest, copy_tokenizer, hash_input,
-                     hash_tokenizer, owned, prepare_out, remove_temps, write_rejects, write_samples)
-from .packing import fill_ratio, mode
+from .manifest import tokenizer_dir, write_manifest
+from .memory import MemoryBuild  # noqa: F401 (public: the in-memory build)
+from .output import (TOKENIZER_DIR, OutLock, build_id, build_manifest, check_rejects, empty_inputs, hash_input,
+                     hash_tokenizer, owned, prepare_out, remove_temps, write_build)
 from .parts import part_size
 from .pipeline import encode_all, encoder_for, gc_paused, in_background
 from .readers import count_records, expand_inputs
-from .shards import ShardSetWriter, load  # noqa: F401 (load: part of the public surface)
-from .store import Samples, SampleStore
+from .shards import load  # noqa: F401 (load: part of the public surface)
+from .store import SampleStore
+from .templates.export import preset_jinja
+from .templates.presets import PRESETS
 from .tokenizer import install_chat_template, load_fast, pad_id, tokenizer_identity
 
 SPILL_STEM = "tokens.spill"  # tokens.spill.{ids,labels}.tmp: removed at the end, or by the next build
@@ -96,8 +95,9 @@ def _build(config: BuildConfig, progress: Callable[[int], None] | None, lock: Ou
         if part is None:  # a part may hold few or no records: merge checks all parts' together
             check_rejects(config, rejects, read, out)
         store.seal()
-        shards, totals = write_build(config, out, store, rejects, read, pad, Path(config.tokenize.tokenizer),
-                                     encoder.renderer.template_file)
+        shards, totals = write_build(config, out, store, rejects, read, pad, Path(config.tokenize.tokenizer))
+        if encoder.renderer.template_file is not None:  # --chat-template: the copy carries it
+            install_chat_template(out / TOKENIZER_DIR, encoder.renderer.template_file)
     except BaseException:
         remove_temps(out)  # a failed write (disk full...) leaves no *.tmp behind
         raise
@@ -160,75 +160,46 @@ def expected_records(config: BuildConfig, inputs: list[Path] | None = None) -> i
     return total if total is None or config.part is None else part_size(total, config.part)
 
 
-def empty_inputs(inputs: list[Path] | list[str], sources: pa.Array, rejects: list[dict[str, Any]]) -> list[str]:
-    """A warning per input none of whose records was kept (e.g. a glob that swept in a file of
-    another format): the build succeeds on the rest, so the summary must say so."""
-    out = []
-    for path in inputs:
-        prefixes = (f"{path}:", f"{path}[")  # file:line, file:row N; file[i], an item of a .json array
-        if any(pc.any(pc.starts_with(sources, pattern=p)).as_py() for p in prefixes):
-            continue
-        dropped = [r for r in rejects if r["source"].startswith(prefixes) or r["source"] == str(path)]
-        if dropped:
-            out.append(f"input {path}: all {len(dropped):,} records rejected ({_reasons(dropped)}); "
-                       f"first: {dropped[0]['message']}")
-    return out
+def chat_template_for(manifest: dict[str, Any], tokenizer, folder: str | Path = ".") -> str | None:
+    """The chat template matching the build's (the build in `folder`; `tokenizer` a transformers
+    tokenizer of the build's vocabulary), or None when the build used no chat template."""
+    cfg = (manifest.get("config") or {}).get("template") or {}
+    name = cfg.get("name")
+    if cfg.get("prompt") is not None or cfg.get("response_template") or not name:
+        return None
+    if name == "tokenizer":
+        return _tokenizer_template(manifest, folder) or getattr(tokenizer, "chat_template", None)
+    preset = PRESETS.get(name)
+    if preset is None:
+        return None
+    plain = preset_jinja(preset, eos=tokenizer.eos_token or "", bos=None, system=cfg.get("system"))
+    if not tokenizer.bos_token:
+        return plain
+    # With BOS written by the template, apply_chat_template(tokenize=True) gives the training ids, unless
+    # the tokenizer treats text after a special token differently (SentencePiece's prefix space): then the
+    # template leaves BOS to the tokenizer (tokenize its text output with special tokens).
+    with_bos = preset_jinja(preset, eos=tokenizer.eos_token or "", bos=tokenizer.bos_token, system=cfg.get("system"))
+    probe = [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello"}]
+    try:
+        from jinja2 import Template
+
+        text = Template(plain).render(messages=probe, add_generation_prompt=False, bos_token=tokenizer.bos_token)
+        same = (tokenizer(text).input_ids ==
+                tokenizer(tokenizer.bos_token + text, add_special_tokens=False).input_ids)
+    except Exception:  # noqa: BLE001 - any failure: keep the plain template
+        return plain
+    return with_bos if same else plain
 
 
-def _reasons(rejects: list[dict[str, Any]]) -> str:
-    """`reason: count, ...`, the most frequent first."""
-    return ", ".join(f"{k}: {v}" for k, v in Counter(r["reason"] for r in rejects).most_common())
-
-
-def check_rejects(config: BuildConfig, rejects: list, read: int, out: Path) -> None:
-    """Refuse a build that read no record or rejected more than `max_reject_ratio` of them (rejects.jsonl
-    is written for the user to read; no manifest)."""
-    if read == 0:
-        raise BuildError("the inputs hold no records")
-    ratio = len(rejects) / read
-    if rejects and ratio > config.read.max_reject_ratio:
-        write_rejects(out, rejects)
-        raise BuildError(f"{len(rejects)} of {read} records rejected ({ratio:.0%} > max_reject_ratio "
-                         f"{config.read.max_reject_ratio:.0%}; {_reasons(rejects)}); first: {rejects[0]['source']}: "
-                         f"{rejects[0]['message']}. All are listed in {out / REJECTS_FILE}")
-
-
-def write_build(config: BuildConfig, out: Path, samples: Samples, rejects: list[dict[str, Any]], read: int,
-                pad: int, tokenizer: Path, chat_template: str | None = None
-                ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Everything of a build but its manifest, from its kept `samples` (in input order) and `rejects`:
-    shards, samples.feather, rejects.jsonl, tokenizer/ (copied from `tokenizer`, with `chat_template` as
-    its chat template where given). Returns the shards' manifest entries and the manifest's totals
-    (`read`: records read)."""
-    shards = _write_shards(config, out, samples, pad)
-    write_samples(out, samples)
-    write_rejects(out, rejects)
-    copy_tokenizer(tokenizer, out)
-    if chat_template is not None:
-        install_chat_template(out / TOKENIZER_DIR, chat_template)
-    tokens = sum(s["tokens"] for s in shards)
-    n_rows = sum(s["rows"] for s in shards)
-    trained = sum(s["trained_tokens"] for s in shards)
-    totals = {
-        "records_read": read,
-        "samples_kept": len(samples),
-        "samples_dropped": len(rejects),
-        "dropped_by_reason": dict(sorted(Counter(r["reason"] for r in rejects).items())),
-        "samples_truncated": int(sum(samples.truncated)),
-        "tokens": tokens,
-        "trained_tokens": trained,
-        "rows": n_rows,
-        "fill_ratio": round(fill_ratio(tokens, n_rows, config.tokenize.max_length), 6)
-        if mode(config.pack.mode).padded else None,
-    }
-    return shards, totals
-
-
-def _write_shards(config: BuildConfig, out: Path, store: Samples, pad: int) -> list[dict[str, Any]]:
-    """Pack the stored samples into rows and write them as shards; one manifest entry per shard."""
-    max_length = config.tokenize.max_length
-    packing = mode(config.pack.mode)
-    rows = packing.rows(store.lengths.tolist(), max_length, config.pack.seed)
-    width = max_length if packing.padded else None
-    writer = ShardSetWriter(out, config.pack.shard_size)
-    return writer.write(len(rows), lambda lo, hi: store.rows_batch(rows[lo:hi], width, pad))
+def _tokenizer_template(manifest: dict[str, Any], build: str | Path) -> str | None:
+    folder = tokenizer_dir(build, manifest)
+    if folder is None:
+        return None
+    jinja = folder / "chat_template.jinja"
+    if jinja.is_file():
+        return jinja.read_text(encoding="utf-8")
+    cfg = folder / "tokenizer_config.json"
+    if cfg.is_file():
+        template = json.loads(cfg.read_text(encoding="utf-8")).get("chat_template")
+        return template if isinstance(template, str) else None
+    return None

@@ -20,15 +20,15 @@ import numpy as np
 import pyarrow as pa
 
 from . import __version__
-from .api import check_rejects, empty_inputs, write_build
 from .config import BuildConfig, config_from_dict, shard_settings
 from .errors import InputError
 from .files import overlaps
 from .inspect.diff import flat_items
 from .inspect.folder import read_rejects, read_sample_info
-from .inspect.unpack import flatten
 from .manifest import MANIFEST, read_manifest, tokenizer_dir, write_manifest
-from .output import OutLock, build_key, build_manifest, prepare_out, remove_temps
+from .output import (OutLock, build_key, build_manifest, check_rejects, empty_inputs, prepare_out, remove_temps,
+                     write_build)
+from .shards import flatten
 from .store import Samples
 
 # what every part of one build must agree on (besides `part.of_build`, which covers them all); a part's

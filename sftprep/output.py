@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections import Counter
 import os
 import re
 import shutil
@@ -23,13 +24,15 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from . import __version__
 from .config import BuildConfig, shard_settings
-from .errors import ConfigError, InputError
+from .errors import BuildError, ConfigError, InputError
 from .files import LEDGER, claim, fsync_dir, ledger, names_path, rewrite_ledger
 from .manifest import MANIFEST, read_manifest
-from .shards import numpy_array, sha256_file, write_table
+from .packing import fill_ratio, mode, pack
+from .shards import ShardSetWriter, numpy_array, sha256_file, write_table
 from .store import Samples
 
 SAMPLES_FILE = "samples.feather"  # Arrow IPC file too, but no `*.arrow` glob meets it
@@ -303,3 +306,74 @@ def remove_temps(out: Path) -> None:
                 remove_owned(out / name)
             except (ConfigError, OSError):  # cleaning up after an error: the first error is the one to report
                 pass
+
+
+# -- the build's files, from its kept samples: used by a build and by a merge -------------------------
+
+def empty_inputs(inputs: list[Path] | list[str], sources: pa.Array, rejects: list[dict[str, Any]]) -> list[str]:
+    """A warning per input none of whose records was kept (e.g. a glob that swept in a file of
+    another format): the build succeeds on the rest, so the summary must say so."""
+    out = []
+    for path in inputs:
+        prefixes = (f"{path}:", f"{path}[")  # file:line, file:row N; file[i], an item of a .json array
+        if any(pc.any(pc.starts_with(sources, pattern=p)).as_py() for p in prefixes):
+            continue
+        dropped = [r for r in rejects if r["source"].startswith(prefixes) or r["source"] == str(path)]
+        if dropped:
+            out.append(f"input {path}: all {len(dropped):,} records rejected ({_reasons(dropped)}); "
+                       f"first: {dropped[0]['message']}")
+    return out
+
+
+def _reasons(rejects: list[dict[str, Any]]) -> str:
+    """`reason: count, ...`, the most frequent first."""
+    return ", ".join(f"{k}: {v}" for k, v in Counter(r["reason"] for r in rejects).most_common())
+
+
+def check_rejects(config: BuildConfig, rejects: list, read: int, out: Path) -> None:
+    """Refuse a build that read no record or rejected more than `max_reject_ratio` of them (rejects.jsonl
+    is written for the user to read; no manifest)."""
+    if read == 0:
+        raise BuildError("the inputs hold no records")
+    ratio = len(rejects) / read
+    if rejects and ratio > config.read.max_reject_ratio:
+        write_rejects(out, rejects)
+        raise BuildError(f"{len(rejects)} of {read} records rejected ({ratio:.0%} > max_reject_ratio "
+                         f"{config.read.max_reject_ratio:.0%}; {_reasons(rejects)}); first: {rejects[0]['source']}: "
+                         f"{rejects[0]['message']}. All are listed in {out / REJECTS_FILE}")
+
+
+def write_build(config: BuildConfig, out: Path, samples: Samples, rejects: list[dict[str, Any]], read: int,
+                pad: int, tokenizer: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Everything of a build but its manifest, from its kept `samples` (in input order) and `rejects`:
+    shards, samples.feather, rejects.jsonl, tokenizer/ (copied from `tokenizer`). Returns the shards'
+    manifest entries and the manifest's totals (`read`: records read)."""
+    shards = _write_shards(config, out, samples, pad)
+    write_samples(out, samples)
+    write_rejects(out, rejects)
+    copy_tokenizer(tokenizer, out)
+    tokens = sum(s["tokens"] for s in shards)
+    n_rows = sum(s["rows"] for s in shards)
+    trained = sum(s["trained_tokens"] for s in shards)
+    totals = {
+        "records_read": read,
+        "samples_kept": len(samples),
+        "samples_dropped": len(rejects),
+        "dropped_by_reason": dict(sorted(Counter(r["reason"] for r in rejects).items())),
+        "samples_truncated": int(sum(samples.truncated)),
+        "tokens": tokens,
+        "trained_tokens": trained,
+        "rows": n_rows,
+        "fill_ratio": round(fill_ratio(tokens, n_rows, config.tokenize.max_length), 6)
+        if mode(config.pack.mode).padded else None,
+    }
+    return shards, totals
+
+
+def _write_shards(config: BuildConfig, out: Path, store: Samples, pad: int) -> list[dict[str, Any]]:
+    """Pack the stored samples into rows and write them as shards; one manifest entry per shard."""
+    max_length = config.tokenize.max_length
+    rows = pack(store.lengths.tolist(), max_length, config.pack.mode, config.pack.seed)
+    width = max_length if mode(config.pack.mode).padded else None
+    writer = ShardSetWriter(out, config.pack.shard_size)
+    return writer.write(len(rows), lambda lo, hi: store.rows_batch(rows[lo:hi], width, pad))

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -23,7 +24,7 @@ import numpy as np
 import pyarrow as pa
 
 from .files import claim, names_path
-from .labels import IGNORE_INDEX
+from .labels import IGNORE_INDEX, sample_starts
 from .manifest import read_manifest, shard_path
 
 WRITE_ROWS = 1024  # rows per record batch in a shard (and in the side tables)
@@ -34,6 +35,87 @@ SCHEMA = pa.schema([
     ("seq_lens", pa.list_(pa.int32())),
     ("sample_ids", pa.list_(pa.int64())),
 ])
+
+
+COLUMNS = tuple(SCHEMA.names)
+
+
+# -- reading rows back: the one place that says what `seq_lens` means ------------------------------
+#
+# A row holds samples laid end to end (`seq_lens`, in order; with a mode that splits samples, pieces of
+# them), then padding: positions restart at 0 at each sample, `cu_seqlens` is the running sum, and
+# every sample's first token has label -100 (`labels.mask_sample_starts`).
+
+def row_positions(seq_lens: np.ndarray | list[int], length: int) -> tuple[np.ndarray, np.ndarray]:
+    """Position ids (restarting at 0 per sample) and segment ids (sample index, -1 for padding)
+    of one row of `length` tokens whose samples have lengths `seq_lens`."""
+    lens = np.asarray(seq_lens, dtype=np.int64)
+    used = int(lens.sum())
+    if used > length:
+        raise ValueError(f"seq_lens sum to {used} tokens but the row holds {length}")
+    starts = sample_starts(lens)
+    segments = np.full(length, -1, dtype=np.int64)
+    segments[:used] = np.repeat(np.arange(len(lens)), lens)
+    positions = np.arange(length, dtype=np.int64)
+    positions[:used] -= np.repeat(starts, lens)
+    positions[used:] -= used  # padding counts as one more sequence
+    return positions, segments
+
+
+def cu_seqlens(seq_lens: np.ndarray | list[int]) -> np.ndarray:
+    """Sample boundaries in a row (or rows laid end to end without padding): 0, then the running sum."""
+    return np.concatenate([[0], np.cumsum(np.asarray(seq_lens, dtype=np.int64))])
+
+
+def list_parts(column: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """A list column as (flat values, zero-based offsets with one entry per row plus one)."""
+    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    offsets = arr.offsets.to_numpy().astype(np.int64)
+    return arr.flatten().to_numpy(), offsets - offsets[0]
+
+
+@dataclass(slots=True)
+class Flat:
+    """A shard table as flat numpy arrays plus the pieces (samples or wrapped parts) in it.
+
+    `ids`/`labels` are cut into rows by `row_off`; piece `j` sits in row `piece_row[j]` at flat
+    positions `[piece_start[j], piece_start[j] + seq_lens[j])`.
+    """
+
+    ids: np.ndarray
+    labels: np.ndarray
+    row_off: np.ndarray
+    seq_lens: np.ndarray
+    seq_off: np.ndarray
+    sample_ids: np.ndarray
+    piece_row: np.ndarray
+    piece_start: np.ndarray
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.row_off) - 1
+
+    @property
+    def row_lens(self) -> np.ndarray:
+        return np.diff(self.row_off)
+
+    @property
+    def real_tokens(self) -> np.ndarray:
+        """Per row: the sum of its `seq_lens` (tokens that are not padding)."""
+        cs = np.concatenate([[0], np.cumsum(self.seq_lens, dtype=np.int64)])
+        return cs[self.seq_off[1:]] - cs[self.seq_off[:-1]]
+
+
+def flatten(table: pa.Table | pa.RecordBatch) -> Flat:
+    """Flatten a shard table (or `sftprep.load()`'s table of all shards, or one record batch)."""
+    ids, row_off = list_parts(table.column("input_ids"))
+    labels, _ = list_parts(table.column("labels"))
+    seq_lens, seq_off = list_parts(table.column("seq_lens"))
+    sample_ids, _ = list_parts(table.column("sample_ids"))
+    piece_row = np.repeat(np.arange(len(seq_off) - 1), np.diff(seq_off))
+    return Flat(ids, labels, row_off, seq_lens.astype(np.int64), seq_off, sample_ids.astype(np.int64),
+                piece_row, sample_starts(seq_lens, row_off, seq_off))
+
 
 
 def shard_name(i: int) -> str:

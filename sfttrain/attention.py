@@ -175,25 +175,6 @@ def _explicit_varlen(requested: str, cuda: bool, half: bool, t: dict[str, Any]) 
     return AttentionPath(requested, "varlen", "asked for with --attn-implementation")
 
 
-# -- pure helpers: seq_lens -> positions -------------------------------------------------------------
-
-def positions_and_segments(seq_lens: np.ndarray, length: int) -> tuple[np.ndarray, np.ndarray]:
-    """Position ids (restarting at 0 per sample) and segment ids (sample index, -1 for padding)
-    of one row of `length` tokens whose samples have lengths `seq_lens`."""
-    used = int(np.sum(seq_lens))
-    if used > length:
-        raise ValueError(f"seq_lens sum to {used} tokens but the row holds {length}")
-    positions = np.empty(length, dtype=np.int64)
-    segments = np.full(length, -1, dtype=np.int64)
-    start = 0
-    for k, n in enumerate(np.asarray(seq_lens, dtype=np.int64)):
-        positions[start:start + n] = np.arange(n)
-        segments[start:start + n] = k
-        start += n
-    positions[start:] = np.arange(length - start)  # padding counts as one more sequence
-    return positions, segments
-
-
 # -- the varlen attention function ---------------------------------------------------------------
 
 def register_varlen() -> None:

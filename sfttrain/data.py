@@ -15,9 +15,10 @@ import torch
 
 from sftprep.errors import InputError
 from sftprep.labels import IGNORE_INDEX, mask_sample_starts
+from sftprep.shards import cu_seqlens, row_positions
 from sftprep.manifest import shard_path
 
-from .attention import REAL_TOKENS, AttentionPath, positions_and_segments
+from .attention import REAL_TOKENS, AttentionPath
 from .checks import id_bound
 from .config import ConfigError
 
@@ -141,7 +142,7 @@ class PackedCollator:
         for i, (r, n) in enumerate(zip(rows, used)):
             ids[i, :n] = r["input_ids"][:n]
             labels[i, :n] = mask_sample_starts(r["labels"][:n].astype(np.int64), r["seq_lens"])
-            positions[i] = positions_and_segments(r["seq_lens"], length)[0]
+            positions[i] = row_positions(r["seq_lens"], length)[0]
         return {"input_ids": torch.from_numpy(ids), "labels": torch.from_numpy(labels),
                 "position_ids": torch.from_numpy(positions), REAL_TOKENS: sum(used)}
 
@@ -151,9 +152,9 @@ class PackedCollator:
             n = int(np.sum(r["seq_lens"]))
             ids.append(r["input_ids"][:n])
             labels.append(mask_sample_starts(r["labels"][:n].astype(np.int64), r["seq_lens"]))
-            positions.append(positions_and_segments(r["seq_lens"], n)[0])
+            positions.append(row_positions(r["seq_lens"], n)[0])
             lens.extend(int(x) for x in r["seq_lens"])
-        cu = torch.tensor(np.concatenate([[0], np.cumsum(lens)]), dtype=torch.int32)
+        cu = torch.tensor(cu_seqlens(lens), dtype=torch.int32)
         return {
             "input_ids": torch.from_numpy(np.concatenate(ids).astype(np.int64))[None],
             "labels": torch.from_numpy(np.concatenate(labels).astype(np.int64))[None],

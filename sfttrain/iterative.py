@@ -10,8 +10,8 @@ rejection sampling, expert iteration, self-training) keep one model loaded and c
 
 What one `step(records=...)` does is what `sftprep build` + one `sfttrain run` step do:
 
-    records -> normalize -> render -> tokenize+label -> truncate     sftprep's `Encoder` (via `BuildCode`)
-            -> pack (bfd / wrapped / none, sftprep.packing)          rows: samples end to end, `seq_lens`
+    records -> normalize -> render -> tokenize+label -> truncate     sftprep's in-memory build
+            -> pack (the build's packing mode)                        (`sftprep.api.MemoryBuild`): `seq_lens`
             -> micro-batches of per_device_batch_size rows            `PackedCollator` (positions restart
             -> one optimizer step over all of them                     per sample: isolation as in a run)
 
@@ -25,18 +25,12 @@ tokenized or taken as given, then packed and trained the same way.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-import numpy as np
-
-from sftprep.packing import mode
-
-from .attention import IGNORE_INDEX
 from .config import ConfigError, TrainConfig, did_you_mean
 
 ITERATIVE_DATA = "(records given to IterativeTrainer.step)"
@@ -51,95 +45,6 @@ _NOT_BUILD = ("inputs", "input", "num_samples", "on_error", "max_reject_ratio", 
 _NOT_TRAIN = ("shards", "eval", "shuffle", "verify_checksums", "eval_steps", "per_device_eval_batch_size",
               "dataloader_workers")
 """Training keys about a build folder read by a data loader: step() is given its data."""
-
-
-# -- the one adapter into sftprep ---------------------------------------------------------------
-
-class BuildCode:
-    """The build's own code for records held in memory: `sftprep.encode.Encoder` (normalize ->
-    render -> tokenize+label -> truncate) and the pure packing functions. Every call into sftprep
-    goes through this class, so a change of the build's entry points is a change here only.
-
-    Args:
-        settings: build settings as `sftprep.config_from_dict` takes them (template, max_length, ...).
-        tokenizer: the tokenizer folder (the model's).
-        allow_code: let a `module:function` template run.
-    """
-
-    def __init__(self, settings: Mapping[str, Any], tokenizer: str | Path, allow_code: bool = False) -> None:
-        from sftprep.config import config_from_dict
-        from sftprep.pipeline import encoder_for
-        from sftprep.tokenizer import load_fast, tokenizer_identity
-
-        # inputs/out are required by BuildConfig but never read by the Encoder: records come from step()
-        config = config_from_dict({**settings, "inputs": [ITERATIVE_DATA], "tokenizer": str(tokenizer),
-                                   "out": ITERATIVE_DATA, "on_error": "skip"}, source="IterativeTrainer")
-        self.config = dataclasses.replace(config, allow_code=allow_code)
-        self.fast = load_fast(tokenizer)
-        self.encoder = encoder_for(self.config, self.fast)
-        self.identity = tokenizer_identity(self.fast, tokenizer)
-        self.max_length = self.config.tokenize.max_length
-        self.packing = self.config.pack.mode
-        self.truncation = self.encoder.truncation  # None under wrapped packing: rows are cut instead
-
-    @property
-    def manifest(self) -> dict[str, Any]:
-        """What `sfttrain.chat_template` and `sfttrain.json` read from a build's manifest."""
-        return {"config": self.config.to_dict(), "template": self.encoder.renderer.description,
-                "tokenizer": self.identity, "max_length": self.max_length, "packing": self.packing}
-
-    def encode(self, records: Sequence[Any], where: str) -> tuple[list[tuple[np.ndarray, np.ndarray]], list[dict], int]:
-        """(samples as (ids, labels), rejects, samples truncated) of `records`, as a build makes them."""
-        from sftprep.readers import Record
-
-        batch = [(i, Record(dict(r), f"{where}[{i}]") if isinstance(r, Mapping) else
-                  Record(None, f"{where}[{i}]", error=f"a record must be a mapping, got {type(r).__name__}"))
-                 for i, r in enumerate(records)]
-        enc = self.encoder(batch)
-        samples = [enc.sample(k) for k in range(len(enc.lengths))]
-        rejects = [{"index": r["sample_id"], "source": r["source"], "reason": r["reason"], "message": r["message"]}
-                   for r in enc.rejects]
-        return samples, rejects, int(sum(enc.truncated))
-
-    def prompt_ids(self, record: Mapping[str, Any]) -> list[int]:
-        """The token ids a record is rendered with up to where its answer starts (the generation
-        prompt): the template, system prompt and BOS rule of the build."""
-        from sftprep.readers import Record
-
-        rendered = self.encoder.render([(0, Record(dict(record), "prompt"))])
-        if rendered.encoded.rejects:
-            raise ValueError(f"cannot render the prompt {dict(record)!r}: {rendered.encoded.rejects[0]['message']}")
-        text, spans = rendered.texts[0], rendered.spans[0]
-        if rendered.convs[0].kind == "text":  # a text to continue: all of it, less the EOS a build appends
-            eos = self.fast.eos_token
-            cut = len(text) - len(eos) if eos and text.endswith(eos) else len(text)
-        else:
-            cut = spans[0][0]
-        ids = self.fast.backend_tokenizer.encode(text[:cut], add_special_tokens=False).ids
-        return ([self.encoder.bos_id] if rendered.heads[0] else []) + list(ids)
-
-    def stop_ids(self) -> list[int]:
-        """Ids that end an answer: EOS, generation_config's eos ids, --stop-token (single tokens)."""
-        from sftprep.tokenizer import stop_strings
-
-        backend = self.fast.backend_tokenizer
-        ids = [backend.token_to_id(s) for s in stop_strings(self.fast, self.config.template.stop_tokens)]
-        return [i for i in dict.fromkeys(ids) if i is not None]
-
-    def pack(self, samples: Sequence[tuple[np.ndarray, np.ndarray]]) -> list[dict[str, np.ndarray]]:
-        """Rows as a build writes them (without the padding `PackedCollator` ignores)."""
-        from sftprep.labels import mask_sample_starts
-        from sftprep.packing import pack
-
-        lengths = [len(ids) for ids, _ in samples]
-        rows = []
-        for row in pack(lengths, self.max_length, self.packing, self.config.pack.seed):
-            seq_lens = np.array([b - a for _, a, b in row], np.int32)
-            labels = np.concatenate([samples[i][1][a:b] for i, a, b in row]).astype(np.int32)
-            mask_sample_starts(labels, seq_lens)  # a wrapped piece starts mid-sample: not trained there
-            rows.append({"input_ids": np.concatenate([samples[i][0][a:b] for i, a, b in row]).astype(np.int32),
-                         "labels": labels, "seq_lens": seq_lens})
-        return rows
 
 
 # -- settings ----------------------------------------------------------------------------------
@@ -246,6 +151,7 @@ class IterativeTrainer:
     # -- set-up ----------------------------------------------------------------------------
     def _setup(self, build: dict[str, Any], allow_code: bool) -> None:
         """The checks of `sfttrain run` that need no model, with the build settings in place of a build."""
+        from sftprep.api import MemoryBuild
         from sftprep.tokenizer import load_tokenizer
 
         from .api import _resume_point, check_runtime
@@ -258,7 +164,7 @@ class IterativeTrainer:
         if not has_tokenizer(tok_path):
             raise ConfigError(f"--model {c.model.path} has no tokenizer: give tokenizer=FOLDER (the tokenizer the "
                               "records are tokenized with and the model was trained with)")
-        self.build = BuildCode(build, tok_path, allow_code)
+        self.build = MemoryBuild(build, tok_path, allow_code, name=ITERATIVE_DATA)
         self.tokenizer = check_tokenizer({"tokenizer": self.build.identity}, tok_path, c.model.path) \
             or load_tokenizer(tok_path)
         self.attention = check_runtime(c, self.traits)
@@ -292,7 +198,7 @@ class IterativeTrainer:
         self.collator = PackedCollator(self.attention, self.build.identity["pad_id"])
         self.isolation = (check_isolation(model, self.collator, self.build.identity["vocab_size"],
                                           window=self.traits.get("window"), max_length=self.build.max_length)
-                          if mode(self.build.packing).shared else None)
+                          if self.build.packing.shared else None)
         self.trainer = ShardTrainer(model=model, args=args, data_collator=self.collator,
                                     processing_class=self.tokenizer,
                                     callbacks=[WriteRunInfo(self._run_info()), *callbacks])
@@ -359,13 +265,13 @@ class IterativeTrainer:
             raise ValueError("step() takes one of records=, texts= (with texts_labels=) or input_ids= (with labels=, "
                              f"attention_mask=); got {', '.join(given) or 'none'}")
         if records is not None:
-            samples, rejects, truncated = self.build.encode(_as_list(records, "records"), "records")
+            samples, rejects, truncated = self.build.records(_as_list(records, "records"))
         elif texts is not None:
-            samples, rejects, truncated = self._texts(_as_list(texts, "texts"), _as_list(texts_labels, "texts_labels"))
+            samples, rejects, truncated = self.build.texts(_as_list(texts, "texts"), _as_list(texts_labels, "texts_labels"))
         else:
-            samples, rejects, truncated = self._ids(_as_list(input_ids, "input_ids"), _as_list(labels, "labels"),
+            samples, rejects, truncated = self.build.ids(_as_list(input_ids, "input_ids"), _as_list(labels, "labels"),
                                                     _as_list(attention_mask, "attention_mask"))
-        return {"samples": samples, "rows": self.build.pack(samples) if samples else [], "rejects": rejects,
+        return {"samples": samples, "rows": self.build.rows(samples) if samples else [], "rejects": rejects,
                 "truncated": truncated}
 
     def step(self, records: Sequence[Any] | None = None, *, texts: Sequence[str] | None = None,
@@ -545,83 +451,6 @@ class IterativeTrainer:
             return rec
         raise TypeError(f"a prompt must be a string, a list of chat messages or a record, got {type(prompt).__name__}")
 
-    def _texts(self, texts: list, texts_labels: list | None) -> tuple[list, list[dict], int]:
-        """TRL: `tokenizer(text, truncation=True, max_length=...)` (BOS added; the truncation side from
-        the truncation mode), labels the tokens of `texts_labels`, or of `texts` when not given."""
-        if texts_labels is not None and len(texts_labels) != len(texts):
-            raise ValueError(f"texts_labels holds {len(texts_labels)} strings for {len(texts)} texts")
-        ids, labels, rejects, truncated = [], [], [], 0
-        for i, text in enumerate(texts):
-            target = texts_labels[i] if texts_labels is not None else text
-            bad = next((f"{name}[{i}] must be a string, got {type(v).__name__}" for name, v in
-                        (("texts", text), ("texts_labels", target)) if not isinstance(v, str)), None)
-            if bad:
-                rejects.append(_reject(i, f"texts[{i}]", "wrong_type", bad))
-            (tokens, cut), (target_tokens, _) = self._tokenize(text), self._tokenize(target)
-            ids.append(None if bad else tokens)
-            labels.append(None if bad else target_tokens)
-            truncated += bool(cut and not bad)
-        samples, more, _ = self._ids(ids, labels, None, where="texts")
-        return samples, sorted(rejects + more, key=lambda r: r["index"]), truncated
-
-    def _tokenize(self, text: Any) -> tuple[list[int], bool]:
-        """(ids, truncated): the tokenizer's own truncation, as TRL calls it (special tokens kept)."""
-        if not isinstance(text, str):
-            return [], False
-        tok, n = self.tokenizer, self.build.max_length
-        if self.build.truncation not in ("keep_start", "keep_end"):  # drop (rejected later) or wrapped
-            return tok(text)["input_ids"], False
-        side = tok.truncation_side
-        tok.truncation_side = "left" if self.build.truncation == "keep_end" else "right"
-        try:
-            ids = tok(text, truncation=True, max_length=n)["input_ids"]
-            return ids, len(ids) == n and len(tok(text)["input_ids"]) > n
-        finally:
-            tok.truncation_side = side
-
-    def _ids(self, input_ids: list, labels: list | None, attention_mask: list | None,
-             where: str = "input_ids") -> tuple[list, list[dict], int]:
-        """Samples from id sequences: labels default to the ids, masked-out positions dropped, the
-        first token never trained, truncated by the truncation mode (keep_start / keep_end by plain
-        slicing, drop rejects)."""
-        for name, given in (("labels", labels), ("attention_mask", attention_mask)):
-            if given is not None and len(given) != len(input_ids):
-                raise ValueError(f"{name} holds {len(given)} sequences for {len(input_ids)} input_ids")
-        samples, rejects, truncated = [], [], 0
-        vocab = self.build.identity["vocab_size"]
-        for i, seq in enumerate(input_ids):
-            if seq is None:  # rejected before (texts)
-                continue
-            try:
-                ids = _int_array(seq, f"{where}[{i}]")
-                lab = ids.copy() if labels is None or labels[i] is None else _int_array(labels[i], f"labels[{i}]")
-                mask = None if attention_mask is None else _int_array(attention_mask[i], f"attention_mask[{i}]")
-            except ValueError as e:
-                rejects.append(_reject(i, f"{where}[{i}]", "wrong_type", str(e)))
-                continue
-            problem = _check_ids(ids, lab, mask, vocab)
-            if problem:
-                rejects.append(_reject(i, f"{where}[{i}]", problem[0], problem[1]))
-                continue
-            if mask is not None:
-                ids, lab = ids[mask != 0], lab[mask != 0]
-            n, mode = self.build.max_length, self.build.truncation
-            if len(ids) > n and mode is not None:
-                if mode == "drop":
-                    rejects.append(_reject(i, f"{where}[{i}]", "too_long",
-                                           f"{len(ids)} tokens > max_length {n} (--truncation drop)"))
-                    continue
-                keep = slice(0, n) if mode == "keep_start" else slice(len(ids) - n, None)
-                ids, lab = ids[keep], lab[keep]
-                truncated += 1
-            lab = lab.copy()
-            lab[:1] = IGNORE_INDEX  # the first token of a sample is never trained (as in a build)
-            if not (lab != IGNORE_INDEX).any():
-                rejects.append(_reject(i, f"{where}[{i}]", "no_trained_tokens", "no token left to train on"))
-                continue
-            samples.append((ids.astype(np.int32), lab.astype(np.int32)))
-        return samples, rejects, truncated
-
 
 # -- helpers -------------------------------------------------------------------------------------
 
@@ -633,37 +462,10 @@ def _as_list(value: Any, name: str) -> list | None:
     return list(value)
 
 
-def _reject(index: int, source: str, reason: str, message: str) -> dict[str, Any]:
-    return {"index": index, "source": source, "reason": reason, "message": message}
-
-
-def _int_array(value: Any, where: str) -> np.ndarray:
-    if hasattr(value, "detach"):  # a torch tensor
-        value = value.detach().cpu().numpy()
-    arr = np.asarray(value)
-    if arr.ndim != 1 or not (np.issubdtype(arr.dtype, np.integer) or arr.size == 0):
-        raise ValueError(f"{where} must be a 1-D sequence of integers, got shape {arr.shape} of {arr.dtype}")
-    return arr.astype(np.int64)
-
-
-def _check_ids(ids: np.ndarray, labels: np.ndarray, mask: np.ndarray | None, vocab: int) -> tuple[str, str] | None:
-    if len(labels) != len(ids):
-        return "labels_length_mismatch", f"{len(labels)} labels for {len(ids)} input ids"
-    if mask is not None and len(mask) != len(ids):
-        return "mask_length_mismatch", f"{len(mask)} attention_mask values for {len(ids)} input ids"
-    if ids.size and (ids.min() < 0 or ids.max() >= vocab):
-        return "bad_token_id", f"token id {int(ids.max() if ids.max() >= vocab else ids.min())} is outside the " \
-                               f"vocabulary (0..{vocab - 1})"
-    bad = labels[(labels != IGNORE_INDEX) & ((labels < 0) | (labels >= vocab))]
-    if bad.size:
-        return "bad_label", f"label {int(bad[0])} is neither -100 nor a token id (0..{vocab - 1})"
-    return None
-
-
 def _plateau(scheduler) -> bool:
     import torch
 
     return isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
 
 
-__all__ = ["BuildCode", "Generation", "IterativeTrainer", "ITERATIVE_DATA", "iterative_config", "split_settings"]
+__all__ = ["Generation", "IterativeTrainer", "ITERATIVE_DATA", "iterative_config", "split_settings"]

@@ -37,3 +37,22 @@ def test_the_inspection_package_never_imports_the_build_side():
         assert not imported & BUILD_SIDE, f"{f.name} imports {imported & BUILD_SIDE}"
         known = {p.stem for p in PACKAGE.glob("*.py")} | {f"inspect.{m}" for m in modules}
         assert imported <= known, f"{f.name} imports what does not exist: {imported - known}"
+
+
+# sftprep's public modules: what a user's script (and so sfttrain, a client like any other) may import
+PUBLIC = {"sftprep", "sftprep.api", "sftprep.config", "sftprep.errors", "sftprep.cli", "sftprep.shards",
+          "sftprep.manifest", "sftprep.labels", "sftprep.packing", "sftprep.tokenizer"}
+
+
+def test_sfttrain_uses_sftprep_through_its_public_modules_only():
+    trainer = Path(__file__).resolve().parents[1] / "sfttrain"
+    files = sorted(trainer.glob("*.py"))
+    assert len(files) >= 10
+    for f in files:
+        used = set()
+        for node in ast.walk(ast.parse(f.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").startswith("sftprep"):
+                used.add(node.module)
+            elif isinstance(node, ast.Import):
+                used |= {a.name for a in node.names if a.name.startswith("sftprep")}
+        assert used <= PUBLIC, f"sfttrain/{f.name} reaches into {sorted(used - PUBLIC)}"

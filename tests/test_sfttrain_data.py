@@ -6,7 +6,8 @@ import numpy as np
 import torch
 
 from sftprep import load
-from sfttrain.attention import AttentionPath, positions_and_segments
+from sftprep.shards import row_positions
+from sfttrain.attention import AttentionPath
 from sfttrain.checks import open_build
 from sfttrain.data import EpochSampler, PackedCollator, ShardDataset
 from tests.sfttrain_helpers import SPANISH, build_shards
@@ -60,7 +61,7 @@ def test_sampler_deals_rows_to_ranks_without_overlap():
 
 
 def test_positions_restart_per_sample_and_padding_is_its_own_segment():
-    pos, seg = positions_and_segments(np.array([3, 2]), 7)
+    pos, seg = row_positions(np.array([3, 2]), 7)
     assert pos.tolist() == [0, 1, 2, 0, 1, 0, 1]
     assert seg.tolist() == [0, 0, 0, 1, 1, -1, -1]
 

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from sfttrain.attention import (REAL_TOKENS, AttentionPath, IsolationError, check_isolation, choose_attention,
-                                model_traits, positions_and_segments)
+                                model_traits)
+from sftprep.shards import row_positions
 from sfttrain.checks import open_build
 from sfttrain.data import PackedCollator, ShardDataset
 from tests.sfttrain_helpers import (FAMILIES, WINDOW, family_config, family_model, loss_and_grads,  # noqa: F401
@@ -46,7 +47,7 @@ def test_packed_row_trains_exactly_like_its_samples_alone(family, checkpointing)
 
 
 def _block_diagonal(row, length):
-    seg = torch.from_numpy(positions_and_segments(row["seq_lens"], length)[1])
+    seg = torch.from_numpy(row_positions(row["seq_lens"], length)[1])
     causal = torch.ones(length, length, dtype=torch.bool).tril()
     return ((seg[:, None] == seg[None, :]) & causal)[None, None]
 

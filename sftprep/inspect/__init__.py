@@ -1,9 +1,11 @@
 """The read side: a finished build folder, looked at. Nothing here imports the build side (api,
-encode, pipeline, templates, formats, readers); only the shard contract (`shards`, `manifest`,
-`labels`) and the tokenizer files the build copied into the folder.
+encode, pipeline, templates, formats, readers, store, output, parts, merge; `tests/test_layout.py`);
+only the shard contract (`shards`: the row reader, `manifest`, `labels`, `packing`: how a mode's rows
+read back), the settings' names (`config`, for diff), the tokenizer loader (`tokenizer`, for decode)
+and the tokenizer files the build copied into the folder.
 
     OUT/manifest.json + shard-train-*.arrow --shards.load--> one memory-mapped table
-        --unpack.flatten--> Flat (flat ids / labels + pieces) --unpack.unpack--> samples by sample_id
+        --shards.flatten--> Flat (flat ids / labels + pieces) --unpack.unpack--> samples by sample_id
     OUT/samples.feather, rejects.jsonl --folder--> provenance, drops
     OUT/tokenizer/ --decode--> text, trained runs, token strings
 

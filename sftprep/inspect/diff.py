@@ -17,10 +17,10 @@ import numpy as np
 
 from ..config import shard_settings
 
-from ..shards import load
+from ..shards import flatten, load
 from .decode import decode_segments, load_build_tokenizer
 from .folder import read_build, read_sample_info, sources_by_id
-from .unpack import flatten, unpack
+from .unpack import unpack
 from .view import marked
 
 TOKENIZER_KEYS = ("name", "vocab_size", "vocab_hash", "bos_id", "eos_id", "pad_id", "special_tokens")

@@ -2,7 +2,7 @@
 `sftprep.samples()` share.
 
 A shard row holds whole samples laid end to end (or, with `packing: wrapped`, pieces of them),
-then padding. Flattening a shard's list columns gives one long array per column; `seq_lens` cuts
+then padding. `shards.flatten` (the row reader) gives one long array per column; `seq_lens` cuts
 each row into its samples, so every sample is a `[start, start + length)` range of the flat
 `input_ids` / `labels`:
 
@@ -16,67 +16,16 @@ Everything here is vectorized with numpy over those flat arrays, so it stays fas
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
-from ..labels import IGNORE_INDEX, sample_starts
-from ..shards import load
+from ..labels import IGNORE_INDEX
+from ..shards import Flat, flatten, load
 from .decode import TRAINED_SEPARATOR, decode_segments, load_build_tokenizer
 from .folder import read_build, read_sample_info, sources_by_id
-
-
-def list_parts(column: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndarray]:
-    """A list column as (flat values, zero-based offsets with one entry per row plus one)."""
-    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
-    offsets = arr.offsets.to_numpy().astype(np.int64)
-    return arr.flatten().to_numpy(), offsets - offsets[0]
-
-
-@dataclass(slots=True)
-class Flat:
-    """A shard table as flat numpy arrays plus the pieces (samples or wrapped parts) in it.
-
-    `ids`/`labels` are cut into rows by `row_off`; piece `j` sits in row `piece_row[j]` at flat
-    positions `[piece_start[j], piece_start[j] + seq_lens[j])`.
-    """
-
-    ids: np.ndarray
-    labels: np.ndarray
-    row_off: np.ndarray
-    seq_lens: np.ndarray
-    seq_off: np.ndarray
-    sample_ids: np.ndarray
-    piece_row: np.ndarray
-    piece_start: np.ndarray
-
-    @property
-    def num_rows(self) -> int:
-        return len(self.row_off) - 1
-
-    @property
-    def row_lens(self) -> np.ndarray:
-        return np.diff(self.row_off)
-
-    @property
-    def real_tokens(self) -> np.ndarray:
-        """Per row: the sum of its `seq_lens` (tokens that are not padding)."""
-        cs = np.concatenate([[0], np.cumsum(self.seq_lens, dtype=np.int64)])
-        return cs[self.seq_off[1:]] - cs[self.seq_off[:-1]]
-
-
-def flatten(table: pa.Table) -> Flat:
-    """Flatten a shard table (or `sftprep.load()`'s table of all shards)."""
-    ids, row_off = list_parts(table.column("input_ids"))
-    labels, _ = list_parts(table.column("labels"))
-    seq_lens, seq_off = list_parts(table.column("seq_lens"))
-    sample_ids, _ = list_parts(table.column("sample_ids"))
-    piece_row = np.repeat(np.arange(len(seq_off) - 1), np.diff(seq_off))
-    return Flat(ids, labels, row_off, seq_lens.astype(np.int64), seq_off, sample_ids.astype(np.int64),
-                piece_row, sample_starts(seq_lens, row_off, seq_off))
 
 
 def piece_positions(flat: Flat, pieces: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -27,9 +27,8 @@ import pyarrow as pa
 
 from ..labels import IGNORE_INDEX, mask_sample_starts
 from ..packing import mode
-from ..shards import SCHEMA, open_shard, sha256_file
+from ..shards import SCHEMA, Flat, flatten, list_parts, open_shard, sha256_file
 from .folder import read_build, read_sample_info
-from .unpack import Flat, flatten, list_parts
 
 PER_CHECK = 20  # violations listed per check and batch of rows (all are counted)
 BATCH_ROWS = 2048  # rows checked at once: about 2048 x max_length x 30 bytes of scratch

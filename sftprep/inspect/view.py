@@ -25,10 +25,9 @@ import numpy as np
 from ..errors import InputError
 from ..labels import IGNORE_INDEX
 from ..packing import mode
-from ..shards import load
+from ..shards import Flat, flatten, list_parts, load
 from .decode import decode_segments, token_strings
 from .folder import read_rejects, read_sample_info
-from .unpack import Flat, flatten, list_parts
 
 OPEN, CLOSE = "⟦", "⟧"
 WIDTH = 88
