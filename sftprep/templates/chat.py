@@ -408,23 +408,14 @@ class ChatTemplate:
         except FormatError:
             return ""
         between = _MARK_RE.sub("", text.split(_close(0), 1)[-1].split(_open(1), 1)[0])
-        n = 0
-        while n < min(len(tail), len(between)) and tail[n] == between[n]:
-            n += 1
-        if n == len(tail):
-            return ""
-        cuts = [i + 1 for i in range(n) if tail[i] == "\n"]
-        cuts += [i + len(tok) for tok in self.boundaries for i in range(n) if tail.startswith(tok, i)]
-        return tail[:max((c for c in cuts if c <= n), default=0)]
+        n = _common_prefix(tail, between)
+        return "" if n == len(tail) else tail[:max(c for c in self._cuts(tail) | {0} if c <= n)]
 
     def _prompt_after(self, msgs: list[dict], tools: list | None, **variables) -> tuple[str, str]:
         with_prompt = self.render(msgs, tools, True, variables=variables)
         without = self.render(msgs, tools, False, variables=variables)
         a, b = with_prompt.rsplit(_close(0), 1)[-1], without.rsplit(_close(0), 1)[-1]
-        common = 0
-        while common < min(len(a), len(b)) and a[common] == b[common]:
-            common += 1
-        return _MARK_RE.sub("", a[common:]), _MARK_RE.sub("", b)
+        return _MARK_RE.sub("", a[_common_prefix(a, b):]), _MARK_RE.sub("", b)
 
     def _prefilled_think(self, msgs: list[dict], tools: list | None, header: str) -> int:
         """Where the empty think block that the header pre-fills starts (Qwen3 with thinking off
@@ -447,14 +438,20 @@ class ChatTemplate:
         that ends inside the empty think block the header pre-fills (a turn that writes its own
         reasoning there starts before the block's opener, which is then trained)."""
         h = self.header
-        cuts = {len(h)}
-        for i in range(len(h)):
-            if h[i] == "\n":
+        cuts = self._cuts(h) | {len(h)}
+        return [h[:c] for c in sorted(cuts, reverse=True) if c > 0 and (c <= self.think_at or c == len(h))]
+
+    def _cuts(self, text: str) -> set[int]:
+        """The positions in `text` at a token boundary (either side of a special or added token) or
+        after a newline."""
+        cuts = set()
+        for i in range(len(text)):
+            if text[i] == "\n":
                 cuts.add(i + 1)
             for tok in self.boundaries:
-                if h.startswith(tok, i):
+                if text.startswith(tok, i):
                     cuts.update((i, i + len(tok)))
-        return [h[:c] for c in sorted(cuts, reverse=True) if c > 0 and (c <= self.think_at or c == len(h))]
+        return cuts
 
 
 def _captures_output(env, source: str) -> bool:
@@ -530,6 +527,14 @@ def _edges(text: str) -> tuple[str, str]:
     core = text.strip()
     lead = text.index(core[0])
     return text[:lead], text[lead + len(core):]
+
+
+def _common_prefix(a: str, b: str) -> int:
+    """The length of the longest common prefix of `a` and `b`."""
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
 
 
 def _alternation(strings: Sequence[str]) -> re.Pattern | None:
