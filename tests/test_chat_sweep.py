@@ -32,6 +32,9 @@ EXCEPTIONS = {
     "appended stop": "a last turn the template ends with no stop token (GLM-4.5) gets the first stop token appended",
     "leading space": "a token is trained by its first non-space character: white space before the turn's first "
                      "character is compared stripped",
+    "pre-filled block opener": "where the generation prompt pre-fills an empty block (Gemma 4's thought channel, "
+                               "Command R7B's thinking) and the turn writes its own reasoning in it, the block's "
+                               "opener is trained with the reasoning (README, rule of reasoning)",
     "template refuses": "a turn transformers cannot render (the template raises) is not compared: the build rejects "
                         "the record with the template's error (tests/test_chat_templates.py)",
 }
@@ -48,35 +51,46 @@ def oracle(tok, previous: str | None, before: str, prompt: str, full: str, stops
     """What the model writes for a turn: `full` (with the turn) from where it parts from `before` (without
     it), or from the end of the `previous` message's text and what `before` writes after it, where the
     template writes earlier messages differently once a turn follows (Mistral Nemo moves the system
-    message); backed off to a token's start; then after the generation prompt's addition to `before`
-    (or its longest prefix made of whole tokens; none where the template writes no header there);
-    normalised by `EXCEPTIONS`."""
+    message), never inside a special token; then after the generation prompt's addition to `before` (or
+    its longest prefix made of whole tokens; none where the template writes no header there), or, for a
+    template that writes its prompt whether asked or not (Command R7B), after what `before` writes after
+    the previous message's text; normalised by `EXCEPTIONS`."""
     start = _common(before, full)
-    text = previous.strip() if previous else ""
+    header = prompt[_common(before, prompt):]
+    text, anchored = (previous.strip() if previous else ""), False
     if text and text in before and text in full:
         after, at = before.rfind(text) + len(text), full.rfind(text) + len(text)
-        start = max(start, at + _common(before[after:], full[at:]))
-    offsets = tok(full, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
-    start = max((a for a, _ in offsets if a <= start), default=0)
+        if header:
+            start = max(start, at + _common(before[after:], full[at:]))
+        else:  # the prompt adds nothing: it is what the template writes after the previous text anyway
+            start, header, anchored = at, before[after:], True
+    added_tokens = [t for t in tok.get_added_vocab() if len(t) > 1]
+    for t in added_tokens:  # never start inside a special token (`<|START_` of `<|START_RESPONSE|>`)
+        inside = next((k for k in range(1, len(t)) if full.startswith(t, start - k)), None)
+        if inside:
+            start -= inside
+            break
     region = full[start:]
-    header = prompt[_common(before, prompt):]
-    cuts, at = [], 0
-    for piece in tok.tokenize(header):  # the header's token boundaries
-        at += len(tok.convert_tokens_to_string([piece]))
-        cuts.append(at)
+    cuts = {b for _, b in tok(header, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]}
     begin = 0
-    for cut in sorted((c for c in cuts if c <= len(header)), reverse=True):
-        found = region.find(header[:cut])
+    for cut in sorted((c for c in cuts if 0 < c <= len(header)), reverse=True):  # at the header's token ends
+        found = (0 if region.startswith(header[:cut]) else -1) if anchored else region.find(header[:cut])
         if found >= 0:
             begin = found + cut
+            rest, turn = header[cut:].strip(), _to_stop(region[begin:], stops)
+            if rest and any(t in rest for t in added_tokens) and rest in turn:  # "pre-filled block opener"
+                begin = found + max(header.rfind(t, 0, cut) for t in added_tokens)
             break
     for block in _EMPTY_BLOCK.finditer(region):  # "empty think block"
         if block.start() <= begin <= block.end():
             begin = block.end()
-    added = region[begin:]
-    ends = [added.find(s) + len(s) for s in stops if s in added]
-    added = added[:min(ends)] if ends else added.rstrip() + stops[0]  # "stop token", "appended stop"
-    return added.lstrip()  # "leading space"
+    return _to_stop(region[begin:], stops).lstrip()  # "leading space"
+
+
+def _to_stop(text: str, stops: list[str]) -> str:
+    """`text` up to and with its first stop token ("stop token"), or with the first appended ("appended stop")."""
+    ends = [text.find(s) + len(s) for s in stops if s in text]
+    return text[:min(ends)] if ends else text.rstrip() + stops[0]
 
 
 def render(tok, messages, tools, add_generation_prompt):

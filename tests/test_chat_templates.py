@@ -29,7 +29,7 @@ import pytest
 from tests.chat_families import FAMILIES, family_path, load_family, reference
 from tests.conftest import DATA, samples_of, trained_runs
 
-FILES = ("chat_multiturn", "chat_tools", "chat_reasoning")
+FILES = ("chat_multiturn", "chat_tools", "chat_reasoning", "chat_tools_mixed")
 RECORDS = [(f, json.loads(line)) for f in FILES for line in (DATA / f"{f}.jsonl").read_text().splitlines()]
 KWARGS = {"date_string": "26 Jul 2024"}  # Llama-3.x templates take today's date unless given one
 
@@ -130,8 +130,9 @@ def test_family_matches_transformers_and_trl(family, tmp_root):
 
 
 def assert_turns_trained(tok, msgs, ids, labels, stops):
-    """Without a reference mask: one trained run per assistant turn, holding its text (where the
-    template renders it) and ending with a stop token; nothing else trained."""
+    """Without a reference mask: each assistant turn trained as one run (or, where the template writes a
+    call's results inside the turn, a run per piece), each run ending with a stop or special token, each
+    text of a turn the template writes trained; nothing else trained."""
     runs, cur = [], []
     for i, label in enumerate(labels + [-100]):
         if label != -100:
@@ -140,13 +141,16 @@ def assert_turns_trained(tok, msgs, ids, labels, stops):
             runs.append(cur)
             cur = []
     assistants = [m for m in msgs if m["role"] == "assistant"]
-    assert len(runs) == len(assistants)
-    for run, m in zip(runs, assistants):
-        text = tok.decode([ids[i] for i in run])
+    texts = [tok.decode([ids[i] for i in run]) for run in runs]
+    assert len(runs) >= len(assistants) and (len(runs) == len(assistants) or tok.name_or_path.endswith("gemma-4"))
+    for run, text in zip(runs, texts):
         assert any(text.rstrip().endswith(s) for s in stops) or tok.convert_ids_to_tokens(ids[run[-1]]) in \
             tok.all_special_tokens, text[-40:]
-        if m.get("content"):
-            assert m["content"].strip().split("</think>")[-1].strip()[:20] in text
+    rendered, trained = tok.decode(ids), "".join(texts)
+    for m in assistants:
+        content = (m.get("content") or "").strip().split("</think>")[-1].strip()[:20]
+        if content and content in rendered:  # some templates drop the text beside a call
+            assert content in trained, content
 
 
 def test_qwen3_reasoning_is_trained_and_an_empty_think_block_is_not(tmp_root):
