@@ -1,6 +1,6 @@
 """The public Python surface of the build: `build(config)` (and `load(dir)`, from `shards.py`).
 
-    config --> inputs (resolved once) + tokenizer --> build id --> OUT prepared and locked (output.py)
+    config --> OUT locked --> inputs (resolved once) + tokenizer --> build id --> OUT prepared (output.py)
            --> encode_all: read -> normalize -> render -> tokenize -> label -> truncate  (pipeline, encode)
            --> SampleStore (spill files) --> pack (packing) --> ShardSetWriter (shards)
            --> samples.feather, rejects.jsonl, tokenizer/ (output) --> manifest.json, last (manifest)
@@ -55,17 +55,18 @@ def build(config: BuildConfig, progress: Callable[[int], None] | None = None, *,
     if allow_code:
         config = dataclasses.replace(config, allow_code=True)
     lock = OutLock(Path(config.out))
+    lock.acquire()  # before any work: a second build into OUT is refused at once
     # The cyclic garbage collector is paused for the build: it makes millions of short-lived objects
     # (parsed records, messages, packing plans) and no cycle worth chasing, and each full collection
     # would walk the caller's whole heap too (-0.6 s of 7.5 on 10k chats built from a process holding them).
     try:
         with gc_paused():
-            return _build(config, progress, lock)
+            return _build(config, progress)
     finally:
         lock.release()
 
 
-def _build(config: BuildConfig, progress: Callable[[int], None] | None, lock: OutLock) -> dict[str, Any]:
+def _build(config: BuildConfig, progress: Callable[[int], None] | None) -> dict[str, Any]:
     inputs = _inputs(config)
     tok = load_fast(config.tokenize.tokenizer)
     # file hashes (the build id) while the template is compiled: hashlib works without the GIL
@@ -77,7 +78,6 @@ def _build(config: BuildConfig, progress: Callable[[int], None] | None, lock: Ou
     if config.part is not None:  # what `sftprep merge` checks: parts 0..N-1 of one whole build (sftprep.parts)
         part = {"index": config.part[0], "count": config.part[1],
                 "of_build": build_id(dataclasses.replace(config, part=None), input_info, tokenizer_hash)}
-    lock.acquire()
     out = prepare_out(Path(config.out), this_build, config.overwrite)
 
     if hasattr(progress, "start"):
@@ -158,6 +158,12 @@ def expected_records(config: BuildConfig, inputs: list[Path] | None = None) -> i
     limit = config.read.num_samples
     total = limit if limit and (total is None or total > limit) else total
     return total if total is None or config.part is None else part_size(total, config.part)
+
+
+def hold_build(folder: str | Path):
+    """A context manager that holds the build in `folder` while a reader (`sfttrain run`) uses it: a build
+    into the folder is refused meanwhile, and a build under way refuses the reader (`OutLock.reading`)."""
+    return OutLock(Path(folder)).reading()
 
 
 def chat_template_for(manifest: dict[str, Any], tokenizer, folder: str | Path = ".") -> str | None:

@@ -61,14 +61,14 @@ def _field_pairs(ctx, param, values) -> dict[str, str] | None:
 
 
 def _kwargs(values) -> dict[str, Any] | None:
-    import yaml
+    from .config import yaml_value
 
     out = {}
     for item in values:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise click.BadParameter(f"expected KEY=VALUE, got {item!r}", param_hint="--template-kwarg")
-        out[key.strip()] = yaml.safe_load(value)
+        out[key.strip()] = yaml_value(value)
     return out or None
 
 

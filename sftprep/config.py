@@ -11,7 +11,11 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
+import numbers
+import os
 import re
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -351,21 +355,28 @@ def read_tree(schema: Schema, data: Mapping[str, Any] | None, overrides: Mapping
     `({section: {field: value}}, {root field: value})`.
 
     Raises:
-        ConfigError: unknown keys (with the closest known key) or a section that is not a mapping,
-            all listed at once.
+        ConfigError: unknown keys (with the closest known key), a section that is not a mapping, or a
+            value of the wrong type (`type_problem`), all listed at once, each naming `source` and its key.
     """
     sections: dict[str, dict[str, Any]] = {name: {} for name in schema.sections}
     top: dict[str, Any] = {}
     problems: list[str] = []
 
+    def set_field(section: str | None, name: str, value: Any, where: str, written: str) -> None:
+        problem = type_problem(schema.sections[section] if section else schema.root, name, value)
+        if problem:
+            problems.append(f"{where}: `{written}` {problem}")
+        (sections[section] if section else top)[name] = value
+
     def put(key: str, value: Any, where: str) -> None:
+        written = key
         if key in schema.aliases:
             key, convert = schema.aliases[key]
             value = convert(value) if convert else value
         if key in schema.values:
             value = schema.values[key](value)
         if key in schema.scalars and not isinstance(value, Mapping):
-            sections[key][schema.scalars[key]] = value
+            set_field(key, schema.scalars[key], value, where, written)
         elif key in schema.sections:
             if not isinstance(value, Mapping):
                 problems.append(f"{where}: `{key}` must be a mapping, got {type(value).__name__}")
@@ -373,14 +384,13 @@ def read_tree(schema: Schema, data: Mapping[str, Any] | None, overrides: Mapping
             known = [f.name for f in dataclasses.fields(schema.sections[key])]
             for k, v in value.items():
                 if k in known:
-                    sections[key][k] = v
+                    set_field(key, k, v, where, f"{key}.{k}")
                 else:
                     problems.append(f"{where}: unknown key `{key}.{k}`{did_you_mean(k, known)}")
         elif key in schema.shortcuts:
-            section, name = schema.shortcuts[key]
-            sections[section][name] = value
+            set_field(*schema.shortcuts[key], value, where, written)
         elif key in schema.top:
-            top[key] = value
+            set_field(None, key, value, where, written)
         else:
             known = sorted({*schema.sections, *schema.shortcuts, *schema.top, *schema.aliases})
             problems.append(f"{where}: unknown key `{key}`{did_you_mean(key, known)}")
@@ -393,6 +403,46 @@ def read_tree(schema: Schema, data: Mapping[str, Any] | None, overrides: Mapping
     if problems:
         raise ConfigError.listing(f"{schema.what} config", problems)
     return sections, top
+
+
+_KINDS = {bool: "true or false", int: "a whole number", float: "a number", str: "text"}
+
+
+@functools.lru_cache(maxsize=None)
+def _scalar_kind(cls: type, name: str) -> tuple[type, bool] | None:
+    """(bool / int / float / str, whether None is allowed) for a scalar field of dataclass `cls`;
+    None for the others (lists, mappings, parts), which their own converters check."""
+    hint = typing.get_type_hints(cls)[name]
+    parts = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    kinds = [t for t in parts if t is not type(None)]
+    return (kinds[0], len(kinds) < len(parts)) if len(kinds) == 1 and kinds[0] in _KINDS else None
+
+
+def _fits(kind: type, value: Any) -> bool:
+    if kind is bool or isinstance(value, bool):
+        return kind is bool and isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, numbers.Integral)
+    if kind is float:
+        return isinstance(value, numbers.Real)
+    return isinstance(value, (str, os.PathLike))
+
+
+def type_problem(cls: type, name: str, value: Any) -> str | None:
+    """What is wrong with the type of `value` for field `name` of config dataclass `cls` ("must be a
+    number, got the text '2e-4'..."), or None when it fits (or is not a scalar field)."""
+    kind = _scalar_kind(cls, name)
+    if kind is None or _fits(kind[0], value) or (value is None and kind[1]):
+        return None
+    got = "nothing (null)" if value is None else f"the text {value!r}" if isinstance(value, str) else repr(value)
+    fix = ""
+    if isinstance(value, str) and kind[0] in (int, float):
+        try:
+            float(value)
+            fix = " (write it without quotes)"
+        except ValueError:
+            pass
+    return f"must be {_KINDS[kind[0]]}, got {got}{fix}"
 
 
 def make_tree(schema: Schema, sections: dict[str, dict[str, Any]], top: dict[str, Any]) -> Any:
@@ -470,6 +520,28 @@ def field_help(cls: type, name: str) -> str:
     return f"{text} [default: {shown}]"
 
 
+@functools.lru_cache(maxsize=None)
+def _yaml_loader() -> type:
+    """PyYAML's safe loader, reading `2e-4` / `1E-5` as numbers, as YAML 1.2 (and TRL / axolotl configs)
+    do; PyYAML follows YAML 1.1, where a float needs a dot (`2.0e-4`) and `2e-4` is text."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_implicit_resolver("tag:yaml.org,2002:float",
+                                 re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+                                 list("-+0123456789."))
+    return Loader
+
+
+def yaml_value(text: str) -> Any:
+    """A YAML document (a config file, a `--template-kwarg` value) as Python values (`_yaml_loader`)."""
+    import yaml
+
+    return yaml.load(text, Loader=_yaml_loader())  # noqa: S506 (a SafeLoader)
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
     """Read a YAML config file into a dict, with clear errors for a missing or malformed file."""
     import yaml
@@ -478,7 +550,7 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     if not p.is_file():
         raise FileNotFoundError(f"config file {p} does not exist")
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+        data = yaml_value(p.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:
         raise ConfigError(f"{p}: not valid YAML: {e}") from None
     if data is None:

@@ -24,7 +24,10 @@ class ConfigError(UserError, ValueError):
 
     @classmethod
     def listing(cls, what: str, problems: list[str]) -> "ConfigError":
-        """One error for every problem found in `what` ("build config"), one per line."""
+        """One error for every problem found in `what` ("build config"): one line for one problem, else
+        one line per problem."""
+        if len(problems) == 1:
+            return cls(f"invalid {what}: {problems[0]}")
         return cls(f"invalid {what}:\n  - " + "\n  - ".join(problems))
 
 

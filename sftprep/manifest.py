@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 from pathlib import Path
 from typing import Any
 from .errors import InputError
@@ -72,23 +73,32 @@ def tokenizer_dir(folder: str | Path, manifest: dict[str, Any]) -> Path | None:
 
 
 def shard_path(folder: str | Path, name: Any) -> Path:
-    """The file a manifest's shard entry names, confined to the build folder: a manifest is input
-    like any other, and a hand-edited `"file": "../../etc/passwd"`, an absolute path or a symbolic
-    link leading out of the folder is refused, never read.
+    """The file a manifest's shard entry names, confined to the build folder (`member`)."""
+    return member(folder, name, "shard file")
+
+
+def member(folder: str | Path, name: Any, what: str) -> Path:
+    """A file the manifest names (`what`: "shard file", "samples_file"...), confined to the build folder:
+    a manifest is input like any other, and a hand-edited `"../../etc/passwd"`, an absolute path, a
+    symbolic link leading out of the folder, or a FIFO or device in place of a file (reading it would
+    hang or never end) is refused, never opened. The path may not exist (callers say so).
 
     Raises:
-        InputError: the name is not a relative path to a file inside `folder`.
+        InputError: the name is not a relative path to a regular file inside `folder`.
     """
     folder = Path(folder)
-    where = f"{folder / MANIFEST}: shard file {name!r}"
+    where = f"{folder / MANIFEST}: {what} {name!r}"
     if not isinstance(name, str) or not name:
         raise InputError(f"{where} is not a file name")
     p = Path(name)
     if p.is_absolute() or ".." in p.parts:
-        raise InputError(f"{where} points outside the build folder; a shard is a file inside it: rebuild "
+        raise InputError(f"{where} points outside the build folder; the build's files are inside it: rebuild "
                          "with `sftprep build --overwrite`")
     target = folder / p
     if not target.resolve().is_relative_to(folder.resolve()):
         raise InputError(f"{where} is a link that leads outside the build folder ({target.resolve()}); "
-                         "copy the shard into the folder instead")
+                         "copy the file into the folder instead")
+    if target.exists() and not stat.S_ISREG(target.stat().st_mode):
+        raise InputError(f"{where} is not a regular file (a FIFO, device or folder): sftprep does not open it; "
+                         "rebuild with `sftprep build --overwrite`, or copy the file again")
     return target

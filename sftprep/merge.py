@@ -25,10 +25,10 @@ from .errors import InputError
 from .files import overlaps
 from .inspect.diff import flat_items
 from .inspect.folder import read_rejects, read_sample_info
-from .manifest import MANIFEST, read_manifest, tokenizer_dir, write_manifest
+from .manifest import MANIFEST, read_manifest, shard_path, tokenizer_dir, write_manifest
 from .output import (OutLock, build_key, build_manifest, check_rejects, empty_inputs, prepare_out, remove_temps,
                      write_build)
-from .shards import flatten
+from .shards import SCHEMA, check_rows, flatten
 from .store import Samples
 
 # what every part of one build must agree on (besides `part.of_build`, which covers them all); a part's
@@ -205,7 +205,7 @@ class MergedSamples(Samples):
         empty = np.zeros(0, np.int64)
         where, tables = [(empty,) * 4], []
         for p in parts:
-            where += [self._locate(p.folder / s["file"]) for s in p.manifest["shards"]]
+            where += [self._locate(shard_path(p.folder, s["file"])) for s in p.manifest["shards"]]
             tables.append(read_sample_info(p.folder, p.manifest))
         sid, chunk, start, length = (np.concatenate(c) for c in zip(*where))
         order = np.argsort(sid, kind="stable")
@@ -233,7 +233,15 @@ class MergedSamples(Samples):
             raise InputError(f"{path} is empty: the part was not copied whole; build or copy it again")
         with open(path, "rb") as f:  # a map of our own, so that `_release` can hand its pages back
             self._maps.append(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))
-        for batch in pa.ipc.open_file(pa.py_buffer(self._maps[-1])).read_all().to_batches():
+        try:
+            table = pa.ipc.open_file(pa.py_buffer(self._maps[-1])).read_all()
+        except pa.ArrowInvalid as e:
+            raise InputError(f"{path} is not a complete Arrow file ({e}): the part was not copied whole; build or "
+                             "copy it again") from None
+        if not table.schema.equals(SCHEMA):
+            raise InputError(f"{path} does not have a shard's columns and types; build the part again")
+        check_rows(table, str(path))
+        for batch in table.to_batches():
             flat = flatten(batch)
             self._ids.append(flat.ids)
             self._labels.append(flat.labels)

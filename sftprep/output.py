@@ -1,6 +1,6 @@
 """The output folder of a build: its lock, its identity, and the side files beside the shards.
 
-    OUT/.lock              held while a build writes (one build per folder at a time)
+    OUT/.lock              held while a build writes (one build per folder at a time), shared by runs reading it
     OUT/.build_id          what the folder holds (settings that change the shards, inputs, tokenizer)
     OUT/samples.feather    per kept sample: sample_id, source, num_tokens, num_trained, truncated
     OUT/rejects.jsonl      every dropped record with its source, reason and message
@@ -19,8 +19,9 @@ from collections import Counter
 import os
 import re
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -44,7 +45,10 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 
 class OutLock:
-    """One build per output folder at a time: an advisory lock on OUT/.lock, held until the build ends.
+    """One build per output folder at a time, and none while a training run reads it: an advisory lock
+    on OUT/.lock, exclusive for a build (taken before any work, so a second build is refused at once, not
+    after hashing its inputs, and held until the build ends), shared for each reader (`reading`, held by
+    `sfttrain run` for the whole run): a rebuild never changes the data under a run.
 
     A build refused before it wrote anything (no `.build_id` in the folder) leaves nothing behind: the
     `.lock` it created, and the folder if it made it, are removed on `release`."""
@@ -71,9 +75,14 @@ class OutLock:
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
+            readers = self._readers()
             holder = os.pread(self.fd, 32, 0).decode(errors="replace").strip() or "?"
             self.made = []  # the holder's
             self.release()
+            if readers:
+                raise ConfigError(f"--out {out} is being read by sfttrain (pid {', '.join(readers)}): a rebuild would "
+                                  "change the data under the run; wait for the run to end (or stop it), or build "
+                                  "into another folder") from None
             raise ConfigError(f"--out {out} is being written by another sftprep build (pid {holder}); wait for it "
                               "to finish, or choose another folder") from None
         os.ftruncate(self.fd, 0)
@@ -90,6 +99,47 @@ class OutLock:
                     break
         os.close(self.fd)
         self.fd = None
+
+    @contextmanager
+    def reading(self) -> Iterator[None]:
+        """Hold a shared lock on the build in `out` while the block runs: a build into it is refused
+        meanwhile, and a build running now refuses the reader. A folder where no lock file can be
+        made (read-only) is read without one: no build can write there either."""
+        import fcntl
+
+        try:
+            fd = os.open(self.out / ".lock", os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        except OSError:
+            yield
+            return
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+                raise ConfigError(f"{self.out} is being written by sftprep build (pid {holder}); wait for the "
+                                  "build to finish, then start again") from None
+            yield
+        finally:
+            os.close(fd)
+
+    def _readers(self) -> list[str]:
+        """After a refused exclusive lock: the pids of the readers holding it, [] when a build holds it (a
+        shared lock is granted only beside readers); pids from Linux' /proc/locks, "?" elsewhere."""
+        import fcntl
+
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # released with the descriptor
+        except BlockingIOError:
+            return []
+        st, me = os.fstat(self.fd), str(os.getpid())
+        key = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+        try:
+            entries = [line.split() for line in Path("/proc/locks").read_text().splitlines() if "->" not in line]
+        except OSError:
+            entries = []
+        pids = {e[4] for e in entries if len(e) > 5 and e[1] == "FLOCK" and e[3] == "READ" and e[5] == key}
+        return sorted(pids - {me}) or ["?"]
 
 
 # the names a build writes in its folder (`*.tmp`: while writing); a file or folder of such a name that

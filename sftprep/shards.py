@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -23,9 +24,11 @@ from typing import Any, Callable
 import numpy as np
 import pyarrow as pa
 
+from .errors import InputError
 from .files import claim, names_path
 from .labels import IGNORE_INDEX, sample_starts
 from .manifest import read_manifest, shard_path
+from .packing import mode
 
 WRITE_ROWS = 1024  # rows per record batch in a shard (and in the side tables)
 
@@ -116,6 +119,39 @@ def flatten(table: pa.Table | pa.RecordBatch) -> Flat:
     return Flat(ids, labels, row_off, seq_lens.astype(np.int64), seq_off, sample_ids.astype(np.int64),
                 piece_row, sample_starts(seq_lens, row_off, seq_off))
 
+
+def row_problem(ids: np.ndarray, labels: np.ndarray, seq_lens: np.ndarray, num_sample_ids: int,
+                manifest: dict[str, Any]) -> str | None:
+    """The first broken promise of the shard contract in one row, None when it holds: the row checks of
+    `sftprep verify` (lengths, seq_lens, row length, padding, first tokens, trained labels) in O(row),
+    for a reader that checks each row as it reads it (`sfttrain`); no checksum, no cross-row check."""
+    n, used, max_length = len(ids), int(np.sum(seq_lens)), manifest["max_length"]
+    if len(labels) != n:
+        return f"{n} input_ids but {len(labels)} labels"
+    if len(seq_lens) != num_sample_ids:
+        return f"{len(seq_lens)} seq_lens but {num_sample_ids} sample_ids"
+    if len(seq_lens) and np.min(seq_lens) <= 0:
+        return f"seq_lens {np.asarray(seq_lens).tolist()} holds a length <= 0"
+    padded = mode(manifest.get("packing")).padded
+    if used > n or (n != max_length if padded else n != used or n > max_length):
+        what = "padded rows are max_length long" if padded else "a row holds its samples, unpadded"
+        return f"row length {n} with sum(seq_lens) = {used}, max_length {max_length}: {what}"
+    pad_id = manifest["tokenizer"].get("pad_id")
+    trained = labels != IGNORE_INDEX
+    starts = sample_starts(seq_lens)
+    if (i := _first(trained[used:], used)) is not None:
+        return f"padding at position {i} has label {labels[i]}, not -100"
+    if (i := _first(ids[used:] != pad_id, used)) is not None:
+        return f"padding at position {i} has id {ids[i]}, not pad_id {pad_id}"
+    if (j := _first(trained[starts])) is not None:
+        return f"the first token of its sample {j} (position {starts[j]}) has label {labels[starts[j]]}, not -100"
+    if (i := _first(trained & (labels != ids))) is not None:
+        return f"the label at position {i} is {labels[i]}, not its input id {ids[i]}"
+    return None
+
+
+def _first(mask: np.ndarray, offset: int = 0) -> int | None:
+    return offset + int(np.argmax(mask)) if mask.any() else None
 
 
 def shard_name(i: int) -> str:
@@ -278,16 +314,75 @@ def rows_batch(ids: np.ndarray, labels: np.ndarray, row_offsets: np.ndarray, seq
     ], schema=SCHEMA)
 
 
+def open_table(path: str | Path) -> pa.Table:
+    """An Arrow IPC file of a build (a shard, samples.feather) as a memory-mapped table (zero-copy; pages
+    are read on demand), its footer checked: a truncated or overwritten file is a one-line InputError, and
+    a FIFO or device is never opened."""
+    path = Path(path)
+    if path.exists() and not stat.S_ISREG(path.stat().st_mode):
+        raise InputError(f"{path} is not a regular file (a FIFO, device or folder): sftprep does not open it")
+    try:
+        # The map is not closed here: the table's buffers keep it alive and unmap it when freed.
+        return pa.ipc.open_file(pa.memory_map(str(path))).read_all()
+    except pa.ArrowInvalid as e:
+        raise InputError(f"{path} is not a complete Arrow file ({e}): it was truncated or overwritten; rebuild "
+                         "with `sftprep build --overwrite` (or copy the file again)") from None
+
+
 def open_shard(path: str | Path) -> pa.Table:
-    """A shard as a memory-mapped table (zero-copy; pages are read on demand)."""
-    # The map is not closed here: the table's buffers keep it alive and unmap it when freed.
-    return pa.ipc.open_file(pa.memory_map(str(path))).read_all()
+    """A shard (`open_table`) whose columns and types are the contract's (`SCHEMA`)."""
+    table = open_table(path)
+    if not table.schema.equals(SCHEMA):
+        got = ", ".join(f"{n} {t}" for n, t in zip(table.schema.names, table.schema.types))
+        want = ", ".join(f"{n} {t}" for n, t in zip(SCHEMA.names, SCHEMA.types))
+        raise InputError(f"{path} has the columns {got}; a shard has {want}: it was not written by sftprep "
+                         "build, or was changed after; rebuild with `sftprep build --overwrite`")
+    return table
+
+
+def check_rows(table: pa.Table, name: str) -> None:
+    """The row invariants every reader relies on, checked from the list offsets and `seq_lens` alone
+    (no token is read): every sample length positive, their sum within the row, labels as long as ids.
+
+    Raises:
+        InputError: naming `name` (the shard) and the row.
+    """
+    flat_lens, seq_off = list_parts(table.column("seq_lens"))
+    _, row_off = list_parts(table.column("input_ids"))
+    _, label_off = list_parts(table.column("labels"))
+    bad = np.flatnonzero(flat_lens <= 0)
+    if len(bad):
+        row = int(np.searchsorted(seq_off, bad[0], side="right") - 1)
+        raise InputError(f"{name} row {row}: seq_lens holds {int(flat_lens[bad[0]])} (every sample length is > 0): "
+                         "the shard was changed after the build; rebuild with `sftprep build --overwrite`")
+    cs = np.concatenate([[0], np.cumsum(flat_lens, dtype=np.int64)])
+    sums = cs[seq_off[1:]] - cs[seq_off[:-1]]
+    over = np.flatnonzero((sums > np.diff(row_off)) | (np.diff(label_off) != np.diff(row_off)))
+    if len(over):
+        r = int(over[0])
+        raise InputError(f"{name} row {r}: seq_lens sum to {int(sums[r])} but the row holds {int(np.diff(row_off)[r])} "
+                         f"ids and {int(np.diff(label_off)[r])} labels: the shard was changed after the build; rebuild "
+                         "with `sftprep build --overwrite`")
+
+
+def check_ids(ids: np.ndarray, vocab_size: int | None, where: str) -> None:
+    """Token ids a reader is about to decode are ids of the build's tokenizer (InputError naming `where`)."""
+    if vocab_size and len(ids) and (ids.min() < 0 or ids.max() >= vocab_size):
+        bad = int(ids.min() if ids.min() < 0 else ids.max())
+        raise InputError(f"{where}: token id {bad} is outside the vocabulary [0, {vocab_size}): the shard was changed "
+                         "after the build; check it with `sftprep verify`")
 
 
 def load(path: str | Path) -> pa.Table:
-    """All shards of a build as one memory-mapped `pyarrow.Table` (zero-copy); `.to_pandas()` away."""
+    """All shards of a build as one memory-mapped `pyarrow.Table` (zero-copy); `.to_pandas()` away.
+    Each shard is checked as it is opened (`open_shard`, `check_rows`): a damaged one is a one-line error."""
     manifest = read_manifest(path)
-    tables = [open_shard(shard_path(path, s["file"])) for s in manifest["shards"]]
+    tables = []
+    for s in manifest["shards"]:
+        file = shard_path(path, s["file"])
+        table = open_shard(file)
+        check_rows(table, str(file))
+        tables.append(table)
     if not tables:
         return SCHEMA.empty_table()
     return pa.concat_tables(tables)

@@ -22,7 +22,7 @@ def _folder(path: str | Path) -> Path:
         hub = len(p.parts) == 2 and not str(path).startswith((".", "/", "~"))
         raise FileNotFoundError(f"tokenizer folder {p} does not exist" + (
             f"; it looks like a Hub id, but sftprep reads local folders only (nothing is downloaded): get one "
-            f"with `huggingface-cli download {path} --include 'tokenizer*' '*.jinja' generation_config.json "
+            f"with `hf download {path} --include 'tokenizer*' --include '*.jinja' --include generation_config.json "
             f"--local-dir tokenizers/{p.name}`" if hub else ""))
     if p.is_file() and p.name == "tokenizer.json":
         p = p.parent

@@ -10,16 +10,18 @@ import json
 import math
 import os
 import shutil
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
+from sftprep.errors import UserError
 from sftprep.packing import mode
 
 from .attention import AttentionPath, choose_attention, model_traits
 from .checks import (build_stats, check_same_tokenizer, check_tokenizer, has_tokenizer, model_config,
                      open_build)
-from .config import ConfigError, TrainConfig
+from .config import DTYPES, ConfigError, TrainConfig
 
 FINAL = "final"
 
@@ -35,6 +37,8 @@ class Setup:
     attention: AttentionPath
     resume_from: str | None
     traits: dict[str, Any] = field(default_factory=dict)
+    resume_changes: list[str] = field(default_factory=list)
+    """How this run differs from the checkpoint it resumes (accepted with --accept-changes)."""
 
 
 @dataclass
@@ -60,18 +64,27 @@ def setup(config: TrainConfig) -> Setup:
     Raises:
         ConfigError / FileNotFoundError / ValueError: with a message that says how to fix it.
     """
-
-    manifest = open_build(config.data.shards, config.data.verify_checksums)
-    eval_manifest = None
-    if config.data.eval:
-        eval_manifest = open_build(config.data.eval, config.data.verify_checksums, flag="--eval")
-        check_same_tokenizer(manifest, eval_manifest, config.data.eval)
+    manifest, eval_manifest = check_inputs(config, config.data.verify_checksums)
     traits = model_traits(model_config(config.model.path))
     tokenizer = check_tokenizer(manifest, config.data.shards, config.model.path, config.model.tokenizer,
                                 config.model.skip_tokenizer_check)
     attention = check_runtime(config, traits)
-    resume_from = _resume_point(config, manifest)
-    return Setup(config, manifest, eval_manifest, tokenizer, attention, resume_from, traits)
+    resume_from, changes = _resume_point(config, manifest)
+    return Setup(config, manifest, eval_manifest, tokenizer, attention, resume_from, traits, changes)
+
+
+def check_inputs(config: TrainConfig, verify_checksums: bool = False) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """The checks that need neither torch nor transformers: the build folders and their manifests (and
+    shards' footers), the model folder's config.json. Quick (no shard is read in full unless
+    `verify_checksums`), so `sfttrain run` answers a mistake here before it imports the heavy libraries.
+    Returns the training and evaluation manifests."""
+    manifest = open_build(config.data.shards, verify_checksums)
+    eval_manifest = None
+    if config.data.eval:
+        eval_manifest = open_build(config.data.eval, verify_checksums, flag="--eval")
+        check_same_tokenizer(manifest, eval_manifest, config.data.eval)
+    model_config(config.model.path)
+    return manifest, eval_manifest
 
 
 def train(config: TrainConfig, *, callbacks: Iterable[Any] = (),
@@ -87,11 +100,26 @@ def train(config: TrainConfig, *, callbacks: Iterable[Any] = (),
     Returns:
         The `TrainResult`; the adapter and tokenizer are in `final_dir` (OUTPUT_DIR/final).
     """
-    s = setup(config)
-    trainer, stopper, summary = _build(s, list(callbacks), disable_tqdm)
-    if on_start:
-        on_start(summary)
-    return _fit(s, trainer, stopper, summary)
+    with _holding(config.data.shards, config.data.eval):
+        s = setup(config)
+        trainer, stopper, summary = _build(s, list(callbacks), disable_tqdm)
+        if on_start:
+            on_start(summary)
+        return _fit(s, trainer, stopper, summary)
+
+
+@contextmanager
+def _holding(*folders: str | None) -> Iterator[None]:
+    """A shared lock on each build folder for the whole run: `sftprep build` refuses to rebuild a folder
+    while it is read (and a build under way refuses the run), so the run trains on the build it checked."""
+    from sftprep.api import hold_build
+
+    with ExitStack() as held:
+        for given in filter(None, folders):
+            folder = Path(given) if Path(given).is_dir() else Path(given).parent
+            if (folder / "manifest.json").is_file():  # anything else is refused by `setup`, and left untouched
+                held.enter_context(hold_build(folder))
+        yield
 
 
 def _build(s: Setup, callbacks: list, disable_tqdm: bool):
@@ -102,7 +130,7 @@ def _build(s: Setup, callbacks: list, disable_tqdm: bool):
     from .chat_template import attach_build_template
     from .data import PackedCollator, ShardDataset
     from .model import apply_lora, load_model, parameter_counts
-    from .trainer import ShardTrainer, StopOnSignal, WriteRunInfo, training_arguments
+    from .trainer import ApplyLearningRate, ShardTrainer, StopOnSignal, training_arguments
 
     config = s.config
     attach_build_template(s.tokenizer, s.manifest, config.data.shards)  # saved with every checkpoint and the adapter
@@ -118,12 +146,14 @@ def _build(s: Setup, callbacks: list, disable_tqdm: bool):
                                  window=s.traits.get("window"), max_length=s.manifest.get("max_length"))
                  if mode(s.manifest.get("packing")).shared else None)
     stopper = StopOnSignal()
+    # a resume with --accept-changes: the checkpoint's optimizer and scheduler would keep the old rate
+    changed = [ApplyLearningRate(config.train.learning_rate)] if s.resume_changes else []
     trainer = ShardTrainer(
         model=model, args=args,
         train_dataset=ShardDataset(config.data.shards, s.manifest),
         eval_dataset=ShardDataset(config.data.eval, s.eval_manifest) if s.eval_manifest else None,
         data_collator=collator, processing_class=s.tokenizer,
-        callbacks=[stopper, WriteRunInfo(_run_info(s)), *callbacks], shuffle=config.data.shuffle)
+        callbacks=[stopper, *changed, *callbacks], shuffle=config.data.shuffle, run_info=_run_info(s))
     if disable_tqdm:
         trainer.remove_callback(PrinterCallback)
     return trainer, stopper, _summary(s, model, parameter_counts(model), isolation, args)
@@ -133,11 +163,11 @@ def _fit(s: Setup, trainer, stopper, summary: dict[str, Any]) -> TrainResult:
     """Run the Trainer (resuming where asked); save adapter + tokenizer to OUTPUT_DIR/final."""
     import signal
 
-    from .trainer import write_run_info
-
     stopper.install()
     try:
         out = trainer.train(resume_from_checkpoint=s.resume_from)
+    except UserError as e:  # e.g. an edited shard's row, perhaps read in a DataLoader worker
+        raise _unwrapped(e) from None
     finally:
         stopper.restore()
     output_dir = s.config.train.output_dir
@@ -155,11 +185,39 @@ def _fit(s: Setup, trainer, stopper, summary: dict[str, Any]) -> TrainResult:
         result.eval_loss = metrics.get("eval_loss")
         result.metrics.update(metrics)
     final = Path(output_dir) / FINAL
-    trainer.save_model(str(final))
-    if trainer.is_world_process_zero():
-        write_run_info(final, _run_info(s))
+    trainer.save_model(str(final))  # with sfttrain.json
     result.final_dir = str(final)
     return result
+
+
+def check_merge(adapter: str | Path, out: str | Path, model: str | Path | None = None, dtype: str = "auto",
+                overwrite: bool = False) -> str:
+    """What `merge` checks before importing torch (so `sfttrain merge` answers a mistake at once): the
+    adapter folder, the base model's config.json, the --dtype, an --out it may write. Returns the base
+    model folder: `model`, else the one the adapter records."""
+    adapter, out = Path(adapter), Path(out)
+    cfg_file = adapter / "adapter_config.json"
+    if not adapter.is_dir():
+        raise FileNotFoundError(f"adapter folder {adapter} does not exist")
+    if not cfg_file.is_file():
+        hint = " (it holds a full model already: load it directly)" if (adapter / "config.json").is_file() else ""
+        raise ConfigError(f"{adapter} is not a LoRA adapter folder: no adapter_config.json{hint}")
+    base = str(model or json.loads(cfg_file.read_text())["base_model_name_or_path"])
+    model_config(base)
+    if dtype not in DTYPES:
+        raise ConfigError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise ConfigError(f"--out {out} is not empty; pass --overwrite to replace it, or choose another folder")
+    return base
+
+
+def _unwrapped(e: UserError) -> UserError:
+    """A user error raised in a DataLoader worker comes back as "Caught X in DataLoader worker process 0.
+    Original Traceback ... module.X: message" (torch): the one-line message again."""
+    text = str(e)
+    if not text.startswith("Caught ") or "\n" not in text:
+        return e
+    return type(e)(text.rstrip().splitlines()[-1].split(": ", 1)[-1])
 
 
 def merge(adapter: str | Path, out: str | Path, model: str | Path | None = None, dtype: str = "auto",
@@ -172,25 +230,13 @@ def merge(adapter: str | Path, out: str | Path, model: str | Path | None = None,
         model: the base model folder; default: the one the adapter records.
         dtype: auto (the base's own), bf16, fp16 or fp32.
     """
-    import torch
-
     adapter, out = Path(adapter), Path(out)
-    cfg_file = adapter / "adapter_config.json"
-    if not adapter.is_dir():
-        raise FileNotFoundError(f"adapter folder {adapter} does not exist")
-    if not cfg_file.is_file():
-        hint = " (it holds a full model already: load it directly)" if (adapter / "config.json").is_file() else ""
-        raise ConfigError(f"{adapter} is not a LoRA adapter folder: no adapter_config.json{hint}")
-    base = model or json.loads(cfg_file.read_text())["base_model_name_or_path"]
-    model_config(base)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise ConfigError(f"--out {out} is not empty; pass --overwrite to replace it, or choose another folder")
+    base = check_merge(adapter, out, model, dtype, overwrite)
+    import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     names = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "auto": "auto"}
-    if dtype not in names:
-        raise ConfigError(f"--dtype {dtype!r} is not one of {', '.join(names)}")
     base_model = AutoModelForCausalLM.from_pretrained(str(base), dtype=names[dtype], local_files_only=True,
                                                       trust_remote_code=trust_remote_code)
     merged = PeftModel.from_pretrained(base_model, str(adapter)).merge_and_unload()
@@ -226,30 +272,61 @@ def check_runtime(config: TrainConfig, traits) -> AttentionPath:
     return choose_attention(config.model.attn_implementation, cuda=cuda, half=half, traits=traits)
 
 
-def _resume_point(config: TrainConfig, manifest: dict[str, Any]) -> str | None:
-    from .trainer import RUN_FILE
+def _resume_point(config: TrainConfig, manifest: dict[str, Any]) -> tuple[str | None, list[str]]:
+    """The checkpoint to resume from (None: start afresh) and how this run differs from it (accepted
+    with --accept-changes, else refused)."""
+    from .trainer import checkpoint_folders, saved_checkpoints
 
     out = Path(config.train.output_dir)
     _check_writable(out)
-    checkpoints = sorted((p for p in out.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
-                         key=lambda p: int(p.name.split("-")[-1])) if out.is_dir() else []
+    checkpoints = checkpoint_folders(out)
     if not config.train.resume:
         if checkpoints and not config.train.overwrite:
             raise ConfigError(f"--output-dir {out} already holds {checkpoints[-1].name}: pass --resume to continue "
                               "that run, --overwrite to start afresh, or choose another --output-dir")
-        return None
-    complete = [p for p in checkpoints if (p / "trainer_state.json").is_file()]
+        return None, []
+    complete = saved_checkpoints(out)
     if not complete:
         raise ConfigError(f"--resume: {out} holds no checkpoint to continue from; run without --resume")
     last = complete[-1]
-    run = last / RUN_FILE
-    if run.is_file():
-        saved = json.loads(run.read_text()).get("data", {}).get("build_id")
-        if saved and saved != manifest.get("build_id"):
-            raise ConfigError(f"--resume: {last} was trained on shards of build {saved} but {config.data.shards} "
-                              f"holds build {manifest.get('build_id')}; resume with the same shards, or start "
-                              "a new --output-dir")
-    return str(last)
+    changes = resume_changes(last, config, manifest)
+    if changes and not config.train.accept_changes:
+        raise ConfigError(f"--resume: this run differs from {last}: {'; '.join(changes)}; resume with the same "
+                          "shards and settings, pass --accept-changes to continue with these changes, or start a "
+                          "new --output-dir")
+    return str(last), changes
+
+
+# Settings that change nothing the run learns: where things are written, how often, how data is read.
+_BOOKKEEPING = {("data", "shards"), ("data", "eval"), ("data", "verify_checksums"), ("model", "tokenizer"),
+                ("model", "skip_tokenizer_check"), ("train", "output_dir"), ("train", "resume"),
+                ("train", "overwrite"), ("train", "accept_changes"), ("train", "save_steps"),
+                ("train", "save_total_limit"), ("train", "logging_steps"), ("train", "eval_steps"),
+                ("train", "report_to"), ("train", "dataloader_workers"), ("train", "per_device_eval_batch_size")}
+
+
+def resume_changes(checkpoint: Path, config: TrainConfig, manifest: dict[str, Any]) -> list[str]:
+    """How a run of `config` on the build of `manifest` differs from the one that saved `checkpoint`
+    (its sfttrain.json): the build, then each setting that changes what is learnt ("learning_rate
+    0.0002 -> 0.001"). A checkpoint without sfttrain.json can vouch for nothing: that is a difference."""
+    from .trainer import RUN_FILE
+
+    run = checkpoint / RUN_FILE
+    try:
+        saved = json.loads(run.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return [f"{run} is missing or unreadable, so neither its build nor its settings are known"]
+    changes = []
+    before, now = saved.get("data", {}).get("build_id"), manifest.get("build_id")
+    if before != now:
+        changes.append(f"it was trained on build {before}, {config.data.shards} holds build {now}")
+    old, new = saved.get("config", {}), config.to_dict()
+    for section, fields in new.items():
+        for name, value in fields.items():
+            was = old.get(section, {}).get(name, value)
+            if (section, name) not in _BOOKKEEPING and was != value:
+                changes.append(f"{name} {was!r} -> {value!r}")
+    return changes
 
 
 def _check_writable(out: Path) -> None:
@@ -329,4 +406,5 @@ def _summary(s: Setup, model, counts: tuple[int, int], isolation: float, args) -
         "steps": _planned_steps(stats["rows"], c, world),
         "output_dir": c.train.output_dir,
         "resume_from": s.resume_from,
+        "resume_changes": s.resume_changes,
     }

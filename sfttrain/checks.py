@@ -21,8 +21,9 @@ SHARD_COLUMNS = ("input_ids", "labels", "seq_lens")
 def open_build(folder: str | Path, verify_checksums: bool = False, flag: str = "SHARDS") -> dict[str, Any]:
     """Read and check the manifest of a `sftprep build` folder and its shards, in time independent
     of the dataset's size: each shard must exist and open as an Arrow file (its footer, memory-mapped)
-    with the manifest's row count and columns. `verify_checksums` also hashes every byte (sha256),
-    on one rank per machine; `sftprep verify` does the same once, outside training.
+    with the manifest's row count and columns. `verify_checksums` also runs the whole `sftprep verify`
+    (sha256 of every byte, the shard contract in every row, the samples file, the totals) on one
+    rank per machine. Without it, each row is checked when read (`ShardDataset`).
 
     Raises:
         FileNotFoundError: no folder, no manifest (an unfinished build), or a missing shard.
@@ -41,17 +42,30 @@ def open_build(folder: str | Path, verify_checksums: bool = False, flag: str = "
     check_schema(manifest, folder / "manifest.json")
     if not manifest["shards"]:
         raise ConfigError(f"{folder} holds no shards (the build kept no rows); check {folder}/rejects.jsonl")
-    hash_here = verify_checksums and int(os.environ.get("LOCAL_RANK", "0") or 0) == 0
     for s in manifest["shards"]:
         f = shard_path(folder, s["file"])
         if not f.is_file():
             raise FileNotFoundError(f"{f} is listed in {folder}/manifest.json but missing; "
                                     "rebuild with `sftprep build --overwrite`")
         _check_footer(f, s)
-        if hash_here:
-            _check_sha256(f, s)
-            _check_max_id(f, manifest)
+    if verify_checksums and int(os.environ.get("LOCAL_RANK", "0") or 0) == 0:
+        _verify(folder, manifest)
     return manifest
+
+
+def _verify(folder: Path, manifest: dict[str, Any]) -> None:
+    """--verify-checksums: the whole `sftprep verify` (checksums, the shard contract in every row, samples
+    file, totals), then every id within the manifest's `max_token_id`."""
+    from sftprep import verify
+
+    report = verify(folder)
+    if not report.ok:
+        counts = ", ".join(f"{k}: {v}" for k, v in sorted(report.counts.items()))
+        raise ConfigError(f"--verify-checksums: {folder} fails `sftprep verify` ({counts}), first: "
+                          f"{report.violations[0]}; rebuild with `sftprep build --overwrite` (or copy the files "
+                          f"again); `sftprep verify {folder}` lists every violation")
+    for s in manifest["shards"]:
+        _check_max_id(shard_path(folder, s["file"]), manifest)
 
 
 # -- the manifest is input: its schema, checked before anything relies on it ---------------------
@@ -155,16 +169,6 @@ def _check_footer(f: Path, entry: dict[str, Any]) -> None:
         raise ConfigError(f"{f} {what} as its manifest says; rebuild with `sftprep build --overwrite`")
 
 
-def _check_sha256(f: Path, entry: dict[str, Any]) -> None:
-    from sftprep.shards import sha256_file
-
-    digest = sha256_file(f)
-    if digest != entry["sha256"]:
-        raise ConfigError(f"{f} is corrupted: sha256 {digest[:16]}... does not match the manifest's "
-                          f"{entry['sha256'][:16]}...; rebuild with `sftprep build --overwrite` "
-                          "(or copy the file again)")
-
-
 def model_config(model_path: str | Path) -> dict[str, Any]:
     """The model folder's config.json, without importing transformers."""
     p = Path(model_path)
@@ -200,9 +204,10 @@ def check_tokenizer(manifest: dict[str, Any], shards: str | Path, model_path: st
     identity (vocabulary hash, size, pad and EOS ids) is the model folder's own when it has one, then
     `tokenizer_path` if given; when neither exists, the build's copy in SHARDS/tokenizer/ (it must be
     the tokenizer the shards were built with), and without that copy the run is refused, since
-    nothing can be compared. `skip_check` (--skip-tokenizer-check) skips the identity comparisons
-    (never the embedding bounds). The tokenizer returned is the model's (or `tokenizer_path`'s), else
-    the build's copy.
+    nothing can be compared. A model folder without a tokenizer must not have many more embedding rows
+    than the build's tokenizer has tokens (`_check_spare_rows`). `skip_check` (--skip-tokenizer-check)
+    skips the identity comparisons and that one (never the embedding bounds). The tokenizer returned is
+    the model's (or `tokenizer_path`'s), else the build's copy.
 
     Raises:
         ConfigError: a mismatch, naming the differing fields and how to fix it.
@@ -212,6 +217,8 @@ def check_tokenizer(manifest: dict[str, Any], shards: str | Path, model_path: st
 
     built = manifest.get("tokenizer") or {}
     _check_embeddings(manifest, shards, model_path)
+    if not skip_check and not has_tokenizer(model_path):
+        _check_spare_rows(built, model_path)
     candidates = [(Path(model_path), "model")] if has_tokenizer(model_path) else []
     if tokenizer_path:
         candidates.append((Path(tokenizer_path), "--tokenizer"))
@@ -252,6 +259,25 @@ def _check_embeddings(manifest: dict[str, Any], shards: str | Path, model_path: 
             f"the shards in {shards} hold token id {top} ({what} in manifest.json) but the model in {model_path} "
             f"has only {size} embeddings (ids 0..{size - 1}); rebuild the shards with the model's tokenizer "
             "(`sftprep build --tokenizer MODEL_DIR --overwrite`)")
+
+
+SPARE_ROWS = 128
+"""Embedding rows a model may hold beyond its tokenizer's length: padding the matrix to a multiple of 128
+(or 64) is common; more than that says the model was made for another vocabulary."""
+
+
+def _check_spare_rows(built: dict[str, Any], model_path: str | Path) -> None:
+    """A model folder without a tokenizer (made from a config, as in tests and demos) whose embedding
+    matrix is much larger than the build's tokenizer: nothing ties the two together, so the run is refused
+    (--skip-tokenizer-check passes) rather than train rows no token will ever use."""
+    size, vocab = _vocab_size(model_config(model_path)), built.get("vocab_size")
+    if size is None or not isinstance(vocab, int) or size - vocab < SPARE_ROWS:
+        return
+    raise ConfigError(
+        f"the model in {model_path} has {size:,} embedding rows but the shards' tokenizer ({built.get('name')}) "
+        f"has {vocab:,} tokens, and the model folder has no tokenizer to say they belong together: a model made "
+        f"for another vocabulary? Make it with vocab_size={vocab} (e.g. `LlamaConfig(vocab_size=len(tokenizer))`) "
+        "or save the tokenizer in its folder; or pass --skip-tokenizer-check to train it as it is")
 
 
 def _compare_identity(built: dict[str, Any], path: Path, what: str, shards: str | Path) -> None:

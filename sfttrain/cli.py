@@ -8,6 +8,7 @@ code 2; anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import sys
 import warnings
@@ -20,6 +21,7 @@ from sftprep.cli import fail as _fail
 from sftprep.cli import schema_option
 from sftprep.errors import USER_ERRORS
 
+from .api import check_inputs
 from .config import TRAIN_SCHEMA, ModelConfig, config_from_dict, load_train_yaml
 
 
@@ -83,6 +85,7 @@ _OPTIONS = [
     _flag("verify-checksums"),
     _setting("--dataloader-workers", type=int),
     _setting("--resume", is_flag=True, default=None),
+    _setting("--accept-changes", is_flag=True, default=None),
     _setting("--overwrite", is_flag=True, default=None),
 ]
 
@@ -111,6 +114,7 @@ def run(source: str, **flags: Any) -> None:
         else:
             data, where = {"shards": source}, "command line"
         config = config_from_dict(data, flags, source=where)
+        check_inputs(config)  # a mistake in the folders is answered before torch is imported (seconds)
         _run(config)
     except USER_ERRORS as e:
         _fail(e)
@@ -119,13 +123,21 @@ def run(source: str, **flags: Any) -> None:
                       "choose another --output-dir, then continue with --resume"))
 
 
-def _quiet() -> None:
-    """Keep the libraries' progress bars and deprecation notes out of the user's terminal."""
+def _quiet(quantized: bool = False) -> None:
+    """Keep the libraries' progress bars and deprecation notes out of the user's terminal; and, unless
+    the run is quantized, bitsandbytes' note that an optional CPU 4-bit kernel failed to download (it
+    speaks whenever peft imports it, even when no weight is quantized)."""
+    if not quantized:
+        logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_not_the_cpu_kernel_note)
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+def _not_the_cpu_kernel_note(record: logging.LogRecord) -> bool:
+    return "gemm_4bit_forward" not in str(record.msg)
 
 
 def _run(config) -> None:
@@ -134,7 +146,7 @@ def _run(config) -> None:
     from .api import train
     from .progress import RichProgress
 
-    _quiet()
+    _quiet(config.quantized)
     console = Console(stderr=True)
     main_rank = int(os.environ.get("RANK", "0")) == 0  # under torchrun, one rank speaks
     result = train(config, callbacks=[RichProgress(console)], disable_tqdm=True,
@@ -162,6 +174,8 @@ def _print_start(console, s: dict[str, Any]) -> None:
         ("steps", f"{s['steps']:,}" + (f", resuming from {s['resume_from']}" if s["resume_from"] else "")),
         ("output", s["output_dir"]),
     ]
+    if s.get("resume_changes"):
+        lines.append(("changed", "; ".join(s["resume_changes"]) + " (--accept-changes: applied)"))
     for k, v in lines:
         console.print(f"[bold]{k:>10}[/bold]  {v}", highlight=False, soft_wrap=True)
 
@@ -200,10 +214,12 @@ def _print_end(console, r) -> None:
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty --out.")
 def merge(adapter: str, model: str | None, out: str, dtype: str, trust_remote_code: bool, overwrite: bool) -> None:
     """Fold the LoRA adapter in ADAPTER_DIR into its base model; save model and tokenizer to --out."""
+    from .api import check_merge
     from .api import merge as merge_adapter
 
-    _quiet()
     try:
+        check_merge(adapter, out, model, dtype, overwrite)  # a mistake is answered before torch is imported
+        _quiet()
         path = merge_adapter(adapter, out, model=model, dtype=dtype, trust_remote_code=trust_remote_code,
                              overwrite=overwrite)
     except USER_ERRORS as e:

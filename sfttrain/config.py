@@ -40,9 +40,9 @@ class DataConfig:
     shuffle: bool = True
     """Shuffle rows each epoch (seeded by --seed and the epoch) (--shuffle/--no-shuffle)."""
     verify_checksums: bool = False
-    """Hash every shard (sha256) against the manifest at start-up, once per machine; start-up then grows
-    with the data. Without it, shards are checked by size-independent means (footer, rows, columns); run
-    `sftprep verify` once after copying shards (--verify-checksums)."""
+    """Run the whole `sftprep verify` at start-up (sha256 of every shard, the shard contract in every row, the
+    samples file, the totals), once per machine; start-up then grows with the data. Without it, shards are
+    checked by size-independent means (footer, rows, columns) and each row when it is read (--verify-checksums)."""
 
 
 @dataclass(frozen=True)
@@ -56,7 +56,8 @@ class ModelConfig:
     (--tokenizer)."""
     skip_tokenizer_check: bool = False
     """Train without comparing the shards' tokenizer with the model's (or --tokenizer's, or the build's
-    copy's); the model's embedding size is still checked (--skip-tokenizer-check)."""
+    copy's), and with a model folder without a tokenizer whose embedding rows outnumber the tokenizer's by
+    128 or more; the shards' ids must still fit the model's embeddings (--skip-tokenizer-check)."""
     dtype: str = "auto"
     """Weights dtype: auto (bf16/fp16 when bf16/fp16 mixed precision is on, else fp32), bf16, fp16, fp32 (--dtype)."""
     attn_implementation: str = "auto"
@@ -158,6 +159,10 @@ class LoopConfig:
     """Continue from the last checkpoint in --output-dir (--resume)."""
     overwrite: bool = False
     """Start afresh in an --output-dir that already holds checkpoints (--overwrite)."""
+    accept_changes: bool = False
+    """With --resume: continue although the last checkpoint was trained on another build, or with other
+    settings (learning rate, batch size, seed, steps, LoRA, ...); the differences are printed, then applied
+    (--accept-changes)."""
     dataloader_workers: int = 0
     """Worker processes reading shards (--dataloader-workers)."""
 
@@ -256,6 +261,8 @@ def _check(c: TrainConfig) -> list[str]:
             p.append("--eval-steps needs evaluation shards: give --eval DIR")
     if not isinstance(t.lr_scheduler_kwargs, Mapping):
         p.append(f"--lr-scheduler-kwargs {t.lr_scheduler_kwargs!r} must be a mapping, e.g. '{{\"min_lr_rate\": 0.1}}'")
+    if t.accept_changes and not t.resume:
+        p.append("--accept-changes applies to --resume only: add --resume, or drop --accept-changes")
     if t.resume and t.overwrite:
         p.append("--resume and --overwrite exclude each other: continue the run, or start it afresh")
     return p

@@ -2,7 +2,9 @@
 
 The dataset opens the shards named by the manifest as memory-mapped Arrow tables: start-up reads
 only the manifest and the files' footers, and pages are read on demand, so neither start-up time
-nor resident memory grows with the dataset. Row `i` is found from the manifest's row counts.
+nor resident memory grows with the dataset. Row `i` is found from the manifest's row counts. Each
+row read is checked against the shard contract (`sftprep.shards.row_problem`, O(row)):
+an edited shard is refused before it is trained on.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import torch
 
 from sftprep.errors import InputError
 from sftprep.labels import IGNORE_INDEX, mask_sample_starts
-from sftprep.shards import cu_seqlens, row_positions
+from sftprep.shards import cu_seqlens, row_positions, row_problem
 from sftprep.manifest import shard_path
 
 from .attention import REAL_TOKENS, AttentionPath
@@ -52,7 +54,7 @@ class ShardDataset(torch.utils.data.Dataset):
             if t.num_rows != s["rows"]:
                 raise InputError(f"{f} holds {t.num_rows} rows but the manifest says {s['rows']}; "
                                  "rebuild the shards with `sftprep build --overwrite`")
-            tables.append([t.column(c) for c in COLUMNS])
+            tables.append([t.column(c) for c in (*COLUMNS, "sample_ids")])
         return tables
 
     def __getitem__(self, index: int) -> dict[str, np.ndarray]:
@@ -67,9 +69,13 @@ class ShardDataset(torch.utils.data.Dataset):
         ids = out["input_ids"]
         if len(ids) and (ids.max() > self.max_id or ids.min() < 0):  # O(row): an edited shard, not an IndexError
             bad = int(ids.max() if ids.max() > self.max_id else ids.min())
-            raise ConfigError(f"{self.files[shard]} row {row} holds token id {bad}, beyond {self.bound_from} "
-                              f"{self.max_id} in its manifest: the shard was changed after the build; rebuild with "
-                              "`sftprep build --overwrite` (`sftprep verify` checks every shard)")
+            problem = f" holds token id {bad}, beyond {self.bound_from} {self.max_id} in its manifest"
+        else:
+            problem = row_problem(ids, out["labels"], out["seq_lens"], len(cols[3][row]), self.manifest)
+            problem = problem and f": {problem}"
+        if problem:
+            raise ConfigError(f"{self.files[shard]} row {row}{problem}; the shard was changed after the build: "
+                              "rebuild with `sftprep build --overwrite` (`sftprep verify` checks every shard)")
         return out
 
     def __getstate__(self) -> dict[str, Any]:

@@ -168,7 +168,7 @@ class IterativeTrainer:
         self.tokenizer = check_tokenizer({"tokenizer": self.build.identity}, tok_path, c.model.path) \
             or load_tokenizer(tok_path)
         self.attention = check_runtime(c, self.traits)
-        self.resume_from = _resume_point(c, {})
+        self.resume_from, _ = _resume_point(c, {})
         self.tokenizer_path = tok_path
 
     def _run_info(self) -> dict[str, Any]:
@@ -187,7 +187,7 @@ class IterativeTrainer:
         from .chat_template import attach_build_template
         from .data import PackedCollator
         from .model import apply_lora, load_model
-        from .trainer import ShardTrainer, WriteRunInfo, training_arguments
+        from .trainer import ShardTrainer, training_arguments
 
         c = self.config
         attach_build_template(self.tokenizer, self.build.manifest, self.tokenizer_path)
@@ -201,7 +201,7 @@ class IterativeTrainer:
                           if self.build.packing.shared else None)
         self.trainer = ShardTrainer(model=model, args=args, data_collator=self.collator,
                                     processing_class=self.tokenizer,
-                                    callbacks=[WriteRunInfo(self._run_info()), *callbacks])
+                                    callbacks=callbacks, run_info=self._run_info())
         if disable_tqdm:
             self.trainer.remove_callback(PrinterCallback)
 
@@ -360,16 +360,13 @@ class IterativeTrainer:
         `resume=True` continues from it) and OUTPUT_DIR/final (adapter + tokenizer with the build's chat
         template + sfttrain.json), as `sfttrain run` leaves them. Returns the final folder."""
         from .api import FINAL
-        from .trainer import write_run_info
 
         tr, out = self.trainer, Path(self.config.train.output_dir)
         if not (out / f"checkpoint-{self.global_step}" / "trainer_state.json").is_file():
             tr._save_checkpoint(self._model, None)
             tr.control = tr.callback_handler.on_save(tr.args, tr.state, tr.control)
         final = out / FINAL
-        tr.save_model(str(final))
-        if tr.is_world_process_zero():
-            write_run_info(final, self._run_info())
+        tr.save_model(str(final))  # with sfttrain.json
         return str(final)
 
     def close(self) -> None:

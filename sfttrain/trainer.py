@@ -8,13 +8,17 @@ Everything that Trainer already does well (optimizers, schedulers, gradient accu
 checkpoints, logging, distributed, NEFTune, gradient checkpointing) is left to it; this module
 only plugs in what it cannot know about packed shards, through its public hooks: the
 `compute_loss_func` argument, `get_train_dataloader`, `compute_loss`, `log`, `evaluation_loop` and
-callbacks (`SetSamplerEpoch`, `StopOnSignal`, `WriteRunInfo`).
+callbacks (`SetSamplerEpoch`, `StopOnSignal`, `CheckGradients`, `ApplyLearningRate`), and `save_model`,
+which writes sfttrain.json into every checkpoint before the Trainer's trainer_state.json (a checkpoint
+`--resume` can use always says which build and settings it was trained with).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
+import math
 import os
 import signal
 import time
@@ -24,6 +28,8 @@ from typing import Any
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
+from sftprep.errors import UserError
+
 from .attention import REAL_TOKENS
 from .config import ConfigError, TrainConfig, did_you_mean
 from .data import EpochSampler
@@ -31,6 +37,11 @@ from .loss import LossMeter, next_token_targets, per_token_loss, trained_head
 from .model import bf16_on
 
 RUN_FILE = "sfttrain.json"
+log = logging.getLogger("sfttrain")
+
+
+class TrainingDiverged(UserError, ArithmeticError):
+    """A loss or gradient became NaN or infinite: training stopped before that step changed the weights."""
 
 
 class ShardTrainer(Trainer):
@@ -38,14 +49,18 @@ class ShardTrainer(Trainer):
     loss at trained positions only, per-token eval loss, and in every training log: mean token
     accuracy, non-pad tokens/s, and tokens / trained tokens seen since the run began."""
 
-    def __init__(self, *args, shuffle: bool = True, **kwargs) -> None:
+    def __init__(self, *args, shuffle: bool = True, run_info: dict[str, Any] | None = None, **kwargs) -> None:
         self._shuffle = shuffle
+        self.run_info = run_info
         self._sampler: EpochSampler | None = None
         self.meter, self.eval_meter = LossMeter(), LossMeter()
         self.seen: dict[str, float] | None = None  # cumulative, across ranks; restored from the log history
         self._since = time.perf_counter()
+        self._step_losses: list[torch.Tensor] = []  # this optimizer step's micro-batch losses (no sync)
+        self._warned_frozen = False
         super().__init__(*args, compute_loss_func=self._loss, **kwargs)
         self.add_callback(SetSamplerEpoch(self))
+        self.add_callback(CheckGradients(self))
 
     def _loss(self, outputs, labels, num_items_in_batch=None):
         meter = self.meter if self.model.training else self.eval_meter
@@ -59,6 +74,40 @@ class ShardTrainer(Trainer):
         keep, _ = next_token_targets(inputs["labels"])
         with trained_head(self.accelerator.unwrap_model(model), keep):
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """The Trainer's, then sfttrain.json beside the weights: a checkpoint saves its model first and
+        trainer_state.json last, so a checkpoint that `--resume` accepts always holds its run info."""
+        super().save_model(output_dir, _internal_call)
+        if self.run_info is not None and self.is_world_process_zero():
+            write_run_info(output_dir or self.args.output_dir, self.run_info)
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        self._step_losses.append(loss.detach())
+        return loss
+
+    def check_step(self, step: int) -> None:
+        """Before optimizer step `step` changes the weights: a non-finite loss or gradient raises
+        `TrainingDiverged` (the Trainer's log would hide it: it replaces a NaN loss by the mean so far);
+        every gradient 0 while the loss is not is a dead optimizer, warned about once."""
+        grads = [p.grad.detach() for p in self.model.parameters() if p.requires_grad and p.grad is not None]
+        largest = torch.nn.utils.get_total_norm(grads, norm_type=math.inf).item() if grads else 0.0  # fused, one sync
+        loss = torch.stack(self._step_losses).sum().item() if self._step_losses else 0.0
+        self._step_losses.clear()
+        lr = f"--learning-rate {self.args.learning_rate:g}"
+        if not (math.isfinite(loss) and math.isfinite(largest)):
+            what = f"the loss is {loss}" if not math.isfinite(loss) else f"a gradient is {largest}"
+            last = saved_checkpoints(self.args.output_dir)
+            keep = (f"the last good checkpoint is {last[-1]} (continue with --resume --accept-changes and a lower "
+                    "--learning-rate)" if last else "no checkpoint was saved: start again with a lower --learning-rate")
+            raise TrainingDiverged(f"step {step}: {what} with {lr}: training stopped before this step changed the "
+                                   f"weights, no adapter saved; {keep}")
+        if largest == 0.0 and loss > 0.0 and not self._warned_frozen:
+            self._warned_frozen = True
+            log.warning(f"Warning: step {step}: every gradient is 0 while the loss is {loss:.4g}: the optimizer can no "
+                        f"longer move the weights and the loss stays frozen ({lr} is likely too high: the "
+                        "activations saturated); stop the run and lower --learning-rate")
 
     def _reduced(self, meter: LossMeter) -> dict[str, float]:
         """The meter's counts summed over ranks (a collective: every rank calls it at the same point)."""
@@ -136,6 +185,48 @@ class SetSamplerEpoch(TrainerCallback):
         return control
 
 
+class CheckGradients(TrainerCallback):
+    """Runs `ShardTrainer.check_step` before every optimizer step (on every rank: the gradients are
+    the synchronised ones, so every rank stops together)."""
+
+    def __init__(self, trainer: ShardTrainer) -> None:
+        self.trainer = trainer
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        self.trainer.check_step(state.global_step + 1)
+        return control
+
+
+class ApplyLearningRate(TrainerCallback):
+    """On a resume with --accept-changes: the checkpoint's optimizer and scheduler carry the old peak
+    learning rate (they would silently keep it); this sets the new one, at the schedule's current point."""
+
+    def __init__(self, learning_rate: float) -> None:
+        self.learning_rate = learning_rate
+
+    def on_train_begin(self, args, state, control, optimizer=None, lr_scheduler=None, **kwargs):
+        lambdas = getattr(lr_scheduler, "lr_lambdas", None)  # transformers' schedules are LambdaLR
+        for i, group in enumerate(optimizer.param_groups):
+            group["initial_lr"] = self.learning_rate
+            group["lr"] = self.learning_rate * (lambdas[i](lr_scheduler.last_epoch) if lambdas else 1.0)
+        if hasattr(lr_scheduler, "base_lrs"):
+            lr_scheduler.base_lrs = [self.learning_rate] * len(optimizer.param_groups)
+            lr_scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
+        return control
+
+
+def checkpoint_folders(output_dir: str | Path) -> list[Path]:
+    """The checkpoint-N folders in `output_dir`, oldest step first (complete or not)."""
+    out = Path(output_dir)
+    found = [p for p in out.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()] if out.is_dir() else []
+    return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
+
+
+def saved_checkpoints(output_dir: str | Path) -> list[Path]:
+    """The complete checkpoints (trainer_state.json, the Trainer's last write) in `output_dir`, oldest first."""
+    return [p for p in checkpoint_folders(output_dir) if (p / "trainer_state.json").is_file()]
+
+
 class StopOnSignal(TrainerCallback):
     """SIGTERM/SIGINT: finish the current optimizer step, save a checkpoint, stop.
 
@@ -172,22 +263,15 @@ class StopOnSignal(TrainerCallback):
         return control
 
 
-class WriteRunInfo(TrainerCallback):
-    """Writes the resolved config, the data identity and the attention path into each checkpoint."""
-
-    def __init__(self, info: dict[str, Any]) -> None:
-        self.info = info
-
-    def on_save(self, args, state, control, **kwargs):
-        if state.is_world_process_zero:
-            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            if folder.is_dir():
-                write_run_info(folder, self.info)
-        return control
-
-
 def write_run_info(folder: str | Path, info: dict[str, Any]) -> None:
-    Path(folder, RUN_FILE).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+    """sfttrain.json (config, build id, attention path), written whole or not at all (temp file, renamed)."""
+    path = Path(folder, RUN_FILE)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(json.dumps(info, indent=2) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def training_arguments(config: TrainConfig, *, has_eval: bool, disable_tqdm: bool,

@@ -350,8 +350,8 @@ def test_a_hub_id_as_tokenizer_says_only_local_folders_work(tmp_path):
     r = build("-i", path, "-t", "Qwen/Qwen2.5-7B-Instruct", "-o", tmp_path / "o")
     assert r.exit_code == 2
     assert "tokenizer folder Qwen/Qwen2.5-7B-Instruct does not exist; it looks like a Hub id, but sftprep reads " \
-           "local folders only (nothing is downloaded): get one with `huggingface-cli download " \
-           "Qwen/Qwen2.5-7B-Instruct" in r.output
+           "local folders only (nothing is downloaded): get one with `hf download Qwen/Qwen2.5-7B-Instruct " \
+           "--include 'tokenizer*'" in r.output
 
 
 def test_a_folder_that_is_not_a_datasets_folder_names_itself(tmp_path):
@@ -373,6 +373,7 @@ def test_an_internal_error_keeps_its_traceback_while_user_errors_stay_one_line(t
     monkeypatch.setattr(sftprep.api, "build", bug)
     r = build("-i", path, "-t", MISTRAL, "-o", tmp_path / "o")
     assert r.exit_code == 1 and isinstance(r.exception, ValueError) and "Error:" not in r.output
+    monkeypatch.setattr(sfttrain.cli, "check_inputs", lambda config: None)  # tmp_path passes for a build
     monkeypatch.setattr(sfttrain.cli, "_run", bug)
     r = CliRunner().invoke(sfttrain.cli.main, ["run", str(tmp_path), "--model", str(tmp_path), "--output-dir",
                                                str(tmp_path / "r")])

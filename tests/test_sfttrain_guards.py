@@ -72,7 +72,8 @@ def test_corrupted_shard_is_refused_with_verify_checksums(tmp_path, tiny_model, 
     data[len(data) // 2] ^= 0x01  # flip one bit in the middle
     shard.write_bytes(bytes(data))
     _refused(run_cli(shards, "--model", tiny_model, "--output-dir", tmp_path / "r", "--verify-checksums"),
-             "shard-train-00000.arrow is corrupted", "sha256", "does not match the manifest")
+             "fails `sftprep verify` (checksum: 1)", "shard-train-00000.arrow: sha256 is",
+             "the file changed after the build")
     shard.unlink()
     _refused(run_cli(shards, "--model", tiny_model, "--output-dir", tmp_path / "r"), "missing")
 
@@ -87,6 +88,8 @@ def test_truncated_shard_is_refused_without_hashing(tmp_path, tiny_model, no_mod
 
 def test_start_up_hashes_no_shard_unless_asked(tmp_path, monkeypatch):
     """Start-up cost must not grow with the data: sha256 only with --verify-checksums."""
+    import importlib
+
     import sftprep.shards
 
     from sfttrain.checks import open_build
@@ -94,7 +97,8 @@ def test_start_up_hashes_no_shard_unless_asked(tmp_path, monkeypatch):
     shards = build_shards(tmp_path, SPANISH, packing="none", shard_size=2)  # 3 shard files
     hashed = []
     real = sftprep.shards.sha256_file
-    monkeypatch.setattr(sftprep.shards, "sha256_file", lambda f: hashed.append(f) or real(f))
+    for module in (sftprep.shards, importlib.import_module("sftprep.inspect.verify")):
+        monkeypatch.setattr(module, "sha256_file", lambda f: hashed.append(f) or real(f))
     open_build(shards)
     assert hashed == []
     open_build(shards, verify_checksums=True)

@@ -70,7 +70,7 @@ def test_shard_paths_outside_the_build_folder_are_refused(tmp_path, spanish_shar
 def _forge_token(shards, token_id: int, update_max_id: bool) -> None:
     """Write `token_id` into the shard's first row and fix the manifest's sha256 (a forged checksum)."""
     path = shards / SHARD
-    table = pa.ipc.open_file(pa.memory_map(str(path))).read_all()
+    table = pa.ipc.open_file(pa.BufferReader(path.read_bytes())).read_all()  # not a map of the file rewritten
     rows = table.column("input_ids").to_pylist()
     rows[0][1] = token_id
     table = table.set_column(0, "input_ids", pa.array(rows, pa.list_(pa.int32())))
@@ -107,8 +107,8 @@ def test_token_id_the_manifest_does_not_admit_is_never_an_index_error(tmp_path, 
     shards = tmp_path / "copy"
     shutil.copytree(spanish_shards, shards)
     _forge_token(shards, 40000, update_max_id=False)
-    _refused(_run(shards, tiny_model, tmp_path, "--verify-checksums"), f"{SHARD} holds token id 40000",
-             "beyond max_token_id")
+    _refused(_run(shards, tiny_model, tmp_path, "--verify-checksums"), "fails `sftprep verify` (id range: 1)",
+             f"{SHARD} row 0, position 1: id 40000 is outside the vocabulary")
     manifest = open_build(shards)
     ds = ShardDataset(shards, manifest)
     with pytest.raises(ConfigError, match=r"row 0 holds token id 40000, beyond max_token_id"):

@@ -17,7 +17,7 @@ import numpy as np
 
 from ..config import shard_settings
 
-from ..shards import flatten, load
+from ..shards import check_ids, flatten, load
 from .decode import decode_segments, load_build_tokenizer
 from .folder import read_build, read_sample_info, sources_by_id
 from .unpack import unpack
@@ -63,7 +63,9 @@ class Diff:
 
 def _side(path: str | Path) -> Side:
     folder, manifest = read_build(path)
-    sids, off, ids, labels = unpack(flatten(load(folder)))
+    flat = flatten(load(folder))
+    check_ids(flat.ids, manifest["tokenizer"].get("vocab_size"), str(folder))
+    sids, off, ids, labels = unpack(flat)
     return Side(folder, manifest, sids, off, ids, labels)
 
 

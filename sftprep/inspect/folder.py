@@ -14,8 +14,11 @@ from typing import Any
 
 import pyarrow as pa
 
-from ..manifest import read_manifest
-from ..shards import open_shard
+from ..errors import InputError
+from ..manifest import member, read_manifest
+from ..shards import open_table
+
+SAMPLE_COLUMNS = ("sample_id", "source", "num_tokens", "num_trained", "truncated")
 
 _SOURCE = re.compile(r"^(.*?)(?::\d+|\[\d+\]|:row \d+)$")
 
@@ -31,8 +34,15 @@ def read_build(path: str | Path) -> tuple[Path, dict[str, Any]]:
 
 def read_sample_info(folder: Path, manifest: dict[str, Any]) -> pa.Table | None:
     """`samples.feather` (sample_id, source, num_tokens, num_trained, truncated), if the build has one."""
-    path = folder / manifest.get("samples_file", "samples.arrow")
-    return open_shard(path) if path.exists() else None
+    path = member(folder, manifest.get("samples_file", "samples.arrow"), "samples_file")
+    if not path.exists():
+        return None
+    table = open_table(path)
+    missing = [c for c in SAMPLE_COLUMNS if c not in table.schema.names]
+    if missing:
+        raise InputError(f"{path} lacks the columns {', '.join(missing)} of a samples file; rebuild with "
+                         "`sftprep build --overwrite`")
+    return table
 
 
 def sources_by_id(info: pa.Table | None) -> dict[int, str]:
@@ -42,11 +52,23 @@ def sources_by_id(info: pa.Table | None) -> dict[int, str]:
 
 
 def read_rejects(folder: Path, manifest: dict[str, Any]) -> list[dict[str, Any]]:
-    path = folder / manifest.get("rejects_file", "rejects.jsonl")
+    """Every line of `rejects.jsonl`: a JSON object with source, reason and message."""
+    path = member(folder, manifest.get("rejects_file", "rejects.jsonl"), "rejects_file")
     if not path.exists():
         return []
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    rejects = []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise InputError(f"{path}:{n}: not a JSON line ({e}); the rejects file was changed after the build")
+            if not isinstance(r, dict) or not all(k in r for k in ("source", "reason", "message")):
+                raise InputError(f"{path}:{n}: a reject is an object with source, reason and message")
+            rejects.append(r)
+    return rejects
 
 
 def source_file(source: str) -> str:

@@ -235,8 +235,8 @@ def plot(c: Collected, path: str | Path) -> Path:
         from matplotlib.figure import Figure
         from matplotlib.ticker import MaxNLocator
     except ImportError:
-        raise MissingExtra("--plot needs matplotlib, which is not installed: pip install 'sftprep[plot]' "
-                           "(the statistics above need nothing more)") from None
+        raise MissingExtra("--plot needs matplotlib, a dependency of sftprep missing from this environment: "
+                           "pip install matplotlib (the statistics above need nothing more)") from None
 
     m = c.manifest
     max_length = m["max_length"]

@@ -23,7 +23,7 @@ import numpy as np
 import pyarrow as pa
 
 from ..labels import IGNORE_INDEX
-from ..shards import Flat, flatten, load
+from ..shards import Flat, check_ids, flatten, load
 from .decode import TRAINED_SEPARATOR, decode_segments, load_build_tokenizer
 from .folder import read_build, read_sample_info, sources_by_id
 
@@ -63,7 +63,9 @@ def samples(path: str | Path, tokenizer: str | Path | None = None, decode: bool 
         decode: False skips `text`/`trained_text` (no tokenizer needed; much faster).
     """
     folder, manifest = read_build(path)
-    sids, off, ids, labels = unpack(flatten(load(folder)))
+    flat = flatten(load(folder))
+    check_ids(flat.ids, manifest["tokenizer"].get("vocab_size"), str(folder))
+    sids, off, ids, labels = unpack(flat)
     info = read_sample_info(folder, manifest)
     src = sources_by_id(info)
     trunc = dict(zip(info.column("sample_id").to_pylist(), info.column("truncated").to_pylist())) \

@@ -14,6 +14,9 @@ tokens takes a fraction of a second):
 
 then over the build: sample ids unique (a wrapped sample's pieces sit next to each other), the
 samples and their lengths agree with `samples.feather`, and the manifest totals are the sums.
+
+`sftprep.shards.row_problem` runs the row checks on one row in O(row): what `sfttrain` checks on every
+row it reads.
 """
 
 from __future__ import annotations
@@ -27,7 +30,9 @@ import pyarrow as pa
 
 from ..labels import IGNORE_INDEX, mask_sample_starts
 from ..packing import mode
-from ..shards import SCHEMA, Flat, flatten, list_parts, open_shard, sha256_file
+from ..errors import InputError
+from ..manifest import member, shard_path
+from ..shards import SCHEMA, Flat, flatten, list_parts, open_table, sha256_file
 from .folder import read_build, read_sample_info
 
 PER_CHECK = 20  # violations listed per check and batch of rows (all are counted)
@@ -100,7 +105,11 @@ def _check_file(report: Report, folder: Path, manifest: dict[str, Any], k: int,
                 entry: dict[str, Any]) -> tuple[np.ndarray, np.ndarray] | None:
     """Check one shard; its (sample_ids, seq_lens) flattened, or None when it cannot be read."""
     name = entry["file"]
-    path = folder / name
+    try:
+        path = shard_path(folder, name)
+    except InputError as e:
+        report.add("path", k, str(name), str(e))
+        return None
     if not path.exists():
         report.add("missing shard", k, name, "the file is missing")
         return None
@@ -109,7 +118,7 @@ def _check_file(report: Report, folder: Path, manifest: dict[str, Any], k: int,
         report.add("checksum", k, name, f"sha256 is {digest[:16]}… but the manifest says "
                    f"{str(entry.get('sha256'))[:16]}…: the file changed after the build")
     try:
-        table = open_shard(path)
+        table = open_table(path)
     except Exception as e:  # a corrupt file can fail in many ways inside Arrow
         report.add("unreadable", k, name, f"cannot be read as an Arrow IPC file ({type(e).__name__}: {e})")
         return None
@@ -240,8 +249,16 @@ def _check_build(report: Report, folder: Path, manifest: dict[str, Any], seen: l
 
 def _check_samples_file(report: Report, folder: Path, manifest: dict[str, Any], sids: np.ndarray,
                         lens: np.ndarray) -> None:
-    info = read_sample_info(folder, manifest)
+    try:
+        member(folder, manifest.get("rejects_file", "rejects.jsonl"), "rejects_file")
+    except InputError as e:
+        report.add("rejects file", len(manifest["shards"]) + 1, str(manifest.get("rejects_file")), str(e))
     name = manifest.get("samples_file", "samples.arrow")
+    try:
+        info = read_sample_info(folder, manifest)
+    except InputError as e:
+        report.add("samples file", len(manifest["shards"]) + 1, str(name), str(e))
+        return
     if info is None:
         report.add("samples file", len(manifest["shards"]) + 1, name, "the file is missing")
         return

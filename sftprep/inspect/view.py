@@ -25,7 +25,7 @@ import numpy as np
 from ..errors import InputError
 from ..labels import IGNORE_INDEX
 from ..packing import mode
-from ..shards import Flat, flatten, list_parts, load
+from ..shards import Flat, check_ids, flatten, list_parts, load
 from .decode import decode_segments, token_strings
 from .folder import read_rejects, read_sample_info
 
@@ -68,6 +68,7 @@ def view_row(folder: Path, manifest: dict[str, Any], load_tok: Callable[[], Any]
         valid = f"0-{n - 1}" if n else "none"
         raise InputError(f"--row {row} is out of range: this build has {n:,} rows (valid: {valid})")
     flat = flatten(table.slice(row, 1))
+    check_ids(flat.ids, manifest["tokenizer"].get("vocab_size"), "%s row %d" % _shard_of(manifest, row))
     src = _provenance(folder, manifest)
     tok = load_tok()
     real, length = int(flat.real_tokens[0]), int(flat.row_lens[0])
@@ -97,6 +98,7 @@ def view_sample(folder: Path, manifest: dict[str, Any], load_tok: Callable[[], A
     blocks: list[Block] = []
     for row in rows.tolist():
         flat = flatten(table.slice(row, 1))
+        check_ids(flat.ids, manifest["tokenizer"].get("vocab_size"), "%s row %d" % _shard_of(manifest, row))
         file, local = _shard_of(manifest, row)
         for j in np.flatnonzero(flat.sample_ids == sample_id).tolist():
             start = int(flat.piece_start[j])
