@@ -1,6 +1,7 @@
 """Every real chat template in fixtures/chat_templates/families.json, checked against an oracle that shares
 no code with sftprep's turn finding: transformers renders the conversation up to each assistant turn with
-the generation prompt, then with the turn; what the turn adds is what the model must learn to write.
+the generation prompt, then with the turn; what the turn adds is what the model must learn to write. Each
+turn is compared as the last of the conversation cut after it (what sftprep trains of it there).
 
 Adding a template is adding its entry (template file, special tokens, stop tokens) to families.json; every
 chat, tool chat and reasoning chat in fixtures/data/ is then checked on it.
@@ -132,6 +133,7 @@ def test_trained_text_of_every_turn_equals_the_oracle(family):
             expected = oracle(tok, previous if isinstance(previous, str) else None, before, prompt, full, stops)
             compared += 1
             if ours != expected:
-                differ.append((sid, i, ours[-80:], expected[-80:]))
+                at = _common(ours, expected)
+                differ.append((sid, i, f"from {at}: ours {ours[at:at + 60]!r}, oracle {expected[at:at + 60]!r}"))
     assert not differ, (family, len(differ), differ[:3])
     assert compared >= 40, (family, compared)
