@@ -258,16 +258,16 @@ class ChatTemplate:
                 raise FormatError(f"messages[{i}]: the chat template writes none of this assistant turn's text, so "
                                   "only its end would be trained; a template must render each message's content",
                                   "template_drops_text")
-            later = [marks[j] for j in range(i + 1, len(messages)) if j in marks]
-            bound = min((a for a, _ in later), default=len(text))
+            bound = next((marks[j][0] for j in range(i + 1, len(messages)) if j in marks), len(text))
             first, last = marks.get(i, (bound, None))
-            inside = [b for a, b in later if last is not None and a < last]  # results before some own text
             start = self._turn_start(text, done, min(first, bound), bound, i)
-            if inside:
+            if last is not None and bound < last:  # results written before some of the turn's own text
                 cut = self._call_end(text, start, bound)
                 if cut > start:
                     spans.append((start, cut, False, group))
-                start = min((o for o in opens[i] if o > max(inside)), default=max(inside))
+                later = [marks[j] for j in range(i + 1, len(messages)) if j in marks]
+                results_end = max(b for a, b in later if a < last)
+                start = min((o for o in opens[i] if o > results_end), default=results_end)
                 bound = min((a for a, _ in later if a > last), default=len(text))
             if last is None:
                 last = start
