@@ -100,7 +100,7 @@ def _run_child(send, fn, args) -> None:
 
 
 def _cache_words() -> int:
-    from sftprep.encode import BPE_CACHE_WORDS
+    from sftprep.tokenize.encode import BPE_CACHE_WORDS
 
     return BPE_CACHE_WORDS
 

@@ -39,7 +39,7 @@ sys.path.insert(0, {repo!r})
 args = json.loads(sys.argv[1])
 t0 = time.perf_counter()
 if args["step"] == "merge":
-    from sftprep.merge import merge
+    from sftprep.scale.merge import merge
     m = merge(args["parts"], args["out"], overwrite=True)
 else:
     from sftprep import build, config_from_dict

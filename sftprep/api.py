@@ -19,19 +19,19 @@ from typing import Any, Callable
 
 from .config import BuildConfig
 from .errors import ConfigError
-from .files import overlaps
-from .manifest import tokenizer_dir, write_manifest
 from .memory import MemoryBuild  # noqa: F401 (public: the in-memory build)
-from .output import (TOKENIZER_DIR, OutLock, build_id, build_manifest, check_rejects, empty_inputs, hash_input,
-                     hash_tokenizer, owned, prepare_out, remove_temps, write_build)
-from .parts import part_size
-from .pipeline import encode_all, encoder_for, gc_paused, in_background
-from .readers import count_records, expand_inputs
-from .shards import load  # noqa: F401 (load: part of the public surface)
-from .store import SampleStore
-from .templates.export import preset_jinja
-from .templates.presets import PRESETS
+from .read import count_records, expand_inputs
+from .render.export import preset_jinja
+from .render.presets import PRESETS
+from .scale.parts import part_size
+from .scale.pipeline import encode_all, encoder_for, gc_paused, in_background
 from .tokenizer import install_chat_template, load_fast, pad_id, tokenizer_identity
+from .write.files import overlaps
+from .write.manifest import tokenizer_dir, write_manifest
+from .write.output import (TOKENIZER_DIR, OutLock, build_id, build_manifest, check_rejects, empty_inputs, hash_input,
+                     hash_tokenizer, owned, prepare_out, remove_temps, write_build)
+from .write.shards import load  # noqa: F401 (load: part of the public surface)
+from .write.store import SampleStore
 
 SPILL_STEM = "tokens.spill"  # tokens.spill.{ids,labels}.tmp: removed at the end, or by the next build
 
@@ -75,7 +75,7 @@ def _build(config: BuildConfig, progress: Callable[[int], None] | None) -> dict[
     input_info, tokenizer_hash = hashes()
     this_build = build_id(config, input_info, tokenizer_hash)
     part = None
-    if config.part is not None:  # what `sftprep merge` checks: parts 0..N-1 of one whole build (sftprep.parts)
+    if config.part is not None:  # what `sftprep merge` checks: parts 0..N-1 of one whole build (sftprep.scale.parts)
         part = {"index": config.part[0], "count": config.part[1],
                 "of_build": build_id(dataclasses.replace(config, part=None), input_info, tokenizer_hash)}
     out = prepare_out(Path(config.out), this_build, config.overwrite)

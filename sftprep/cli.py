@@ -149,7 +149,7 @@ def build(config: str | None, quiet: bool, format_: str | None, **flags: Any) ->
     cfg = config_from_dict(data, flags, source=config or "config")
     with _progress(quiet) as advance:
         if where.executor == "ray":
-            from .executors import build_ray
+            from .scale.executors import build_ray
 
             manifest = build_ray(cfg, where.parts, where.ray_address, where.parts_dir, allow_code, progress=advance)
         else:
@@ -268,7 +268,7 @@ def merge_(part_dirs: tuple[str, ...], out: str, overwrite: bool, quiet: bool) -
     \b
       sftprep merge parts/part-* --out shards/
     """
-    from .merge import merge
+    from .scale.merge import merge
 
     manifest = merge(list(part_dirs), out, overwrite=overwrite)
     if not quiet:

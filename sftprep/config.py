@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from .errors import ConfigError
-from .packing import MODES
-from .parts import check_part, parse_part
+from .pack.packing import MODES
+from .scale.parts import check_part, parse_part
 
 FORMATS = ("auto", "text", "prompt_completion", "messages", "sharegpt", "alpaca")
 TRAIN_ON = ("auto", "completion", "assistant", "last", "all")
@@ -210,7 +210,7 @@ EXECUTORS = ("local", "ray")
 @dataclass(frozen=True)
 class ExecutorConfig:
     """Where `sftprep build` runs: in this process, or as parts on Ray tasks merged at the end. Command-line
-    only (`sftprep.executors.build_ray` from Python): it never changes the shards, so no manifest holds it."""
+    only (`sftprep.scale.executors.build_ray` from Python): it never changes the shards, so no manifest holds it."""
 
     executor: str = "local"
     """local (this process, with --workers) or ray: the build as parts on Ray tasks (this machine, or

@@ -21,12 +21,12 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from .config import config_from_dict
-from .labels import IGNORE_INDEX, mask_sample_starts
-from .output import build_manifest
-from .packing import mode
-from .pipeline import encoder_for
-from .readers import Record
+from .pack.packing import mode
+from .read import Record
+from .scale.pipeline import encoder_for
+from .tokenize.labels import IGNORE_INDEX, mask_sample_starts
 from .tokenizer import load_fast, load_tokenizer, stop_strings, tokenizer_identity
+from .write.output import build_manifest
 
 Sample = tuple[np.ndarray, np.ndarray]
 """One labelled sample: (token ids, labels), int32."""

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 from sftprep.errors import UserError
-from sftprep.packing import mode
+from sftprep.pack.packing import mode
 
 from .attention import AttentionPath, choose_attention, model_traits
 from .checks import (build_stats, check_same_tokenizer, check_tokenizer, has_tokenizer, model_config,

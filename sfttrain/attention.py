@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from sftprep.errors import UserError
-from sftprep.labels import IGNORE_INDEX  # noqa: F401 (re-exported: the one definition)
+from sftprep.tokenize.labels import IGNORE_INDEX  # noqa: F401 (re-exported: the one definition)
 
 from .config import ConfigError
 REAL_TOKENS = "num_real_tokens"

@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from sftprep.manifest import shard_path
+from sftprep.write.manifest import shard_path
 
 from .config import ConfigError
 
@@ -29,7 +29,7 @@ def open_build(folder: str | Path, verify_checksums: bool = False, flag: str = "
         FileNotFoundError: no folder, no manifest (an unfinished build), or a missing shard.
         ValueError: an unreadable / unknown-version manifest, a truncated shard, or a failed checksum.
     """
-    from sftprep.manifest import read_manifest
+    from sftprep.write.manifest import read_manifest
 
     p = Path(folder)
     if not p.exists():
@@ -142,7 +142,7 @@ def _check_max_id(f: Path, manifest: dict[str, Any]) -> None:
     """With --verify-checksums: the shard's largest id, read in full, is within the manifest's bound."""
     import pyarrow.compute as pc
 
-    from sftprep.shards import open_shard
+    from sftprep.write.shards import open_shard
 
     table = open_shard(f)
     top = pc.max(pc.list_flatten(table.column("input_ids"))).as_py()
@@ -212,7 +212,7 @@ def check_tokenizer(manifest: dict[str, Any], shards: str | Path, model_path: st
     Raises:
         ConfigError: a mismatch, naming the differing fields and how to fix it.
     """
-    from sftprep.manifest import tokenizer_dir
+    from sftprep.write.manifest import tokenizer_dir
     from sftprep.tokenizer import load_tokenizer
 
     built = manifest.get("tokenizer") or {}

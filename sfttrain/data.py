@@ -3,7 +3,7 @@
 The dataset opens the shards named by the manifest as memory-mapped Arrow tables: start-up reads
 only the manifest and the files' footers, and pages are read on demand, so neither start-up time
 nor resident memory grows with the dataset. Row `i` is found from the manifest's row counts. Each
-row read is checked against the shard contract (`sftprep.shards.row_problem`, O(row)):
+row read is checked against the shard contract (`sftprep.write.shards.row_problem`, O(row)):
 an edited shard is refused before it is trained on.
 """
 
@@ -16,9 +16,9 @@ import numpy as np
 import torch
 
 from sftprep.errors import InputError
-from sftprep.labels import IGNORE_INDEX, mask_sample_starts
-from sftprep.shards import cu_seqlens, row_positions, row_problem
-from sftprep.manifest import shard_path
+from sftprep.tokenize.labels import IGNORE_INDEX, mask_sample_starts
+from sftprep.write.shards import cu_seqlens, row_positions, row_problem
+from sftprep.write.manifest import shard_path
 
 from .attention import REAL_TOKENS, AttentionPath
 from .checks import id_bound
@@ -46,7 +46,7 @@ class ShardDataset(torch.utils.data.Dataset):
         return int(self.offsets[-1])
 
     def _open(self) -> list:
-        from sftprep.shards import open_shard
+        from sftprep.write.shards import open_shard
 
         tables = []
         for f, s in zip(self.files, self.manifest["shards"]):

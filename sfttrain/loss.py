@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from sftprep.labels import IGNORE_INDEX
+from sftprep.tokenize.labels import IGNORE_INDEX
 
 CHUNK = 4096
 """Positions per cross-entropy chunk: one fp32 chunk of logits lives at a time."""

@@ -11,8 +11,8 @@ from hypothesis import strategies as st
 
 from sftprep.cli import main
 from sftprep.config import config_from_dict
-from sftprep.pipeline import encoder_for
-from sftprep.readers import reader_for
+from sftprep.scale.pipeline import encoder_for
+from sftprep.read import reader_for
 from sftprep.tokenizer import load_fast
 from tests.conftest import MISTRAL
 

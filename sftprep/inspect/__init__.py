@@ -16,7 +16,7 @@ and the tokenizer files the build copied into the folder.
     unpack.py  `sftprep.samples()`: one row per sample, unpacked (and decoded)
 """
 
-from ..shards import load
+from ..write.shards import load
 from .diff import diff
 from .folder import read_build
 from .unpack import samples

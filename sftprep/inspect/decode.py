@@ -15,8 +15,8 @@ from typing import Any
 import numpy as np
 
 from ..errors import InputError
-from ..labels import IGNORE_INDEX
-from ..manifest import tokenizer_dir
+from ..tokenize.labels import IGNORE_INDEX
+from ..write.manifest import tokenizer_dir
 
 
 def load_build_tokenizer(folder: str | Path, manifest: dict[str, Any], override: str | Path | None = None):

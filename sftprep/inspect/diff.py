@@ -17,7 +17,7 @@ import numpy as np
 
 from ..config import shard_settings
 
-from ..shards import check_ids, flatten, load
+from ..write.shards import check_ids, flatten, load
 from .decode import decode_segments, load_build_tokenizer
 from .folder import read_build, read_sample_info, sources_by_id
 from .unpack import unpack

@@ -15,8 +15,8 @@ from typing import Any
 import pyarrow as pa
 
 from ..errors import InputError
-from ..manifest import member, read_manifest
-from ..shards import open_table
+from ..write.manifest import member, read_manifest
+from ..write.shards import open_table
 
 SAMPLE_COLUMNS = ("sample_id", "source", "num_tokens", "num_trained", "truncated")
 

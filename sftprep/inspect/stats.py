@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 
 from ..errors import MissingExtra
-from ..packing import mode
-from ..shards import load
+from ..pack.packing import mode
+from ..write.shards import load
 from .folder import read_build, read_rejects, read_sample_info, source_file
 
 BINS = 10

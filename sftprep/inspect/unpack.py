@@ -22,8 +22,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from ..labels import IGNORE_INDEX
-from ..shards import Flat, check_ids, flatten, load
+from ..tokenize.labels import IGNORE_INDEX
+from ..write.shards import Flat, check_ids, flatten, load
 from .decode import TRAINED_SEPARATOR, decode_segments, load_build_tokenizer
 from .folder import read_build, read_sample_info, sources_by_id
 

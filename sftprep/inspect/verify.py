@@ -15,7 +15,7 @@ tokens takes a fraction of a second):
 then over the build: sample ids unique (a wrapped sample's pieces sit next to each other), the
 samples and their lengths agree with `samples.feather`, and the manifest totals are the sums.
 
-`sftprep.shards.row_problem` runs the row checks on one row in O(row): what `sfttrain` checks on every
+`sftprep.write.shards.row_problem` runs the row checks on one row in O(row): what `sfttrain` checks on every
 row it reads.
 """
 
@@ -28,11 +28,11 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from ..labels import IGNORE_INDEX, mask_sample_starts
-from ..packing import mode
 from ..errors import InputError
-from ..manifest import member, shard_path
-from ..shards import SCHEMA, Flat, flatten, list_parts, open_table, sha256_file
+from ..pack.packing import mode
+from ..tokenize.labels import IGNORE_INDEX, mask_sample_starts
+from ..write.manifest import member, shard_path
+from ..write.shards import SCHEMA, Flat, flatten, list_parts, open_table, sha256_file
 from .folder import read_build, read_sample_info
 
 PER_CHECK = 20  # violations listed per check and batch of rows (all are counted)

@@ -23,9 +23,9 @@ from typing import Any, Callable, Union
 import numpy as np
 
 from ..errors import InputError
-from ..labels import IGNORE_INDEX
-from ..packing import mode
-from ..shards import Flat, check_ids, flatten, list_parts, load
+from ..pack.packing import mode
+from ..tokenize.labels import IGNORE_INDEX
+from ..write.shards import Flat, check_ids, flatten, list_parts, load
 from .decode import decode_segments, token_strings
 from .folder import read_rejects, read_sample_info
 

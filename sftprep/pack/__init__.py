@@ -1,0 +1,1 @@
+"""Pack: sample lengths -> rows, by a packing mode (pure: no files, no tokenizer)."""

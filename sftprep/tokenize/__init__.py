@@ -1,0 +1,1 @@
+"""Tokenize and label: texts -> token ids -> labels (-100 where not trained), truncation."""

@@ -1,0 +1,429 @@
+"""The output folder of a build: its lock, its identity, and the side files beside the shards.
+
+    OUT/.lock              held while a build writes (one build per folder at a time), shared by runs reading it
+    OUT/.build_id          what the folder holds (settings that change the shards, inputs, tokenizer)
+    OUT/samples.feather    per kept sample: sample_id, source, num_tokens, num_trained, truncated
+    OUT/rejects.jsonl      every dropped record with its source, reason and message
+    OUT/tokenizer/         a copy of the build's tokenizer: the folder is usable anywhere
+    (shards and manifest.json: `shards.py`, `manifest.py`)
+
+`prepare_out` refuses a folder that holds something else, then clears the previous build, manifest
+first, so that the folder never claims a finished build mid-way.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import Counter
+import os
+import re
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from .. import __version__
+from ..config import BuildConfig, shard_settings
+from ..errors import BuildError, ConfigError, InputError
+from ..pack.packing import fill_ratio, mode, pack
+from .files import LEDGER, claim, fsync_dir, ledger, names_path, rewrite_ledger
+from .manifest import MANIFEST, read_manifest
+from .shards import ShardSetWriter, numpy_array, sha256_file, write_table
+from .store import Samples
+
+SAMPLES_FILE = "samples.feather"  # Arrow IPC file too, but no `*.arrow` glob meets it
+OLD_SAMPLES_FILE = "samples.arrow"  # older builds: still read, as their manifest names it
+REJECTS_FILE = "rejects.jsonl"
+TOKENIZER_DIR = "tokenizer"  # a copy of the build's tokenizer: the folder is usable anywhere
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                   "generation_config.json")
+
+
+class OutLock:
+    """One build per output folder at a time, and none while a training run reads it: an advisory lock
+    on OUT/.lock, exclusive for a build (taken before any work, so a second build is refused at once, not
+    after hashing its inputs, and held until the build ends), shared for each reader (`reading`, held by
+    `sfttrain run` for the whole run): a rebuild never changes the data under a run.
+
+    A build refused before it wrote anything (no `.build_id` in the folder) leaves nothing behind: the
+    `.lock` it created, and the folder if it made it, are removed on `release`."""
+
+    def __init__(self, out: Path) -> None:
+        self.out, self.fd = out, None
+        self.made: list[Path] = []  # what acquire created: removed on release if the build wrote nothing
+
+    def acquire(self) -> None:
+        import fcntl
+
+        out = self.out
+        if out.exists() and not out.is_dir():
+            raise ConfigError(f"--out {out} is a file, not a folder")
+        missing = [p for p in (out, *out.parents) if not p.exists()]
+        out.mkdir(parents=True, exist_ok=True)
+        lock = out / ".lock"
+        try:
+            self.fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+            self.made = [lock, *missing]
+        except FileExistsError:
+            self.fd = os.open(lock, os.O_RDWR | os.O_NOFOLLOW)
+            self.made = missing
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            readers = self._readers()
+            holder = os.pread(self.fd, 32, 0).decode(errors="replace").strip() or "?"
+            self.made = []  # the holder's
+            self.release()
+            if readers:
+                raise ConfigError(f"--out {out} is being read by sfttrain (pid {', '.join(readers)}): a rebuild would "
+                                  "change the data under the run; wait for the run to end (or stop it), or build "
+                                  "into another folder") from None
+            raise ConfigError(f"--out {out} is being written by another sftprep build (pid {holder}); wait for it "
+                              "to finish, or choose another folder") from None
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, f"{os.getpid()}\n".encode(), 0)
+
+    def release(self) -> None:
+        if self.fd is None:
+            return
+        if self.made and not (self.out / ".build_id").exists():
+            for p in self.made:  # the lock file, then the folders it made, innermost first
+                try:
+                    p.unlink() if p.name == ".lock" else p.rmdir()
+                except OSError:
+                    break
+        os.close(self.fd)
+        self.fd = None
+
+    @contextmanager
+    def reading(self) -> Iterator[None]:
+        """Hold a shared lock on the build in `out` while the block runs: a build into it is refused
+        meanwhile, and a build running now refuses the reader. A folder where no lock file can be
+        made (read-only) is read without one: no build can write there either."""
+        import fcntl
+
+        try:
+            fd = os.open(self.out / ".lock", os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        except OSError:
+            yield
+            return
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+                raise ConfigError(f"{self.out} is being written by sftprep build (pid {holder}); wait for the "
+                                  "build to finish, then start again") from None
+            yield
+        finally:
+            os.close(fd)
+
+    def _readers(self) -> list[str]:
+        """After a refused exclusive lock: the pids of the readers holding it, [] when a build holds it (a
+        shared lock is granted only beside readers); pids from Linux' /proc/locks, "?" elsewhere."""
+        import fcntl
+
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # released with the descriptor
+        except BlockingIOError:
+            return []
+        st, me = os.fstat(self.fd), str(os.getpid())
+        key = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+        try:
+            entries = [line.split() for line in Path("/proc/locks").read_text().splitlines() if "->" not in line]
+        except OSError:
+            entries = []
+        pids = {e[4] for e in entries if len(e) > 5 and e[1] == "FLOCK" and e[3] == "READ" and e[5] == key}
+        return sorted(pids - {me}) or ["?"]
+
+
+# the names a build writes in its folder (`*.tmp`: while writing); a file or folder of such a name that
+# sftprep cannot prove it wrote is never replaced, removed or written into
+_BUILD_NAME = re.compile(r"(manifest\.json|shard-[^/]*\.arrow|samples\.(feather|arrow)|rejects\.jsonl|tokenizer)"
+                         r"(\.tmp)?|tokens\.spill\.[^/]*\.tmp")
+_MARKERS = (".build_id", ".lock", LEDGER, LEDGER + ".tmp")  # kept: the folder's identity, lock and ledger
+
+
+def prepare_out(out: Path, build_id: str, overwrite: bool) -> Path:
+    """Make `out` ready: refuse a folder holding another build unless `overwrite`, and any file of a name
+    the build writes that sftprep cannot prove it wrote (`owned`); then remove the previous build's files,
+    manifest first (so the folder never claims a finished build mid-way). Nothing else in the folder is
+    touched. The folder exists and is locked (`OutLock`)."""
+    if out.exists():
+        links = sorted(p.name for p in out.iterdir() if p.is_symlink())
+        if links:
+            raise ConfigError(f"--out {out} holds symbolic links ({', '.join(links)}); sftprep never writes "
+                              "through a link: remove them or choose another folder")
+        ours = owned(out)
+        _refuse_foreign_names(out, ours)
+        previous = _previous_build_id(out)
+        foreign = previous is None and any(p.name not in ours for p in out.iterdir() if not p.name.startswith("."))
+        # a build that failed before writing a shard (e.g. everything rejected) left nothing to protect
+        failed = not (out / MANIFEST).exists() and not any(out.glob("shard-*.arrow"))
+        if not overwrite and (foreign or (previous is not None and previous != build_id and not failed)):
+            if foreign:
+                raise ConfigError(f"--out {out} already holds files that are not a sftprep build; pass --overwrite "
+                                  "to write the build beside them (sftprep removes only files it wrote), or "
+                                  "choose another folder")
+            raise ConfigError(f"--out {out} already holds a different build; pass --overwrite to replace it, "
+                              "or choose another folder")
+    else:
+        ours = set()
+    out.mkdir(parents=True, exist_ok=True)
+    if MANIFEST in ours:
+        (out / MANIFEST).unlink(missing_ok=True)
+    claim(out / ".build_id")
+    with names_path(out / ".build_id"):
+        (out / ".build_id").write_text(build_id + "\n")
+    for name in sorted(ours - set(_MARKERS)):
+        remove_owned(out / name)
+    rewrite_ledger(out, {".build_id"})
+    fsync_dir(out)
+    return out
+
+
+def owned(out: Path) -> set[str]:
+    """The names in `out` that sftprep provably wrote: those its ledger claims, and those the folder's
+    manifest lists (builds made before the ledger), as plain names inside the folder."""
+    names = ledger(out)
+    try:
+        m = read_manifest(out) if (out / MANIFEST).is_file() else None
+    except (InputError, FileNotFoundError):
+        m = None
+    if isinstance(m, dict):
+        listed = [MANIFEST, m.get("samples_file"), m.get("rejects_file"), (m.get("tokenizer") or {}).get("path")]
+        listed += [s.get("file") for s in m.get("shards") or [] if isinstance(s, dict)]
+        names |= {n for n in listed if isinstance(n, str) and n and "/" not in n and n not in (".", "..")}
+    return names
+
+
+def _refuse_foreign_names(out: Path, ours: set[str]) -> None:
+    """Refuse a folder holding files of the names a build writes that sftprep did not write, and a
+    tokenizer folder of ours holding anything but the tokenizer files it copied."""
+    clash = sorted(p.name for p in out.iterdir() if _BUILD_NAME.fullmatch(p.name) and p.name not in ours)
+    for name in (TOKENIZER_DIR, TOKENIZER_DIR + ".tmp"):
+        if name in ours and (out / name).is_dir():
+            clash += sorted(f"{name}/{p.name}" for p in (out / name).iterdir()
+                            if p.name not in TOKENIZER_FILES or not p.is_file() or p.is_symlink())
+    if clash:
+        listed = ", ".join(clash[:5]) + (f" and {len(clash) - 5} more" if len(clash) > 5 else "")
+        raise ConfigError(f"--out {out} holds {listed}, which no sftprep build wrote there (no manifest or "
+                          "ledger of this folder lists them), under names a build writes; sftprep never "
+                          "replaces what it did not write: move them, or choose another folder")
+
+
+def remove_owned(path: Path) -> None:
+    """Remove a file sftprep wrote, or a tokenizer folder it made (its tokenizer files, then the folder
+    if that leaves it empty: never a file of someone else's)."""
+    if path.is_symlink() or not path.is_dir():
+        path.unlink(missing_ok=True)
+        return
+    for name in TOKENIZER_FILES:
+        f = path / name
+        if f.is_file() and not f.is_symlink():
+            f.unlink()
+    try:
+        path.rmdir()
+    except OSError:
+        raise ConfigError(f"{path} holds files sftprep did not write ({', '.join(sorted(p.name for p in path.iterdir()))}); "
+                          "move them, then build again") from None
+
+
+def _previous_build_id(out: Path) -> str | None:
+    marker = out / ".build_id"
+    if marker.exists():
+        return marker.read_text().strip()
+    if (out / MANIFEST).exists():
+        try:
+            return read_manifest(out).get("build_id")
+        except (InputError, FileNotFoundError):
+            return "unreadable"
+    return None
+
+
+def hash_input(path: Path) -> str:
+    """sha256 of an input file, or of a folder's files (names and contents)."""
+    if path.is_file():
+        return sha256_file(path)
+    return _hash_files(path, [str(f.relative_to(path)) for f in sorted(p for p in path.rglob("*") if p.is_file())])
+
+
+def hash_tokenizer(folder: Path) -> str:
+    """sha256 of the tokenizer files a build copies (names and contents): cheap, known before any
+    work, and stricter than the vocabulary hash (a changed normalizer or template changes it too)."""
+    return _hash_files(folder, [name for name in TOKENIZER_FILES if (folder / name).is_file()])
+
+
+def _hash_files(folder: Path, names: list[str]) -> str:
+    """sha256 over each named file of `folder`, in order: its name, then its contents' sha256."""
+    h = hashlib.sha256()
+    for name in names:
+        h.update(name.encode())
+        h.update(sha256_file(folder / name).encode())
+    return h.hexdigest()
+
+
+def build_id(config: BuildConfig, inputs: list[dict], tokenizer_hash: str) -> str:
+    """What makes two builds the same: settings that change the shards, inputs, tokenizer files, version."""
+    return build_key(config.to_dict(), [i["sha256"] for i in inputs], tokenizer_hash, __version__)
+
+
+def build_key(config: dict[str, Any], input_hashes: list[str], tokenizer_hash: str, version: str) -> str:
+    """`build_id` from a config as saved in a manifest (so a manifest's own ids can be checked)."""
+    cfg = json.loads(json.dumps(shard_settings(config)))
+    cfg["read"].pop("inputs")  # identified by content below, wherever the files lie
+    cfg["tokenize"].pop("tokenizer")
+    key = {"config": cfg, "inputs": input_hashes, "tokenizer": tokenizer_hash, "version": version}
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def build_manifest(config: BuildConfig, *, build_id: str, inputs: list[dict[str, str]], template: Any,
+                   warnings: list[str], tokenizer: dict[str, Any], max_token_id: int, shards: list[dict[str, Any]],
+                   totals: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    """The manifest of a build, a merge or a part (`extra`: `part`, `merged_from`): assembled here only.
+    `max_token_id` (the largest id stored, or the pad id) lets sfttrain check ids without reading shards."""
+    return {
+        "tool": {"name": "sftprep", "version": __version__},
+        "build_id": build_id,
+        "config": config.to_dict(),
+        "inputs": inputs,
+        "template": template,
+        "warnings": warnings,
+        "tokenizer": tokenizer,
+        "max_length": config.tokenize.max_length,
+        "max_token_id": max_token_id,
+        "packing": config.pack.mode,
+        "shards": [{k: s[k] for k in ("file", "rows", "tokens", "sha256")} for s in shards],
+        "samples_file": SAMPLES_FILE,
+        "rejects_file": REJECTS_FILE,
+        "totals": totals,
+        **extra,
+    }
+
+
+def write_samples(out: Path, store: Samples) -> None:
+    """Per-sample side table: provenance, length and trained tokens of every kept sample."""
+    table = pa.table({
+        "sample_id": numpy_array(np.frombuffer(store.sample_ids, np.int64), pa.int64()),
+        "source": store.sources,
+        "num_tokens": numpy_array(np.frombuffer(store.lengths, np.int64), pa.int32()),
+        "num_trained": numpy_array(np.frombuffer(store.num_trained, np.int64), pa.int32()),
+        "truncated": numpy_array(np.frombuffer(store.truncated, np.int8), pa.bool_()),
+    })
+    write_table(out / SAMPLES_FILE, table)
+
+
+def copy_tokenizer(source: Path, out: Path) -> None:
+    """Copy the tokenizer's files to `out/tokenizer/` (via a temporary folder, renamed)."""
+    if source.is_file():  # a path to tokenizer.json itself
+        source = source.parent
+    tmp, final = out / (TOKENIZER_DIR + ".tmp"), out / TOKENIZER_DIR
+    claim(final, tmp)
+    remove_owned(tmp)
+    tmp.mkdir()
+    for name in TOKENIZER_FILES:
+        if (source / name).is_file():
+            with names_path(tmp / name):  # shutil names the source when the destination's disk is full
+                shutil.copyfile(source / name, tmp / name)
+    remove_owned(final)
+    os.replace(tmp, final)
+
+
+# characters that JSON leaves raw but str.splitlines() (and so many JSON Lines readers) splits lines at
+_LINE_BREAKS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
+def write_rejects(out: Path, rejects: list[dict[str, Any]]) -> None:
+    """rejects.jsonl: one JSON object per line, under any line splitter (record text can hold U+0085...)."""
+    tmp = out / (REJECTS_FILE + ".tmp")
+    claim(out / REJECTS_FILE, tmp)
+    with names_path(out / REJECTS_FILE), open(tmp, "w", encoding="utf-8") as f:
+        for r in rejects:
+            f.write(json.dumps(r, ensure_ascii=False).translate(_LINE_BREAKS) + "\n")
+    os.replace(tmp, out / REJECTS_FILE)
+
+
+def remove_temps(out: Path) -> None:
+    """Remove the build's temporary files and folders (`*.tmp` that it claimed) from `out`, after an error."""
+    for name in ledger(out):
+        if name.endswith(".tmp") and name != LEDGER + ".tmp":
+            try:
+                remove_owned(out / name)
+            except (ConfigError, OSError):  # cleaning up after an error: the first error is the one to report
+                pass
+
+
+# -- the build's files, from its kept samples: used by a build and by a merge -------------------------
+
+def empty_inputs(inputs: list[Path] | list[str], sources: pa.Array, rejects: list[dict[str, Any]]) -> list[str]:
+    """A warning per input none of whose records was kept (e.g. a glob that swept in a file of
+    another format): the build succeeds on the rest, so the summary must say so."""
+    out = []
+    for path in inputs:
+        prefixes = (f"{path}:", f"{path}[")  # file:line, file:row N; file[i], an item of a .json array
+        if any(pc.any(pc.starts_with(sources, pattern=p)).as_py() for p in prefixes):
+            continue
+        dropped = [r for r in rejects if r["source"].startswith(prefixes) or r["source"] == str(path)]
+        if dropped:
+            out.append(f"input {path}: all {len(dropped):,} records rejected ({_reasons(dropped)}); "
+                       f"first: {dropped[0]['message']}")
+    return out
+
+
+def _reasons(rejects: list[dict[str, Any]]) -> str:
+    """`reason: count, ...`, the most frequent first."""
+    return ", ".join(f"{k}: {v}" for k, v in Counter(r["reason"] for r in rejects).most_common())
+
+
+def check_rejects(config: BuildConfig, rejects: list, read: int, out: Path) -> None:
+    """Refuse a build that read no record or rejected more than `max_reject_ratio` of them (rejects.jsonl
+    is written for the user to read; no manifest)."""
+    if read == 0:
+        raise BuildError("the inputs hold no records")
+    ratio = len(rejects) / read
+    if rejects and ratio > config.read.max_reject_ratio:
+        write_rejects(out, rejects)
+        raise BuildError(f"{len(rejects)} of {read} records rejected ({ratio:.0%} > max_reject_ratio "
+                         f"{config.read.max_reject_ratio:.0%}; {_reasons(rejects)}); first: {rejects[0]['source']}: "
+                         f"{rejects[0]['message']}. All are listed in {out / REJECTS_FILE}")
+
+
+def write_build(config: BuildConfig, out: Path, samples: Samples, rejects: list[dict[str, Any]], read: int,
+                pad: int, tokenizer: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Everything of a build but its manifest, from its kept `samples` (in input order) and `rejects`:
+    shards, samples.feather, rejects.jsonl, tokenizer/ (copied from `tokenizer`). Returns the shards'
+    manifest entries and the manifest's totals (`read`: records read)."""
+    shards = _write_shards(config, out, samples, pad)
+    write_samples(out, samples)
+    write_rejects(out, rejects)
+    copy_tokenizer(tokenizer, out)
+    tokens = sum(s["tokens"] for s in shards)
+    n_rows = sum(s["rows"] for s in shards)
+    trained = sum(s["trained_tokens"] for s in shards)
+    totals = {
+        "records_read": read,
+        "samples_kept": len(samples),
+        "samples_dropped": len(rejects),
+        "dropped_by_reason": dict(sorted(Counter(r["reason"] for r in rejects).items())),
+        "samples_truncated": int(sum(samples.truncated)),
+        "tokens": tokens,
+        "trained_tokens": trained,
+        "rows": n_rows,
+        "fill_ratio": round(fill_ratio(tokens, n_rows, config.tokenize.max_length), 6)
+        if mode(config.pack.mode).padded else None,
+    }
+    return shards, totals
+
+
+def _write_shards(config: BuildConfig, out: Path, store: Samples, pad: int) -> list[dict[str, Any]]:
+    """Pack the stored samples into rows and write them as shards; one manifest entry per shard."""
+    max_length = config.tokenize.max_length
+    rows = pack(store.lengths.tolist(), max_length, config.pack.mode, config.pack.seed)
+    width = max_length if mode(config.pack.mode).padded else None
+    writer = ShardSetWriter(out, config.pack.shard_size)
+    return writer.write(len(rows), lambda lo, hi: store.rows_batch(rows[lo:hi], width, pad))

@@ -1,0 +1,200 @@
+"""Render plans (`sftprep.render.plans`): a conversation built from its shape's plan is exactly
+what rendering it gives, for every real family template and for templates that inspect texts.
+
+A plan is only taken where the template treats message texts as opaque; everywhere else rendering
+happens as before. So each test compares `ChatTemplate.segments` (planned where it can be) with
+`ChatTemplate._segments` (always rendered), and says which conversations were planned.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+from sftprep.read.formats import Conversation, FormatError, Message
+from sftprep.render.chat import ChatTemplate, _shape
+from sftprep.tokenizer import added_strings, chat_variables, load_fast, stop_strings
+from tests.chat_families import FAMILIES, family_path, load_family, reference
+
+# families whose templates inspect message texts (split out <think> blocks, test suffixes...) or
+# turn output into values (macros): rendered conversation by conversation, never planned
+NOT_PLANNED = {"qwen3", "gpt-oss", "deepseek-v3", "deepseek-r1-distill", "glm-4.5", "hermes-3", "gemma-4",
+               "nemotron-3-nano"}
+# families whose every conversation without whitespace-only texts has a plan (the others of the long tail
+# plan some shapes: their templates test a system message's text, or refuse some shapes)
+FULLY_PLANNED = {"llama-3", "llama-3.1", "llama-3.2", "qwen2.5", "qwen3-instruct-2507", "gemma-3", "phi-3", "phi-3.5",
+                 "cohere", "lfm2", "mistral-v0.3", "granite-3.3"}
+
+PIECES = ["Hello", "world", "你好，世界", "🙂", "<|im_end|>", "<|im_start|>assistant\n", "[INST]", "<think>x</think>",
+          "</think>", "<|eot_id|>", "<end_of_turn>", "\n\n", "\n", "  ", "\t", "a.b", "{x}", "'", '"', "\\n",
+          "/nothink", "<|user|>", "<|end|>", "assistant"]
+
+
+def _text(rng: random.Random, may_be_empty: bool) -> str:
+    if may_be_empty and rng.random() < 0.1:
+        return rng.choice(["", " ", "\n"])
+    core = "".join(rng.choice(PIECES) + rng.choice(["", " "]) for _ in range(rng.randint(1, 6))).strip() or "x"
+    lead = rng.choice(["", "", "", " ", "\n", "\n\n "])
+    trail = rng.choice(["", "", "", " ", "\n", " \n"])
+    return lead + core + trail
+
+
+def conversations(seed: int, n: int) -> list[Conversation]:
+    """Plain chats of every shape sftprep plans: with and without a system message, 1-4 exchanges,
+    texts with edge whitespace, empty user texts, special-token look-alikes, reasoning."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        msgs = [Message("system", _text(rng, False))] if rng.random() < 0.5 else []
+        for _ in range(rng.randint(1, 4)):
+            msgs.append(Message("user", _text(rng, True)))
+            answer = Message("assistant", _text(rng, False))
+            if rng.random() < 0.25:
+                answer.reasoning = _text(rng, False)
+            msgs.append(answer)
+        out.append(Conversation("chat", msgs))
+    return out
+
+
+def chat_template(tok, source: str | None = None, **kwargs) -> ChatTemplate:
+    return ChatTemplate(source or tok.chat_template, chat_variables(tok), stop_strings(tok),
+                        added_strings(tok, special_only=True), added_strings(tok), kwargs)
+
+
+def outcome(fn, conv):
+    try:
+        return fn(conv)
+    except FormatError as e:
+        return ("rejected", e.reason, str(e))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_planned_conversations_equal_rendered_ones(family):
+    chat = chat_template(load_fast(family_path(family)), date_string="26 Jul 2024")
+    convs = conversations(seed=sum(map(ord, family)), n=150)
+    planned = 0
+    for conv in convs:
+        assert outcome(chat.segments, conv) == outcome(lambda c: chat._segments(c, openai=False), conv), family
+        key = _shape(conv)
+        planned += key is not None and chat._plans.get(key) is not None
+    if family in NOT_PLANNED:
+        assert planned == 0
+    elif family in FULLY_PLANNED:  # every conversation without whitespace-only texts has a plan
+        assert planned == sum(_shape(c) is not None for c in convs) > 100, family
+
+
+def test_a_planned_build_equals_transformers_on_edge_whitespace():
+    """Llama-3 trims texts (`| trim`), Qwen2.5 writes them raw: the planned texts are trimmed or not
+    exactly as transformers renders them."""
+    for family in ("llama-3.1", "qwen2.5", "gemma-3", "mistral-v0.3"):
+        tok, fast = load_family(family), load_fast(family_path(family))
+        chat = chat_template(fast, date_string="26 Jul 2024")
+        for conv in conversations(seed=7, n=40):
+            if _shape(conv) is None or any(m.reasoning for m in conv.messages):
+                continue
+            text = "".join(s for s, _ in chat.segments(conv))
+            messages = [{"role": m.role, "content": m.content} for m in conv.messages]
+            try:
+                expected = tok.apply_chat_template(messages, tokenize=False, date_string="26 Jul 2024")
+            except Exception:  # the template refuses the chat (Gemma: roles must alternate after system)
+                continue
+            assert text == expected, family
+        assert chat._plans
+
+
+INSPECTING = {
+    "equality": "{% for m in messages %}{% if m.content == 'x' %}X{% endif %}[{{ m.content }}]{% endfor %}",
+    "length": "{% for m in messages %}{{ m.content | length }}[{{ m.content }}]{% endfor %}",
+    "int filter": "{% for m in messages %}{{ m.content | int }}[{{ m.content }}]{% endfor %}",
+    "tilde join": "{% for m in messages %}{{ '[' ~ m.content ~ ']' }}{% endfor %}",
+    "tojson": "{% for m in messages %}{{ m.content | tojson }}{% endfor %}",
+    "escape": "{% for m in messages %}{{ m.content | e }}{% endfor %}",
+    "index": "{% for m in messages %}{{ m.content[0] }}[{{ m.content }}]{% endfor %}",
+    "method": "{% for m in messages %}{{ m.content.split('a') | join('|') }}{% endfor %}",
+    "wordcount": "{% for m in messages %}{% if m.content | wordcount > 1 %}W{% endif %}[{{ m.content }}]{% endfor %}",
+    "sameas": "{% for m in messages %}{% if m.content is sameas 'x' %}S{% endif %}[{{ m.content }}]{% endfor %}",
+    "in": "{% for m in messages %}{% if 'a' in m.content %}A{% endif %}[{{ m.content }}]{% endfor %}",
+    "upper": "{% for m in messages %}{{ m.content | upper }}{% endfor %}",
+    "format": "{% for m in messages %}{{ '%s!' % m.content }}{% endfor %}",
+    "set block": "{% for m in messages %}{% set t %}{{ m.content }}{% endset %}{{ t | length }}[{{ t }}]{% endfor %}",
+    "filter block": "{% for m in messages %}{% filter upper %}{{ m.content }}{% endfilter %}{% endfor %}",
+    "macro": "{% macro w(t) %}{{ t }}{% endmacro %}{% for m in messages %}{% if w(m.content).endswith('a') %}E"
+             "{% endif %}[{{ w(m.content) }}]{% endfor %}",
+    "strip chars": "{% for m in messages %}[{{ m.content.strip('a') }}]{% endfor %}",
+    "out of order": "{% for m in messages[1:] %}[{{ m.content }}]{% endfor %}({{ messages[0].content }})",
+}
+OPAQUE = {
+    "raw": "{% for m in messages %}<{{ m.role }}>{{ m.content }}</s>{% endfor %}",
+    "concatenated and trimmed": "{% for m in messages %}{{ ('<' + m.role + '>\n\n' + m.content) | trim + '</s>' }}"
+                                "{% endfor %}",
+    "method trims": "{% for m in messages %}<{{ m.role }}>{{ m.content.lstrip() }}|{{ m.content.rstrip() }}</s>"
+                    "{% endfor %}",
+    "truth and tests": "{% for m in messages %}{% if m.content and m.content is string and m.content is defined %}"
+                       "<{{ m.role }}>{{ m.content }}</s>{% endif %}{% endfor %}",
+    "namespace": "{% set ns = namespace(last='') %}{% for m in messages %}{% set ns.last = m.content %}<{{ m.role }}>"
+                 "{{ ns.last }}</s>{% endfor %}",
+}
+
+
+@pytest.mark.parametrize("name", list(INSPECTING) + list(OPAQUE))
+def test_a_template_that_inspects_texts_is_rendered_not_planned(name):
+    tok = load_fast(family_path("qwen2.5"))
+    chat = chat_template(tok, INSPECTING.get(name) or OPAQUE[name])
+    convs = [Conversation("chat", [Message("user", text), Message("assistant", "b a c")])
+             for text in ("a", "x", "  padded\n", "a b c", "<s>", "[a]")]
+    for conv in convs:
+        assert outcome(chat.segments, conv) == outcome(lambda c: chat._segments(c, openai=False), conv), name
+    planned = [p for p in chat._plans.values() if p is not None]
+    assert (not planned) if name in INSPECTING else planned, name
+
+
+def test_glm_nothink_suffix_is_checked_not_guessed(tmp_path):
+    """GLM-4.5 without thinking adds `/nothink` to user turns unless the text already ends with it,
+    tested on a macro's output (`visible_text(m.content).endswith(...)`), where markers are not
+    watched: that record used to get a second `/nothink`. Templates with macros are now always
+    checked against their plain render: the record is rejected with the reason, the others match
+    transformers."""
+    from sftprep import build, config_from_dict, load
+
+    tok = load_family("glm-4.5")
+    chats = [[{"role": "user", "content": "Summarise this"}, {"role": "assistant", "content": "Done."}],
+             [{"role": "user", "content": "Summarise this /nothink"}, {"role": "assistant", "content": "Done."}]]
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps({"messages": m}) + "\n" for m in chats), encoding="utf-8")
+    build(config_from_dict({"inputs": [str(data)], "tokenizer": str(family_path("glm-4.5")), "out": str(tmp_path / "out"),
+                            "template": "tokenizer", "packing": "none", "max_reject_ratio": 1.0,
+                            "template_kwargs": {"enable_thinking": False}}))
+    rows = load(tmp_path / "out").column("input_ids").to_pylist()
+    assert rows == [reference(tok, chats[0], enable_thinking=False).ids + [tok.eos_token_id]]
+    rejects = [json.loads(line) for line in (tmp_path / "out" / "rejects.jsonl").read_text().splitlines()]
+    assert [(r["sample_id"], r["reason"]) for r in rejects] == [(1, "template_changes_text")]
+
+
+def test_trim_with_characters_is_exact_or_refused():
+    """`strip(chars)` on a slot: whitespace characters act on the shape's edge whitespace exactly;
+    other characters could reach the text itself, so the shape is rendered instead."""
+    tok = load_fast(family_path("qwen2.5"))
+    for source, planned in (("{% for m in messages %}[{{ m.content | trim('\n') }}]{% endfor %}", True),
+                            ("{% for m in messages %}[{{ m.content.strip(' \n') }}]{% endfor %}", True),
+                            ("{% for m in messages %}[{{ m.content | trim('\"') }}]{% endfor %}", False)):
+        chat = chat_template(tok, source)
+        for text in ("\n a \n", " \nb\n", '"quoted"\n', "plain"):
+            conv = Conversation("chat", [Message("user", text), Message("assistant", "ok")])
+            assert outcome(chat.segments, conv) == outcome(lambda c: chat._segments(c, openai=False), conv)
+        assert any(p is not None for p in chat._plans.values()) == planned, source
+
+
+def test_reserved_characters_are_rejected_never_planned():
+    """A text holding the private-use characters sftprep locates texts with is rejected, with its
+    message and field named, whether or not its shape has a plan."""
+    chat = chat_template(load_fast(family_path("qwen2.5")))
+    plain = Conversation("chat", [Message("user", "ab"), Message("assistant", "ok")])
+    chat.segments(plain)  # the shape has a plan now
+    for user, answer, where in (("a\U00100005b", "ok", "messages[0].content"),
+                                ("ab", "o\U0010FFFCk", "messages[1].content")):
+        conv = Conversation("chat", [Message("user", user), Message("assistant", answer)])
+        rejected, reason, message = outcome(chat.segments, conv)
+        assert (rejected, reason) == ("rejected", "reserved_characters") and message.startswith(where)
