@@ -12,6 +12,7 @@ Every stage takes its own config section; this module is the only one that sees 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from pathlib import Path
 from typing import Any, Callable
@@ -24,7 +25,7 @@ from .render.export import preset_jinja
 from .render.presets import PRESETS
 from .scale.parts import part_size
 from .scale.pipeline import encode_all, encoder_for, gc_paused, in_background
-from .tokenizer import load_fast, pad_id, tokenizer_identity
+from .tokenizer import install_chat_template, load_fast, pad_id, tokenizer_identity
 from .write.files import overlaps
 from .write.manifest import tokenizer_dir, write_manifest
 from .write.output import (TOKENIZER_DIR, OutLock, build_id, build_manifest, check_rejects, empty_inputs, hash_input,
@@ -69,7 +70,7 @@ def _build(config: BuildConfig, progress: Callable[[int], None] | None) -> dict[
     inputs = _inputs(config)
     tok = load_fast(config.tokenize.tokenizer)
     # file hashes (the build id) while the template is compiled: hashlib works without the GIL
-    hashes = in_background(_hash_sources, inputs, tok.path)
+    hashes = in_background(_hash_sources, inputs, tok.path, config.template.chat_template)
     encoder = encoder_for(config, tok)  # validates template settings before any work
     input_info, tokenizer_hash = hashes()
     this_build = build_id(config, input_info, tokenizer_hash)
@@ -95,6 +96,8 @@ def _build(config: BuildConfig, progress: Callable[[int], None] | None) -> dict[
             check_rejects(config, rejects, read, out)
         store.seal()
         shards, totals = write_build(config, out, store, rejects, read, pad, Path(config.tokenize.tokenizer))
+        if encoder.renderer.template_file is not None:  # --chat-template: the copy carries it
+            install_chat_template(out / TOKENIZER_DIR, encoder.renderer.template_file)
     except BaseException:
         remove_temps(out)  # a failed write (disk full...) leaves no *.tmp behind
         raise
@@ -113,9 +116,13 @@ def _build(config: BuildConfig, progress: Callable[[int], None] | None) -> dict[
     return manifest
 
 
-def _hash_sources(inputs: list[Path], tokenizer: Path) -> tuple[list[dict[str, str]], str]:
-    """The manifest's input entries (path, sha256) and the tokenizer files' hash."""
-    return [{"path": str(p), "sha256": hash_input(p)} for p in inputs], hash_tokenizer(tokenizer)
+def _hash_sources(inputs: list[Path], tokenizer: Path, chat_template: str | None) -> tuple[list[dict[str, str]], str]:
+    """The manifest's input entries (path, sha256) and the tokenizer files' hash (with the `--chat-template`
+    file's, which the build's tokenizer/ folder holds in place of the tokenizer's own)."""
+    files = hash_tokenizer(tokenizer)
+    if chat_template:
+        files = hashlib.sha256(f"{files} chat_template {hash_input(Path(chat_template))}".encode()).hexdigest()
+    return [{"path": str(p), "sha256": hash_input(p)} for p in inputs], files
 
 
 def _inputs(config: BuildConfig) -> list[Path]:

@@ -78,6 +78,14 @@ class TemplateConfig:
     stop_tokens: tuple[str, ...] = ()
     """Another string that ends an assistant turn, besides EOS and generation_config.json's eos_token_id list
     (repeatable) (--stop-token)."""
+    chat_template: str | None = None
+    """A Jinja chat template file used instead of the tokenizer's own (it implies --template tokenizer) and
+    copied into the build's tokenizer/ folder, so sfttrain and the saved adapter carry it (--chat-template;
+    TRL's `chat_template_path`)."""
+
+    def __post_init__(self) -> None:
+        if self.chat_template and self.name is None:  # the file stands in for the tokenizer's own template
+            object.__setattr__(self, "name", "tokenizer")
 
 
 @dataclass(frozen=True)
@@ -158,6 +166,10 @@ def _check(c: BuildConfig) -> list[str]:
         p.append("no tokenizer: give --tokenizer PATH (a local folder with tokenizer.json)")
     if not c.out:
         p.append("no output folder: give --out DIR")
+    if c.template.chat_template and c.template.name != "tokenizer":
+        p.append(f"chat_template={c.template.chat_template!r} (--chat-template) is a Jinja chat template, used as "
+                 f"`--template tokenizer` uses the tokenizer's own: drop template={c.template.name!r} or set it to "
+                 "tokenizer")
     choice(c.read.format, FORMATS, "format")
     choice(c.read.on_error, ON_ERROR, "on_error")
     choice(c.tokenize.truncation, TRUNCATION, "truncation")
@@ -274,6 +286,7 @@ SHORTCUTS: dict[str, tuple[str | None, str]] = {
     "instruction_template": ("template", "instruction_template"),
     "template_kwargs": ("template", "kwargs"),
     "stop_tokens": ("template", "stop_tokens"),
+    "chat_template": ("template", "chat_template"),
 }
 # The names TRL's SFTConfig users type -> (our key, how the value maps); configs keep our names.
 ALIASES: dict[str, tuple[str, Any]] = {
@@ -282,6 +295,7 @@ ALIASES: dict[str, tuple[str, Any]] = {
     "dataset_text_field": ("fields", lambda v: {"text": v}),
     "completion_only_loss": ("train_on", lambda v: "completion" if v else "all"),
     "assistant_only_loss": ("train_on", lambda v: "assistant" if v else "all"),
+    "chat_template_path": ("chat_template", None),
 }
 _TOP = ("out", "workers", "overwrite", "part")  # allow_code is never read from a file: a YAML file is data
 
@@ -569,10 +583,11 @@ def paths_from_file(data: dict[str, Any], path: str | Path, keys: Mapping[str, t
     return out
 
 
-BUILD_PATHS = {("read", "inputs"), ("tokenize", "tokenizer"), ("", "out")}
+BUILD_PATHS = {("read", "inputs"), ("tokenize", "tokenizer"), ("", "out"), ("template", "chat_template")}
 """The build settings that are paths: in a YAML file, relative to the file."""
 
 
 def load_build_yaml(path: str | Path) -> dict[str, Any]:
-    """`load_yaml`, with the paths in it (inputs, tokenizer, out) made relative to the file."""
-    return paths_from_file(load_yaml(path), path, {**SHORTCUTS, **{k: ("", k) for k in _TOP}}, BUILD_PATHS)
+    """`load_yaml`, with the paths in it (inputs, tokenizer, chat_template, out) made relative to the file."""
+    aliases = {a: SHORTCUTS[key] for a, (key, _) in ALIASES.items() if key in SHORTCUTS}  # chat_template_path
+    return paths_from_file(load_yaml(path), path, {**SHORTCUTS, **aliases, **{k: ("", k) for k in _TOP}}, BUILD_PATHS)

@@ -102,6 +102,16 @@ def stop_strings(tok, extra: tuple[str, ...] = ()) -> list[str]:
     return [s for s in dict.fromkeys(out) if s]
 
 
+def install_chat_template(folder: Path, template: str) -> None:
+    """Make `template` the chat template of the tokenizer folder `folder` (a build's copy): its
+    `chat_template.jinja` and the `chat_template` of its `tokenizer_config.json`, the two places
+    transformers and sfttrain read it from."""
+    (folder / "chat_template.jinja").write_text(template, encoding="utf-8")
+    config_file = folder / "tokenizer_config.json"
+    config = {**_read_json(config_file), "chat_template": template}
+    config_file.write_text(json.dumps(config, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+
+
 def _read_json(path: Path) -> dict[str, Any]:
     if not path.exists():
         return {}

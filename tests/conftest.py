@@ -13,7 +13,7 @@ CHATML_TOK = str(FIXTURES / "tokenizers" / "mistral-chatml")
 DATA = FIXTURES / "data"
 
 SLOW_FILES = {  # every test in these trains a model, runs a subprocess or renders real chat templates
-    "test_atomic.py", "test_chat_templates.py", "test_portable.py", "test_properties.py", "test_sfttrain_bench.py",
+    "test_atomic.py", "test_chat_templates.py", "test_chat_sweep.py", "test_portable.py", "test_properties.py", "test_sfttrain_bench.py",
     "test_sfttrain_cli.py", "test_sfttrain_distributed.py", "test_sfttrain_gpu.py", "test_sfttrain_guards.py",
     "test_sfttrain_isolation.py", "test_sfttrain_learns.py", "test_sfttrain_logs.py", "test_sfttrain_quantized.py",
     "test_sfttrain_resume.py", "test_sfttrain_template.py", "test_sfttrain_varlen.py", "test_iterative.py",

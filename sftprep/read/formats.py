@@ -65,7 +65,8 @@ class Message:
     def to_chat(self, openai: bool = False) -> dict[str, Any]:
         """The message as a chat template reads it: the Hugging Face chat format (call arguments as
         objects, None-valued keys left out, as transformers does), or with `openai` the OpenAI wire
-        format some templates expect instead (arguments as JSON text, content "" beside calls)."""
+        format some templates expect instead (arguments as JSON text). Content is the record's own:
+        a template that needs text where the record has none fails, as it does in transformers."""
         calls, content = self.tool_calls, self.content
         if calls is None and self.reasoning is None and self.name is None and self.tool_call_id is None:
             return {"role": self.role} if content is None else {"role": self.role, "content": content}
@@ -73,7 +74,6 @@ class Message:
         if openai and calls:
             calls = [{**c, "function": {**c["function"], "arguments": _json_text(c["function"]["arguments"])}}
                      for c in calls]
-            content = content or ""
         for key, value in (("content", content), ("reasoning_content", self.reasoning),
                            ("tool_calls", calls), ("name", self.name),
                            ("tool_call_id", self.tool_call_id)):

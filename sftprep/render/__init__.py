@@ -3,9 +3,9 @@
 Template kinds (one per build):
 
 - a preset name (`chatml`, `alpaca`, `vicuna`, `qa`, `mistral`, `llama2`), see `presets.py`;
-- `tokenizer`: the tokenizer's own Jinja `chat_template`, rendered once per conversation with
-  its trained spans located in the output (`chat.py`); also the default for chat records when the
-  tokenizer has a chat_template and no template is named;
+- `tokenizer`: the tokenizer's own Jinja `chat_template` (or a `--chat-template` file in its place),
+  rendered once per conversation with its trained spans located in the output (`chat.py`); also the
+  default for chat records when the tokenizer has a chat_template and no template is named;
 - `module:function`: a Python callable taking the record's fields and returning a list of
   `(text, trained)` pairs;
 - a `prompt`/`completion` pair of format strings over the record's fields;
@@ -21,6 +21,7 @@ Where the template has no end-of-turn marker, the tokenizer's EOS is appended to
 from __future__ import annotations
 
 import importlib
+import os
 from typing import Any, Callable, Mapping
 
 from ..config import ConfigError, TemplateConfig, did_you_mean
@@ -54,8 +55,10 @@ class Renderer:
         self.chat: ChatTemplate | None = None
         self.warnings: list[str] = []
         name = cfg.name
-        if name in (None, "tokenizer") and getattr(tokenizer, "chat_template", None):
-            self.chat = ChatTemplate(tokenizer.chat_template, chat_variables(tokenizer),
+        self.template_file = _read_template_file(cfg.chat_template) if cfg.chat_template else None
+        source = self.template_file or getattr(tokenizer, "chat_template", None)
+        if name in (None, "tokenizer") and source:
+            self.chat = ChatTemplate(source, chat_variables(tokenizer),
                                      stop_strings(tokenizer, cfg.stop_tokens),
                                      added_strings(tokenizer, special_only=True), added_strings(tokenizer),
                                      cfg.kwargs)
@@ -113,6 +116,8 @@ class Renderer:
             return "prompt/completion format strings"
         if c.response_template:
             return f"response_template {c.response_template!r}"
+        if c.chat_template:  # the path is in the config; the file, in the build's tokenizer/ folder
+            return f"chat template file {os.path.basename(c.chat_template)}"
         if c.name is None and self.chat is not None:
             return "tokenizer (default for chat records)"
         return c.name or "none (text as is)"
@@ -284,6 +289,18 @@ def _format_fields(fmt: str, fields: Mapping[str, Any], which: str) -> str:
                           f"(keys found: {keys})", "missing_template_field") from None
     except (IndexError, ValueError) as e:
         raise ConfigError(f"template {which} format string {fmt!r} is invalid: {e}") from None
+
+
+def _read_template_file(path: str) -> str:
+    """The text of a `--chat-template` file."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except FileNotFoundError:
+        raise ConfigError(f"--chat-template {path}: no such file (a Jinja chat template, e.g. the "
+                          "`chat_template.jinja` of a model's Hub folder)") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"--chat-template {path}: cannot read it as UTF-8 text ({e})") from None
 
 
 def _import_callable(spec: str) -> Callable:

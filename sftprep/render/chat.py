@@ -16,13 +16,18 @@ For each assistant turn the trained span runs from the end of its *header* to th
   DeepSeek-R1 prefills `<think>\\n` at inference but not in rendered turns) ends. So everything the
   model writes after the prompt is trained: reasoning blocks, gpt-oss channel tags, tool-call syntax.
   A template's empty think block (`<think>\\n\\n</think>\\n\\n`, no reasoning in it) right after
-  the header is not trained.
-  A template with no generation prompt (Mistral) starts the turn at its first text.
+  the header is not trained, none of it, even where the header ends inside it (Nemotron 3 Nano
+  prompts `<think>\\n`, writes `<think></think>`); where the header pre-fills an empty block and the
+  turn writes reasoning in its place (Gemma 4), the turn starts before the block's opener.
+  A template with no generation prompt (Mistral) starts the turn at its first text; a turn with
+  neither header nor text (DeepSeek-V3's tool calls after the first) right after the previous message.
 - the stop token is the first stop string (the tokenizer's EOS, `generation_config.json`'s
   `eos_token_id` list, `--stop-token`) after the turn's last text and before the next message's,
   else the first special token there (gpt-oss `<|end|>`). The newline after it and the next
   header are not trained. When the last turn ends the text with no stop token (GLM-4.5 writes
   none; its stop token is the next turn's `<|user|>`), the first stop string is appended.
+- tool results that the template writes inside the assistant's turn, before its text (Gemma 4), are
+  cut out: the call is trained up to its stop token, the text after the results from its start.
 
 Templates are free to rewrite text (strip it, drop earlier reasoning, split `<think>` blocks out
 of content): markers sit inside any leading/trailing whitespace, so stripping keeps them, and a
@@ -128,7 +133,7 @@ class ChatTemplate:
         self.stop_re = _alternation(self.stop_tokens)
         self.special_re = _alternation(special_tokens)
         self.boundaries = set(special_tokens) | set(added_tokens) | set(self.stop_tokens)
-        self.header, self.user_tail = self._header()
+        self.header, self.user_tail, self.think_at = self._header()
         self.headers = self._header_prefixes()
         self.source = source
         self._plans: dict[tuple, _Plan | None] = {}
@@ -140,8 +145,9 @@ class ChatTemplate:
         turns (group = the turn's index among assistant turns).
 
         From the plan of its shape where there is one (`plans`); else rendered. Tool calls go in the
-        Hugging Face form first; a template that fails on it gets the OpenAI form (DeepSeek-V3
-        concatenates arguments as text and reads `content` beside calls)."""
+        Hugging Face form first; a template that fails on it gets the OpenAI form (arguments as text:
+        DeepSeek-V3 concatenates them). Content is never made up: a template that fails on a call
+        without content fails, as in transformers, and the record is rejected with its error."""
         if not (self.generation_blocks or self.captures):
             key = _shape(conv)
             if key is not None:
@@ -171,7 +177,7 @@ class ChatTemplate:
             raw = self.render(marked, tools)
         finally:
             _WATCH.log = []
-        text, marks, gen = _strip_marks(raw, owners)
+        text, marks, opens, gen = _strip_marks(raw, owners)
         if (log or self.captures) and text != self._plain(conv, tools, openai):
             raise FormatError("the chat template changes its output when message text is marked (it inspects "
                               "the text, e.g. with startswith or ==), so trained spans cannot be located",
@@ -179,7 +185,7 @@ class ChatTemplate:
         if self.generation_blocks:
             spans = self._generation_spans(text, gen)
         else:
-            spans = self._turn_spans(text, conv.messages, marks)
+            spans = self._turn_spans(text, conv.messages, marks, opens)
         return self._cut(text, spans)
 
     def _plan(self, conv: Conversation) -> _Plan | None:
@@ -221,23 +227,28 @@ class ChatTemplate:
         return plain.replace(_GEN_OPEN, "").replace(_GEN_CLOSE, "") if self.generation_blocks else plain
 
     def render(self, messages: list[dict[str, Any]], tools: list | None, add_generation_prompt: bool = False,
-               template=None) -> str:
+               template=None, variables: Mapping[str, Any] | None = None) -> str:
         """`template.render(...)` (the chat template, or `template`: its planning compilation), less its
         per-call copy of the environment's globals (a ChainMap, slow to copy): they are merged once into
         `self.context`, which each render extends."""
         t = template or self.template
         try:
-            ctx = t.new_context({**self.context, "messages": messages, "tools": tools, "documents": None,
-                                 "add_generation_prompt": add_generation_prompt}, shared=True)
+            ctx = t.new_context({**self.context, **(variables or {}), "messages": messages, "tools": tools,
+                                 "documents": None, "add_generation_prompt": add_generation_prompt}, shared=True)
             return "".join(t.root_render_func(ctx))
         except Exception as e:  # Jinja raises anything; report it as a bad record
             raise FormatError(f"the tokenizer's chat_template failed: {type(e).__name__}: {e}",
                               "template_error") from None
 
     # -- spans ---------------------------------------------------------------------------------
-    def _turn_spans(self, text: str, messages: list[Message], marks: dict[int, tuple[int, int]]) -> list[tuple]:
-        """(start, end, append_stop) per assistant turn, from its header and stop token."""
-        spans, done = [], 0
+    def _turn_spans(self, text: str, messages: list[Message], marks: dict[int, tuple[int, int]],
+                    opens: dict[int, list[int]] | None = None) -> list[tuple]:
+        """(start, end, append_stop, group) per trained piece of each assistant turn, from its header and
+        stop token. A turn is one piece, or two where the template writes the tool results that answer
+        it inside the turn, before (some of) the turn's own text (Gemma 4): the call up to its stop token,
+        then from the turn's first text after the results (`opens`: where each text of a message starts;
+        plans, which never interleave messages, need none); the results are never trained."""
+        spans, done, group = [], 0, 0
         for i, m in enumerate(messages):
             if m.role != "assistant":
                 if i in marks:
@@ -249,15 +260,23 @@ class ChatTemplate:
                                   "template_drops_text")
             bound = next((marks[j][0] for j in range(i + 1, len(messages)) if j in marks), len(text))
             first, last = marks.get(i, (bound, None))
-            start = self._turn_start(text, done, first, bound, i)
+            start = self._turn_start(text, done, min(first, bound), bound, i)
+            if last is not None and bound < last:  # results written before some of the turn's own text
+                cut = self._call_end(text, start, bound)
+                if cut > start:
+                    spans.append((start, cut, False, group))
+                later = [marks[j] for j in range(i + 1, len(messages)) if j in marks]
+                results_end = max(b for a, b in later if a < last)
+                start = min((o for o in opens[i] if o > results_end), default=results_end)
+                bound = min((a for a, _ in later if a > last), default=len(text))
             if last is None:
                 last = start
             end, append = self._turn_end(text, last, bound)
             if end <= start and not append:
-                raise FormatError(f"messages[{i}]: the assistant turn renders no text of its own",
-                                  "turn_not_located")
-            spans.append((start, end, append))
-            done = end
+                raise FormatError(self._not_located(text, i, start, bound, "the assistant turn renders no text "
+                                                    "of its own, or no stop token ends it"), "turn_not_located")
+            spans.append((start, end, append, group))
+            done, group = end, group + 1
         return spans
 
     def _turn_start(self, text: str, done: int, first: int, bound: int, i: int) -> int:
@@ -266,20 +285,31 @@ class ChatTemplate:
                 return first
             at = text.find(self.user_tail, done, first) if self.user_tail else -1
             if at < 0:
-                raise FormatError(f"messages[{i}]: this chat template has no generation prompt and the turn no "
-                                  "text of its own, so the turn cannot be located", "turn_not_located")
+                raise FormatError(self._not_located(text, i, done, bound, "this chat template has no generation "
+                                                    "prompt and the turn no text of its own"), "turn_not_located")
             return at + len(self.user_tail)
         for h in self.headers:
             at = text.find(h, done, first)
             if at >= 0:
-                start = at + len(h)
-                think = _EMPTY_THINK.match(text, start, first)
-                return think.end() if think else start
+                return self._past_empty_think(text, at, at + len(h), first)
         if first < bound:  # no header here (DeepSeek writes none after tool outputs): start at its text
             return first
-        raise FormatError(f"messages[{i}]: the chat template writes neither its assistant header "
-                          f"{self.header!r} nor any text of this turn, so the turn cannot be located",
-                          "turn_not_located")
+        # neither header nor text (DeepSeek-V3's tool-call turns after the first): the turn is what
+        # follows the previous message's text and the token that closes it, if the template writes one
+        close = self.special_re.match(text, done) if self.special_re else None
+        start = close.end() if close else done
+        if not done or not text[start:bound].strip():
+            raise FormatError(self._not_located(text, i, done, bound, "the chat template writes neither its "
+                                                f"assistant header {self.header!r} nor any text of this turn"),
+                              "turn_not_located")
+        return start
+
+    @staticmethod
+    def _past_empty_think(text: str, at: int, start: int, first: int) -> int:
+        """Where a turn whose header ends at `start` begins: after an empty think block that the header
+        reaches into or that follows it (trained all or nothing: not)."""
+        think = _EMPTY_THINK.search(text, at, first)
+        return think.end() if think and think.start() <= start <= think.end() else start
 
     def _turn_end(self, text: str, last: int, bound: int) -> tuple[int, bool]:
         for pattern in (self.stop_re, self.special_re):
@@ -290,22 +320,50 @@ class ChatTemplate:
             return len(text), True  # the template writes no stop token after the last turn
         return last, False
 
+    def _call_end(self, text: str, start: int, results: int) -> int:
+        """The end of a tool call written before its results inside the turn: its stop token (Gemma 4's
+        `<|tool_response>`), else the last special token before the results."""
+        m = self.stop_re.search(text, start, results) if self.stop_re else None
+        if m is None and self.special_re:
+            m = next(reversed(list(self.special_re.finditer(text, start, results))), None)
+        return m.end() if m else start
+
+    def _not_located(self, text: str, i: int, start: int, bound: int, why: str) -> str:
+        """Why turn `i` cannot be located, what the template wrote there, and the fix when there is one:
+        the token that ends the template's user turns, written in this turn but not a stop token."""
+        a, b = max(0, start - 40), min(len(text), bound + 40)
+        around = repr(text[a:b]) if b - a <= 320 else f"{text[a:a + 200]!r} ... {text[b - 100:b]!r}"
+        message = f"messages[{i}]: {why}; the template wrote ...{around}... around it"
+        end = self._turn_marker()
+        if end and end not in self.stop_tokens and end in text[start:bound + len(end)]:
+            message += (f"; {end!r} ends the template's turns but is not a stop token of this tokenizer: "
+                        f"add --stop-token {end!r}")
+        return message
+
+    def _turn_marker(self) -> str | None:
+        """The token the template writes right after a user turn's text (`<|im_end|>`), if any."""
+        tail = self.user_tail.lstrip()
+        if not tail:
+            return None
+        known = [b for b in self.boundaries if tail.startswith(b)]
+        return max(known, key=len) if known else tail.split()[0]
+
     def _generation_spans(self, text: str, gen: list[tuple[int, int]]) -> list[tuple]:
         """The template's own `{% generation %}` spans; one that holds no stop token takes the stop
         (or special) token right after it, or, at the very end, an appended EOS."""
         spans = []
-        for a, b in gen:
+        for group, (a, b) in enumerate(gen):
             append = False
             if not (self.stop_re and self.stop_re.search(text, a, b)):
                 m = next((p.match(text, b) for p in (self.stop_re, self.special_re) if p and p.match(text, b)), None)
                 b, append = (m.end(), False) if m else (b, b == len(text) and bool(self.stop_tokens))
-            spans.append((a, b, append))
+            spans.append((a, b, append, group))
         return spans
 
     def _cut(self, text: str, spans: list[tuple]) -> list[Segment]:
         segs: list[Segment] = []
         pos = 0
-        for group, (a, b, append) in enumerate(spans):
+        for a, b, append, group in spans:
             segs += [(text[pos:a], None), (text[a:b], group)]
             if append:
                 segs.append((self.stop_tokens[0], group))
@@ -314,34 +372,86 @@ class ChatTemplate:
         return [s for s in segs if s[0]]
 
     # -- the header, found once ----------------------------------------------------------------
-    def _header(self) -> tuple[str, str]:
+    def _header(self) -> tuple[str, str, int]:
         """What `add_generation_prompt=True` adds after a user turn's text, less what the template
-        writes there anyway; and that user turn's own end (`[/INST]`)."""
+        writes there anyway; that user turn's own end (`[/INST]`); and where, in the header, an empty
+        think block the prompt pre-fills starts (`len(header)` if none). A template that writes its
+        prompt whether or not it is asked for (Command R7B) has that written prompt as its header, its
+        part that turns write too (`_written_header`) as where a pre-filled block starts.
+
+        Rendered without tools, else with an empty list, else with one tool (Hermes' tool-use
+        template iterates `tools` unguarded)."""
         probe = f"{_open(0)}x{_close(0)}"
-        for msgs in ([{"role": "user", "content": probe}],
-                     [{"role": "system", "content": "s"}, {"role": "user", "content": probe}]):
-            try:
-                with_prompt, without = self.render(msgs, None, True), self.render(msgs, None, False)
-            except FormatError:
-                continue
-            a, b = with_prompt.rsplit(_close(0), 1)[-1], without.rsplit(_close(0), 1)[-1]
-            common = 0
-            while common < min(len(a), len(b)) and a[common] == b[common]:
-                common += 1
-            return _MARK_RE.sub("", a[common:]), _MARK_RE.sub("", b)
-        return "", ""  # fails on [user]: records say why; any that render start turns at their text
+        for tools in _PROBE_TOOLS:
+            for msgs in ([{"role": "user", "content": probe}],
+                         [{"role": "system", "content": "s"}, {"role": "user", "content": probe}]):
+                try:
+                    header, tail = self._prompt_after(msgs, tools)
+                except FormatError:
+                    continue
+                if not header:  # the prompt adds nothing: Mistral writes no header, Command R7B always writes it
+                    written = self._written_header(msgs, tools, tail)
+                    return (tail, tail, len(written)) if written else ("", tail, 0)
+                return header, tail, self._prefilled_think(msgs, tools, header)
+        return "", "", 0  # fails on [user]: records say why; any that render start turns at their text
+
+    def _written_header(self, msgs: list[dict], tools: list | None, tail: str) -> str:
+        """The header of a template whose generation prompt adds nothing because it writes one anyway
+        (Command R7B): what it writes after a user turn's text both where the conversation ends (`tail`)
+        and before an assistant turn's text, up to a token or line boundary, where that is less than the
+        tail (`<|END_OF_TURN_TOKEN|><|START_OF_TURN_TOKEN|><|CHATBOT_TOKEN|>`, then an empty thinking
+        block or the response's opener). "" where the tail is the user turn's end alone (Mistral's
+        `[/INST]`): turns start at their text."""
+        answer = {"role": "assistant", "content": f"{_open(1)}y{_close(1)}"}
+        try:
+            text = self.render([*msgs, answer], tools)
+        except FormatError:
+            return ""
+        between = _MARK_RE.sub("", text.split(_close(0), 1)[-1].split(_open(1), 1)[0])
+        n = _common_prefix(tail, between)
+        return "" if n == len(tail) else tail[:max(c for c in self._cuts(tail) | {0} if c <= n)]
+
+    def _prompt_after(self, msgs: list[dict], tools: list | None, **variables) -> tuple[str, str]:
+        with_prompt = self.render(msgs, tools, True, variables=variables)
+        without = self.render(msgs, tools, False, variables=variables)
+        a, b = with_prompt.rsplit(_close(0), 1)[-1], without.rsplit(_close(0), 1)[-1]
+        return _MARK_RE.sub("", a[_common_prefix(a, b):]), _MARK_RE.sub("", b)
+
+    def _prefilled_think(self, msgs: list[dict], tools: list | None, header: str) -> int:
+        """Where the empty think block that the header pre-fills starts (Qwen3 with thinking off
+        `<think>\\n\\n</think>\\n\\n`, Gemma 4 `<|channel>thought\\n<channel|>`): the end of the header
+        with thinking switched the other way where that is a prefix of it, else of an empty
+        `<think></think>` block at its end; `len(header)` where there is none."""
+        for switch in _THINKING_SWITCHES:
+            for value in (True, False):
+                try:
+                    other, _ = self._prompt_after(msgs, tools, **{switch: value})
+                except FormatError:
+                    continue
+                if other and len(other) < len(header) and header.startswith(other):
+                    return len(other)
+        m = _EMPTY_THINK.search(header)
+        return header.index("<", m.start()) if m and m.end() == len(header) else len(header)
 
     def _header_prefixes(self) -> list[str]:
-        """The header, then its prefixes that end at a token or line boundary, longest first."""
+        """The header, then its prefixes that end at a token or line boundary, longest first; none
+        that ends inside the empty think block the header pre-fills (a turn that writes its own
+        reasoning there starts before the block's opener, which is then trained)."""
         h = self.header
-        cuts = {len(h)}
-        for i in range(len(h)):
-            if h[i] == "\n":
+        cuts = self._cuts(h) | {len(h)}
+        return [h[:c] for c in sorted(cuts, reverse=True) if c > 0 and (c <= self.think_at or c == len(h))]
+
+    def _cuts(self, text: str) -> set[int]:
+        """The positions in `text` at a token boundary (either side of a special or added token) or
+        after a newline."""
+        cuts = set()
+        for i in range(len(text)):
+            if text[i] == "\n":
                 cuts.add(i + 1)
             for tok in self.boundaries:
-                if h.startswith(tok, i):
+                if text.startswith(tok, i):
                     cuts.update((i, i + len(tok)))
-        return [h[:c] for c in sorted(cuts, reverse=True) if c > 0]
+        return cuts
 
 
 def _captures_output(env, source: str) -> bool:
@@ -361,6 +471,10 @@ def _captures_output(env, source: str) -> bool:
             return True
     return False
 
+
+_PROBE_TOOLS = (None, [], [{"type": "function", "function": {"name": "f", "description": "f", "parameters": {
+    "type": "object", "properties": {"x": {"type": "string", "description": "x"}}, "required": ["x"]}}}])
+_THINKING_SWITCHES = ("enable_thinking", "thinking")  # the variables templates turn reasoning on with
 
 _UNSEEN = object()
 _MAX_PLANS = 4096  # shapes remembered per template (a dataset has a handful; beyond, conversations render)
@@ -413,6 +527,14 @@ def _edges(text: str) -> tuple[str, str]:
     core = text.strip()
     lead = text.index(core[0])
     return text[:lead], text[lead + len(core):]
+
+
+def _common_prefix(a: str, b: str) -> int:
+    """The length of the longest common prefix of `a` and `b`."""
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
 
 
 def _alternation(strings: Sequence[str]) -> re.Pattern | None:
@@ -525,12 +647,13 @@ def _marked_messages(messages: list[Message], openai: bool) -> tuple[list[dict[s
     return _chat_messages(messages, openai, mark), owners
 
 
-def _strip_marks(raw: str, owners: list[int]) -> tuple[str, dict[int, tuple[int, int]], list[tuple[int, int]]]:
+def _strip_marks(raw: str, owners: list[int]) -> tuple[str, dict, dict, list[tuple[int, int]]]:
     """The text without markers; per message, where its first and last marker were (in the clean
-    text); and the `{% generation %}` spans."""
+    text) and where each of its texts starts; and the `{% generation %}` spans."""
     parts = _MARK_SPLIT.split(raw)  # text, marker, text, marker, ..., text
     pieces = parts[0::2]
     marks: dict[int, tuple[int, int]] = {}
+    opens: dict[int, list[int]] = {}
     gen: list[tuple[int, int]] = []
     at, gen_start = 0, None
     for piece, c in zip(pieces, parts[1::2]):
@@ -542,10 +665,13 @@ def _strip_marks(raw: str, owners: list[int]) -> tuple[str, dict[int, tuple[int,
                 gen.append((gen_start, at))
             gen_start = None
         else:
-            i = owners[(ord(c) - _MARK0) >> 1]
+            k = ord(c) - _MARK0
+            i = owners[k >> 1]
             first = marks[i][0] if i in marks else at
             marks[i] = (first, at)
-    return "".join(pieces), marks, gen
+            if not k & 1:
+                opens.setdefault(i, []).append(at)
+    return "".join(pieces), marks, opens, gen
 
 
 def _tool_schemas(tools: str | None) -> list | None:

@@ -20,7 +20,12 @@ from tests.chat_families import FAMILIES, family_path, load_family, reference
 
 # families whose templates inspect message texts (split out <think> blocks, test suffixes...) or
 # turn output into values (macros): rendered conversation by conversation, never planned
-NOT_PLANNED = {"qwen3", "gpt-oss", "deepseek-v3", "deepseek-r1-distill", "glm-4.5"}
+NOT_PLANNED = {"qwen3", "gpt-oss", "deepseek-v3", "deepseek-r1-distill", "glm-4.5", "hermes-3", "gemma-4",
+               "nemotron-3-nano"}
+# families whose every conversation without whitespace-only texts has a plan (the others of the long tail
+# plan some shapes: their templates test a system message's text, or refuse some shapes)
+FULLY_PLANNED = {"llama-3", "llama-3.1", "llama-3.2", "qwen2.5", "qwen3-instruct-2507", "gemma-3", "phi-3", "phi-3.5",
+                 "cohere", "lfm2", "mistral-v0.3", "granite-3.3"}
 
 PIECES = ["Hello", "world", "你好，世界", "🙂", "<|im_end|>", "<|im_start|>assistant\n", "[INST]", "<think>x</think>",
           "</think>", "<|eot_id|>", "<end_of_turn>", "\n\n", "\n", "  ", "\t", "a.b", "{x}", "'", '"', "\\n",
@@ -77,7 +82,7 @@ def test_planned_conversations_equal_rendered_ones(family):
         planned += key is not None and chat._plans.get(key) is not None
     if family in NOT_PLANNED:
         assert planned == 0
-    else:  # every conversation without whitespace-only texts has a plan
+    elif family in FULLY_PLANNED:  # every conversation without whitespace-only texts has a plan
         assert planned == sum(_shape(c) is not None for c in convs) > 100, family
 
 
