@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import sys
+import typing
 from typing import Any, NoReturn
 
 import click
 
-from .config import (BUILD_SCHEMA, EXECUTORS, FORMATS, ON_ERROR, PACKING, TRAIN_ON, TRUNCATION, TRUNCATION_UNITS,
-                     BuildConfig, ExecutorConfig, Schema, field_help)
+from .config import BUILD_SCHEMA, Alias, BuildConfig, ExecutorConfig, Flag, Schema, field_help, flag_of
 from .errors import USER_ERRORS, ConfigError
 
 
@@ -50,81 +51,83 @@ def main() -> None:
     """
 
 
-def _field_pairs(ctx, param, values) -> dict[str, str] | None:
-    pairs = {}
-    for v in values:
-        if "=" not in v:
-            raise click.BadParameter(f"{v!r} is not OURS=YOURS, e.g. prompt=question")
-        k, _, theirs = v.partition("=")
-        pairs[k.strip()] = theirs.strip()
-    return pairs or None
+def setting_options(schema: Schema, *, skip: tuple[str, ...] = ()) -> list:
+    """Every setting of `schema` as a click option, made from its config dataclass field alone: the flag is
+    the flat key (`--max-length`; a repeatable one in the singular, `--input`), the type, default and help
+    come from the field and its docstring, the rest from its `Flag` (a short name, choices, TRL's names;
+    a TRL name whose value maps differently, such as --completion-only-loss, is a flag of its own).
+    `sftprep build` and `sfttrain run` have no other list of their settings."""
+    options = []
+    for key, cls, f in schema.settings():
+        if key in skip:
+            continue
+        options.append(_option(key, cls, f))
+        options += [_alias_option(a) for a in flag_of(f).aliases if a.convert is not None]
+    return options
 
 
-def _kwargs(values) -> dict[str, Any] | None:
-    from .config import yaml_value
-
-    out = {}
-    for item in values:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise click.BadParameter(f"expected KEY=VALUE, got {item!r}", param_hint="--template-kwarg")
-        out[key.strip()] = yaml_value(value)
-    return out or None
+def dataclass_options(cls: type) -> list:
+    """Every field of dataclass `cls` as a click option under its own name (`ExecutorConfig`)."""
+    return [_option(f.name, cls, f) for f in dataclasses.fields(cls)]
 
 
-def schema_option(schema: Schema, *decls: str, doc: type | None = None, **kwargs):
-    """A flag whose help text and default come from the config dataclasses' field docs (`schema.help`, or
-    the field of dataclass `doc`): one source of truth, for `sftprep build` and `sfttrain run`. The config
-    key is the flag's destination, less a trailing `_` (`format_` -> format)."""
-    dest = next((d for d in decls if not d.startswith("-")), decls[-1].lstrip("-").split("/")[0].replace("-", "_"))
-    key = dest.rstrip("_")
-    return click.option(*decls, help=field_help(doc, key) if doc else schema.help(key), **kwargs)
+def with_options(options: list):
+    """Decorate a click command with `options`, in their order on --help."""
+    def decorate(fn):
+        for option in reversed(options):
+            fn = option(fn)
+        return fn
+    return decorate
 
 
-_setting = functools.partial(schema_option, BUILD_SCHEMA)
+def _option(key: str, cls: type, f: dataclasses.Field):
+    spec = flag_of(f)
+    kind = _kind(cls, f.name)
+    name = key[:-1] if spec.repeat and key.endswith("s") else key
+    long = ["--" + n.replace("_", "-") for n in (name, *(a.name for a in spec.aliases if a.convert is None))]
+    extra: dict[str, Any] = {"metavar": spec.metavar} if spec.metavar else {}
+    if kind is bool:
+        decls = [f"{long[0]}/--no-{long[0][2:]}", *long[1:]]
+        return click.option(*decls, key, default=None, help=field_help(cls, f.name))
+    if spec.choices:
+        extra["type"] = click.Choice(spec.choices)
+    elif kind in (int, float):
+        extra["type"] = kind
+    if spec.repeat:
+        extra.update(multiple=True, callback=lambda ctx, param, values: _repeated(spec, values))
+    return click.option(*([spec.short] if spec.short else []), *long, key, help=field_help(cls, f.name), **extra)
+
+
+def _alias_option(alias: Alias):
+    dashed = "--" + alias.name.replace("_", "-")
+    decls = [f"{dashed}/--no-{dashed[2:]}"] if alias.kind is bool else [dashed]
+    return click.option(*decls, alias.name, default=None, help=alias.help,
+                        **({} if alias.kind is bool else {"type": alias.kind}))
+
+
+def _repeated(spec: Flag, values: tuple[str, ...]) -> Any:
+    if not values:
+        return None
+    try:
+        return spec.parse(values) if spec.parse else list(values)
+    except ConfigError as e:
+        raise click.BadParameter(str(e)) from None
+
+
+def _kind(cls: type, name: str) -> type | None:
+    """bool, int or float for a field of that type (None allowed), else None (text on the command line)."""
+    hint = typing.get_type_hints(cls)[name]
+    kinds = [t for t in (typing.get_args(hint) or (hint,)) if t is not type(None)]
+    return kinds[0] if len(kinds) == 1 and kinds[0] in (bool, int, float) else None
 
 
 @main.command()
 @click.argument("config", required=False, type=click.Path(dir_okay=False))
-@_setting("-i", "--input", "inputs", multiple=True)
-@_setting("-t", "--tokenizer")
-@_setting("--template")
-@_setting("--template-kwarg", "template_kwargs", multiple=True, callback=lambda c, p, v: _kwargs(v))
-@_setting("--stop-token", "stop_tokens", multiple=True)
-@_setting("--chat-template", "--chat-template-path", "chat_template", type=click.Path(dir_okay=False))
-@_setting("--prompt")
-@_setting("--completion")
-@_setting("--system")
-@_setting("--response-template")
-@_setting("--instruction-template")
-@_setting("--format", "format_", type=click.Choice(FORMATS))
-@_setting("--field", "fields", multiple=True, callback=_field_pairs)
-@_setting("--train-on", type=click.Choice(TRAIN_ON))
-@_setting("--max-length", "--max-seq-length", "max_length", type=int)
-@_setting("--truncation", "--truncation-mode", "truncation", type=click.Choice(TRUNCATION))
-@click.option("--completion-only-loss/--no-completion-only-loss", default=None,
-              help="TRL's name: --train-on completion (or all with --no-...).")
-@click.option("--assistant-only-loss/--no-assistant-only-loss", default=None,
-              help="TRL's name: --train-on assistant (or all with --no-...).")
-@_setting("--truncation-unit", type=click.Choice(TRUNCATION_UNITS))
-@_setting("--packing", type=click.Choice([*PACKING, "true", "false"]))
-@_setting("--shard-size", type=int)
-@_setting("--seed", type=int)
-@_setting("--workers", type=int)
-@_setting("-n", "--num-samples", type=int)
-@_setting("--on-error", type=click.Choice(ON_ERROR))
-@_setting("--max-reject-ratio", type=float)
-@_setting("-o", "--out")
-@_setting("--overwrite", is_flag=True, default=None)
-@click.option("--allow-code", is_flag=True, help=field_help(BuildConfig, "allow_code"))
-@_setting("--part")
-@_setting("--executor", type=click.Choice(EXECUTORS), doc=ExecutorConfig)
-@_setting("--ray-address", doc=ExecutorConfig)
-@_setting("--parts", type=int, doc=ExecutorConfig)
-@_setting("--parts-dir", doc=ExecutorConfig)
+@with_options(setting_options(BUILD_SCHEMA) + dataclass_options(ExecutorConfig))
+@click.option("--allow-code", is_flag=True, help=field_help(BuildConfig, "allow_code"))  # never a setting of a file
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")
 @user_errors
-def build(config: str | None, quiet: bool, format_: str | None, **flags: Any) -> None:
+def build(config: str | None, quiet: bool, allow_code: bool, **flags: Any) -> None:
     """Build shards from CONFIG (a YAML file) and/or flags; flags override the file. Paths in the
     file are relative to the file; paths given as flags, to the working directory.
 
@@ -140,10 +143,6 @@ def build(config: str | None, quiet: bool, format_: str | None, **flags: Any) ->
 
     signal.signal(signal.SIGTERM, _raise_interrupt)  # a killed build says so, like Ctrl-C
     data = load_build_yaml(config) if config else {}
-    flags["format"] = format_
-    flags["inputs"] = list(flags.pop("inputs")) or None
-    flags["stop_tokens"] = list(flags.pop("stop_tokens")) or None
-    allow_code = flags.pop("allow_code")
     where = {k: flags.pop(k) for k in ("executor", "ray_address", "parts", "parts_dir")}
     where = ExecutorConfig(**{k: v for k, v in where.items() if v is not None})
     cfg = config_from_dict(data, flags, source=config or "config")
@@ -257,8 +256,8 @@ def _out_console(color: bool | None = None):
 
 @main.command("merge")
 @click.argument("part_dirs", metavar="PART_DIRS...", nargs=-1, required=True, type=click.Path())
-@_setting("-o", "--out", required=True)
-@_setting("--overwrite", is_flag=True)
+@click.option("-o", "--out", required=True, help=BUILD_SCHEMA.help("out"))
+@click.option("--overwrite", is_flag=True, help=BUILD_SCHEMA.help("overwrite"))
 @click.option("-q", "--quiet", is_flag=True, help="No summary.")
 @user_errors
 def merge_(part_dirs: tuple[str, ...], out: str, overwrite: bool, quiet: bool) -> None:

@@ -34,21 +34,83 @@ MAX_LENGTH = 1 << 20  # 1,048,576 tokens: longer than any model's context today
 
 
 @dataclass(frozen=True)
+class Alias:
+    """Another tool's name for a setting (TRL's), declared next to the field it sets."""
+
+    name: str
+    convert: Callable[[Any], Any] | None = None
+    """How its value maps onto the field; None: as it is (then it is one more name of the same flag)."""
+    kind: type = bool
+    """With `convert`: the type of its own flag (a bool flag has a --no- form)."""
+    help: str = ""
+
+
+@dataclass(frozen=True)
+class Flag:
+    """How a setting reads on the command line beyond what its field says (name, type, default, docstring):
+    `sftprep build` and `sfttrain run` make their options from the config dataclasses (`sftprep.cli`)."""
+
+    short: str | None = None
+    """A one-letter name too (-i)."""
+    choices: tuple[str, ...] | None = None
+    """The values the flag takes (checked by the command line, named in --help)."""
+    aliases: tuple[Alias, ...] = ()
+    repeat: bool = False
+    """Given once per value (named in the singular: --input for `inputs`); `parse` turns the values into
+    the setting, else they are a list."""
+    parse: Callable[[tuple[str, ...]], Any] | None = None
+    metavar: str | None = None
+
+
+def flag(**details: Any) -> dict[str, Flag]:
+    """A field's `metadata` saying how it reads on the command line (`Flag`)."""
+    return {"flag": Flag(**details)}
+
+
+def flag_of(f: dataclasses.Field) -> Flag:
+    return f.metadata.get("flag") or Flag()
+
+
+def _pairs(values: tuple[str, ...]) -> dict[str, str] | None:
+    """--field OURS=YOURS ... -> {ours: yours}."""
+    pairs = {}
+    for v in values:
+        if "=" not in v:
+            raise ConfigError(f"--field {v!r} is not OURS=YOURS, e.g. --field prompt=question")
+        k, _, theirs = v.partition("=")
+        pairs[k.strip()] = theirs.strip()
+    return pairs or None
+
+
+def _kwargs(values: tuple[str, ...]) -> dict[str, Any] | None:
+    """--template-kwarg KEY=VALUE ... -> {key: value read as YAML}."""
+    out = {}
+    for item in values:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--template-kwarg expects KEY=VALUE, got {item!r}")
+        out[key.strip()] = yaml_value(value)
+    return out or None
+
+
+@dataclass(frozen=True)
 class ReadConfig:
     """Where records come from and how they become conversations."""
 
-    inputs: tuple[str, ...] = ()
+    inputs: tuple[str, ...] = field(default=(), metadata=flag(short="-i", repeat=True))
     """Input files, folders or glob patterns (repeatable): JSONL, JSON, CSV/TSV, Parquet, Arrow/Feather or a
     `datasets.save_to_disk` folder (--input). A path that exists is read as it is, even with `*?[` in its name;
     `glob:PATTERN` always expands."""
-    format: str = "auto"
+    format: str = field(default="auto", metadata=flag(choices=FORMATS))
     """Record format: auto, text, prompt_completion, messages, sharegpt, alpaca (--format)."""
-    fields: Mapping[str, str] = field(default_factory=dict)
+    fields: Mapping[str, str] = field(default_factory=dict, metadata=flag(repeat=True, parse=_pairs, aliases=(
+        Alias("dataset_text_field", lambda v: {"text": v}, str, "TRL's name: the field holding the text (--field "
+              "text=NAME)."),)))
     """Map our field names to yours: OURS=YOURS, e.g. --field prompt=question --field completion=answer
     ({prompt: question, completion: answer} in YAML)."""
-    num_samples: int | None = None
+    num_samples: int | None = field(default=None, metadata=flag(short="-n"))
     """Read only the first N records (preview a build) (--num-samples)."""
-    on_error: str = "skip"
+    on_error: str = field(default="skip", metadata=flag(choices=ON_ERROR))
     """What a bad record does: skip (listed in rejects.jsonl) or fail (stop, exit 2) (--on-error)."""
     max_reject_ratio: float = 0.5
     """Stop the build when more than this share of records is rejected (--max-reject-ratio)."""
@@ -72,13 +134,13 @@ class TemplateConfig:
     """TRL-style: train only on text after this marker, matched on characters (--response-template)."""
     instruction_template: str | None = None
     """TRL-style: with response_template, a marker that starts an untrained turn (--instruction-template)."""
-    kwargs: Mapping[str, Any] = field(default_factory=dict)
+    kwargs: Mapping[str, Any] = field(default_factory=dict, metadata=flag(repeat=True, parse=_kwargs))
     """A variable for a Jinja chat template, K=V with V read as YAML, e.g. --template-kwarg enable_thinking=false
     (repeatable; {enable_thinking: false} in YAML)."""
-    stop_tokens: tuple[str, ...] = ()
+    stop_tokens: tuple[str, ...] = field(default=(), metadata=flag(repeat=True))
     """Another string that ends an assistant turn, besides EOS and generation_config.json's eos_token_id list
     (repeatable) (--stop-token)."""
-    chat_template: str | None = None
+    chat_template: str | None = field(default=None, metadata=flag(aliases=(Alias("chat_template_path"),)))
     """A Jinja chat template file used instead of the tokenizer's own (it implies --template tokenizer) and
     copied into the build's tokenizer/ folder, so sfttrain and the saved adapter carry it (--chat-template;
     TRL's `chat_template_path`)."""
@@ -92,17 +154,21 @@ class TemplateConfig:
 class TokenizeConfig:
     """Tokenizer, labels and truncation."""
 
-    tokenizer: str | None = None
+    tokenizer: str | None = field(default=None, metadata=flag(short="-t"))
     """Local tokenizer folder (with tokenizer.json) (--tokenizer)."""
-    max_length: int = 2048
+    max_length: int = field(default=2048, metadata=flag(aliases=(Alias("max_seq_length"),)))
     """Tokens per training sequence (--max-length)."""
-    truncation: str = "keep_start"
+    truncation: str = field(default="keep_start", metadata=flag(choices=TRUNCATION, aliases=(Alias("truncation_mode"),)))
     """Samples longer than max_length: keep_start, keep_end or drop (--truncation)."""
-    truncation_unit: str = "tokens"
+    truncation_unit: str = field(default="tokens", metadata=flag(choices=TRUNCATION_UNITS))
     """What keep_start/keep_end cut for chat records: tokens (mid-turn) or turns (whole exchanges dropped
     from the end / from the start after the system message, so no kept answer loses its end token)
     (--truncation-unit)."""
-    train_on: str = "auto"
+    train_on: str = field(default="auto", metadata=flag(choices=TRAIN_ON, aliases=(
+        Alias("completion_only_loss", lambda v: "completion" if v else "all", bool,
+              "TRL's name: --train-on completion (or all with --no-...)."),
+        Alias("assistant_only_loss", lambda v: "assistant" if v else "all", bool,
+              "TRL's name: --train-on assistant (or all with --no-...)."))))
     """Which tokens are trained: completion, assistant, last, all; auto: all for text, completion for
     prompt/completion and alpaca, assistant turns for chat (--train-on)."""
 
@@ -111,7 +177,7 @@ class TokenizeConfig:
 class PackConfig:
     """How samples become rows, and rows become shards."""
 
-    mode: str = "bfd"
+    mode: str = field(default="bfd", metadata=flag(choices=(*PACKING, "true", "false")))
     """bfd (best-fit-decreasing, no sample split), wrapped (fixed chunks) or none; TRL's true/false mean
     bfd/none (--packing)."""
     shard_size: int = 10_000
@@ -128,7 +194,7 @@ class BuildConfig:
     template: TemplateConfig = field(default_factory=TemplateConfig)
     tokenize: TokenizeConfig = field(default_factory=TokenizeConfig)
     pack: PackConfig = field(default_factory=PackConfig)
-    out: str | None = None
+    out: str | None = field(default=None, metadata=flag(short="-o"))
     """Output folder for shards and manifest (--out)."""
     workers: int = 1
     """Processes that render and tokenize in parallel (--workers)."""
@@ -288,15 +354,6 @@ SHORTCUTS: dict[str, tuple[str | None, str]] = {
     "stop_tokens": ("template", "stop_tokens"),
     "chat_template": ("template", "chat_template"),
 }
-# The names TRL's SFTConfig users type -> (our key, how the value maps); configs keep our names.
-ALIASES: dict[str, tuple[str, Any]] = {
-    "max_seq_length": ("max_length", None),
-    "truncation_mode": ("truncation", None),
-    "dataset_text_field": ("fields", lambda v: {"text": v}),
-    "completion_only_loss": ("train_on", lambda v: "completion" if v else "all"),
-    "assistant_only_loss": ("train_on", lambda v: "assistant" if v else "all"),
-    "chat_template_path": ("chat_template", None),
-}
 _TOP = ("out", "workers", "overwrite", "part")  # allow_code is never read from a file: a YAML file is data
 
 
@@ -325,13 +382,30 @@ class Schema:
     shortcuts: Mapping[str, tuple[str, str]]
     """Flat key -> (section, field)."""
     aliases: Mapping[str, tuple[str, Callable[[Any], Any] | None]] = field(default_factory=dict)
-    """Other tools' names (TRL's) -> (our key, how the value maps; None: as it is)."""
+    """Other tools' names (TRL's) -> (our key, how the value maps; None: as it is). Those declared next to
+    their fields (`Flag.aliases`) join these."""
     scalars: Mapping[str, str] = field(default_factory=dict)
     """A section given as a plain value -> the field it sets (`template: chatml` -> template.name)."""
     top: tuple[str, ...] = ()
     """Fields of the root dataclass itself."""
     values: Mapping[str, Callable[[Any], Any]] = field(default_factory=dict)
     """Our key -> how its value maps (`packing: true` -> bfd)."""
+
+    def __post_init__(self) -> None:
+        declared = {a.name: (key, a.convert) for key, _, f in self.settings() for a in flag_of(f).aliases}
+        object.__setattr__(self, "aliases", {**declared, **self.aliases})
+
+    def settings(self) -> list[tuple[str, type, dataclasses.Field]]:
+        """(flat key, its dataclass, the field) of every setting a flat key reaches, section by section, then
+        the root's own: what the command line offers, each under its flat key."""
+        keys: dict[tuple[str | None, str], str] = {}
+        for k, target in self.shortcuts.items():
+            keys.setdefault(target, k)
+        for k, name in self.scalars.items():
+            keys.setdefault((k, name), k)
+        out = [(keys[(s, f.name)], cls, f) for s, cls in self.sections.items() for f in dataclasses.fields(cls)
+               if (s, f.name) in keys]
+        return out + [(f.name, self.root, f) for f in dataclasses.fields(self.root) if f.name in self.top]
 
     def target(self, key: str) -> tuple[str | None, str] | None:
         """(section, field) a flat key sets, (None, field) for a root field, None if unknown."""
@@ -464,7 +538,7 @@ def as_tuple(value: Any, split: str | None = None) -> tuple[str, ...]:
 
 BUILD_SCHEMA = Schema("build", BuildConfig,
                       {"read": ReadConfig, "template": TemplateConfig, "tokenize": TokenizeConfig, "pack": PackConfig},
-                      SHORTCUTS, ALIASES, scalars={"template": "name"}, top=_TOP,
+                      SHORTCUTS, scalars={"template": "name"}, top=_TOP,
                       values={"packing": _packing_value, "part": parse_part})
 
 
@@ -589,5 +663,5 @@ BUILD_PATHS = {("read", "inputs"), ("tokenize", "tokenizer"), ("", "out"), ("tem
 
 def load_build_yaml(path: str | Path) -> dict[str, Any]:
     """`load_yaml`, with the paths in it (inputs, tokenizer, chat_template, out) made relative to the file."""
-    aliases = {a: SHORTCUTS[key] for a, (key, _) in ALIASES.items() if key in SHORTCUTS}  # chat_template_path
+    aliases = {a: SHORTCUTS[key] for a, (key, _) in BUILD_SCHEMA.aliases.items() if key in SHORTCUTS}
     return paths_from_file(load_yaml(path), path, {**SHORTCUTS, **aliases, **{k: ("", k) for k in _TOP}}, BUILD_PATHS)

@@ -7,7 +7,6 @@ code 2; anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import sys
@@ -18,7 +17,7 @@ from typing import Any
 import click
 
 from sftprep.cli import fail as _fail
-from sftprep.cli import schema_option
+from sftprep.cli import setting_options, with_options
 from sftprep.errors import USER_ERRORS
 
 from .api import check_inputs
@@ -31,80 +30,12 @@ def main() -> None:
     """Train LoRA / QLoRA adapters (or full models) on shards built by `sftprep build`."""
 
 
-_setting = functools.partial(schema_option, TRAIN_SCHEMA)  # help and default from the field docs
-
-
-def _flag(name: str):
-    return _setting(f"--{name}/--no-{name}", default=None)
-
-
-_OPTIONS = [
-    _setting("--model"),
-    _setting("--output-dir"),
-    _setting("--tokenizer"),
-    _flag("skip-tokenizer-check"),
-    _setting("--eval", "eval_", metavar="DIR"),
-    _setting("--lora-r", type=int),
-    _setting("--lora-alpha", type=float),
-    _setting("--lora-dropout", type=float),
-    _setting("--lora-bias"),
-    _setting("--target-modules"),
-    _setting("--modules-to-save"),
-    click.option("--full-finetune", is_flag=True, default=None, help="Train every weight instead of LoRA."),
-    _flag("load-in-4bit"),
-    _flag("load-in-8bit"),
-    _setting("--bnb-4bit-quant-type"),
-    _flag("bnb-4bit-use-double-quant"),
-    _setting("--bnb-4bit-compute-dtype"),
-    _setting("--dtype"),
-    _setting("--attn-implementation"),
-    _flag("trust-remote-code"),
-    _flag("bf16"),
-    _flag("fp16"),
-    _flag("gradient-checkpointing"),
-    _setting("--per-device-batch-size", "--per-device-train-batch-size", "per_device_batch_size", type=int),
-    _setting("--per-device-eval-batch-size", type=int),
-    _setting("--gradient-accumulation-steps", type=int),
-    _setting("--learning-rate", type=float),
-    _setting("--lr-scheduler", "--lr-scheduler-type", "lr_scheduler"),
-    _setting("--lr-scheduler-kwargs", metavar="JSON"),
-    _setting("--warmup-steps", type=int),
-    _setting("--max-steps", type=int),
-    _setting("--num-epochs", "--num-train-epochs", "num_epochs", type=float),
-    _setting("--optim"),
-    _setting("--weight-decay", type=float),
-    _setting("--max-grad-norm", type=float),
-    _setting("--eval-steps", type=int),
-    _setting("--save-steps", type=int),
-    _setting("--save-total-limit", type=int),
-    _setting("--logging-steps", type=int),
-    _setting("--neftune-alpha", "--neftune-noise-alpha", "neftune_alpha", type=float),
-    _setting("--report-to"),
-    _setting("--seed", type=int),
-    _flag("shuffle"),
-    _flag("verify-checksums"),
-    _setting("--dataloader-workers", type=int),
-    _setting("--resume", is_flag=True, default=None),
-    _setting("--accept-changes", is_flag=True, default=None),
-    _setting("--overwrite", is_flag=True, default=None),
-]
-
-
-def _with_options(f):
-    for option in reversed(_OPTIONS):
-        f = option(f)
-    return f
-
-
 @main.command()
 @click.argument("source", metavar="SHARDS_OR_YAML")
-@_with_options
+@with_options(setting_options(TRAIN_SCHEMA, skip=("shards",)))  # SHARDS is the argument
 def run(source: str, **flags: Any) -> None:
     """Train on the shards in SHARDS (a `sftprep build` folder), or as set in a YAML file; flags override.
     Paths in the file are relative to the file; paths given as flags, to the working directory."""
-    flags["eval"] = flags.pop("eval_")
-    if flags.pop("full_finetune"):
-        flags["method"] = "full"
     try:
         p = Path(source)
         if p.is_file() and p.suffix.lower() not in (".yaml", ".yml"):

@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from sftprep.config import Schema, as_tuple, check_choice, did_you_mean, load_yaml, make_tree, read_tree, to_plain  # noqa: F401
+from sftprep.config import (Alias, Schema, as_tuple, check_choice, did_you_mean, flag, load_yaml,  # noqa: F401
+                            make_tree, read_tree, to_plain)
 from sftprep.errors import ConfigError
 
 DTYPES = ("auto", "bf16", "fp16", "fp32")
@@ -35,7 +36,7 @@ class DataConfig:
 
     shards: str | None = None
     """Folder written by `sftprep build` (first argument of `sfttrain run`)."""
-    eval: str | None = None
+    eval: str | None = field(default=None, metadata=flag(metavar="DIR"))
     """Folder of evaluation shards, built with the same tokenizer (--eval)."""
     shuffle: bool = True
     """Shuffle rows each epoch (seeded by --seed and the epoch) (--shuffle/--no-shuffle)."""
@@ -49,7 +50,7 @@ class DataConfig:
 class ModelConfig:
     """The base model, loaded from a local folder."""
 
-    path: str | None = None
+    path: str | None = field(default=None, metadata=flag(aliases=(Alias("model_name_or_path"),)))
     """Local model folder with config.json and weights (--model)."""
     tokenizer: str | None = None
     """Tokenizer folder, when the model folder has none; default: the build's copy, SHARDS/tokenizer/
@@ -87,7 +88,8 @@ class QuantConfig:
 class LoraConfig:
     """What is trained: LoRA adapters (peft) or every weight."""
 
-    method: str = "lora"
+    method: str = field(default="lora", metadata=flag(choices=METHODS, aliases=(
+        Alias("full_finetune", lambda v: "full" if v else "lora", bool, "Train every weight instead of LoRA."),)))
     """lora, or full for full fine-tuning (--full-finetune)."""
     r: int = 16
     """LoRA rank (--lora-r)."""
@@ -109,7 +111,7 @@ class LoopConfig:
 
     output_dir: str | None = None
     """Checkpoints and the final adapter go here (--output-dir)."""
-    per_device_batch_size: int = 1
+    per_device_batch_size: int = field(default=1, metadata=flag(aliases=(Alias("per_device_train_batch_size"),)))
     """Rows per device per micro-batch (--per-device-batch-size)."""
     per_device_eval_batch_size: int | None = None
     """Rows per device per eval batch; default: the training one (--per-device-eval-batch-size)."""
@@ -117,9 +119,9 @@ class LoopConfig:
     """Micro-batches per optimizer step (--gradient-accumulation-steps)."""
     learning_rate: float = 2e-4
     """Peak learning rate (--learning-rate)."""
-    lr_scheduler: str = "cosine"
+    lr_scheduler: str = field(default="cosine", metadata=flag(aliases=(Alias("lr_scheduler_type"),)))
     """linear, cosine, constant, constant_with_warmup, ... (--lr-scheduler)."""
-    lr_scheduler_kwargs: dict = field(default_factory=dict)
+    lr_scheduler_kwargs: dict = field(default_factory=dict, metadata=flag(metavar="JSON"))
     """Extra arguments of the scheduler, a mapping (YAML) or JSON (flag). Defaults filled in: min_lr_rate 0.1
     for cosine_with_min_lr / cosine_warmup_with_min_lr; num_decay_steps (10% of the steps) for
     warmup_stable_decay (--lr-scheduler-kwargs '{"min_lr_rate": 0.05}')."""
@@ -127,7 +129,7 @@ class LoopConfig:
     """Linear warm-up steps (--warmup-steps)."""
     max_steps: int = -1
     """Optimizer steps; -1 trains --num-epochs epochs (--max-steps)."""
-    num_epochs: float = 1.0
+    num_epochs: float = field(default=1.0, metadata=flag(aliases=(Alias("num_train_epochs"),)))
     """Epochs, when --max-steps is -1 (--num-epochs)."""
     optim: str = "adamw_torch"
     """Any `transformers` optimizer name: adamw_torch, paged_adamw_32bit, paged_adamw_8bit, ... (--optim)."""
@@ -141,7 +143,7 @@ class LoopConfig:
     """fp16 mixed precision (--fp16)."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass (--gradient-checkpointing)."""
-    neftune_alpha: float | None = None
+    neftune_alpha: float | None = field(default=None, metadata=flag(aliases=(Alias("neftune_noise_alpha"),)))
     """NEFTune noise on the input embeddings while training (--neftune-alpha)."""
     eval_steps: int | None = None
     """Evaluate every N steps (needs --eval); without it, once at the end (--eval-steps)."""
@@ -291,18 +293,8 @@ SHORTCUTS: dict[str, tuple[str, str]] = {
     "modules_to_save": ("lora", "modules_to_save"),
 }
 _TUPLES = {("lora", "target_modules"), ("lora", "modules_to_save")}
-# The names TRL / transformers users type, accepted as they are (configs keep ours).
-ALIASES: dict[str, str] = {
-    "per_device_train_batch_size": "per_device_batch_size",
-    "num_train_epochs": "num_epochs",
-    "lr_scheduler_type": "lr_scheduler",
-    "neftune_noise_alpha": "neftune_alpha",
-    "model_name_or_path": "model",
-}
-
-
-TRAIN_SCHEMA = Schema("training", TrainConfig, _SECTIONS, SHORTCUTS, {k: (v, None) for k, v in ALIASES.items()},
-                      scalars={"model": "path"})
+# The names TRL / transformers users type are declared next to their fields (`Alias`); configs keep ours.
+TRAIN_SCHEMA = Schema("training", TrainConfig, _SECTIONS, SHORTCUTS, scalars={"model": "path"})
 
 
 def config_from_dict(data: Mapping[str, Any] | None, overrides: Mapping[str, Any] | None = None,

@@ -59,8 +59,8 @@ def split_settings(settings: Mapping[str, Any]) -> tuple[dict[str, Any], dict[st
 
     from . import config as train_cfg
 
-    train_keys = set(train_cfg.SHORTCUTS) | set(train_cfg.ALIASES) | {"data", "model", "quant", "lora", "train"}
-    build_keys = (set(build_cfg.SHORTCUTS) | set(build_cfg.ALIASES) | {"template", "read", "tokenize", "pack"}
+    train_keys = set(train_cfg.SHORTCUTS) | set(train_cfg.TRAIN_SCHEMA.aliases) | {"data", "model", "quant", "lora", "train"}
+    build_keys = (set(build_cfg.SHORTCUTS) | set(build_cfg.BUILD_SCHEMA.aliases) | {"template", "read", "tokenize", "pack"}
                   | set(build_cfg._TOP)) - set(_NOT_BUILD)
     train, build, problems = {}, {}, []
     for key, value in settings.items():

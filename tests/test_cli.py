@@ -10,7 +10,7 @@ from click.testing import CliRunner
 
 from sftprep import load, read_manifest
 from sftprep.cli import main
-from tests.conftest import CHATML_TOK, DATA, MISTRAL, sftprep_cli
+from tests.conftest import CHATML_TOK, DATA, MISTRAL, sftprep_cli, write_jsonl
 
 
 def run(*args):
@@ -164,3 +164,41 @@ def test_progress_gets_the_number_of_records_first_then_counts_up_to_it(tmp_path
     build(config_from_dict({"inputs": [str(tmp_path / "a.jsonl")], "tokenizer": str(MISTRAL), "num_samples": 5,
                             "out": str(tmp_path / "o"), "overwrite": True}), progress=rec)
     assert (rec.total, rec.done) == (5, 5)
+
+
+def test_every_setting_is_a_flag_made_from_its_field():
+    """The command lines have no list of their settings: each field a flat key reaches is an option with the
+    field's help and the Flag's names and choices, and each TRL name declared next to a field is accepted."""
+    import click
+
+    from sftprep.cli import build as build_command
+    from sftprep.config import BUILD_SCHEMA, field_help, flag_of
+    from sfttrain.cli import run
+    from sfttrain.config import TRAIN_SCHEMA
+
+    for schema, command, skip in ((BUILD_SCHEMA, build_command, ()), (TRAIN_SCHEMA, run, ("shards",))):
+        params = {p.name: p for p in command.params if isinstance(p, click.Option)}
+        for key, cls, f in schema.settings():
+            if key in skip:
+                continue
+            option, spec = params[key], flag_of(f)
+            assert option.help == field_help(cls, f.name), key
+            names = option.opts + option.secondary_opts
+            assert all("--" + a.name.replace("_", "-") in names or a.name in params for a in spec.aliases), key
+            if spec.choices:
+                assert tuple(option.type.choices) == spec.choices, key
+            if spec.short:
+                assert spec.short in names, key
+        assert set(schema.aliases) <= {n for p in params.values() for n in (p.name, *[o.lstrip("-").replace("-", "_")
+                                                                               for o in p.opts])}
+
+
+def test_trl_names_declared_next_to_their_fields_work_as_flags(tmp_path):
+    data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "Q?", "completion": " A."}] * 3)
+    r = CliRunner().invoke(main, ["build", "-i", str(data), "-t", MISTRAL, "-o", str(tmp_path / "o"),
+                                  "--max-seq-length", "64", "--truncation-mode", "keep_end",
+                                  "--no-completion-only-loss"])
+    assert r.exit_code == 0, r.output
+    m = read_manifest(tmp_path / "o")
+    assert (m["max_length"], m["config"]["tokenize"]["truncation"], m["config"]["tokenize"]["train_on"]) == \
+        (64, "keep_end", "all")
