@@ -9,23 +9,39 @@ states of the positions whose *next* label is trained:
     kept        pos 1 predicts x1, pos 2 predicts x2, pos 4 predicts y1   -> logits (3, V)
 
 `trained_head(model, keep)` installs a forward pre-hook on the model's output embedding that
-selects those rows (whatever the model does after its head, e.g. Gemma-2's logit soft-capping,
-still applies: it is elementwise). `per_token_loss` then runs the cross-entropy in chunks, each
-upcast to fp32 inside a checkpoint, so no fp32 copy of all the logits is ever kept for backward.
-Loss and gradients are those of the full-logits computation.
+keeps those rows' hidden states (N, H) and lets the model's own head see only the first of them.
+`per_token_loss` then runs head + cross-entropy over the N rows in chunks, each inside a
+checkpoint, so at most one chunk of logits exists at a time, in training and in eval alike:
+
+    chunk rows = LOGITS_BUDGET / (4 bytes x vocabulary)      256 MiB: 2,048 rows at 32k, 519 at 129k
+
+What the model does after its head (Gemma-2's soft-capping, Cohere's logit scale, Granite's
+logit scaling) is applied by `logit_transform`, read from the config; every call compares the
+model's own logits for its first row with ours, so a family whose head does something else is
+refused in one line instead of training on wrong logits. Loss and gradients are those of the
+full-logits computation.
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Any
+import dataclasses
+from typing import Any, Callable
 
 import torch
 
 from sftprep.tokenize.labels import IGNORE_INDEX
 
-CHUNK = 4096
-"""Positions per cross-entropy chunk: one fp32 chunk of logits lives at a time."""
+LOGITS_BUDGET = 256 << 20
+"""Bytes of fp32 logits one loss chunk may hold, whatever the vocabulary."""
+
+CHECK_ROWS = 1
+"""Rows the model's own head computes on every call, to check `logit_transform` against."""
+
+
+def chunk_rows(vocab_size: int, budget: int = LOGITS_BUDGET) -> int:
+    """Positions per loss chunk such that one chunk of fp32 logits stays within `budget` bytes."""
+    return max(1, budget // (4 * max(1, vocab_size)))
 
 
 def next_token_targets(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -37,45 +53,103 @@ def next_token_targets(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     return keep, shifted[keep]
 
 
+def logit_transform(config) -> Callable[[torch.Tensor], torch.Tensor]:
+    """What the model's forward does to its head's output before returning the logits (elementwise):
+    scaling (Cohere `logit_scale`, Granite `logits_scaling`, `output_multiplier`) then tanh soft-capping."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    scale = getattr(text, "logit_scale", None) if getattr(text, "model_type", "").startswith("cohere") else None
+    scale = scale or getattr(text, "output_multiplier", None)
+    divide = getattr(text, "logits_scaling", None)
+    cap = getattr(text, "final_logit_softcapping", None) or getattr(text, "logits_soft_cap", None)
+
+    def transform(logits: torch.Tensor) -> torch.Tensor:
+        if scale is not None:
+            logits = logits * scale
+        if divide is not None:
+            logits = logits / divide
+        if cap is not None:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+    return transform
+
+
+@dataclasses.dataclass
+class TrainedHead:
+    """The hidden states of the trained positions (N, H), caught at the model's output embedding,
+    and how to turn a chunk of them into the model's logits."""
+
+    head: Any
+    transform: Callable[[torch.Tensor], torch.Tensor]
+    model_type: str = "?"
+    hidden: torch.Tensor | None = None
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.transform(self.head(hidden))
+
+    def check(self, model_logits: torch.Tensor) -> None:
+        """The model's own logits for the first rows equal ours, or a clear refusal."""
+        if self.hidden is None or not len(model_logits):
+            return
+        with torch.no_grad():
+            ours = self.logits(self.hidden[:len(model_logits)]).float()
+            theirs = model_logits.float()
+            if not torch.allclose(ours, theirs, rtol=1e-3, atol=1e-3 * (1 + float(theirs.abs().max()))):
+                raise ValueError(
+                    f"the logits of this {self.model_type} model are not its LM head's output (max difference "
+                    f"{float((ours - theirs).abs().max()):.3g}): the model transforms them in a way sfttrain's "
+                    "memory-bounded loss does not know; please report the model type")
+
+
 @contextlib.contextmanager
 def trained_head(model, keep: torch.Tensor):
-    """While active, the output embedding of `model` computes logits at `keep` positions only
-    (its input (B, L, H) becomes (N, H); the model returns (N, V) logits)."""
+    """While active, the output embedding of `model` catches the hidden states at `keep` positions
+    (its input (B, L, H) becomes (N, H), kept in the yielded `TrainedHead`) and computes logits for
+    the first `CHECK_ROWS` of them only: the model returns (<= CHECK_ROWS, V) logits."""
     head = model.get_output_embeddings()
     if head is None:
-        yield
+        yield None
         return
+    caught = TrainedHead(head, logit_transform(model.config), getattr(model.config, "model_type", "?"))
 
     def select(module, args, kwargs):
         hidden = args[0] if args else kwargs.get("input")
         if hidden is None or hidden.dim() != 3 or tuple(hidden.shape[:2]) != tuple(keep.shape):
             return None  # not the (B, L, H) call we expect: leave it alone
-        picked = hidden[keep.to(hidden.device)]
+        caught.hidden = hidden[keep.to(hidden.device)]
+        picked = caught.hidden[:CHECK_ROWS]
         return ((picked,) + tuple(args[1:]), kwargs) if args else (args, {**kwargs, "input": picked})
 
     handle = head.register_forward_pre_hook(select, with_kwargs=True)
     try:
-        yield
+        yield caught
     finally:
         handle.remove()
 
 
-def _ce_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return torch.nn.functional.cross_entropy(logits.float(), targets, ignore_index=IGNORE_INDEX, reduction="sum")
+def _ce_chunk(logits_of: Callable[[torch.Tensor], torch.Tensor], rows: torch.Tensor,
+              targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed fp32 cross-entropy, correct top-1 predictions) of one chunk of rows."""
+    logits = logits_of(rows)
+    ce = torch.nn.functional.cross_entropy(logits.float(), targets, ignore_index=IGNORE_INDEX, reduction="sum")
+    return ce, (logits.detach().argmax(-1) == targets).sum()
 
 
-def chunked_ce_sum(logits: torch.Tensor, targets: torch.Tensor, chunk: int = CHUNK) -> torch.Tensor:
-    """Summed cross-entropy of (N, V) logits, fp32 one chunk at a time (recomputed in backward)."""
+def chunked_ce_sum(rows: torch.Tensor, targets: torch.Tensor, chunk: int,
+                   logits_of: Callable[[torch.Tensor], torch.Tensor] = lambda x: x) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed cross-entropy, correct predictions) over N `rows`: hidden states turned into logits by
+    `logits_of`, or logits already. One chunk of logits at a time, recomputed in backward."""
     from torch.utils.checkpoint import checkpoint
 
-    total = logits.new_zeros((), dtype=torch.float32)
-    for i in range(0, max(1, logits.shape[0]), chunk):
-        part, tgt = logits[i:i + chunk], targets[i:i + chunk].to(logits.device)
-        if torch.is_grad_enabled() and part.requires_grad:
-            total = total + checkpoint(_ce_sum, part, tgt, use_reentrant=False)
+    total = rows.new_zeros((), dtype=torch.float32)
+    correct = torch.zeros((), dtype=torch.long, device=rows.device)
+    for i in range(0, max(1, rows.shape[0]), chunk):
+        part, tgt = rows[i:i + chunk], targets[i:i + chunk].to(rows.device)
+        if torch.is_grad_enabled():
+            ce, right = checkpoint(_ce_chunk, logits_of, part, tgt, use_reentrant=False)
         else:
-            total = total + _ce_sum(part, tgt)
-    return total
+            ce, right = _ce_chunk(logits_of, part, tgt)
+        total, correct = total + ce, correct + right
+    return total, correct
 
 
 class LossMeter:
@@ -88,10 +162,10 @@ class LossMeter:
     def __init__(self) -> None:
         self.values: dict[str, Any] = dict.fromkeys(self.FIELDS, 0)
 
-    def add(self, logits: torch.Tensor, targets: torch.Tensor, loss_sum: torch.Tensor) -> None:
+    def add(self, correct: torch.Tensor, targets: torch.Tensor, loss_sum: torch.Tensor) -> None:
         with torch.no_grad():
             self.values["loss_sum"] = self.values["loss_sum"] + loss_sum.detach().double()
-            self.values["correct"] = self.values["correct"] + (logits.argmax(-1) == targets.to(logits.device)).sum()
+            self.values["correct"] = self.values["correct"] + correct
             self.values["trained"] = self.values["trained"] + int(targets.numel())
 
     def add_real(self, tokens: int) -> None:
@@ -104,22 +178,28 @@ class LossMeter:
 
 
 def per_token_loss(outputs: Any, labels: torch.Tensor, num_items_in_batch=None, meter: LossMeter | None = None,
-                   chunk: int = CHUNK) -> torch.Tensor:
+                   head: TrainedHead | None = None, chunk: int | None = None) -> torch.Tensor:
     """Summed next-token cross-entropy over trained tokens / trained tokens of the whole step.
 
-    `outputs.logits` are either (N, V), the trained positions only (under `trained_head`), or
-    the model's full (B, L, V). `num_items_in_batch` is the Trainer's count of trained tokens
-    across every micro-batch of the optimizer step (and across ranks), so a step's gradient is the
-    mean over its trained tokens whatever the split into micro-batches. Without it (evaluation),
-    the batch's own count is used.
+    With `head` (from `trained_head`), the logits are computed here from its hidden states, one
+    chunk at a time; otherwise `outputs.logits` are the model's full (B, L, V) (or (N, V)).
+    `chunk` (positions) defaults to `chunk_rows` of the vocabulary. `num_items_in_batch` is the
+    Trainer's count of trained tokens across every micro-batch of the optimizer step (and across
+    ranks), so a step's gradient is the mean over its trained tokens whatever the split into
+    micro-batches. Without it (evaluation), the batch's own count is used.
     """
     logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
     keep, targets = next_token_targets(labels)
-    if logits.dim() == 3:  # the model was called without `trained_head`
-        logits = logits[keep.to(logits.device)]
-    total = chunked_ce_sum(logits, targets, chunk)
+    chunk = chunk or chunk_rows(logits.shape[-1])
+    if head is not None and head.hidden is not None:
+        head.check(logits)
+        total, correct = chunked_ce_sum(head.hidden, targets, chunk, head.logits)
+    else:
+        if logits.dim() == 3:  # the model was called without `trained_head`
+            logits = logits[keep.to(logits.device)]
+        total, correct = chunked_ce_sum(logits, targets, chunk)
     if meter is not None:
-        meter.add(logits, targets, total)
+        meter.add(correct, targets, total)
     if num_items_in_batch is None:
         num_items_in_batch = max(1, targets.numel())
     if torch.is_tensor(num_items_in_batch):

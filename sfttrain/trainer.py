@@ -58,13 +58,14 @@ class ShardTrainer(Trainer):
         self._since = time.perf_counter()
         self._step_losses: list[torch.Tensor] = []  # this optimizer step's micro-batch losses (no sync)
         self._warned_frozen = False
+        self._head = None  # the trained positions' hidden states, caught during compute_loss (loss.py)
         super().__init__(*args, compute_loss_func=self._loss, **kwargs)
         self.add_callback(SetSamplerEpoch(self))
         self.add_callback(CheckGradients(self))
 
     def _loss(self, outputs, labels, num_items_in_batch=None):
         meter = self.meter if self.model.training else self.eval_meter
-        return per_token_loss(outputs, labels, num_items_in_batch, meter=meter)
+        return per_token_loss(outputs, labels, num_items_in_batch, meter=meter, head=self._head)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """The Trainer's own, with the LM head computed at trained positions only (see `loss.py`)."""
@@ -72,7 +73,7 @@ class ShardTrainer(Trainer):
         if real is not None and model.training:
             self.meter.add_real(int(real))
         keep, _ = next_token_targets(inputs["labels"])
-        with trained_head(self.accelerator.unwrap_model(model), keep):
+        with trained_head(self.accelerator.unwrap_model(model), keep) as self._head:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
