@@ -5,8 +5,8 @@ what a build of the same records would have written (labels, truncation, first t
 packing, `seq_lens`). Every input form ends as samples `(ids, labels)`, then `rows(samples)`:
 
     records            -> normalize -> render -> tokenize+label -> truncate     (the build's `Encoder`)
-    texts [+ labels]   -> the tokenizer (TRL's way) -> ids [+ labels]  -+
-    ids [+ labels, mask]                                               -+-> checked, truncated
+    texts [+ responses] -> the tokenizer (TRL's way) -> ids + labels   -+    (responses: the text's end trained)
+    ids [+ labels, mask] (a padded 2-D batch: unpadded by the pad id)   -+-> checked, truncated
     samples -> rows (the build's packing mode)                         {"input_ids", "labels", "seq_lens"}
 
 Rejected inputs come back as dicts (index, source, reason, message), as a build lists them in rejects.jsonl.
@@ -24,7 +24,7 @@ from .config import config_from_dict
 from .pack.packing import mode
 from .read import Record
 from .scale.pipeline import encoder_for
-from .tokenize.labels import IGNORE_INDEX, mask_sample_starts
+from .tokenize.labels import IGNORE_INDEX, labels_from_spans, mask_sample_starts
 from .tokenizer import load_fast, load_tokenizer, stop_strings, tokenizer_identity
 from .write.output import build_manifest
 
@@ -79,28 +79,40 @@ class MemoryBuild:
 
     def texts(self, texts: Sequence[Any], texts_labels: Sequence[Any] | None = None) -> Result:
         """TRL: `tokenizer(text, truncation=True, max_length=...)` (BOS added; the truncation side from
-        the truncation mode); the tokens of `texts_labels` are the labels, or those of `texts` when not given."""
+        the truncation mode). `texts_labels[i]` is the response that ends `texts[i]`: its tokens (found
+        by the build's label rule on the text's one tokenization) are trained, the prompt before it is
+        not. Without `texts_labels` (or with the whole text) every token is trained."""
         if texts_labels is not None and len(texts_labels) != len(texts):
             raise ValueError(f"texts_labels holds {len(texts_labels)} strings for {len(texts)} texts")
         ids, labels, rejects, truncated = [], [], [], 0
         for i, text in enumerate(texts):
-            target = texts_labels[i] if texts_labels is not None else text
-            bad = next((f"{name}[{i}] must be a string, got {type(v).__name__}" for name, v in
-                        (("texts", text), ("texts_labels", target)) if not isinstance(v, str)), None)
+            response = texts_labels[i] if texts_labels is not None else text
+            bad = next((("wrong_type", f"{name}[{i}] must be a string, got {type(v).__name__}") for name, v in
+                        (("texts", text), ("texts_labels", response)) if not isinstance(v, str)), None)
+            if not bad and not text.endswith(response):
+                bad = ("response_not_found", f"texts_labels[{i}] {_clip(response)} is not the end of texts[{i}] "
+                       f"{_clip(text, tail=True)}: texts_labels are the responses that end each text")
             if bad:
-                rejects.append(_reject(i, f"texts[{i}]", "wrong_type", bad))
-            (tokens, cut), (target_tokens, _) = self._tokenize(text), self._tokenize(target)
-            ids.append(None if bad else tokens)
-            labels.append(None if bad else target_tokens)
-            truncated += bool(cut and not bad)
+                rejects.append(_reject(i, f"texts[{i}]", *bad))
+                ids.append(None)
+                labels.append(None)
+                continue
+            tokens, offsets, cut = self._tokenize(text)
+            ids.append(tokens)
+            labels.append(labels_from_spans(tokens, offsets, text, [(len(text) - len(response), len(text))]))
+            truncated += cut
         samples, more, _ = self.ids(ids, labels, None, where="texts")
         return samples, sorted(rejects + more, key=lambda r: r["index"]), truncated
 
     def ids(self, input_ids: Sequence[Any], labels: Sequence[Any] | None = None,
-            attention_mask: Sequence[Any] | None = None, where: str = "input_ids") -> Result:
+            attention_mask: Sequence[Any] | None = None, where: str = "input_ids", padded: bool = False) -> Result:
         """Samples from id sequences: labels default to the ids, masked-out positions dropped, the
         first token never trained, truncated by the truncation mode (keep_start / keep_end by plain
-        slicing, drop rejects). A sequence given as None (rejected before) is skipped."""
+        slicing, drop rejects). A sequence given as None (rejected before) is skipped. `padded`
+        (a 2-D batch) without `attention_mask`: the pad id's runs at either end of a row are padding."""
+        if padded and attention_mask is None and self.identity.get("pad_id") is not None:
+            attention_mask = [_unpadded(_int_array(seq, f"{where}[{i}]"), self.identity["pad_id"])
+                              for i, seq in enumerate(input_ids)]
         for name, given in (("labels", labels), ("attention_mask", attention_mask)):
             if given is not None and len(given) != len(input_ids):
                 raise ValueError(f"{name} holds {len(given)} sequences for {len(input_ids)} input_ids")
@@ -137,20 +149,21 @@ class MemoryBuild:
             samples.append((ids.astype(np.int32), lab.astype(np.int32)))
         return samples, rejects, truncated
 
-    def _tokenize(self, text: Any) -> tuple[list[int], bool]:
-        """(ids, truncated): the tokenizer's own truncation, as TRL calls it (special tokens kept)."""
-        if not isinstance(text, str):
-            return [], False
+    def _tokenize(self, text: str) -> tuple[list[int], list[tuple[int, int]], bool]:
+        """(ids, character offsets, truncated): the tokenizer's own truncation, as TRL calls it
+        (special tokens kept)."""
         if self._hf is None:
             self._hf = load_tokenizer(self.tokenizer_path)
         tok, n = self._hf, self.max_length
         if self.truncation not in ("keep_start", "keep_end"):  # drop (rejected later) or split by packing
-            return tok(text)["input_ids"], False
+            enc = tok(text, return_offsets_mapping=True)
+            return enc["input_ids"], enc["offset_mapping"], False
         side = tok.truncation_side
         tok.truncation_side = "left" if self.truncation == "keep_end" else "right"
         try:
-            ids = tok(text, truncation=True, max_length=n)["input_ids"]
-            return ids, len(ids) == n and len(tok(text)["input_ids"]) > n
+            enc = tok(text, truncation=True, max_length=n, return_offsets_mapping=True)
+            ids = enc["input_ids"]
+            return ids, enc["offset_mapping"], len(ids) == n and len(tok(text)["input_ids"]) > n
         finally:
             tok.truncation_side = side
 
@@ -188,6 +201,22 @@ class MemoryBuild:
         backend = self.fast.backend_tokenizer
         ids = [backend.token_to_id(s) for s in stop_strings(self.fast, self.config.template.stop_tokens)]
         return [i for i in dict.fromkeys(ids) if i is not None]
+
+
+def _unpadded(ids: np.ndarray, pad_id: int) -> np.ndarray:
+    """1 where a token is not padding: not in the run of `pad_id` at the start or the end of the row."""
+    real = np.flatnonzero(ids != pad_id)
+    mask = np.zeros(len(ids), np.int64)
+    if real.size:
+        mask[real[0]:real[-1] + 1] = 1
+    return mask
+
+
+def _clip(text: str, tail: bool = False, n: int = 40) -> str:
+    """`text` quoted, cut to about n characters (its end when `tail`)."""
+    if len(text) <= n:
+        return repr(text)
+    return repr("..." + text[-n:]) if tail else repr(text[:n] + "...")
 
 
 def _reject(index: int, source: str, reason: str, message: str) -> dict[str, Any]:

@@ -270,7 +270,8 @@ class IterativeTrainer:
             samples, rejects, truncated = self.build.texts(_as_list(texts, "texts"), _as_list(texts_labels, "texts_labels"))
         else:
             samples, rejects, truncated = self.build.ids(_as_list(input_ids, "input_ids"), _as_list(labels, "labels"),
-                                                    _as_list(attention_mask, "attention_mask"))
+                                                         _as_list(attention_mask, "attention_mask"),
+                                                         padded=getattr(input_ids, "ndim", 1) == 2)
         return {"samples": samples, "rows": self.build.rows(samples) if samples else [], "rejects": rejects,
                 "truncated": truncated}
 
@@ -284,10 +285,14 @@ class IterativeTrainer:
             records: dicts in any format a build reads (prompt/completion, messages, text, ...): rendered,
                 labelled and truncated exactly as `sftprep build` with this trainer's build settings.
             texts, texts_labels: TRL's form: each text tokenized as the tokenizer does (BOS added,
-                truncated to max_length on the side of `truncation`); labels are the tokens of
-                `texts_labels` (default: of `texts`), all trained.
-            input_ids, labels, attention_mask: TRL's form: token id sequences; labels default to the ids;
-                positions where attention_mask is 0 are left out (not attended, not trained).
+                truncated to max_length on the side of `truncation`); `texts_labels[i]` is the response
+                that ends `texts[i]`: its tokens are trained, the prompt before it is not (a response
+                that does not end its text is a reject, `response_not_found`). Without texts_labels
+                every token is trained.
+            input_ids, labels, attention_mask: TRL's form: token id sequences (a list, or a padded 2-D
+                tensor); labels default to the ids; positions where attention_mask is 0 are left out
+                (not attended, not trained). A 2-D tensor without attention_mask: the pad id's runs at
+                either end of each row are padding (when pad is EOS, give the mask to keep a final EOS).
 
         Returns:
             Stats: step, loss (per trained token), mean_token_accuracy, learning_rate, grad_norm, samples,
@@ -454,7 +459,10 @@ class IterativeTrainer:
 def _as_list(value: Any, name: str) -> list | None:
     if value is None:
         return None
-    if isinstance(value, (str, bytes)) or isinstance(value, Mapping) or not hasattr(value, "__len__"):
+    if isinstance(value, (str, bytes)):
+        raise TypeError(f"{name} must be a list with one entry per sample, got a single {type(value).__name__}: "
+                        f"pass {name}=[...]")
+    if isinstance(value, Mapping) or not hasattr(value, "__len__"):
         raise TypeError(f"{name} must be a list, got {type(value).__name__}")
     return list(value)
 

@@ -146,6 +146,45 @@ def test_trl_texts_are_tokenized_by_the_tokenizer_and_all_trained(trainer, tok):
     assert _samples(trainer.prepare(texts=["Hi</s>"])) == [(ids, [IGNORE] + ids[1:])]
 
 
+def test_trl_texts_labels_are_the_responses_that_end_the_texts(trainer, tok):
+    # TRL's usage: texts = prompt + response, texts_labels = the response: only the response is trained
+    ids = tok("Hi there: gato").input_ids
+    prompt = tok("Hi there:").input_ids
+    assert ids[:len(prompt)] == prompt and len(ids) > len(prompt)
+    prepared = trainer.prepare(texts=["Hi there: gato"], texts_labels=[" gato"])
+    assert prepared["rejects"] == [] and _samples(prepared) == [
+        (ids, [IGNORE] * len(prompt) + ids[len(prompt):])]
+    stats = trainer.step(texts=["Hi there: gato", "Bye: perro"], texts_labels=[" gato", " perro"])
+    assert stats["samples"] == 2 and stats["rejects"] == [] and np.isfinite(stats["loss"])
+    # a response that does not end its text: a reject that says so
+    bad = trainer.prepare(texts=["Hi there: gato"], texts_labels=["perro"])["rejects"]
+    assert [(r["reason"], r["message"]) for r in bad] == [(
+        "response_not_found", "texts_labels[0] 'perro' is not the end of texts[0] 'Hi there: gato': texts_labels "
+        "are the responses that end each text")]
+
+
+def test_trl_a_single_string_is_refused_with_the_fix(trainer):
+    with pytest.raises(TypeError, match=r"texts must be a list with one entry per sample, got a single str: "
+                                        r"pass texts=\[...\]"):
+        trainer.step(texts="Hola mundo")
+
+
+def test_trl_padded_2d_input_ids_never_train_pads(trainer):
+    import torch
+
+    pad = trainer.build.identity["pad_id"]
+    a, b = [1, 10, 11, 12, 13], [1, 20, 21]
+    batch = torch.tensor([a, b + [pad, pad]])  # right padding, as a tokenizer with padding=True returns
+    want = [(a, [IGNORE] + a[1:]), (b, [IGNORE] + b[1:])]
+    assert _samples(trainer.prepare(input_ids=batch)) == want  # without a mask, the pad id decides
+    mask = torch.tensor([[1] * 5, [1] * 3 + [0, 0]])
+    assert _samples(trainer.prepare(input_ids=batch, attention_mask=mask)) == want
+    left = torch.tensor([a, [pad, pad] + b])  # left padding
+    assert _samples(trainer.prepare(input_ids=left)) == want
+    stats = trainer.step(input_ids=batch)
+    assert stats["trained_tokens"] == 4 + 2 and stats["tokens"] == 8
+
+
 def test_trl_truncation_mode_cuts_where_the_tokenizer_does(trainer, tok):
     text = "one two three four five six seven eight nine ten"
     full = tok(text).input_ids
