@@ -261,13 +261,12 @@ def _check_report_to(report_to: str) -> None:
 def check_runtime(config: TrainConfig, traits) -> AttentionPath:
     """What this machine must offer for `config` (quantization backend, reporting packages, a GPU for
     fp16), checked before the model loads; returns the attention path chosen for the model."""
-    from .model import check_quantization_backend, cuda_available, resolve_dtype
+    from .model import check_quantization_backend, cuda_available, precision_note, resolve_dtype
 
     check_quantization_backend(config)
     _check_report_to(config.train.report_to)
     cuda = cuda_available()
-    if config.train.fp16 and not cuda:
-        raise ConfigError("--fp16 mixed precision needs a CUDA GPU; on CPU use --bf16 or full precision")
+    precision_note(config)  # refuses what this machine cannot run
     half = str(resolve_dtype(config)).endswith(("bfloat16", "float16"))
     return choose_attention(config.model.attn_implementation, cuda=cuda, half=half, traits=traits)
 
@@ -380,6 +379,8 @@ def _planned_steps(rows: int, config: TrainConfig, world: int) -> int:
 
 
 def _summary(s: Setup, model, counts: tuple[int, int], isolation: float, args) -> dict[str, Any]:
+    from .model import precision_note
+
     stats = build_stats(s.manifest)
     world = args.world_size
     rows_per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * world
@@ -397,6 +398,7 @@ def _summary(s: Setup, model, counts: tuple[int, int], isolation: float, args) -
         "max_length": stats["max_length"], "packing": stats["packing"],
         "eval_rows": build_stats(s.eval_manifest)["rows"] if s.eval_manifest else None,
         "attention": s.attention.name,
+        "precision_warning": precision_note(c),
         "attention_why": s.attention.why,
         "isolation_check": isolation,
         "world_size": world,

@@ -105,6 +105,8 @@ def _print_start(console, s: dict[str, Any]) -> None:
         ("steps", f"{s['steps']:,}" + (f", resuming from {s['resume_from']}" if s["resume_from"] else "")),
         ("output", s["output_dir"]),
     ]
+    if s.get("precision_warning"):
+        lines.append(("precision", s["precision_warning"]))
     if s.get("resume_changes"):
         lines.append(("changed", "; ".join(s["resume_changes"]) + " (--accept-changes: applied)"))
     for k, v in lines:

@@ -19,6 +19,46 @@ def cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
+def cpu_bf16_native() -> bool | None:
+    """Whether this CPU computes bf16 natively (x86 AVX512-BF16 / AMX, ARM BF16); None: unknown."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    flags = set(text.split())
+    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+
+
+def precision_check(config: TrainConfig, cuda: bool, cuda_bf16: bool, cpu_bf16: bool | None) -> str | None:
+    """Whether this machine runs the precision asked (--bf16/--fp16/--dtype): a refusal naming the fix
+    that works here (`ConfigError`), a warning saying what will run (returned), or None."""
+    t, dtype = config.train, config.model.dtype
+    bf16 = bool(t.bf16) or dtype == "bf16"
+    asked = " and ".join(f for f, on in (("--bf16", t.bf16), ("--fp16", t.fp16), (f"--dtype {dtype}", dtype != "auto"))
+                         if on)
+    if not cuda and (t.fp16 or dtype == "fp16"):
+        alt = " (or --bf16: this CPU computes bf16 natively)" if cpu_bf16 else ""
+        raise ConfigError(f"{asked} needs a CUDA GPU: fp16 on CPU has no loss scaling and slow kernels; on this "
+                          f"machine drop {'--fp16' if t.fp16 else '--dtype fp16'} to train in fp32{alt}")
+    if cuda and bf16 and not cuda_bf16:
+        raise ConfigError(f"{asked}: this GPU has no bf16 (it needs compute capability 8.0+, e.g. A100); on this "
+                          "machine use --fp16 (mixed precision) or fp32 (--no-bf16 --dtype fp32)")
+    if not cuda and bf16 and cpu_bf16 is False:
+        return (f"Warning: {asked} on a CPU without native bf16 (no AVX512-BF16 / AMX): bf16 runs through "
+                "converted kernels, usually slower than fp32 and less precise; --no-bf16 --dtype fp32 trains in fp32")
+    return None
+
+
+def precision_note(config: TrainConfig) -> str | None:
+    """`precision_check` on this machine."""
+    cuda = cuda_available()
+    if cuda:
+        import torch
+
+        return precision_check(config, True, bool(torch.cuda.is_bf16_supported()), None)
+    return precision_check(config, False, False, cpu_bf16_native())
+
+
 def bf16_on(config: TrainConfig) -> bool:
     """bf16 mixed precision: --bf16/--no-bf16, else on where a CUDA GPU supports it (and not --fp16)."""
     if config.train.bf16 is not None:

@@ -196,3 +196,29 @@ def test_disk_full_while_saving_a_checkpoint_is_one_line_that_says_how_to_contin
     last = result.output.strip().splitlines()[-1]
     assert last.startswith("Error: could not write ") and "adapter_model.safetensors: No space left on device; " \
         "free space or choose another --output-dir, then continue with --resume" in last, last
+
+
+# -- precision this machine cannot run: refused with the fix that works here, or a warning ----------
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="what a machine without a CUDA GPU says")
+@pytest.mark.parametrize("flags, drop", [(["--fp16"], "drop --fp16"), (["--dtype", "fp16"], "drop --dtype fp16")])
+def test_fp16_on_cpu_is_refused_with_the_fix_for_this_machine(tmp_path, spanish_shards, tiny_model,  # noqa: F811
+                                                              no_model_loading, monkeypatch, flags, drop):
+    monkeypatch.setattr(sfttrain.model, "cpu_bf16_native", lambda: False)
+    result = run_cli(spanish_shards, "--model", tiny_model, "--output-dir", tmp_path / "r", *flags)
+    _refused(result, f"{' '.join(flags)} needs a CUDA GPU", f"on this machine {drop} to train in fp32")
+    assert "--bf16" not in result.output  # this CPU has no native bf16: not a fix worth suggesting
+    assert len(result.output.strip().splitlines()) == 1
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="what a machine without a CUDA GPU says")
+def test_bf16_on_a_cpu_without_native_bf16_warns_and_says_how_to_train_in_fp32(tmp_path, spanish_shards,  # noqa: F811
+                                                                               tiny_model, monkeypatch):  # noqa: F811
+    monkeypatch.setattr(sfttrain.model, "cpu_bf16_native", lambda: False)  # the hardware: the one true edge
+    result = run_cli(spanish_shards, "--model", tiny_model, "--output-dir", tmp_path / "r", "--bf16",
+                     "--max-steps", "1", "--save-steps", "1000")
+    assert result.exit_code == 0, result.output
+    warning = [line for line in result.output.splitlines() if "Warning:" in line]
+    assert len(warning) == 1 and "--bf16 on a CPU without native bf16" in warning[0], result.output
+    assert "--no-bf16 --dtype fp32 trains in fp32" in result.output
+    assert "(bfloat16," in result.output  # and bf16 is what ran
