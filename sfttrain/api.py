@@ -208,7 +208,32 @@ def check_merge(adapter: str | Path, out: str | Path, model: str | Path | None =
         raise ConfigError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise ConfigError(f"--out {out} is not empty; pass --overwrite to replace it, or choose another folder")
+    trained = trained_quantization(adapter)
+    if trained is not None and importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError(f"{adapter} was trained on a {_quant_kind(trained)} base: merging it needs bitsandbytes "
+                          "to rebuild that base and dequantize it (pip install bitsandbytes); merged into the "
+                          "full-precision weights, the result would not be the model that was trained")
     return base
+
+
+def trained_quantization(adapter: str | Path) -> TrainConfig | None:
+    """The training config of an adapter trained on a 4-/8-bit base (from its sfttrain.json), else None."""
+    from .trainer import RUN_FILE
+
+    run = Path(adapter) / RUN_FILE
+    if not run.is_file():
+        return None
+    config = TrainConfig.from_dict(json.loads(run.read_text(encoding="utf-8"))["config"])
+    return config if config.quantized else None
+
+
+def merge_base(adapter: str | Path) -> str:
+    """Which weights `merge` folds the adapter into, in words."""
+    trained = trained_quantization(adapter)
+    if trained is None:
+        return "its base model's weights"
+    return (f"the dequantized {_quant_kind(trained)} base it was trained on (the full-precision weights would "
+            "differ from it by the quantization error)")
 
 
 def _unwrapped(e: UserError) -> UserError:
@@ -229,6 +254,10 @@ def merge(adapter: str | Path, out: str | Path, model: str | Path | None = None,
         out: where the merged model goes.
         model: the base model folder; default: the one the adapter records.
         dtype: auto (the base's own), bf16, fp16 or fp32.
+
+    An adapter trained on a 4-/8-bit base (its sfttrain.json says so) is folded into that base
+    rebuilt with the same bitsandbytes settings and dequantized: the weights it was trained against,
+    not the full-precision ones (`merge_base` says which).
     """
     adapter, out = Path(adapter), Path(out)
     base = check_merge(adapter, out, model, dtype, overwrite)
@@ -236,9 +265,17 @@ def merge(adapter: str | Path, out: str | Path, model: str | Path | None = None,
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from .model import quantization_config
+
     names = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "auto": "auto"}
-    base_model = AutoModelForCausalLM.from_pretrained(str(base), dtype=names[dtype], local_files_only=True,
-                                                      trust_remote_code=trust_remote_code)
+    trained = trained_quantization(adapter)  # the base it was trained on: rebuilt, then dequantized
+    base_model = AutoModelForCausalLM.from_pretrained(
+        str(base), dtype=names[dtype], local_files_only=True, trust_remote_code=trust_remote_code,
+        quantization_config=quantization_config(trained) if trained is not None else None)
+    if trained is not None:
+        base_model = base_model.dequantize()
+        if dtype != "auto":
+            base_model = base_model.to(names[dtype])
     merged = PeftModel.from_pretrained(base_model, str(adapter)).merge_and_unload()
     if out.exists() and overwrite:
         shutil.rmtree(out)
@@ -357,16 +394,22 @@ def _describe_method(config: TrainConfig) -> str:
             + (f" modules_to_save={','.join(lc.modules_to_save)}" if lc.modules_to_save else ""))
 
 
-def _describe_quant(config: TrainConfig) -> str:
+def _quant_kind(config: TrainConfig) -> str:
+    """The quantization in words, without importing torch: "4-bit nf4 double-quant", "8-bit (...)", "none"."""
     q = config.quant
     if q.load_in_8bit:
         return "8-bit (bitsandbytes LLM.int8)"
     if q.load_in_4bit:
+        return f"4-bit {q.bnb_4bit_quant_type}{' double-quant' if q.bnb_4bit_use_double_quant else ''}"
+    return "none"
+
+
+def _describe_quant(config: TrainConfig) -> str:
+    if config.quant.load_in_4bit:
         from .model import compute_dtype
 
-        return (f"4-bit {q.bnb_4bit_quant_type}{' double-quant' if q.bnb_4bit_use_double_quant else ''}, "
-                f"compute {str(compute_dtype(config)).replace('torch.', '')}")
-    return "none"
+        return f"{_quant_kind(config)}, compute {str(compute_dtype(config)).replace('torch.', '')}"
+    return _quant_kind(config)
 
 
 def _planned_steps(rows: int, config: TrainConfig, world: int) -> int:

@@ -147,7 +147,7 @@ def _print_end(console, r) -> None:
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty --out.")
 def merge(adapter: str, model: str | None, out: str, dtype: str, trust_remote_code: bool, overwrite: bool) -> None:
     """Fold the LoRA adapter in ADAPTER_DIR into its base model; save model and tokenizer to --out."""
-    from .api import check_merge
+    from .api import check_merge, merge_base
     from .api import merge as merge_adapter
 
     try:
@@ -160,7 +160,8 @@ def merge(adapter: str, model: str | None, out: str, dtype: str, trust_remote_co
     from .checks import has_tokenizer
 
     saved = "model and tokenizer" if has_tokenizer(path) else "model (no tokenizer in the adapter or base model)"
-    click.echo(f"merged {adapter} into {model or 'the base model it records'}; {saved} in {path}")
+    click.echo(f"merged {adapter} into {merge_base(adapter)} ({model or 'the base model it records'}); {saved} "
+               f"in {path}")
 
 
 if __name__ == "__main__":

@@ -40,3 +40,68 @@ def test_quantized_lora_learns(tmp_path, spanish_shards, tiny_model, one_thread,
     assert losses[-1] < losses[0] - 0.3, losses  # it learns
     adapter = load_file(str(tmp_path / "run" / "final" / "adapter_model.safetensors"))
     assert max(v.abs().max().item() for k, v in adapter.items() if "lora_B" in k) > 1e-3
+
+
+# -- merging a QLoRA adapter: into the base it was trained on -----------------------------------------
+
+@pytest.fixture(scope="module")
+def nf4_adapter(tmp_path_factory, spanish_shards, tiny_model):  # noqa: F811
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    config = train_config(spanish_shards, tiny_model, tmp_path_factory.mktemp("qlora") / "run", max_steps=3,
+                          learning_rate=1e-2, load_in_4bit=True, bnb_4bit_quant_type="nf4")
+    final = train(config, disable_tqdm=True).final_dir
+    torch.set_num_threads(before)
+    return final
+
+
+def _logits(model, ids):
+    import torch
+
+    with torch.no_grad():
+        return model.eval()(ids).logits
+
+
+def test_merging_a_qlora_adapter_folds_it_into_the_dequantized_nf4_base(tmp_path, nf4_adapter, tiny_model):  # noqa: F811
+    import torch
+    from click.testing import CliRunner
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from sfttrain.cli import main
+
+    result = CliRunner().invoke(main, ["merge", nf4_adapter, "--out", str(tmp_path / "merged")])
+    assert result.exit_code == 0, result.output
+    assert "into the dequantized 4-bit nf4 double-quant base it was trained on" in result.output
+    ids = torch.tensor([[1, 100, 200, 300, 400, 500, 600]])
+    nf4 = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                             bnb_4bit_compute_dtype=torch.float32)
+    trained = _logits(PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(tiny_model, quantization_config=nf4, dtype=torch.float32), nf4_adapter), ids)
+    merged = _logits(AutoModelForCausalLM.from_pretrained(tmp_path / "merged"), ids)
+    full_precision = _logits(PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model),
+                                                       nf4_adapter).merge_and_unload(), ids)
+    into_dequantized = (merged - trained).abs().max().item()
+    into_full = (full_precision - trained).abs().max().item()  # what merge did before: measured 6.0e-2
+    assert into_dequantized < 1e-5 and into_full > 1e-3, (into_dequantized, into_full)
+
+
+def test_merging_a_qlora_adapter_without_bitsandbytes_is_refused_with_the_reason(tmp_path, nf4_adapter,
+                                                                                 monkeypatch):
+    import importlib.util
+
+    from click.testing import CliRunner
+
+    from sfttrain.cli import main
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
+    result = CliRunner().invoke(main, ["merge", nf4_adapter, "--out", str(tmp_path / "merged")])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert result.output.strip() == (
+        f"Error: {nf4_adapter} was trained on a 4-bit nf4 double-quant base: merging it needs bitsandbytes to rebuild "
+        "that base and dequantize it (pip install bitsandbytes); merged into the full-precision weights, the result "
+        "would not be the model that was trained")
+    assert not (tmp_path / "merged").exists()
