@@ -146,7 +146,7 @@ def _print_end(console, r) -> None:
 @click.option("--trust-remote-code", is_flag=True, help="Allow the model folder's own Python code.")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty --out.")
 def merge(adapter: str, model: str | None, out: str, dtype: str, trust_remote_code: bool, overwrite: bool) -> None:
-    """Fold the LoRA adapter in ADAPTER_DIR into its base model; save model and tokenizer to --out."""
+    """Fold the LoRA adapter in ADAPTER_DIR into its base model (one trained on a 4-/8-bit base: into that base, dequantized); save model and tokenizer to --out."""
     from .api import check_merge, merge_base
     from .api import merge as merge_adapter
 
