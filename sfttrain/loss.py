@@ -13,7 +13,7 @@ keeps those rows' hidden states (N, H) and lets the model's own head see only th
 `per_token_loss` then runs head + cross-entropy over the N rows in chunks, each inside a
 checkpoint, so at most one chunk of logits exists at a time, in training and in eval alike:
 
-    chunk rows = LOGITS_BUDGET / (4 bytes x vocabulary)      256 MiB: 2,048 rows at 32k, 519 at 129k
+    chunk rows = LOGITS_BUDGET / (4 bytes x vocabulary)      256 MiB: 2,097 rows at 32k, 519 at 129k
 
 What the model does after its head (Gemma-2's soft-capping, Cohere's logit scale, Granite's
 logit scaling) is applied by `logit_transform`, read from the config; every call compares the
@@ -30,6 +30,7 @@ from typing import Any, Callable
 
 import torch
 
+from sftprep.errors import ConfigError
 from sftprep.tokenize.labels import IGNORE_INDEX
 
 LOGITS_BUDGET = 256 << 20
@@ -96,10 +97,10 @@ class TrainedHead:
             if not torch.isfinite(theirs).all():
                 return  # diverged weights: the step's non-finite loss is reported (trainer.check_step)
             if not torch.allclose(ours, theirs, rtol=1e-3, atol=1e-3 * (1 + float(theirs.abs().max()))):
-                raise ValueError(
+                raise ConfigError(
                     f"the logits of this {self.model_type} model are not its LM head's output (max difference "
                     f"{float((ours - theirs).abs().max()):.3g}): the model transforms them in a way sfttrain's "
-                    "memory-bounded loss does not know; please report the model type")
+                    "memory-bounded loss does not know (training on would use wrong logits); please report the model type")
 
 
 @contextlib.contextmanager
