@@ -36,10 +36,11 @@ def precision_check(config: TrainConfig, cuda: bool, cuda_bf16: bool, cpu_bf16: 
     bf16 = bool(t.bf16) or dtype == "bf16"
     asked = " and ".join(f for f, on in (("--bf16", t.bf16), ("--fp16", t.fp16), (f"--dtype {dtype}", dtype != "auto"))
                          if on)
-    if not cuda and (t.fp16 or dtype == "fp16"):
+    fp16 = " and ".join(f for f, on in (("--fp16", t.fp16), ("--dtype fp16", dtype == "fp16")) if on)
+    if not cuda and fp16:
         alt = " (or --bf16: this CPU computes bf16 natively)" if cpu_bf16 else ""
-        raise ConfigError(f"{asked} needs a CUDA GPU: fp16 on CPU has no loss scaling and slow kernels; on this "
-                          f"machine drop {'--fp16' if t.fp16 else '--dtype fp16'} to train in fp32{alt}")
+        raise ConfigError(f"{fp16} needs a CUDA GPU: fp16 on CPU has no loss scaling and slow kernels; on this "
+                          f"machine drop {fp16} to train in fp32{alt}")
     if cuda and bf16 and not cuda_bf16:
         raise ConfigError(f"{asked}: this GPU has no bf16 (it needs compute capability 8.0+, e.g. A100); on this "
                           "machine use --fp16 (mixed precision) or fp32 (--no-bf16 --dtype fp32)")
