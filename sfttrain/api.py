@@ -221,10 +221,14 @@ def trained_quantization(adapter: str | Path) -> TrainConfig | None:
     from .trainer import RUN_FILE
 
     run = Path(adapter) / RUN_FILE
-    if not run.is_file():
+    try:
+        saved = json.loads(run.read_text(encoding="utf-8"))["config"]
+        quant = saved.get("quant") or {}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None  # no run info (an adapter from elsewhere): nothing says it was trained quantized
+    if not (quant.get("load_in_4bit") or quant.get("load_in_8bit")):
         return None
-    config = TrainConfig.from_dict(json.loads(run.read_text(encoding="utf-8"))["config"])
-    return config if config.quantized else None
+    return TrainConfig.from_dict(saved)
 
 
 def merge_base(adapter: str | Path) -> str:
