@@ -15,7 +15,6 @@ from .config import ConfigError
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 IDENTITY_KEYS = ("vocab_size", "vocab_hash", "pad_id", "eos_id")
-SHARD_COLUMNS = ("input_ids", "labels", "seq_lens")
 
 
 def open_build(folder: str | Path, verify_checksums: bool = False, flag: str = "SHARDS") -> dict[str, Any]:
@@ -157,13 +156,15 @@ def _check_footer(f: Path, entry: dict[str, Any]) -> None:
     (reads the footer and batch headers of the memory map, not the data)."""
     import pyarrow as pa
 
+    from sftprep.write.shards import TRAINED_COLUMNS
+
     try:
         reader = pa.ipc.open_file(pa.memory_map(str(f)))
         rows = sum(reader.get_batch(i).num_rows for i in range(reader.num_record_batches))
     except (pa.ArrowInvalid, OSError) as e:
         raise ConfigError(f"{f} is not a complete Arrow file ({e}); it was truncated or overwritten: rebuild with "
                           "`sftprep build --overwrite` (or copy the file again)") from None
-    missing = [c for c in SHARD_COLUMNS if c not in reader.schema.names]
+    missing = [c for c in TRAINED_COLUMNS if c not in reader.schema.names]
     if missing or rows != int(entry["rows"]):
         what = f"lacks the columns {', '.join(missing)}" if missing else f"holds {rows} rows, not {entry['rows']}"
         raise ConfigError(f"{f} {what} as its manifest says; rebuild with `sftprep build --overwrite`")

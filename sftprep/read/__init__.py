@@ -1,7 +1,7 @@
 """Readers: one module per file type, each yielding `Record`s with their provenance.
 
-`iter_records(patterns)` expands globs and folders, picks the reader by file type and streams
-records in a deterministic order (inputs in the order given, globs sorted).
+`expand_inputs(patterns)` resolves files, folders and globs (inputs in the order given, globs sorted);
+`reader_for(path)` picks the reader by file type; each reader streams its file's records.
 """
 
 from __future__ import annotations
@@ -9,10 +9,10 @@ from __future__ import annotations
 import glob
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 from ..errors import InputError
 
-__all__ = ["Record", "count_records", "expand_inputs", "iter_records", "reader_for"]
+__all__ = ["Record", "count_records", "expand_inputs", "reader_for"]
 
 
 @dataclass(slots=True)
@@ -73,12 +73,6 @@ def reader_for(path: Path):
         raise InputError(f"input {path}: unsupported file type {suffix or '(none)'!r}; expected one of "
                          f"{', '.join(sorted(by_suffix))} or a `datasets.save_to_disk` folder")
     return by_suffix[suffix.lower()]
-
-
-def iter_records(patterns: tuple[str, ...] | list[str]) -> Iterator[Record]:
-    """Stream every record of every input, in order."""
-    for path in expand_inputs(patterns):
-        yield from reader_for(path)(path)
 
 
 def count_records(path: Path) -> int | None:
