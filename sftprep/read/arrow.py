@@ -28,14 +28,14 @@ def read(path: Path) -> Iterator[Record]:
     row = 0
     try:
         for batch in iter_batches(path):
-            for rec in _rows(batch, path, row):
+            for rec in batch_rows(batch, path, row):
                 yield Record(rec, f"{path}:row {row}")
                 row += 1
     except (pa.ArrowException, OSError) as e:
         raise InputError(f"{path}: not a readable Arrow file (after row {row}): {e}") from None
 
 
-def _rows(batch, path: Path, first: int) -> list[dict]:
+def batch_rows(batch, path: Path, first: int) -> list[dict]:
     """The batch's rows as dicts; a string column holding bytes that are not UTF-8 (Arrow does not check
     what a writer declared as text) is an `InputError` naming the row and column."""
     try:

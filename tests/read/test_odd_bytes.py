@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -20,10 +21,14 @@ def _build(*args) -> tuple[int, str]:
     return r.exit_code, r.output.strip()
 
 
-def test_an_arrow_string_column_holding_invalid_utf8_names_the_row_and_column(tmp_path):
-    # Arrow does not check the bytes a writer declares as text: a binary column viewed as strings
+def _latin1_table() -> pa.Table:
+    """Arrow does not check the bytes a writer declares as text: a binary column viewed as strings."""
     prompts = pa.array([b"fine", b"caf\xe9 au lait"], type=pa.binary()).view(pa.string())
-    table = pa.table({"prompt": prompts, "completion": pa.array([" a", " b"])})
+    return pa.table({"prompt": prompts, "completion": pa.array([" a", " b"])})
+
+
+def test_an_arrow_string_column_holding_invalid_utf8_names_the_row_and_column(tmp_path):
+    table = _latin1_table()
     with pa.ipc.new_file(tmp_path / "latin1.arrow", table.schema) as w:
         w.write_table(table)
     code, out = _build("-i", tmp_path / "latin1.arrow", "-t", MISTRAL, "-o", tmp_path / "out")
@@ -31,6 +36,18 @@ def test_an_arrow_string_column_holding_invalid_utf8_names_the_row_and_column(tm
     assert out.splitlines()[-1] == (f"Error: {tmp_path / 'latin1.arrow'}:row 1: column 'prompt' holds bytes that "
                                     "are not UTF-8 (invalid continuation byte at byte 3); re-encode the file's "
                                     "text as UTF-8")
+
+
+def test_a_save_to_disk_folder_holding_invalid_utf8_names_the_row_and_column(tmp_path):
+    folder, table = tmp_path / "saved", _latin1_table()
+    folder.mkdir()
+    with pa.ipc.new_stream(folder / "data-00000-of-00001.arrow", table.schema) as w:  # as `datasets` writes it
+        w.write_table(table)
+    (folder / "state.json").write_text(json.dumps({"_data_files": [{"filename": "data-00000-of-00001.arrow"}]}))
+    code, out = _build("-i", folder, "-t", MISTRAL, "-o", tmp_path / "out")
+    assert code == 2
+    assert out.splitlines()[-1] == (f"Error: {folder}:row 1: column 'prompt' holds bytes that are not UTF-8 "
+                                    "(invalid continuation byte at byte 3); re-encode the file's text as UTF-8")
 
 
 def test_an_input_file_name_that_is_not_utf8_is_refused_in_one_line(tmp_path):
