@@ -49,11 +49,24 @@ def expand_inputs(patterns: tuple[str, ...] | list[str]) -> list[Path]:
             if not p.exists():
                 raise FileNotFoundError(f"input {pattern} does not exist")
             paths.append(p)
+    for p in paths:
+        check_name(p)
     seen: set[Path] = set()
     unique = [p for p in paths if not (p in seen or seen.add(p))]
     for p in unique:
         reader_for(p)  # fail early on an unsupported file type
     return unique
+
+
+def check_name(path: Path) -> None:
+    """Refuse a file name that is not UTF-8 (the file system allows any bytes): each record's provenance,
+    the rejects file and the manifest name their input in text."""
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        shown = str(path).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        raise InputError(f"input {shown}: the file name is not valid UTF-8; rename the file "
+                         "(e.g. `convmv -f latin1 -t utf8`) or link it under a UTF-8 name") from None
 
 
 def reader_for(path: Path):
