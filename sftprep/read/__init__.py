@@ -1,7 +1,7 @@
 """Readers: one module per file type, each yielding `Record`s with their provenance.
 
-`iter_records(patterns)` expands globs and folders, picks the reader by file type and streams
-records in a deterministic order (inputs in the order given, globs sorted).
+`expand_inputs(patterns)` resolves files, folders and globs (inputs in the order given, globs sorted);
+`reader_for(path)` picks the reader by file type; each reader streams its file's records.
 """
 
 from __future__ import annotations
@@ -9,10 +9,10 @@ from __future__ import annotations
 import glob
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 from ..errors import InputError
 
-__all__ = ["Record", "count_records", "expand_inputs", "iter_records", "reader_for"]
+__all__ = ["Record", "count_records", "expand_inputs", "reader_for"]
 
 
 @dataclass(slots=True)
@@ -49,11 +49,24 @@ def expand_inputs(patterns: tuple[str, ...] | list[str]) -> list[Path]:
             if not p.exists():
                 raise FileNotFoundError(f"input {pattern} does not exist")
             paths.append(p)
+    for p in paths:
+        check_name(p)
     seen: set[Path] = set()
     unique = [p for p in paths if not (p in seen or seen.add(p))]
     for p in unique:
         reader_for(p)  # fail early on an unsupported file type
     return unique
+
+
+def check_name(path: Path) -> None:
+    """Refuse a file name that is not UTF-8 (the file system allows any bytes): each record's provenance,
+    the rejects file and the manifest name their input in text."""
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        shown = str(path).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        raise InputError(f"input {shown}: the file name is not valid UTF-8; rename the file "
+                         "(e.g. `convmv -f latin1 -t utf8`) or link it under a UTF-8 name") from None
 
 
 def reader_for(path: Path):
@@ -73,12 +86,6 @@ def reader_for(path: Path):
         raise InputError(f"input {path}: unsupported file type {suffix or '(none)'!r}; expected one of "
                          f"{', '.join(sorted(by_suffix))} or a `datasets.save_to_disk` folder")
     return by_suffix[suffix.lower()]
-
-
-def iter_records(patterns: tuple[str, ...] | list[str]) -> Iterator[Record]:
-    """Stream every record of every input, in order."""
-    for path in expand_inputs(patterns):
-        yield from reader_for(path)(path)
 
 
 def count_records(path: Path) -> int | None:
