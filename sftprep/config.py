@@ -114,6 +114,14 @@ class ReadConfig:
     """What a bad record does: skip (listed in rejects.jsonl) or fail (stop, exit 2) (--on-error)."""
     max_reject_ratio: float = 0.5
     """Stop the build when more than this share of records is rejected (--max-reject-ratio)."""
+    max_record_bytes: int = 64 << 20
+    """The longest record in bytes (a JSON Lines line, a JSON array item or file); a longer one is rejected
+    as `too_large` without being read into memory (--max-record-bytes)."""
+    max_gzip_ratio: float = 100.0
+    """A `.gz` input may inflate to this many times its compressed size (past its first 64 MiB); more stops
+    the build as a gzip bomb (--max-gzip-ratio)."""
+    max_blank_lines: int = 1_000_000
+    """Empty lines in a row a JSON Lines file may hold; more stops the build there (--max-blank-lines)."""
 
 
 @dataclass(frozen=True)
@@ -257,6 +265,9 @@ def _check(c: BuildConfig) -> list[str]:
         p.append(f"num_samples={c.read.num_samples} must be at least 1")
     if not 0 <= c.read.max_reject_ratio <= 1:
         p.append(f"max_reject_ratio={c.read.max_reject_ratio} must be between 0 and 1")
+    for key in ("max_record_bytes", "max_gzip_ratio", "max_blank_lines"):
+        if getattr(c.read, key) < 1:
+            p.append(f"{key}={getattr(c.read, key)} must be at least 1")
     t = c.template
     if (t.prompt is None) != (t.completion is None):
         p.append("template.prompt and template.completion go together: give both (--prompt and --completion)")
@@ -337,6 +348,9 @@ SHORTCUTS: dict[str, tuple[str | None, str]] = {
     "num_samples": ("read", "num_samples"),
     "on_error": ("read", "on_error"),
     "max_reject_ratio": ("read", "max_reject_ratio"),
+    "max_record_bytes": ("read", "max_record_bytes"),
+    "max_gzip_ratio": ("read", "max_gzip_ratio"),
+    "max_blank_lines": ("read", "max_blank_lines"),
     "tokenizer": ("tokenize", "tokenizer"),
     "max_length": ("tokenize", "max_length"),
     "truncation": ("tokenize", "truncation"),

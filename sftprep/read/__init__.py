@@ -6,11 +6,15 @@ records in a deterministic order (inputs in the order given, globs sorted).
 
 from __future__ import annotations
 
+import functools
 import glob
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 from ..errors import InputError
+
+if TYPE_CHECKING:
+    from ..config import ReadConfig
 
 __all__ = ["Record", "count_records", "expand_inputs", "iter_records", "reader_for"]
 
@@ -23,6 +27,7 @@ class Record:
     source: str  # "file:line" for text formats, "file:row N" for tabular ones
     error: str | None = None
     size: int = 0  # bytes of input it came from, where known (bounds a batch's memory)
+    reason: str = "unreadable"  # the reject's category when `fields` is None (`too_large`: past max_record_bytes)
 
 
 GLOB_PREFIX = "glob:"  # `glob:PATTERN` is always expanded, even where a file has that very name
@@ -56,8 +61,9 @@ def expand_inputs(patterns: tuple[str, ...] | list[str]) -> list[Path]:
     return unique
 
 
-def reader_for(path: Path):
-    """The reader module's `read(path)` for a path, by extension (or folder layout)."""
+def reader_for(path: Path, limits: ReadConfig | None = None):
+    """The reader module's `read(path)` for a path, by extension (or folder layout); text readers
+    keep to `limits` (`ReadConfig`'s max_record_bytes, max_gzip_ratio, max_blank_lines)."""
     from . import arrow, csvfile, hf_disk, jsonfile, parquet
 
     if path.is_dir():
@@ -72,13 +78,14 @@ def reader_for(path: Path):
     if suffix.lower() not in by_suffix:
         raise InputError(f"input {path}: unsupported file type {suffix or '(none)'!r}; expected one of "
                          f"{', '.join(sorted(by_suffix))} or a `datasets.save_to_disk` folder")
-    return by_suffix[suffix.lower()]
+    read = by_suffix[suffix.lower()]
+    return functools.partial(read, limits=limits) if read in (jsonfile.read_lines, jsonfile.read_json) else read
 
 
-def iter_records(patterns: tuple[str, ...] | list[str]) -> Iterator[Record]:
+def iter_records(patterns: tuple[str, ...] | list[str], limits: ReadConfig | None = None) -> Iterator[Record]:
     """Stream every record of every input, in order."""
     for path in expand_inputs(patterns):
-        yield from reader_for(path)(path)
+        yield from reader_for(path, limits)(path)
 
 
 def count_records(path: Path) -> int | None:

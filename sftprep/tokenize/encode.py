@@ -125,7 +125,7 @@ class Encoder:
         for sid, rec in batch:
             try:
                 if rec.error is not None:
-                    raise FormatError(rec.error, "unreadable")
+                    raise FormatError(rec.error, rec.reason)
                 conv = normalize(rec.fields, self.format, self.read.fields)
                 self._add(out, conv, sid, rec.source)
             except FormatError as e:
