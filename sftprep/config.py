@@ -89,7 +89,7 @@ def _kwargs(values: tuple[str, ...]) -> dict[str, Any] | None:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"--template-kwarg expects KEY=VALUE, got {item!r}")
-        out[key.strip()] = yaml_value(value)
+        out[key.strip()] = yaml_value(value, f"--template-kwarg {key.strip()}")
     return out or None
 
 
@@ -152,6 +152,12 @@ class TemplateConfig:
     """A Jinja chat template file used instead of the tokenizer's own (it implies --template tokenizer) and
     copied into the build's tokenizer/ folder, so sfttrain and the saved adapter carry it (--chat-template;
     TRL's `chat_template_path`)."""
+    max_render_seconds: float = 10.0
+    """A chat template's render may take this long; a longer one rejects its record as `template_limit`
+    (--max-render-seconds)."""
+    max_render_chars: int = 64 << 20
+    """The most characters a chat template's render may write, or hold in one string or list it builds; more
+    rejects its record as `template_limit` (--max-render-chars)."""
 
     def __post_init__(self) -> None:
         if self.chat_template and self.name is None:  # the file stands in for the tokenizer's own template
@@ -265,9 +271,12 @@ def _check(c: BuildConfig) -> list[str]:
         p.append(f"num_samples={c.read.num_samples} must be at least 1")
     if not 0 <= c.read.max_reject_ratio <= 1:
         p.append(f"max_reject_ratio={c.read.max_reject_ratio} must be between 0 and 1")
-    for key in ("max_record_bytes", "max_gzip_ratio", "max_blank_lines"):
-        if getattr(c.read, key) < 1:
-            p.append(f"{key}={getattr(c.read, key)} must be at least 1")
+    for section, key in (("read", "max_record_bytes"), ("read", "max_gzip_ratio"), ("read", "max_blank_lines"),
+                         ("template", "max_render_chars")):
+        if getattr(getattr(c, section), key) < 1:
+            p.append(f"{key}={getattr(getattr(c, section), key)} must be at least 1")
+    if c.template.max_render_seconds <= 0:
+        p.append(f"max_render_seconds={c.template.max_render_seconds} must be more than 0")
     t = c.template
     if (t.prompt is None) != (t.completion is None):
         p.append("template.prompt and template.completion go together: give both (--prompt and --completion)")
@@ -367,6 +376,8 @@ SHORTCUTS: dict[str, tuple[str | None, str]] = {
     "template_kwargs": ("template", "kwargs"),
     "stop_tokens": ("template", "stop_tokens"),
     "chat_template": ("template", "chat_template"),
+    "max_render_seconds": ("template", "max_render_seconds"),
+    "max_render_chars": ("template", "max_render_chars"),
 }
 _TOP = ("out", "workers", "overwrite", "part")  # allow_code is never read from a file: a YAML file is data
 
@@ -623,11 +634,45 @@ def _yaml_loader() -> type:
     return Loader
 
 
-def yaml_value(text: str) -> Any:
-    """A YAML document (a config file, a `--template-kwarg` value) as Python values (`_yaml_loader`)."""
+MAX_YAML_VALUES = 1_000_000
+"""Values a YAML document may hold with its aliases expanded: a config holds hundreds; an alias bomb (nine
+aliases of nine aliases ..., 9^9 values from a few lines) would hang whatever walks it."""
+
+
+def yaml_value(text: str, where: str = "the YAML") -> Any:
+    """A YAML document (a config file, a `--template-kwarg` value) as Python values (`_yaml_loader`),
+    refused (`ConfigError` naming `where`) if its aliases expand past MAX_YAML_VALUES or into a cycle."""
     import yaml
 
-    return yaml.load(text, Loader=_yaml_loader())  # noqa: S506 (a SafeLoader)
+    value = yaml.load(text, Loader=_yaml_loader())  # noqa: S506 (a SafeLoader)
+    _check_expansion(value, where)
+    return value
+
+
+def _check_expansion(value: Any, where: str) -> None:
+    """Count `value`'s values as if its aliases were copies, each shared part once (so in time linear
+    in the document), stopping at MAX_YAML_VALUES."""
+    sizes: dict[int, int] = {}  # id of a list or mapping -> its expanded size; -1 while it is being counted
+
+    def size(v: Any) -> int:
+        if not isinstance(v, (list, dict)):
+            return 1
+        n = sizes.get(id(v))
+        if n == -1:
+            raise ConfigError(f"{where}: an alias refers to a value that holds it (a cycle); write the value out")
+        if n is None:
+            sizes[id(v)] = -1
+            n = 1 + sum(size(x) for x in (v.values() if isinstance(v, dict) else v))
+            if n > MAX_YAML_VALUES:
+                raise ConfigError(f"{where}: its aliases (*name) expand to more than {MAX_YAML_VALUES:,} values "
+                                  "(an alias bomb?); write the values out, or use fewer aliases")
+            sizes[id(v)] = n
+        return n
+
+    try:
+        size(value)
+    except RecursionError:
+        raise ConfigError(f"{where}: nested too deeply") from None
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
@@ -638,7 +683,7 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     if not p.is_file():
         raise FileNotFoundError(f"config file {p} does not exist")
     try:
-        data = yaml_value(p.read_text(encoding="utf-8"))
+        data = yaml_value(p.read_text(encoding="utf-8"), str(p))
     except yaml.YAMLError as e:
         raise ConfigError(f"{p}: not valid YAML: {e}") from None
     if data is None:

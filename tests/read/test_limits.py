@@ -5,10 +5,7 @@ from __future__ import annotations
 
 import gzip
 import json
-import os
-import resource
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,28 +14,11 @@ from sftprep import build, config_from_dict
 from sftprep.config import ReadConfig
 from sftprep.read import iter_records
 from tests.conftest import MISTRAL, write_jsonl
-
-ROOT = Path(__file__).resolve().parents[2]
-MEMORY = 1536 << 20  # address space of the build process: a normal build fits in it many times over
+from tests.limited import one_line_error, sftprep_limited
 
 
 def build_limited(tmp_path: Path, *args: str, timeout: int = 60) -> subprocess.CompletedProcess:
-    """`sftprep build` in a subprocess under a real RLIMIT_AS of MEMORY bytes."""
-    def limit() -> None:
-        resource.setrlimit(resource.RLIMIT_AS, (MEMORY, MEMORY))
-
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, "-m", "sftprep.cli", "build", "-t", MISTRAL, "-o", str(tmp_path / "out"),
-                           *args], capture_output=True, text=True, timeout=timeout, preexec_fn=limit, env=env,
-                          cwd=tmp_path)
-
-
-def one_line_error(r: subprocess.CompletedProcess) -> str:
-    assert r.returncode == 2, r.stderr[-2000:]
-    assert "Traceback" not in r.stderr
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1, r.stderr[-2000:]
-    return lines[0]
+    return sftprep_limited(tmp_path, "build", "-t", MISTRAL, "-o", tmp_path / "out", *args, timeout=timeout)
 
 
 def gzip_bomb(path: Path, head: bytes, filler: bytes, mib: int) -> Path:
