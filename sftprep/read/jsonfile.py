@@ -136,7 +136,7 @@ def _lines(f, path: Path, limits: ReadConfig) -> Iterator[tuple[int, bytes | Non
     of more than `max_blank_lines` empty lines, or an over-long line in a stream that may never end
     (a device, a pipe), stops the file with an InputError."""
     most, blank_most = limits.max_record_bytes, limits.max_blank_lines
-    regular = stat.S_ISREG(os.fstat(f.fileno()).st_mode) if hasattr(f, "fileno") and path.suffix != ".gz" else True
+    regular = path.suffix == ".gz" or stat.S_ISREG(os.fstat(f.fileno()).st_mode)  # a .gz ends: max_gzip_ratio
     lineno, blanks, parts, size = 0, 0, [], 0  # parts: the current line so far (None once it is too long)
     while chunk := f.read(CHUNK):
         pieces = chunk.split(b"\n")
