@@ -30,7 +30,6 @@ from .write.files import overlaps
 from .write.manifest import tokenizer_dir, write_manifest
 from .write.output import (TOKENIZER_DIR, OutLock, build_id, build_manifest, check_rejects, empty_inputs, hash_input,
                      hash_tokenizer, owned, prepare_out, remove_temps, write_build)
-from .write.shards import load  # noqa: F401 (load: part of the public surface)
 from .write.store import SampleStore
 
 SPILL_STEM = "tokens.spill"  # tokens.spill.{ids,labels}.tmp: removed at the end, or by the next build

@@ -89,8 +89,19 @@ def _kwargs(values: tuple[str, ...]) -> dict[str, Any] | None:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"--template-kwarg expects KEY=VALUE, got {item!r}")
-        out[key.strip()] = yaml_value(value, f"--template-kwarg {key.strip()}")
+        out[key.strip()] = _kwarg_value(key.strip(), value)
     return out or None
+
+
+def _kwarg_value(key: str, text: str) -> Any:
+    import yaml
+
+    try:
+        return yaml_value(text, f"--template-kwarg {key}")
+    except yaml.YAMLError as e:  # e.g. a `!!python/...` tag: the safe loader refuses it
+        problem = str(getattr(e, "problem", None) or e).splitlines()[0]
+        raise ConfigError(f"--template-kwarg {key}: not a plain YAML value ({problem}); give text, a number, "
+                          "true/false, a list or a mapping") from None
 
 
 @dataclass(frozen=True)
@@ -686,6 +697,9 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
         data = yaml_value(p.read_text(encoding="utf-8"), str(p))
     except yaml.YAMLError as e:
         raise ConfigError(f"{p}: not valid YAML: {e}") from None
+    except UnicodeDecodeError as e:  # a binary file, or text in another encoding
+        raise ConfigError(f"{p}: not a YAML text file (byte {e.start} is not UTF-8); give a UTF-8 YAML "
+                          "config") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -19,8 +19,8 @@ from sftprep.errors import UserError
 from sftprep.pack.packing import mode
 
 from .attention import AttentionPath, choose_attention, model_traits
-from .checks import (build_stats, check_same_tokenizer, check_tokenizer, has_tokenizer, model_config,
-                     open_build)
+from .checks import (build_stats, check_same_tokenizer, check_tokenizer, checkpoint_problem, has_tokenizer,
+                     model_config, open_build, safetensors_problem)
 from .config import DTYPES, ConfigError, TrainConfig
 
 FINAL = "final"
@@ -163,6 +163,8 @@ def _fit(s: Setup, trainer, stopper, summary: dict[str, Any]) -> TrainResult:
     """Run the Trainer (resuming where asked); save adapter + tokenizer to OUTPUT_DIR/final."""
     import signal
 
+    from .trainer import saving
+
     stopper.install()
     try:
         out = trainer.train(resume_from_checkpoint=s.resume_from)
@@ -185,7 +187,8 @@ def _fit(s: Setup, trainer, stopper, summary: dict[str, Any]) -> TrainResult:
         result.eval_loss = metrics.get("eval_loss")
         result.metrics.update(metrics)
     final = Path(output_dir) / FINAL
-    trainer.save_model(str(final))  # with sfttrain.json
+    with saving(final, output_dir, trainer.is_world_process_zero()):
+        trainer.save_model(str(final))  # with sfttrain.json
     result.final_dir = str(final)
     return result
 
@@ -202,7 +205,15 @@ def check_merge(adapter: str | Path, out: str | Path, model: str | Path | None =
     if not cfg_file.is_file():
         hint = " (it holds a full model already: load it directly)" if (adapter / "config.json").is_file() else ""
         raise ConfigError(f"{adapter} is not a LoRA adapter folder: no adapter_config.json{hint}")
-    base = str(model or json.loads(cfg_file.read_text())["base_model_name_or_path"])
+    try:
+        recorded = json.loads(cfg_file.read_text(encoding="utf-8")).get("base_model_name_or_path")
+    except (OSError, ValueError, AttributeError):
+        recorded, damaged = None, f"{cfg_file} is truncated or unreadable"
+    else:
+        damaged = safetensors_problem(adapter / "adapter_model.safetensors")
+    if damaged:
+        raise ConfigError(f"{damaged}: the adapter is damaged; merge another checkpoint (or copy the files again)")
+    base = str(model or recorded)
     model_config(base)
     if dtype not in DTYPES:
         raise ConfigError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
@@ -285,16 +296,61 @@ def _resume_point(config: TrainConfig, manifest: dict[str, Any]) -> tuple[str | 
             raise ConfigError(f"--output-dir {out} already holds {checkpoints[-1].name}: pass --resume to continue "
                               "that run, --overwrite to start afresh, or choose another --output-dir")
         return None, []
-    complete = saved_checkpoints(out)
-    if not complete:
-        raise ConfigError(f"--resume: {out} holds no checkpoint to continue from; run without --resume")
-    last = complete[-1]
+    last = _last_whole(saved_checkpoints(out), out)
+    shape = adapter_changes(last, config)
+    if shape:
+        raise ConfigError(f"--resume: the adapter in {last} has another shape than this run's: {'; '.join(shape)}; "
+                          "a checkpoint's weights fit only the adapter they were trained in (--accept-changes "
+                          "cannot apply this): resume with its settings, or start a new --output-dir")
     changes = resume_changes(last, config, manifest)
     if changes and not config.train.accept_changes:
         raise ConfigError(f"--resume: this run differs from {last}: {'; '.join(changes)}; resume with the same "
                           "shards and settings, pass --accept-changes to continue with these changes, or start a "
                           "new --output-dir")
     return str(last), changes
+
+
+def _last_whole(complete: list[Path], out: Path) -> Path:
+    """The newest checkpoint whose files are whole (`checkpoint_problem`); a damaged newer one (a write cut
+    by a full disk or a kill) is passed over with a warning naming its damaged file."""
+    from .trainer import log
+
+    damaged = []
+    for folder in reversed(complete):
+        problem = checkpoint_problem(folder)
+        if problem is None:
+            if damaged:
+                log.warning(f"Warning: --resume: {damaged[0]}; resuming from {folder}, the last complete checkpoint")
+            return folder
+        damaged.append(problem)
+    if damaged:
+        raise ConfigError(f"--resume: no complete checkpoint in {out}: {damaged[0]}; run without --resume "
+                          "(--overwrite) to start again")
+    raise ConfigError(f"--resume: {out} holds no checkpoint to continue from; run without --resume")
+
+
+def adapter_changes(checkpoint: Path, config: TrainConfig) -> list[str]:
+    """How this run's adapter would differ in shape from the checkpoint's (method, rank, modules trained
+    in full: from its adapter_config.json; target modules: from its sfttrain.json, as given)."""
+    from .trainer import RUN_FILE
+
+    lc, cfg_file = config.lora, checkpoint / "adapter_config.json"
+    saved = json.loads(cfg_file.read_text(encoding="utf-8")) if cfg_file.is_file() else None
+    if (saved is None) != (lc.method == "full"):
+        return [f"it trained {'every weight' if saved is None else 'a LoRA adapter'}, this run --method {lc.method}"]
+    if saved is None:
+        return []
+    out = [] if saved.get("r") == lc.r else [f"--lora-r {saved.get('r')} -> {lc.r}"]
+    was, now = sorted(saved.get("modules_to_save") or []), sorted(lc.modules_to_save)
+    if was != now:
+        out.append(f"--modules-to-save {','.join(was) or '(none)'} -> {','.join(now) or '(none)'}")
+    try:
+        targets = json.loads((checkpoint / RUN_FILE).read_text(encoding="utf-8"))["config"]["lora"]["target_modules"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return out  # no record of the flag: peft's expanded list cannot be compared with a pattern
+    if sorted(targets) != sorted(lc.target_modules):
+        out.append(f"--target-modules {','.join(targets)} -> {','.join(lc.target_modules)}")
+    return out
 
 
 # Settings that change nothing the run learns: where things are written, how often, how data is read.

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,6 @@ from .config import ConfigError
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 IDENTITY_KEYS = ("vocab_size", "vocab_hash", "pad_id", "eos_id")
-SHARD_COLUMNS = ("input_ids", "labels", "seq_lens")
 
 
 def open_build(folder: str | Path, verify_checksums: bool = False, flag: str = "SHARDS") -> dict[str, Any]:
@@ -157,16 +157,63 @@ def _check_footer(f: Path, entry: dict[str, Any]) -> None:
     (reads the footer and batch headers of the memory map, not the data)."""
     import pyarrow as pa
 
+    from sftprep.write.shards import TRAINED_COLUMNS
+
     try:
         reader = pa.ipc.open_file(pa.memory_map(str(f)))
         rows = sum(reader.get_batch(i).num_rows for i in range(reader.num_record_batches))
     except (pa.ArrowInvalid, OSError) as e:
         raise ConfigError(f"{f} is not a complete Arrow file ({e}); it was truncated or overwritten: rebuild with "
                           "`sftprep build --overwrite` (or copy the file again)") from None
-    missing = [c for c in SHARD_COLUMNS if c not in reader.schema.names]
+    missing = [c for c in TRAINED_COLUMNS if c not in reader.schema.names]
     if missing or rows != int(entry["rows"]):
         what = f"lacks the columns {', '.join(missing)}" if missing else f"holds {rows} rows, not {entry['rows']}"
         raise ConfigError(f"{f} {what} as its manifest says; rebuild with `sftprep build --overwrite`")
+
+
+# -- the trainer's own files: checked before they are loaded -------------------------------------
+
+def safetensors_problem(path: Path) -> str | None:
+    """Why a .safetensors file is not whole (None when it is), read without torch: an 8-byte header
+    length, a JSON header, and tensors that end where the file ends (a cut file ends early)."""
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            length = int.from_bytes(f.read(8), "little") if size >= 8 else None
+            if length is None or length > size - 8:
+                return f"{path} is truncated ({size:,} bytes, shorter than its own header)"
+            header = json.loads(f.read(length))
+            end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+    except OSError as e:
+        return f"{path} cannot be read ({e.strerror or e})"
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+        return f"{path} has a damaged header (not the JSON a safetensors file starts with)"
+    if 8 + length + end != size:
+        return f"{path} is truncated: {size:,} bytes where its header lists {8 + length + end:,}"
+    return None
+
+
+def checkpoint_problem(folder: Path) -> str | None:
+    """Why `--resume` cannot continue from a checkpoint folder (None when it can): trainer_state.json
+    (written last, in place) must be whole JSON, the adapter there, every .safetensors whole and every
+    torch file (optimizer, scheduler, RNG state) a whole zip archive."""
+    for name in ("trainer_state.json", "adapter_config.json"):
+        try:
+            json.loads((folder / name).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            continue  # trainer_state.json is there (`saved_checkpoints`); a full fine-tune has no adapter
+        except (OSError, ValueError):
+            return f"{folder / name} is truncated or unreadable"
+    if (folder / "adapter_config.json").is_file() and not (folder / "adapter_model.safetensors").is_file():
+        return f"{folder / 'adapter_model.safetensors'} is missing"
+    for f in sorted(folder.glob("*.safetensors")):
+        problem = safetensors_problem(f)
+        if problem:
+            return problem
+    for f in sorted(p for p in folder.iterdir() if p.suffix in (".pt", ".pth", ".bin")):
+        if not zipfile.is_zipfile(f):
+            return f"{f} is truncated (not a whole torch file)"
+    return None
 
 
 def model_config(model_path: str | Path) -> dict[str, Any]:

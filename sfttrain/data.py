@@ -17,14 +17,13 @@ import torch
 
 from sftprep.errors import InputError
 from sftprep.tokenize.labels import IGNORE_INDEX, mask_sample_starts
-from sftprep.write.shards import cu_seqlens, row_positions, row_problem
+from sftprep.write.shards import TRAINED_COLUMNS, cu_seqlens, row_positions, row_problem
 from sftprep.write.manifest import shard_path
 
 from .attention import REAL_TOKENS, AttentionPath
 from .checks import id_bound
 from .config import ConfigError
 
-COLUMNS = ("input_ids", "labels", "seq_lens")
 
 
 class ShardDataset(torch.utils.data.Dataset):
@@ -54,7 +53,7 @@ class ShardDataset(torch.utils.data.Dataset):
             if t.num_rows != s["rows"]:
                 raise InputError(f"{f} holds {t.num_rows} rows but the manifest says {s['rows']}; "
                                  "rebuild the shards with `sftprep build --overwrite`")
-            tables.append([t.column(c) for c in (*COLUMNS, "sample_ids")])
+            tables.append([t.column(c) for c in (*TRAINED_COLUMNS, "sample_ids")])
         return tables
 
     def __getitem__(self, index: int) -> dict[str, np.ndarray]:
@@ -65,7 +64,7 @@ class ShardDataset(torch.utils.data.Dataset):
         shard = int(np.searchsorted(self.offsets, index, side="right")) - 1
         cols = self._tables[shard]
         row = index - int(self.offsets[shard])
-        out = {name: col[row].values.to_numpy(zero_copy_only=False) for name, col in zip(COLUMNS, cols)}
+        out = {name: col[row].values.to_numpy(zero_copy_only=False) for name, col in zip(TRAINED_COLUMNS, cols)}
         ids = out["input_ids"]
         if len(ids) and (ids.max() > self.max_id or ids.min() < 0):  # O(row): an edited shard, not an IndexError
             bad = int(ids.max() if ids.max() > self.max_id else ids.min())

@@ -8,9 +8,10 @@ Everything that Trainer already does well (optimizers, schedulers, gradient accu
 checkpoints, logging, distributed, NEFTune, gradient checkpointing) is left to it; this module
 only plugs in what it cannot know about packed shards, through its public hooks: the
 `compute_loss_func` argument, `get_train_dataloader`, `compute_loss`, `log`, `evaluation_loop` and
-callbacks (`SetSamplerEpoch`, `StopOnSignal`, `CheckGradients`, `ApplyLearningRate`), and `save_model`,
+callbacks (`SetSamplerEpoch`, `StopOnSignal`, `CheckGradients`, `ApplyLearningRate`), `save_model`,
 which writes sfttrain.json into every checkpoint before the Trainer's trainer_state.json (a checkpoint
-`--resume` can use always says which build and settings it was trained with).
+`--resume` can use always says which build and settings it was trained with), and `_save_checkpoint`,
+whose failed writes (`saving`) leave no half checkpoint.
 """
 
 from __future__ import annotations
@@ -20,10 +21,12 @@ import json
 import logging
 import math
 import os
+import shutil
 import signal
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
@@ -42,6 +45,11 @@ log = logging.getLogger("sfttrain")
 
 class TrainingDiverged(UserError, ArithmeticError):
     """A loss or gradient became NaN or infinite: training stopped before that step changed the weights."""
+
+
+class CheckpointNotSaved(UserError, OSError):
+    """Writing a checkpoint or the final adapter failed (disk full, quota, a file-size limit: torch's zip
+    writer says `unexpected pos`, not ENOSPC); the half-written folder was removed."""
 
 
 class ShardTrainer(Trainer):
@@ -81,6 +89,13 @@ class ShardTrainer(Trainer):
         super().save_model(output_dir, _internal_call)
         if self.run_info is not None and self.is_world_process_zero():
             write_run_info(output_dir or self.args.output_dir, self.run_info)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """The Trainer's, with any failure to write it one `CheckpointNotSaved` line, and the half-written
+        checkpoint-N removed (`--resume` then takes the last complete one, which is left as it was)."""
+        folder = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}"
+        with saving(folder, self.args.output_dir, self.is_world_process_zero()):
+            super()._save_checkpoint(model, trial)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)
@@ -261,6 +276,32 @@ class StopOnSignal(TrainerCallback):
             control.should_save = True
             control.should_training_stop = True
         return control
+
+
+@contextmanager
+def saving(folder: Path, output_dir: str | Path, main_process: bool = True) -> Iterator[None]:
+    """Write `folder` (a checkpoint or the final adapter) whole or not at all: any error while the block
+    writes it removes the folder and becomes one `CheckpointNotSaved` line naming it, the reason, the
+    last complete checkpoint and how to continue."""
+    try:
+        yield
+    except Exception as e:  # noqa: BLE001 (OSError, torch's RuntimeError, safetensors' and tokenizers' own)
+        if main_process:
+            shutil.rmtree(folder, ignore_errors=True)
+        last = saved_checkpoints(output_dir)
+        keep = (f"the last complete checkpoint, {last[-1]}, is intact: free space (or raise the quota / file-size "
+                "limit), then continue with --resume" if last else "no checkpoint was saved: free space (or raise "
+                "the quota / file-size limit) and run again, or choose another --output-dir")
+        raise CheckpointNotSaved(f"could not save {folder} ({_reason(e)}); it was removed; {keep}") from None
+
+
+def _reason(e: Exception) -> str:
+    """A write error in one line: an OSError's own words and file; else the last line of the library's message
+    (torch's zip writer on a full disk: `[enforce fail at inline_container.cc:...] . unexpected pos 8768 vs 8662`)."""
+    if isinstance(e, OSError) and e.strerror:
+        return f"{e.strerror}: {e.filename}" if e.filename else e.strerror
+    last = (str(e).strip().splitlines() or [""])[-1]
+    return f"{type(e).__name__}: {last}: the disk may be full, over quota or past a file-size limit"
 
 
 def write_run_info(folder: str | Path, info: dict[str, Any]) -> None:

@@ -17,7 +17,7 @@ import numpy as np
 
 from ..errors import MissingExtra
 from ..pack.packing import mode
-from ..write.shards import load
+from ..write.shards import load, row_sizes
 from .folder import read_build, read_rejects, read_sample_info, source_file
 
 BINS = 10
@@ -40,13 +40,7 @@ class Collected:
 def collect(path: str | Path) -> Collected:
     """Read what the statistics need from the build in `path`."""
     folder, manifest = read_build(path)
-    table = load(folder)
-    row_tokens, per_row = [], []
-    for chunk in table.column("seq_lens").chunks:
-        off = chunk.offsets.to_numpy().astype(np.int64)
-        cs = np.concatenate([[0], np.cumsum(chunk.flatten().to_numpy(), dtype=np.int64)])
-        row_tokens.append(cs[off[1:] - off[0]] - cs[off[:-1] - off[0]])
-        per_row.append(np.diff(off))
+    row_tokens, per_row = row_sizes(load(folder))
     info = read_sample_info(folder, manifest)
     if info is None:
         raise FileNotFoundError(f"{folder / manifest.get('samples_file', 'samples.arrow')} is missing; "
@@ -57,8 +51,8 @@ def collect(path: str | Path) -> Collected:
         sample_trained=info.column("num_trained").to_numpy(),
         truncated=info.column("truncated").to_numpy(zero_copy_only=False).astype(bool),
         files=[source_file(s) for s in info.column("source").to_pylist()],
-        row_tokens=np.concatenate(row_tokens) if row_tokens else np.zeros(0, np.int64),
-        samples_per_row=np.concatenate(per_row) if per_row else np.zeros(0, np.int64),
+        row_tokens=row_tokens,
+        samples_per_row=per_row,
         rejects=read_rejects(folder, manifest),
     )
 

@@ -1,7 +1,7 @@
 """Readers: one module per file type, each yielding `Record`s with their provenance.
 
-`iter_records(patterns)` expands globs and folders, picks the reader by file type and streams
-records in a deterministic order (inputs in the order given, globs sorted).
+`expand_inputs(patterns)` resolves files, folders and globs (inputs in the order given, globs sorted);
+`reader_for(path)` picks the reader by file type; each reader streams its file's records.
 """
 
 from __future__ import annotations
@@ -10,13 +10,13 @@ import functools
 import glob
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any
 from ..errors import InputError
 
 if TYPE_CHECKING:
     from ..config import ReadConfig
 
-__all__ = ["Record", "count_records", "expand_inputs", "iter_records", "reader_for"]
+__all__ = ["Record", "count_records", "expand_inputs", "reader_for"]
 
 
 @dataclass(slots=True)
@@ -54,11 +54,24 @@ def expand_inputs(patterns: tuple[str, ...] | list[str]) -> list[Path]:
             if not p.exists():
                 raise FileNotFoundError(f"input {pattern} does not exist")
             paths.append(p)
+    for p in paths:
+        check_name(p)
     seen: set[Path] = set()
     unique = [p for p in paths if not (p in seen or seen.add(p))]
     for p in unique:
         reader_for(p)  # fail early on an unsupported file type
     return unique
+
+
+def check_name(path: Path) -> None:
+    """Refuse a file name that is not UTF-8 (the file system allows any bytes): each record's provenance,
+    the rejects file and the manifest name their input in text."""
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        shown = str(path).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        raise InputError(f"input {shown}: the file name is not valid UTF-8; rename the file "
+                         "(e.g. `convmv -f latin1 -t utf8`) or link it under a UTF-8 name") from None
 
 
 def reader_for(path: Path, limits: ReadConfig | None = None):
@@ -80,12 +93,6 @@ def reader_for(path: Path, limits: ReadConfig | None = None):
                          f"{', '.join(sorted(by_suffix))} or a `datasets.save_to_disk` folder")
     read = by_suffix[suffix.lower()]
     return functools.partial(read, limits=limits) if read in (jsonfile.read_lines, jsonfile.read_json) else read
-
-
-def iter_records(patterns: tuple[str, ...] | list[str], limits: ReadConfig | None = None) -> Iterator[Record]:
-    """Stream every record of every input, in order."""
-    for path in expand_inputs(patterns):
-        yield from reader_for(path, limits)(path)
 
 
 def count_records(path: Path) -> int | None:

@@ -28,8 +28,25 @@ def read(path: Path) -> Iterator[Record]:
     row = 0
     try:
         for batch in iter_batches(path):
-            for rec in batch.to_pylist():
+            for rec in batch_rows(batch, path, row):
                 yield Record(rec, f"{path}:row {row}")
                 row += 1
     except (pa.ArrowException, OSError) as e:
         raise InputError(f"{path}: not a readable Arrow file (after row {row}): {e}") from None
+
+
+def batch_rows(batch, path: Path, first: int) -> list[dict]:
+    """The batch's rows as dicts; a string column holding bytes that are not UTF-8 (Arrow does not check
+    what a writer declared as text) is an `InputError` naming the row and column."""
+    try:
+        return batch.to_pylist()
+    except UnicodeDecodeError:
+        pass
+    for i in range(batch.num_rows):
+        for name in batch.schema.names:
+            try:
+                batch.column(name)[i].as_py()
+            except UnicodeDecodeError as e:
+                raise InputError(f"{path}:row {first + i}: column {name!r} holds bytes that are not UTF-8 "
+                                 f"({e.reason} at byte {e.start}); re-encode the file's text as UTF-8") from None
+    raise AssertionError("unreachable: a row failed to decode")

@@ -12,7 +12,7 @@ from typing import Iterator
 
 from . import Record
 from ..errors import InputError
-from .arrow import iter_batches
+from .arrow import batch_rows, iter_batches
 
 
 def read(path: Path) -> Iterator[Record]:
@@ -25,6 +25,6 @@ def read(path: Path) -> Iterator[Record]:
     row = 0
     for name in files:
         for batch in iter_batches(path / name):
-            for rec in batch.to_pylist():
+            for rec in batch_rows(batch, path, row):
                 yield Record(rec, f"{path}:row {row}")
                 row += 1

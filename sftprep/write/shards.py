@@ -41,6 +41,8 @@ SCHEMA = pa.schema([
 
 
 COLUMNS = tuple(SCHEMA.names)
+TRAINED_COLUMNS = ("input_ids", "labels", "seq_lens")
+"""What a trainer reads of a row (`sample_ids` only trace a sample back)."""
 
 
 # -- reading rows back: the one place that says what `seq_lens` means ------------------------------
@@ -340,6 +342,14 @@ def open_shard(path: str | Path) -> pa.Table:
     return table
 
 
+def row_sizes(table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
+    """Per row: its real tokens (the sum of its `seq_lens`) and how many samples it holds, from `seq_lens`
+    alone (no token is read)."""
+    lens, seq_off = list_parts(table.column("seq_lens"))
+    cs = np.concatenate([[0], np.cumsum(lens, dtype=np.int64)])
+    return cs[seq_off[1:]] - cs[seq_off[:-1]], np.diff(seq_off)
+
+
 def check_rows(table: pa.Table, name: str) -> None:
     """The row invariants every reader relies on, checked from the list offsets and `seq_lens` alone
     (no token is read): every sample length positive, their sum within the row, labels as long as ids.
@@ -355,8 +365,7 @@ def check_rows(table: pa.Table, name: str) -> None:
         row = int(np.searchsorted(seq_off, bad[0], side="right") - 1)
         raise InputError(f"{name} row {row}: seq_lens holds {int(flat_lens[bad[0]])} (every sample length is > 0): "
                          "the shard was changed after the build; rebuild with `sftprep build --overwrite`")
-    cs = np.concatenate([[0], np.cumsum(flat_lens, dtype=np.int64)])
-    sums = cs[seq_off[1:]] - cs[seq_off[:-1]]
+    sums, _ = row_sizes(table)
     over = np.flatnonzero((sums > np.diff(row_off)) | (np.diff(label_off) != np.diff(row_off)))
     if len(over):
         r = int(over[0])

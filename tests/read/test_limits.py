@@ -12,7 +12,7 @@ import pytest
 
 from sftprep import build, config_from_dict
 from sftprep.config import ReadConfig
-from sftprep.read import iter_records
+from sftprep.read import reader_for
 from tests.conftest import MISTRAL, write_jsonl
 from tests.limited import one_line_error, sftprep_limited
 
@@ -59,7 +59,7 @@ def test_a_gzip_bomb_of_2_gib_of_newlines_stops_in_seconds(tmp_path):
 def test_a_line_past_max_record_bytes_is_a_too_large_reject_and_the_next_lines_are_read(tmp_path):
     data = tmp_path / "d.jsonl"
     data.write_bytes(b'{"text": "short one"}\n{"text": "' + b"y" * 5000 + b'"}\n\n{"text": "after it"}')
-    records = list(iter_records([str(data)], ReadConfig(max_record_bytes=1000)))
+    records = list(reader_for(data, ReadConfig(max_record_bytes=1000))(data))
     assert [(r.source.rsplit("/", 1)[-1], r.fields, r.reason if r.fields is None else None) for r in records] == [
         ("d.jsonl:1", {"text": "short one"}, None), ("d.jsonl:2", None, "too_large"),
         ("d.jsonl:4", {"text": "after it"}, None)]
@@ -79,7 +79,7 @@ def test_a_build_lists_the_too_large_record_in_its_rejects_with_the_flag_to_rais
 def test_a_json_array_item_past_max_record_bytes_ends_the_array_there(tmp_path):
     data = tmp_path / "d.json"
     data.write_text(json.dumps([{"text": "a"}, {"text": "b" * 5000}, {"text": "c"}]))
-    records = list(iter_records([str(data)], ReadConfig(max_record_bytes=1000)))
+    records = list(reader_for(data, ReadConfig(max_record_bytes=1000))(data))
     assert [(r.source.rsplit("/", 1)[-1], r.fields, r.reason if r.fields is None else None) for r in records] == [
         ("d.json[0]", {"text": "a"}, None), ("d.json[1]", None, "too_large")]
     assert "it and the records after it were not read" in records[1].error

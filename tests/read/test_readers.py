@@ -11,10 +11,16 @@ import pyarrow.feather as feather
 import pyarrow.parquet as pq
 
 from sftprep import build, config_from_dict, load
-from sftprep.read import iter_records
+from sftprep.read import expand_inputs, reader_for
 from tests.conftest import MISTRAL, write_jsonl
 
 RECS = [{"prompt": f"Say {w}", "completion": f" {w}!"} for w in ["yes", "no", "maybe", "héllo 你好"]]
+
+
+def iter_records(patterns):
+    """Every record of every input, in order: what a build reads."""
+    for path in expand_inputs(patterns):
+        yield from reader_for(path)(path)
 
 
 def write_all(tmp_path):

@@ -42,7 +42,7 @@ def conversation(turns: int):
 def chat(runaway: str) -> ChatTemplate:
     source = "{% if messages|length > 3 %}" + runaway + "{% endif %}" + TURNS
     return ChatTemplate(source, {"bos_token": "<s>", "eos_token": "</s>"}, ["</s>"], ["<s>", "</s>"],
-                        max_seconds=0.5, max_chars=1_000_000)
+                        max_seconds=1, max_chars=1_000_000)
 
 
 @pytest.mark.parametrize("runaway", RUNAWAY.values(), ids=RUNAWAY.keys())
@@ -53,7 +53,7 @@ def test_a_runaway_template_rejects_its_record_within_the_limits(runaway):
     with pytest.raises(FormatError) as e:
         template.segments(conversation(4))
     assert e.value.reason == "template_limit"
-    assert time.monotonic() - started < 3  # one bound per conversation, however many renders it takes
+    assert time.monotonic() - started < 5  # one bound per conversation, however many renders it takes
     assert "--max-render-seconds" in str(e.value) or "max_render_chars (1,000,000)" in str(e.value)
 
 
@@ -82,9 +82,9 @@ def test_endless_loops_on_some_records_reject_them_and_the_build_goes_on(tmp_pat
                                       + "{% endif %}" + TURNS)
     write_jsonl(tmp_path / "d.jsonl", [conversation_record(2), conversation_record(4), conversation_record(2)])
     r = sftprep_limited(tmp_path, "build", "-i", "d.jsonl", "-t", MISTRAL, "--chat-template", "t.jinja", "-o", "out",
-                        "--max-render-seconds", "1")
+                        "--max-render-seconds", "3")
     assert r.returncode == 0, r.stderr[-2000:]
     rejects = [json.loads(x) for x in (tmp_path / "out" / "rejects.jsonl").read_text().splitlines()]
     assert [(x["source"], x["reason"]) for x in rejects] == [("d.jsonl:2", "template_limit")]
-    assert "the chat template t.jinja ran longer than max_render_seconds (1 s)" in rejects[0]["message"]
+    assert "the chat template t.jinja ran longer than max_render_seconds (3 s)" in rejects[0]["message"]
 
