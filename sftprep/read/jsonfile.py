@@ -66,8 +66,6 @@ def read_lines(path: Path, limits: ReadConfig | None = None) -> Iterator[Record]
                 if raw is None:
                     yield Record(None, source, too_large(limits), size=size, reason="too_large")
                     continue
-                if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte order mark
-                    raw = raw[3:]
                 try:
                     line = raw.decode("utf-8")
                 except UnicodeDecodeError as e:
@@ -130,6 +128,10 @@ def _open(path: Path, limits: ReadConfig):
     return open(path, "rb")
 
 
+def _no_bom(raw: bytes, lineno: int) -> bytes:
+    return raw[3:] if lineno == 1 and raw.startswith(b"\xef\xbb\xbf") else raw  # a UTF-8 byte order mark
+
+
 def _lines(f, path: Path, limits: ReadConfig) -> Iterator[tuple[int, bytes | None, int]]:
     """(line number, bytes, size) of each non-empty line, read in CHUNK-sized pieces: a line never
     grows past `max_record_bytes` in memory (its bytes are None then, the rest of it skipped). A run
@@ -154,7 +156,7 @@ def _lines(f, path: Path, limits: ReadConfig) -> Iterator[tuple[int, bytes | Non
                 break  # the line goes on in the next chunk
             lineno += 1
             size += 1  # its newline
-            raw = None if parts is None else b"".join(parts)
+            raw = None if parts is None else _no_bom(b"".join(parts), lineno)
             if raw is not None and not raw.strip():
                 blanks += 1
                 if blanks > blank_most:
@@ -166,7 +168,7 @@ def _lines(f, path: Path, limits: ReadConfig) -> Iterator[tuple[int, bytes | Non
             parts, size = [], 0
     if size:
         lineno += 1
-        raw = None if parts is None else b"".join(parts)
+        raw = None if parts is None else _no_bom(b"".join(parts), lineno)
         if raw is None or raw.strip():
             yield lineno, raw, size
 
