@@ -97,7 +97,7 @@ def _kwarg_value(key: str, text: str) -> Any:
     import yaml
 
     try:
-        return yaml_value(text)
+        return yaml_value(text, f"--template-kwarg {key}")
     except yaml.YAMLError as e:  # e.g. a `!!python/...` tag: the safe loader refuses it
         problem = str(getattr(e, "problem", None) or e).splitlines()[0]
         raise ConfigError(f"--template-kwarg {key}: not a plain YAML value ({problem}); give text, a number, "
@@ -125,6 +125,14 @@ class ReadConfig:
     """What a bad record does: skip (listed in rejects.jsonl) or fail (stop, exit 2) (--on-error)."""
     max_reject_ratio: float = 0.5
     """Stop the build when more than this share of records is rejected (--max-reject-ratio)."""
+    max_record_bytes: int = 64 << 20
+    """The longest record in bytes (a JSON Lines line, a JSON array item or file); a longer one is rejected
+    as `too_large` without being read into memory (--max-record-bytes)."""
+    max_gzip_ratio: float = 100.0
+    """A `.gz` input may inflate to this many times its compressed size (past its first 64 MiB); more stops
+    the build as a gzip bomb (--max-gzip-ratio)."""
+    max_blank_lines: int = 1_000_000
+    """Empty lines in a row a JSON Lines file may hold; more stops the build there (--max-blank-lines)."""
 
 
 @dataclass(frozen=True)
@@ -155,6 +163,12 @@ class TemplateConfig:
     """A Jinja chat template file used instead of the tokenizer's own (it implies --template tokenizer) and
     copied into the build's tokenizer/ folder, so sfttrain and the saved adapter carry it (--chat-template;
     TRL's `chat_template_path`)."""
+    max_render_seconds: float = 10.0
+    """A chat template's render may take this long; a longer one rejects its record as `template_limit`
+    (--max-render-seconds)."""
+    max_render_chars: int = 64 << 20
+    """The most characters a chat template's render may write, or hold in one string or list it builds; more
+    rejects its record as `template_limit` (--max-render-chars)."""
 
     def __post_init__(self) -> None:
         if self.chat_template and self.name is None:  # the file stands in for the tokenizer's own template
@@ -268,6 +282,12 @@ def _check(c: BuildConfig) -> list[str]:
         p.append(f"num_samples={c.read.num_samples} must be at least 1")
     if not 0 <= c.read.max_reject_ratio <= 1:
         p.append(f"max_reject_ratio={c.read.max_reject_ratio} must be between 0 and 1")
+    for section, key in (("read", "max_record_bytes"), ("read", "max_gzip_ratio"), ("read", "max_blank_lines"),
+                         ("template", "max_render_chars")):
+        if getattr(getattr(c, section), key) < 1:
+            p.append(f"{key}={getattr(getattr(c, section), key)} must be at least 1")
+    if c.template.max_render_seconds <= 0:
+        p.append(f"max_render_seconds={c.template.max_render_seconds} must be more than 0")
     t = c.template
     if (t.prompt is None) != (t.completion is None):
         p.append("template.prompt and template.completion go together: give both (--prompt and --completion)")
@@ -348,6 +368,9 @@ SHORTCUTS: dict[str, tuple[str | None, str]] = {
     "num_samples": ("read", "num_samples"),
     "on_error": ("read", "on_error"),
     "max_reject_ratio": ("read", "max_reject_ratio"),
+    "max_record_bytes": ("read", "max_record_bytes"),
+    "max_gzip_ratio": ("read", "max_gzip_ratio"),
+    "max_blank_lines": ("read", "max_blank_lines"),
     "tokenizer": ("tokenize", "tokenizer"),
     "max_length": ("tokenize", "max_length"),
     "truncation": ("tokenize", "truncation"),
@@ -364,6 +387,8 @@ SHORTCUTS: dict[str, tuple[str | None, str]] = {
     "template_kwargs": ("template", "kwargs"),
     "stop_tokens": ("template", "stop_tokens"),
     "chat_template": ("template", "chat_template"),
+    "max_render_seconds": ("template", "max_render_seconds"),
+    "max_render_chars": ("template", "max_render_chars"),
 }
 _TOP = ("out", "workers", "overwrite", "part")  # allow_code is never read from a file: a YAML file is data
 
@@ -620,11 +645,45 @@ def _yaml_loader() -> type:
     return Loader
 
 
-def yaml_value(text: str) -> Any:
-    """A YAML document (a config file, a `--template-kwarg` value) as Python values (`_yaml_loader`)."""
+MAX_YAML_VALUES = 1_000_000
+"""Values a YAML document may hold with its aliases expanded: a config holds hundreds; an alias bomb (nine
+aliases of nine aliases ..., 9^9 values from a few lines) would hang whatever walks it."""
+
+
+def yaml_value(text: str, where: str = "the YAML") -> Any:
+    """A YAML document (a config file, a `--template-kwarg` value) as Python values (`_yaml_loader`),
+    refused (`ConfigError` naming `where`) if its aliases expand past MAX_YAML_VALUES or into a cycle."""
     import yaml
 
-    return yaml.load(text, Loader=_yaml_loader())  # noqa: S506 (a SafeLoader)
+    value = yaml.load(text, Loader=_yaml_loader())  # noqa: S506 (a SafeLoader)
+    _check_expansion(value, where)
+    return value
+
+
+def _check_expansion(value: Any, where: str) -> None:
+    """Count `value`'s values as if its aliases were copies, each shared part once (so in time linear
+    in the document), stopping at MAX_YAML_VALUES."""
+    sizes: dict[int, int] = {}  # id of a list or mapping -> its expanded size; -1 while it is being counted
+
+    def size(v: Any) -> int:
+        if not isinstance(v, (list, dict)):
+            return 1
+        n = sizes.get(id(v))
+        if n == -1:
+            raise ConfigError(f"{where}: an alias refers to a value that holds it (a cycle); write the value out")
+        if n is None:
+            sizes[id(v)] = -1
+            n = 1 + sum(size(x) for x in (v.values() if isinstance(v, dict) else v))
+            if n > MAX_YAML_VALUES:
+                raise ConfigError(f"{where}: its aliases (*name) expand to more than {MAX_YAML_VALUES:,} values "
+                                  "(an alias bomb?); write the values out, or use fewer aliases")
+            sizes[id(v)] = n
+        return n
+
+    try:
+        size(value)
+    except RecursionError:
+        raise ConfigError(f"{where}: nested too deeply") from None
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
@@ -635,7 +694,7 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     if not p.is_file():
         raise FileNotFoundError(f"config file {p} does not exist")
     try:
-        data = yaml_value(p.read_text(encoding="utf-8"))
+        data = yaml_value(p.read_text(encoding="utf-8"), str(p))
     except yaml.YAMLError as e:
         raise ConfigError(f"{p}: not valid YAML: {e}") from None
     except UnicodeDecodeError as e:  # a binary file, or text in another encoding

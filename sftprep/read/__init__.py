@@ -6,11 +6,15 @@
 
 from __future__ import annotations
 
+import functools
 import glob
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from ..errors import InputError
+
+if TYPE_CHECKING:
+    from ..config import ReadConfig
 
 __all__ = ["Record", "count_records", "expand_inputs", "reader_for"]
 
@@ -23,6 +27,7 @@ class Record:
     source: str  # "file:line" for text formats, "file:row N" for tabular ones
     error: str | None = None
     size: int = 0  # bytes of input it came from, where known (bounds a batch's memory)
+    reason: str = "unreadable"  # the reject's category when `fields` is None (`too_large`: past max_record_bytes)
 
 
 GLOB_PREFIX = "glob:"  # `glob:PATTERN` is always expanded, even where a file has that very name
@@ -69,8 +74,9 @@ def check_name(path: Path) -> None:
                          "(e.g. `convmv -f latin1 -t utf8`) or link it under a UTF-8 name") from None
 
 
-def reader_for(path: Path):
-    """The reader module's `read(path)` for a path, by extension (or folder layout)."""
+def reader_for(path: Path, limits: ReadConfig | None = None):
+    """The reader module's `read(path)` for a path, by extension (or folder layout); text readers
+    keep to `limits` (`ReadConfig`'s max_record_bytes, max_gzip_ratio, max_blank_lines)."""
     from . import arrow, csvfile, hf_disk, jsonfile, parquet
 
     if path.is_dir():
@@ -85,7 +91,8 @@ def reader_for(path: Path):
     if suffix.lower() not in by_suffix:
         raise InputError(f"input {path}: unsupported file type {suffix or '(none)'!r}; expected one of "
                          f"{', '.join(sorted(by_suffix))} or a `datasets.save_to_disk` folder")
-    return by_suffix[suffix.lower()]
+    read = by_suffix[suffix.lower()]
+    return functools.partial(read, limits=limits) if read in (jsonfile.read_lines, jsonfile.read_json) else read
 
 
 def count_records(path: Path) -> int | None:

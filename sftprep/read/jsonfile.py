@@ -4,14 +4,20 @@ from __future__ import annotations
 
 import codecs
 import gzip
+import io
 import json
+import os
 import re
+import stat
 import zlib
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 from . import Record
 from ..errors import InputError
+
+if TYPE_CHECKING:
+    from ..config import ReadConfig
 
 
 def _as_record(value, source: str, surrogates: bool = False) -> Record:
@@ -48,16 +54,17 @@ def _json_error(e: Exception) -> str:
     return f"invalid JSON: {e}"  # e.g. an integer of more than 4300 digits
 
 
-def read_lines(path: Path) -> Iterator[Record]:
-    opener = gzip.open if path.suffix == ".gz" else open
+def read_lines(path: Path, limits: ReadConfig | None = None) -> Iterator[Record]:
+    """JSON Lines, one record a line; memory is bounded by `limits` (`ReadConfig`) whatever the file
+    holds: a line longer than `max_record_bytes` is rejected as `too_large` without being held."""
+    limits = limits or _default_limits()
     lineno = 0
     try:
-        with opener(path, "rb") as f:
-            for lineno, raw in enumerate(f, start=1):
+        with _open(path, limits) as f:
+            for lineno, raw, size in _lines(f, path, limits):
                 source = f"{path}:{lineno}"
-                if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte order mark
-                    raw = raw[3:]
-                if not raw.strip():
+                if raw is None:
+                    yield Record(None, source, too_large(limits), size=size, reason="too_large")
                     continue
                 try:
                     line = raw.decode("utf-8")
@@ -65,30 +72,130 @@ def read_lines(path: Path) -> Iterator[Record]:
                     yield Record(None, source, f"invalid UTF-8 at byte {e.start} of the line")
                     continue
                 record = parse(line, source)
-                record.size = len(raw)
+                record.size = size
                 yield record
     except (EOFError, gzip.BadGzipFile, zlib.error) as e:
         raise InputError(f"{path}: the gzip stream is truncated or corrupt after line {lineno} ({e}); "
                          "nothing was built from it: fix or re-download the file") from None
 
 
-def read_json(path: Path) -> Iterator[Record]:
+def _default_limits() -> ReadConfig:
+    from ..config import ReadConfig
+
+    return ReadConfig()
+
+
+def too_large(limits: ReadConfig, what: str = "it was skipped unread") -> str:
+    """A `too_large` reject's message."""
+    return (f"the record is longer than max_record_bytes ({limits.max_record_bytes:,} bytes); {what}: "
+            "raise --max-record-bytes if it is real")
+
+
+class _Inflated(io.RawIOBase):
+    """A gzip file's decompressed bytes, refusing to inflate more than `max_gzip_ratio` times the
+    compressed bytes read so far (past the first GZIP_FREE bytes): a 4 MB gzip bomb stops at once."""
+
+    def __init__(self, path: Path, ratio: float) -> None:
+        self.path, self.ratio, self.out = path, ratio, 0
+        self.raw = open(path, "rb")
+        self.gz = gzip.GzipFile(fileobj=self.raw)
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        n = self.gz.readinto(b)
+        self.out += n
+        read = max(self.raw.tell(), 1)
+        if self.out > GZIP_FREE and self.out > self.ratio * read:
+            raise InputError(f"{self.path}: inflates more than max_gzip_ratio ({self.ratio:g}) times its "
+                             f"compressed size ({self.out:,} bytes from {read:,}): a gzip bomb, or data "
+                             "this repetitive is real: then raise --max-gzip-ratio")
+        return n
+
+    def close(self) -> None:
+        self.gz.close()
+        self.raw.close()
+        super().close()
+
+
+GZIP_FREE = 64 << 20  # any gzip file may inflate this far, whatever its ratio
+
+
+def _open(path: Path, limits: ReadConfig):
+    if path.suffix == ".gz":
+        return io.BufferedReader(_Inflated(path, limits.max_gzip_ratio), CHUNK)
+    return open(path, "rb")
+
+
+def _no_bom(raw: bytes, lineno: int) -> bytes:
+    return raw[3:] if lineno == 1 and raw.startswith(b"\xef\xbb\xbf") else raw  # a UTF-8 byte order mark
+
+
+def _lines(f, path: Path, limits: ReadConfig) -> Iterator[tuple[int, bytes | None, int]]:
+    """(line number, bytes, size) of each non-empty line, read in CHUNK-sized pieces: a line never
+    grows past `max_record_bytes` in memory (its bytes are None then, the rest of it skipped). A run
+    of more than `max_blank_lines` empty lines, or an over-long line in a stream that may never end
+    (a device, a pipe), stops the file with an InputError."""
+    most, blank_most = limits.max_record_bytes, limits.max_blank_lines
+    regular = path.suffix == ".gz" or stat.S_ISREG(os.fstat(f.fileno()).st_mode)  # a .gz ends: max_gzip_ratio
+    lineno, blanks, parts, size = 0, 0, [], 0  # parts: the current line so far (None once it is too long)
+    while chunk := f.read(CHUNK):
+        pieces = chunk.split(b"\n")
+        for i, piece in enumerate(pieces):
+            size += len(piece)
+            if parts is not None:
+                parts.append(piece)
+                if size > most:
+                    parts = None
+                    if not regular:
+                        raise InputError(f"{path}:{lineno + 1}: a line longer than max_record_bytes ({most:,} bytes) "
+                                         "in a stream that is not a regular file: stopped there (a device or "
+                                         "pipe may never end the line); raise --max-record-bytes if it is real")
+            if i == len(pieces) - 1:
+                break  # the line goes on in the next chunk
+            lineno += 1
+            size += 1  # its newline
+            raw = None if parts is None else _no_bom(b"".join(parts), lineno)
+            if raw is not None and not raw.strip():
+                blanks += 1
+                if blanks > blank_most:
+                    raise InputError(f"{path}:{lineno}: more than max_blank_lines ({blank_most:,}) empty lines in "
+                                     "a row: stopped there; raise --max-blank-lines if the file is right")
+            else:
+                yield lineno, raw, size
+                blanks = 0
+            parts, size = [], 0
+    if size:
+        lineno += 1
+        raw = None if parts is None else _no_bom(b"".join(parts), lineno)
+        if raw is None or raw.strip():
+            yield lineno, raw, size
+
+
+def read_json(path: Path, limits: ReadConfig | None = None) -> Iterator[Record]:
     """A `.json` file: an array of objects (records numbered from 0), streamed with bounded memory
     (`_read_array`), or JSON Lines misnamed (as `datasets.to_json` writes)."""
+    limits = limits or _default_limits()
     with open(path, "rb") as f:
         head = f.read(4096)
     first = head.removeprefix(b"\xef\xbb\xbf").lstrip()[:1]
     if first == b"{":
-        yield from read_lines(path)
+        yield from read_lines(path, limits)
     elif first == b"[":
-        yield from _read_array(path)
+        yield from _read_array(path, limits)
     else:  # not an array (or only whitespace at the start): small or broken, read as one value
-        yield from _read_whole(path)
+        yield from _read_whole(path, limits)
 
 
-def _read_whole(path: Path) -> Iterator[Record]:
+def _read_whole(path: Path, limits: ReadConfig) -> Iterator[Record]:
+    with open(path, "rb") as f:
+        data = f.read(limits.max_record_bytes + 1)
+    if len(data) > limits.max_record_bytes:
+        yield Record(None, str(path), too_large(limits), reason="too_large")
+        return
     try:
-        text = path.read_bytes().decode("utf-8-sig")
+        text = data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         yield Record(None, f"{path}", f"invalid UTF-8 at byte {e.start} of the file")
         return
@@ -114,8 +221,9 @@ class _Text:
     least as much as is buffered (so re-parsing a long value costs O(its size) in all), dropping the
     parsed part. `line` is the line number of `buf[0]`."""
 
-    def __init__(self, f) -> None:
+    def __init__(self, f, most: int) -> None:
         self.f, self.buf, self.pos, self.line, self.eof = f, "", 0, 1, False
+        self.most = most  # characters of one value, at most (max_record_bytes)
         self.col = 0  # characters of buf[0]'s line before it
         self.decoder = codecs.getincrementaldecoder("utf-8-sig")()
         self.read_bytes = 0
@@ -123,7 +231,9 @@ class _Text:
     def more(self) -> bool:
         if self.eof:
             return False
-        chunk = self.f.read(max(CHUNK, 4 * (len(self.buf) - self.pos)))
+        if len(self.buf) - self.pos > self.most:
+            raise _TooLarge
+        chunk = self.f.read(min(max(CHUNK, 4 * (len(self.buf) - self.pos)), self.most + 1))
         self.eof = not chunk
         pending = len(self.decoder.getstate()[0])
         try:
@@ -153,23 +263,32 @@ class _Text:
         return index - nl if nl >= 0 else self.col + index + 1
 
 
+class _TooLarge(Exception):
+    """An array item past max_record_bytes (`index` set by the array's loop)."""
+
+    index = 0
+
+
 class _BadUtf8(Exception):
     def __init__(self, byte: int) -> None:
         self.byte = byte
 
 
-def _read_array(path: Path) -> Iterator[Record]:
+def _read_array(path: Path, limits: ReadConfig) -> Iterator[Record]:
     """Stream the items of a top-level JSON array, one `raw_decode` each over a sliding buffer. A bad
     item (too deep, an integer too long, a lone surrogate, not an object) is one rejected record;
     a syntax error ends the array there: what follows it cannot be told apart into records, so it
     is one rejected entry `file:line` saying so."""
     with open(path, "rb") as f:
-        t = _Text(f)
+        t = _Text(f, limits.max_record_bytes)
         try:
             yield from _array_items(path, t)
         except _BadUtf8 as e:
             yield Record(None, f"{path}", f"invalid UTF-8 at byte {e.byte} of the file; the records after it "
                                           "were not read")
+        except _TooLarge as e:
+            yield Record(None, f"{path}[{e.index}]", too_large(limits, "it and the records after it were not read"),
+                         reason="too_large")
 
 
 def _array_items(path: Path, t: _Text) -> Iterator[Record]:
@@ -189,7 +308,11 @@ def _array_items(path: Path, t: _Text) -> Iterator[Record]:
                 return
             t.pos += 1
             t.skip_space()
-        kind, value, end = _next_value(decoder, t)
+        try:
+            kind, value, end = _next_value(decoder, t)
+        except _TooLarge as e:
+            e.index = i
+            raise
         start = t.pos
         if kind == "syntax":
             yield _syntax_error(path, t, end, value, i)

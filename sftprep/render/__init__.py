@@ -61,7 +61,9 @@ class Renderer:
             self.chat = ChatTemplate(source, chat_variables(tokenizer),
                                      stop_strings(tokenizer, cfg.stop_tokens),
                                      added_strings(tokenizer, special_only=True), added_strings(tokenizer),
-                                     cfg.kwargs)
+                                     cfg.kwargs, cfg.max_render_seconds, cfg.max_render_chars,
+                                     f"the chat template {cfg.chat_template}" if cfg.chat_template
+                                     else "the tokenizer's chat_template")
         if name in (None, "none"):
             if not eos:
                 raise ConfigError("the tokenizer has no eos_token, and without a chat template EOS is what "

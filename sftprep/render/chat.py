@@ -44,9 +44,9 @@ import json
 import re
 import threading
 from datetime import datetime
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
-from . import plans
+from . import limits, plans
 from ..config import ConfigError
 from ..read.formats import Conversation, FormatError, Message
 
@@ -86,7 +86,7 @@ def compile_template(source: str, planning: bool = False):
     def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
         return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
-    class Sandbox(ImmutableSandboxedEnvironment):
+    class Sandbox(limits.guarded_sandbox(ImmutableSandboxedEnvironment)):
         def getattr(self, obj, attribute):
             # `message.content` on a plain dict: the item (or undefined), as the sandbox would return
             # after failing the attribute lookup, without raising and catching errors each time
@@ -100,10 +100,22 @@ def compile_template(source: str, planning: bool = False):
                        dict=dict, namespace=jinja2.utils.Namespace)
     if planning:
         plans.planning_environment(env, _MARK0)
+    limits.guard(env)
     try:
         return env.from_string(source)
     except jinja2.TemplateSyntaxError as e:
         raise ConfigError(f"the chat template is not valid Jinja (line {e.lineno}): {e.message}") from None
+
+
+def _written(pieces: Iterator[str]) -> str:
+    """A render's output, its size and time checked piece by piece (`limits.BUDGET`)."""
+    out, size = [], 0
+    for piece in pieces:
+        size += len(piece)
+        limits.BUDGET.check_size(size)
+        limits.BUDGET.check_time()
+        out.append(piece)
+    return "".join(out)
 
 
 _DICT_ATTRS = frozenset(dir(dict))
@@ -120,11 +132,15 @@ class ChatTemplate:
         special_tokens: the tokenizer's special token strings (a turn may end with one).
         added_tokens: all its added tokens (where the header may be cut short).
         kwargs: extra template variables (`--template-kwarg`, e.g. enable_thinking=false).
+        max_seconds, max_chars: a render's bounds (`limits`); None: unbounded.
+        name: what messages call the template.
     """
 
     def __init__(self, source: str, variables: Mapping[str, Any], stop_tokens: Sequence[str],
                  special_tokens: Sequence[str], added_tokens: Sequence[str] = (),
-                 kwargs: Mapping[str, Any] | None = None) -> None:
+                 kwargs: Mapping[str, Any] | None = None, max_seconds: float | None = None,
+                 max_chars: int | None = None, name: str = "the tokenizer's chat_template") -> None:
+        self.max_seconds, self.max_chars, self.name = max_seconds, max_chars, name
         self.template = compile_template(source)
         self.context = {**self.template.globals, **variables, **(kwargs or {})}
         self.generation_blocks = bool(_GENERATION_RE.search(source))
@@ -133,7 +149,8 @@ class ChatTemplate:
         self.stop_re = _alternation(self.stop_tokens)
         self.special_re = _alternation(special_tokens)
         self.boundaries = set(special_tokens) | set(added_tokens) | set(self.stop_tokens)
-        self.header, self.user_tail, self.think_at = self._header()
+        with self.bound():  # the probes below, as one conversation
+            self.header, self.user_tail, self.think_at = self._header()
         self.headers = self._header_prefixes()
         self.source = source
         self._plans: dict[tuple, _Plan | None] = {}
@@ -148,6 +165,10 @@ class ChatTemplate:
         Hugging Face form first; a template that fails on it gets the OpenAI form (arguments as text:
         DeepSeek-V3 concatenates them). Content is never made up: a template that fails on a call
         without content fails, as in transformers, and the record is rejected with its error."""
+        with self.bound():
+            return self._segments_of(conv)
+
+    def _segments_of(self, conv: Conversation) -> list[Segment]:
         if not (self.generation_blocks or self.captures):
             key = _shape(conv)
             if key is not None:
@@ -233,12 +254,26 @@ class ChatTemplate:
         `self.context`, which each render extends."""
         t = template or self.template
         try:
-            ctx = t.new_context({**self.context, **(variables or {}), "messages": messages, "tools": tools,
-                                 "documents": None, "add_generation_prompt": add_generation_prompt}, shared=True)
-            return "".join(t.root_render_func(ctx))
+            with self.bound():
+                ctx = t.new_context({**self.context, **(variables or {}), "messages": messages, "tools": tools,
+                                     "documents": None, "add_generation_prompt": add_generation_prompt}, shared=True)
+                return _written(t.root_render_func(ctx))
+        except limits.TemplateLimit as e:
+            raise FormatError(self._past_limit(str(e)), "template_limit") from None
         except Exception as e:  # Jinja raises anything; report it as a bad record
-            raise FormatError(f"the tokenizer's chat_template failed: {type(e).__name__}: {e}",
-                              "template_error") from None
+            raise FormatError(f"{self.name} failed: {type(e).__name__}: {e}", "template_error") from None
+
+    def bound(self):
+        """The bounds of one conversation's renders, all of them together (`limits.Budget`)."""
+        return limits.BUDGET.bound(self.max_seconds, self.max_chars)
+
+    def _past_limit(self, which: str, where: str = "") -> str:
+        """A `template_limit` message; `which`: "time" or "size" (`limits.TemplateLimit`)."""
+        if which == "time":
+            return (f"{self.name} ran longer than max_render_seconds ({self.max_seconds:g} s){where}; raise "
+                    "--max-render-seconds if the template is right, else fix its loops")
+        return (f"{self.name} built a string or list of more than max_render_chars ({self.max_chars:,}){where}; "
+                "raise --max-render-chars if the template is right, else fix it")
 
     # -- spans ---------------------------------------------------------------------------------
     def _turn_spans(self, text: str, messages: list[Message], marks: dict[int, tuple[int, int]],
@@ -387,7 +422,11 @@ class ChatTemplate:
                          [{"role": "system", "content": "s"}, {"role": "user", "content": probe}]):
                 try:
                     header, tail = self._prompt_after(msgs, tools)
-                except FormatError:
+                except FormatError as e:
+                    if e.reason == "template_limit":  # on a one-message conversation: on every record
+                        which = "time" if "max_render_seconds" in str(e) else "size"
+                        raise ConfigError(self._past_limit(which, " on a one-message conversation, so it would "
+                                                                  "on every record (nothing was built)")) from None
                     continue
                 if not header:  # the prompt adds nothing: Mistral writes no header, Command R7B always writes it
                     written = self._written_header(msgs, tools, tail)

@@ -41,7 +41,7 @@ BATCH_BYTES = 16 << 20  # and at most about this much input text (JSON Lines siz
 def _batches(config: BuildConfig, inputs: list[Path], most: int = BATCH) -> Iterator[list]:
     """(sample_id, Record) batches of at most `most` records and about BATCH_BYTES of input, so
     memory is bounded by the settings whatever the record sizes."""
-    records = enumerate(record for path in inputs for record in reader_for(path)(path))
+    records = enumerate(record for path in inputs for record in reader_for(path, config.read)(path))
     if config.read.num_samples:
         records = islice(records, config.read.num_samples)
     records = parts.select(records, config.part)  # --part I/N: every N-th record (all without it)

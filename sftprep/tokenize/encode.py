@@ -97,10 +97,12 @@ class Encoder:
         self.truncation = tokenize.truncation if truncate else None
         self.by_turns = tokenize.truncation_unit == "turns" and self.truncation in ("keep_start", "keep_end")
         self.fail_fast = read.on_error == "fail"
-        # keep_start / keep_end: a record far beyond max_length is cut to a proven window first
+        # a record far beyond max_length is cut to a proven window first: the tokens kept (keep_start /
+        # keep_end), or the first max_length + 1 that prove it too long (drop; a turn-cut chat, whose fitting
+        # turns are then found by re-rendering): a 200 MB record costs a window's tokens, never its own
         self.window = Window(lambda text: self.backend.encode(text, add_special_tokens=False), self.max_length,
-                             self.truncation, self.bos, self.bos_id) if self.truncation in ("keep_start", "keep_end") \
-            else None
+                             "keep_start" if self.truncation == "drop" else self.truncation, self.bos,
+                             self.bos_id) if self.truncation else None
         # format strings and callables read the record's fields themselves: no format detection
         self.format = "fields" if self.renderer.reads_fields else read.format
         self._check_overhead()
@@ -125,7 +127,7 @@ class Encoder:
         for sid, rec in batch:
             try:
                 if rec.error is not None:
-                    raise FormatError(rec.error, "unreadable")
+                    raise FormatError(rec.error, rec.reason)
                 conv = normalize(rec.fields, self.format, self.read.fields)
                 self._add(out, conv, sid, rec.source)
             except FormatError as e:
@@ -136,9 +138,12 @@ class Encoder:
         text, spans = self.renderer.render(conv)
         whole = self.bos_id is None or text.startswith(self.bos) or self.renderer.uses_chat_template(conv)
         head = 0 if whole else 1
-        # a record far beyond max_length is cut to a window (not chats cut by turns: they re-render whole turns)
-        if self.window is not None and not self._cuts_turns(conv):
-            text, spans, head = self.window.cut(text, spans, head)
+        if self.window is not None:
+            cut, spans, head = self.window.cut(text, spans, head)
+            if self.truncation == "drop" and len(cut) < len(text):  # proven longer than max_length
+                raise FormatError(f"{len(text):,} characters, {self.max_length + 1}+ tokens > max_length "
+                                  f"{self.max_length} (--truncation drop)", "too_long")
+            text = cut
         out.texts.append(text)
         out.spans.append(spans)
         out.kept.append((sid, source))
