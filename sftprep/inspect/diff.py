@@ -16,11 +16,9 @@ from typing import Any
 import numpy as np
 
 from ..config import shard_settings
-
-from ..write.shards import check_ids, flatten, load
 from .decode import decode_segments, load_build_tokenizer
 from .folder import read_build, read_sample_info, sources_by_id
-from .unpack import unpack
+from .unpack import unpack_build
 from .view import marked
 
 TOKENIZER_KEYS = ("name", "vocab_size", "vocab_hash", "bos_id", "eos_id", "pad_id", "special_tokens")
@@ -63,9 +61,7 @@ class Diff:
 
 def _side(path: str | Path) -> Side:
     folder, manifest = read_build(path)
-    flat = flatten(load(folder))
-    check_ids(flat.ids, manifest["tokenizer"].get("vocab_size"), str(folder))
-    sids, off, ids, labels = unpack(flat)
+    sids, off, ids, labels = unpack_build(folder, manifest)
     return Side(folder, manifest, sids, off, ids, labels)
 
 

@@ -50,6 +50,14 @@ def unpack(flat: Flat) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     return sids, off, flat.ids[pos], flat.labels[pos]
 
 
+def unpack_build(folder: Path, manifest: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """`unpack` of every shard of the build in `folder`, its ids checked against the build's vocabulary
+    before anyone decodes them."""
+    flat = flatten(load(folder))
+    check_ids(flat.ids, manifest["tokenizer"].get("vocab_size"), str(folder))
+    return unpack(flat)
+
+
 def samples(path: str | Path, tokenizer: str | Path | None = None, decode: bool = True) -> pa.Table:
     """One row per kept sample, unpacked from the rows it was packed into.
 
@@ -63,9 +71,7 @@ def samples(path: str | Path, tokenizer: str | Path | None = None, decode: bool 
         decode: False skips `text`/`trained_text` (no tokenizer needed; much faster).
     """
     folder, manifest = read_build(path)
-    flat = flatten(load(folder))
-    check_ids(flat.ids, manifest["tokenizer"].get("vocab_size"), str(folder))
-    sids, off, ids, labels = unpack(flat)
+    sids, off, ids, labels = unpack_build(folder, manifest)
     info = read_sample_info(folder, manifest)
     src = sources_by_id(info)
     trunc = dict(zip(info.column("sample_id").to_pylist(), info.column("truncated").to_pylist())) \

@@ -67,8 +67,7 @@ def view_row(folder: Path, manifest: dict[str, Any], load_tok: Callable[[], Any]
     if not 0 <= row < n:
         valid = f"0-{n - 1}" if n else "none"
         raise InputError(f"--row {row} is out of range: this build has {n:,} rows (valid: {valid})")
-    flat = flatten(table.slice(row, 1))
-    check_ids(flat.ids, manifest["tokenizer"].get("vocab_size"), "%s row %d" % _shard_of(manifest, row))
+    flat = _row(table, manifest, row)
     src = _provenance(folder, manifest)
     tok = load_tok()
     real, length = int(flat.real_tokens[0]), int(flat.row_lens[0])
@@ -97,8 +96,7 @@ def view_sample(folder: Path, manifest: dict[str, Any], load_tok: Callable[[], A
     tok = load_tok()
     blocks: list[Block] = []
     for row in rows.tolist():
-        flat = flatten(table.slice(row, 1))
-        check_ids(flat.ids, manifest["tokenizer"].get("vocab_size"), "%s row %d" % _shard_of(manifest, row))
+        flat = _row(table, manifest, row)
         file, local = _shard_of(manifest, row)
         for j in np.flatnonzero(flat.sample_ids == sample_id).tolist():
             start = int(flat.piece_start[j])
@@ -128,6 +126,13 @@ def _piece_blocks(tok, flat: Flat, j: int, src: dict[int, str], tokens: bool, wh
         return [Rule(title), Tokens([(i, int(t), p, int(lab)) for i, (t, p, lab)
                                      in enumerate(zip(ids, token_strings(tok, ids), labels))])]
     return [Rule(title), Body(decode_segments(tok, ids, labels))]
+
+
+def _row(table, manifest: dict[str, Any], row: int) -> Flat:
+    """One row of the build, flattened, its ids checked against the build's vocabulary before decoding."""
+    flat = flatten(table.slice(row, 1))
+    check_ids(flat.ids, manifest["tokenizer"].get("vocab_size"), "%s row %d" % _shard_of(manifest, row))
+    return flat
 
 
 def _shard_of(manifest: dict[str, Any], row: int) -> tuple[str, int]:

@@ -55,13 +55,18 @@ def claim(*paths: Path) -> None:
 
 
 def ledger(folder: Path) -> set[str]:
-    """The names claimed in `folder` (empty if it has no ledger). Only plain names count: a line with a
-    path separator or `..` (an edited ledger) proves nothing."""
+    """The names claimed in `folder` (empty if it has no ledger), plain names only (`plain_name`)."""
     try:
         lines = (folder / LEDGER).read_text(encoding="utf-8", errors="replace").splitlines()
     except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
         return set()
-    return {n for n in lines if n and n not in (".", "..") and "/" not in n and "\\" not in n}
+    return {n for n in lines if plain_name(n)}
+
+
+def plain_name(name: object) -> bool:
+    """Whether `name` is a file name directly inside a folder: an edited ledger or manifest line with a path
+    separator or `..` proves nothing about what sftprep wrote there."""
+    return isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\\" not in name
 
 
 def rewrite_ledger(folder: Path, names: set[str]) -> None:

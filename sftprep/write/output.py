@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections import Counter
 import os
 import re
 import shutil
+from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -31,7 +31,7 @@ from .. import __version__
 from ..config import BuildConfig, shard_settings
 from ..errors import BuildError, ConfigError, InputError
 from ..pack.packing import fill_ratio, mode, pack
-from .files import LEDGER, claim, fsync_dir, ledger, names_path, rewrite_ledger
+from .files import LEDGER, claim, fsync_dir, ledger, names_path, plain_name, rewrite_ledger
 from .manifest import MANIFEST, read_manifest
 from .shards import ShardSetWriter, numpy_array, sha256_file, write_table
 from .store import Samples
@@ -146,7 +146,7 @@ class OutLock:
 # sftprep cannot prove it wrote is never replaced, removed or written into
 _BUILD_NAME = re.compile(r"(manifest\.json|shard-[^/]*\.arrow|samples\.(feather|arrow)|rejects\.jsonl|tokenizer)"
                          r"(\.tmp)?|tokens\.spill\.[^/]*\.tmp")
-_MARKERS = (".build_id", ".lock", LEDGER, LEDGER + ".tmp")  # kept: the folder's identity, lock and ledger
+_MARKERS = (".build_id", ".lock", LEDGER)  # kept: the folder's identity, lock and ledger
 
 
 def prepare_out(out: Path, build_id: str, overwrite: bool) -> Path:
@@ -198,7 +198,7 @@ def owned(out: Path) -> set[str]:
     if isinstance(m, dict):
         listed = [MANIFEST, m.get("samples_file"), m.get("rejects_file"), (m.get("tokenizer") or {}).get("path")]
         listed += [s.get("file") for s in m.get("shards") or [] if isinstance(s, dict)]
-        names |= {n for n in listed if isinstance(n, str) and n and "/" not in n and n not in (".", "..")}
+        names |= {n for n in listed if plain_name(n)}
     return names
 
 
@@ -351,7 +351,7 @@ def write_rejects(out: Path, rejects: list[dict[str, Any]]) -> None:
 def remove_temps(out: Path) -> None:
     """Remove the build's temporary files and folders (`*.tmp` that it claimed) from `out`, after an error."""
     for name in ledger(out):
-        if name.endswith(".tmp") and name != LEDGER + ".tmp":
+        if name.endswith(".tmp"):
             try:
                 remove_owned(out / name)
             except (ConfigError, OSError):  # cleaning up after an error: the first error is the one to report

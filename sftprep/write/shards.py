@@ -107,8 +107,13 @@ class Flat:
     @property
     def real_tokens(self) -> np.ndarray:
         """Per row: the sum of its `seq_lens` (tokens that are not padding)."""
-        cs = np.concatenate([[0], np.cumsum(self.seq_lens, dtype=np.int64)])
-        return cs[self.seq_off[1:]] - cs[self.seq_off[:-1]]
+        return _row_sums(self.seq_lens, self.seq_off)
+
+
+def _row_sums(seq_lens: np.ndarray, seq_off: np.ndarray) -> np.ndarray:
+    """Per row: the sum of its `seq_lens` (flat, cut into rows by `seq_off`)."""
+    cs = np.concatenate([[0], np.cumsum(seq_lens, dtype=np.int64)])
+    return cs[seq_off[1:]] - cs[seq_off[:-1]]
 
 
 def flatten(table: pa.Table | pa.RecordBatch) -> Flat:
@@ -346,8 +351,7 @@ def row_sizes(table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
     """Per row: its real tokens (the sum of its `seq_lens`) and how many samples it holds, from `seq_lens`
     alone (no token is read)."""
     lens, seq_off = list_parts(table.column("seq_lens"))
-    cs = np.concatenate([[0], np.cumsum(lens, dtype=np.int64)])
-    return cs[seq_off[1:]] - cs[seq_off[:-1]], np.diff(seq_off)
+    return _row_sums(lens, seq_off), np.diff(seq_off)
 
 
 def check_rows(table: pa.Table, name: str) -> None:
@@ -365,7 +369,7 @@ def check_rows(table: pa.Table, name: str) -> None:
         row = int(np.searchsorted(seq_off, bad[0], side="right") - 1)
         raise InputError(f"{name} row {row}: seq_lens holds {int(flat_lens[bad[0]])} (every sample length is > 0): "
                          "the shard was changed after the build; rebuild with `sftprep build --overwrite`")
-    sums, _ = row_sizes(table)
+    sums = _row_sums(flat_lens, seq_off)  # the seq_lens read above: not flattened a second time
     over = np.flatnonzero((sums > np.diff(row_off)) | (np.diff(label_off) != np.diff(row_off)))
     if len(over):
         r = int(over[0])
