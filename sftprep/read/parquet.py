@@ -5,8 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterator
 
-from . import Record
 from ..errors import InputError
+from . import Record
+from .arrow import batch_rows
 
 
 def read(path: Path) -> Iterator[Record]:
@@ -17,7 +18,7 @@ def read(path: Path) -> Iterator[Record]:
     row = 0
     try:
         for batch in pq.ParquetFile(path).iter_batches(batch_size=4096):
-            for rec in batch.to_pylist():
+            for rec in batch_rows(batch, path, row):  # a string column of bytes that are not UTF-8: named
                 yield Record(rec, f"{path}:row {row}")
                 row += 1
     except (pa.ArrowException, OSError) as e:

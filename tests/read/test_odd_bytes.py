@@ -38,6 +38,17 @@ def test_an_arrow_string_column_holding_invalid_utf8_names_the_row_and_column(tm
                                     "text as UTF-8")
 
 
+def test_a_parquet_string_column_holding_invalid_utf8_names_the_row_and_column(tmp_path):
+    import pyarrow.parquet as pq
+
+    pq.write_table(_latin1_table(), tmp_path / "latin1.parquet")
+    code, out = _build("-i", tmp_path / "latin1.parquet", "-t", MISTRAL, "-o", tmp_path / "out")
+    assert code == 2
+    assert out.splitlines()[-1] == (f"Error: {tmp_path / 'latin1.parquet'}:row 1: column 'prompt' holds bytes that "
+                                    "are not UTF-8 (invalid continuation byte at byte 3); re-encode the file's "
+                                    "text as UTF-8")
+
+
 def test_a_save_to_disk_folder_holding_invalid_utf8_names_the_row_and_column(tmp_path):
     folder, table = tmp_path / "saved", _latin1_table()
     folder.mkdir()
