@@ -5,9 +5,11 @@
 The build: one folder per stage, in the order data flows (`api.build` runs them, each stage with its
 own section of `config.BuildConfig`; no stage imports a later one: `tests/test_layout.py`):
 
-    read/       files -> Record (fields, file:line) (readers); Record -> Conversation (formats)
+    read/       files -> Record (fields, file:line) (readers); Record -> Conversation (formats); benchmark
+                n-grams that keep a record out (contamination)
     render/     Conversation -> text + trained character spans (presets, chat templates, plans)
     tokenize/   text -> ids -> labels (encode, labels, boundaries), truncation (window): one batch
+    mix/        the recipe on kept samples: duplicates, the validation split, each source's weight (recipe)
     pack/       sample lengths -> rows of pieces (sample, start, stop); its MODES say how rows read back
     write/      samples spilled to disk until packing (store); rows -> shard-train-NNNNN.arrow and the one
                 row reader (shards); the output folder: lock, side files, manifest (output, manifest);

@@ -24,12 +24,12 @@ from .read import count_records, expand_inputs
 from .render.export import preset_jinja
 from .render.presets import PRESETS
 from .scale.parts import part_size
-from .scale.pipeline import encode_all, encoder_for, gc_paused, in_background
+from .scale.pipeline import encode_all, encoders_for, gc_paused, in_background
 from .tokenizer import install_chat_template, load_fast, pad_id, tokenizer_identity
 from .write.files import overlaps
 from .write.manifest import tokenizer_dir, write_manifest
 from .write.output import (TOKENIZER_DIR, OutLock, build_id, build_manifest, check_rejects, empty_inputs, hash_input,
-                     hash_tokenizer, owned, prepare_out, remove_temps, write_build)
+                     hash_tokenizer, owned, prepare_out, remove_temps, source_entries, write_build)
 from .write.store import SampleStore
 
 SPILL_STEM = "tokens.spill"  # tokens.spill.{ids,labels}.tmp: removed at the end, or by the next build
@@ -66,11 +66,12 @@ def build(config: BuildConfig, progress: Callable[[int], None] | None = None, *,
 
 
 def _build(config: BuildConfig, progress: Callable[[int], None] | None) -> dict[str, Any]:
-    inputs = _inputs(config)
+    inputs = _inputs(config)  # per source
     tok = load_fast(config.tokenize.tokenizer)
-    # file hashes (the build id) while the template is compiled: hashlib works without the GIL
-    hashes = in_background(_hash_sources, inputs, tok.path, config.template.chat_template)
-    encoder = encoder_for(config, tok)  # validates template settings before any work
+    # file hashes (the build id) while the templates are compiled: hashlib works without the GIL
+    hashes = in_background(_hash_sources, [p for paths in inputs for p in paths], tok.path,
+                           config.template.chat_template)
+    encoders = encoders_for(config, tok)  # validates template settings before any work
     input_info, tokenizer_hash = hashes()
     this_build = build_id(config, input_info, tokenizer_hash)
     part = None
@@ -80,7 +81,7 @@ def _build(config: BuildConfig, progress: Callable[[int], None] | None) -> dict[
     out = prepare_out(Path(config.out), this_build, config.overwrite)
 
     if hasattr(progress, "start"):
-        progress.start(expected_records(config, inputs))
+        progress.start(expected_records(config, [p for paths in inputs for p in paths]))
     store = SampleStore(out, SPILL_STEM)
     pad = pad_id(tok)
     # the vocabulary hash (for the manifest, ~0.2 s on a 129k vocabulary, much of it holding the GIL) is
@@ -90,13 +91,17 @@ def _build(config: BuildConfig, progress: Callable[[int], None] | None) -> dict[
     def start_identity() -> None:
         identity.append(in_background(tokenizer_identity, tok, config.tokenize.tokenizer))
     try:
-        rejects, read = encode_all(config, inputs, encoder, store, progress, start_identity)
+        rejects, read, counts = encode_all(config, inputs, encoders, store, progress, start_identity)
         if part is None:  # a part may hold few or no records: merge checks all parts' together
             check_rejects(config, rejects, read, out)
         store.seal()
-        shards, totals = write_build(config, out, store, rejects, read, pad, Path(config.tokenize.tokenizer))
-        if encoder.renderer.template_file is not None:  # --chat-template: the copy carries it
-            install_chat_template(out / TOKENIZER_DIR, encoder.renderer.template_file)
+        sources = source_entries(config, inputs, counts)
+        shards, totals, extra = write_build(config, out, store, rejects, read, sources, pad, Path(config.tokenize.tokenizer))
+        # --chat-template (the build's, not a source's own): the copy carries it
+        chosen = [e.renderer.template_file for s, e in zip(config.recipe(), encoders)
+                  if config.template.chat_template and s.template.chat_template == config.template.chat_template]
+        if chosen:
+            install_chat_template(out / TOKENIZER_DIR, chosen[0])
     except BaseException:
         remove_temps(out)  # a failed write (disk full...) leaves no *.tmp behind
         raise
@@ -105,12 +110,13 @@ def _build(config: BuildConfig, progress: Callable[[int], None] | None) -> dict[
 
     identity = identity[0]() if identity else tokenizer_identity(tok, config.tokenize.tokenizer)
     manifest = build_manifest(
-        config, build_id=this_build, inputs=input_info, template=encoder.renderer.description,
+        config, build_id=this_build, inputs=input_info, template=_templates(config, encoders),
         # a part may hold none of an input's records: merge warns over all parts
-        warnings=encoder.renderer.warnings + ([] if part else empty_inputs(inputs, store.sources, rejects)),
+        warnings=[w for e in encoders for w in e.renderer.warnings] + (
+            [] if part else empty_inputs([p for paths in inputs for p in paths], store.sources, rejects, sources)),
         tokenizer={**identity, "files_sha256": tokenizer_hash, "path": TOKENIZER_DIR,
                    "source": str(tok.path.resolve()), "files": sorted(p.name for p in (out / TOKENIZER_DIR).iterdir())},
-        max_token_id=max(store.max_id, pad), shards=shards, totals=totals, **({"part": part} if part else {}))
+        max_token_id=max(store.max_id, pad), shards=shards, totals=totals, **extra, **({"part": part} if part else {}))
     write_manifest(out, manifest)
     return manifest
 
@@ -124,14 +130,32 @@ def _hash_sources(inputs: list[Path], tokenizer: Path, chat_template: str | None
     return [{"path": str(p), "sha256": hash_input(p)} for p in inputs], files
 
 
-def _inputs(config: BuildConfig) -> list[Path]:
-    """The input files, resolved once (the list hashed is the list read). A glob that sweeps in files
-    of a previous build in `--out` (its rejects.jsonl) skips them; any other input that is, contains or
-    lies inside `--out`, and a tokenizer there, is refused before any work: a build replaces its files."""
+def _templates(config: BuildConfig, encoders: list) -> Any:
+    """The manifest's `template`: the one template's description, or each source's by name."""
+    if not config.sources:
+        return encoders[0].renderer.description
+    return {s.name: e.renderer.description for s, e in zip(config.sources, encoders)}
+
+
+def _inputs(config: BuildConfig) -> list[list[Path]]:
+    """Each source's input files, resolved once (the list hashed is the list read)."""
+    inputs = [_source_inputs(config, s.read.inputs) for s in config.recipe()]
+    tokenizer = Path(config.tokenize.tokenizer)
+    out = Path(config.out)
+    if tokenizer.exists() and overlaps(tokenizer, out):
+        raise ConfigError(f"the tokenizer {tokenizer} is inside the output folder --out {out} (or contains it): a "
+                          "build replaces OUT/tokenizer/; copy the tokenizer elsewhere, or choose another folder")
+    return inputs
+
+
+def _source_inputs(config: BuildConfig, patterns: tuple[str, ...]) -> list[Path]:
+    """One source's input files. A glob that sweeps in files of a previous build in `--out` (its
+    rejects.jsonl) skips them; any other input that is, contains or lies inside `--out`, and a tokenizer
+    there, is refused before any work: a build replaces its files."""
     out = Path(config.out)
     ours = owned(out) if out.is_dir() else set()
     inputs = []
-    for p in expand_inputs(config.read.inputs):
+    for p in expand_inputs(patterns):
         inside = out.resolve() in p.resolve().parents
         if inside and p.resolve().relative_to(out.resolve()).parts[0] in ours:
             continue
@@ -141,18 +165,15 @@ def _inputs(config: BuildConfig) -> list[Path]:
         inputs.append(p)
     if not inputs:
         raise FileNotFoundError(f"no input outside the output folder {config.out}: "
-                                f"{', '.join(config.read.inputs)} match only files the build writes")
-    tokenizer = Path(config.tokenize.tokenizer)
-    if tokenizer.exists() and overlaps(tokenizer, out):
-        raise ConfigError(f"the tokenizer {tokenizer} is inside the output folder --out {out} (or contains it): a "
-                          "build replaces OUT/tokenizer/; copy the tokenizer elsewhere, or choose another folder")
+                                f"{', '.join(patterns)} match only files the build writes")
     return inputs
 
 
 def expected_records(config: BuildConfig, inputs: list[Path] | None = None) -> int | None:
     """About how many records the build reads (its part's share with `--part`); None where the inputs do
     not say cheaply (`readers.count_records`)."""
-    counts = [count_records(p) for p in (inputs if inputs is not None else _inputs(config))]
+    counts = [count_records(p) for p in (inputs if inputs is not None else
+                                         [p for paths in _inputs(config) for p in paths])]
     total = None if None in counts else sum(counts)
     limit = config.read.num_samples
     total = limit if limit and (total is None or total > limit) else total

@@ -223,7 +223,8 @@ def print_summary(manifest: dict[str, Any]) -> None:
     table.add_column(style="bold")
     table.add_column(justify="right")
     table.add_row("records read", f"{t['records_read']:,}")
-    table.add_row("template", manifest["template"])
+    template = manifest["template"]
+    table.add_row("template", template if isinstance(template, str) else "per source (below)")
     table.add_row("samples kept", f"{t['samples_kept']:,}")
     table.add_row("samples dropped", f"{t['samples_dropped']:,}")
     for reason, n in t["dropped_by_reason"].items():
@@ -235,7 +236,17 @@ def print_summary(manifest: dict[str, Any]) -> None:
     table.add_row("rows", f"{t['rows']:,} x {manifest['max_length']}")
     if t["fill_ratio"] is not None:
         table.add_row("fill ratio", f"{t['fill_ratio']:.4f}")
+    if "validation" in t:
+        v = t["validation"]
+        table.add_row("validation split", f"{v['samples']:,} samples, {v['trained_tokens']:,} trained tokens")
     Console().print(table)
+    if manifest.get("config", {}).get("sources"):
+        click.echo("sources (share of trained tokens): " + ", ".join(
+            f"{s['name']} {s['trained_share']:.1%} ({s['selected']:,} samples"
+            + (f", {s['validation']:,} validation" if s.get("validation") else "") + ")"
+            for s in manifest.get("sources", [])))
+        if isinstance(template, dict):
+            click.echo("templates: " + ", ".join(f"{k}: {v}" for k, v in template.items()))
     for warning in manifest.get("warnings", []):
         click.echo(f"warning: {warning}", err=True)
     if t["samples_dropped"]:

@@ -30,6 +30,8 @@ TRUNCATION = ("keep_start", "keep_end", "drop")
 TRUNCATION_UNITS = ("tokens", "turns")
 PACKING = tuple(MODES)  # the packing modes (`packing.MODES`)
 ON_ERROR = ("skip", "fail")
+DEDUP = ("auto", "exact", "none")
+MIX_BY = ("samples", "tokens")
 MAX_LENGTH = 1 << 20  # 1,048,576 tokens: longer than any model's context today
 
 
@@ -211,6 +213,97 @@ class PackConfig:
     """Seed of the row order written to the shards (--seed)."""
 
 
+def _source_pairs(values: tuple[str, ...]) -> tuple[tuple[str, str], ...] | None:
+    """--source NAME=GLOB ... -> ((name, glob), ...): a source's inputs (its other settings: YAML `sources:`)."""
+    pairs = []
+    for v in values:
+        name, sep, pattern = v.partition("=")
+        if not sep or not name.strip() or not pattern.strip():
+            raise ConfigError(f"--source {v!r} is not NAME=GLOB, e.g. --source alpaca='data/alpaca*.jsonl'")
+        pairs.append((name.strip(), pattern.strip()))
+    return tuple(pairs) or None
+
+
+@dataclass(frozen=True)
+class MixConfig:
+    """How the sources' samples become the build: duplicates, benchmark leakage, the held-out split, weights."""
+
+    dedup: str = field(default="auto", metadata=flag(choices=DEDUP))
+    """exact: a sample with the same token ids and labels as an earlier one (in any source) is kept once, the
+    others listed in rejects.jsonl as `duplicate`; none: keep every copy; auto: exact for a recipe (a build
+    with sources), none for a build of plain inputs, whose shards stay as they were (--dedup)."""
+    mix_by: str = field(default="samples", metadata=flag(choices=MIX_BY))
+    """What a source's `proportion` is a share of: the build's samples, or its tokens (--mix-by)."""
+    eval_fraction: float | None = None
+    """Hold out about this share of every source's samples (each sample by its own content hash, so it lands
+    in the same split whatever the file order, parts or other sources) as the validation split,
+    shard-validation-*.arrow (YAML `eval: {fraction: 0.01}`) (--eval-fraction)."""
+    eval_samples: int | None = None
+    """Hold out exactly this many samples (those of smallest content hash) as the validation split (YAML
+    `eval: {samples: 500}`) (--eval-samples)."""
+    decontaminate: tuple[str, ...] = field(default=(), metadata=flag(repeat=True))
+    """Benchmark or eval files (JSON Lines, JSON, CSV, Parquet: any record format, or plain text): a training
+    sample that shares a word n-gram with any of their items is dropped as `contaminated` (repeatable)
+    (--decontaminate)."""
+    decontaminate_ngram: int = 13
+    """Words per n-gram for --decontaminate, after lower-casing and dropping punctuation (13, as GPT-3 and
+    Tulu 3) (--decontaminate-ngram)."""
+
+
+SOURCE_MIX = ("choose", "repeat", "proportion")
+"""A source's mixing keys: at most one per source."""
+SOURCE_SETTINGS = ("format", "fields", "on_error", "template", "prompt", "completion", "system", "response_template",
+                   "instruction_template", "template_kwargs", "stop_tokens", "chat_template", "train_on", "truncation",
+                   "truncation_unit")
+"""What a source may set for itself (as the build's YAML keys); the rest (tokenizer, max_length, packing...)
+is build-wide."""
+TEMPLATE_CHOICE = ("name", "prompt", "completion", "response_template", "instruction_template", "chat_template")
+"""The template settings that choose how text is made: a source that sets one inherits none of the build's."""
+
+
+@dataclass(frozen=True)
+class SourceConfig:
+    """One source of a recipe (a `sources:` item): its records, what it sets differently from the build, its
+    weight and its held-out share."""
+
+    name: str
+    inputs: tuple[str, ...] = ()
+    settings: Mapping[str, Any] = field(default_factory=dict)
+    """Its own `format`, `fields`, `template` (a name, or a mapping), `train_on`, `truncation`...: the build's
+    YAML keys; what it does not set comes from the build."""
+    choose: int | None = None
+    """Exactly this many samples: a seeded subset, or the whole source repeated plus a subset."""
+    repeat: float | None = None
+    """Every sample this many times; a fraction takes that share of the samples once more (2.5: all twice,
+    half of them a third time)."""
+    proportion: float | None = None
+    """This share of the build's samples (or tokens, with `mix_by: tokens`)."""
+    eval_fraction: float | None = None
+    """This source's validation share (its `eval: {fraction: F}`), instead of the build's."""
+    eval_samples: int | None = None
+    """This source's validation samples (its `eval: {samples: N}`), instead of the build's."""
+
+    @property
+    def mixing(self) -> tuple[str, float] | None:
+        """(key, value) of its mixing setting, None when it is taken as it is."""
+        return next(((k, getattr(self, k)) for k in SOURCE_MIX if getattr(self, k) is not None), None)
+
+
+@dataclass(frozen=True)
+class Source:
+    """A source as the build reads it: the build's sections with the source's own settings applied."""
+
+    name: str
+    read: ReadConfig
+    template: TemplateConfig
+    tokenize: TokenizeConfig
+    spec: SourceConfig | None = None
+    """None: the build has no `sources:` (its inputs are one source, `DEFAULT_SOURCE`)."""
+
+
+DEFAULT_SOURCE = "default"
+
+
 @dataclass(frozen=True)
 class BuildConfig:
     """Everything `sftprep build` needs; saved whole in the manifest."""
@@ -219,6 +312,12 @@ class BuildConfig:
     template: TemplateConfig = field(default_factory=TemplateConfig)
     tokenize: TokenizeConfig = field(default_factory=TokenizeConfig)
     pack: PackConfig = field(default_factory=PackConfig)
+    mix: MixConfig = field(default_factory=MixConfig)
+    sources: tuple[SourceConfig, ...] = field(default=(), metadata=flag(repeat=True, parse=_source_pairs,
+                                                                         metavar="NAME=GLOB"))
+    """A recipe: named sources, each with its own inputs (--source NAME=GLOB, repeatable); their own format,
+    template, train_on, truncation, weight (choose / repeat / proportion) and eval share go in the YAML
+    `sources:` list."""
     out: str | None = field(default=None, metadata=flag(short="-o"))
     """Output folder for shards and manifest (--out)."""
     workers: int = 1
@@ -238,6 +337,17 @@ class BuildConfig:
         if problems:
             raise ConfigError.listing("build config", problems)
 
+    @property
+    def dedups(self) -> bool:
+        """Whether duplicates are dropped (`MixConfig.dedup`)."""
+        return self.mix.dedup == "exact" or (self.mix.dedup == "auto" and bool(self.sources))
+
+    def recipe(self) -> list[Source]:
+        """The sources a build reads, in order: its `sources`, or its inputs as one source."""
+        if not self.sources:
+            return [Source(DEFAULT_SOURCE, self.read, self.template, self.tokenize)]
+        return [resolve_source(self, s) for s in self.sources]
+
     def to_dict(self) -> dict[str, Any]:
         d = to_plain(dataclasses.asdict(self))
         if d["part"] is None:  # a whole build's manifest (and build id) as before parts existed
@@ -251,21 +361,16 @@ def _check(c: BuildConfig) -> list[str]:
     def choice(value: str, allowed: tuple[str, ...], key: str) -> None:
         check_choice(p, f"{key}=", value, allowed)
 
-    if not c.read.inputs:
-        p.append("no input: give --input FILE (or `inputs:` in the YAML)")
+    if not c.read.inputs and not c.sources:
+        p.append("no input: give --input FILE (or `inputs:` in the YAML), or sources (--source NAME=GLOB)")
+    if c.read.inputs and c.sources:
+        p.append("give inputs per source (`sources: [{name: ..., inputs: [...]}]`, --source NAME=GLOB), or "
+                 "--input without sources, not both")
     if not c.tokenize.tokenizer:
         p.append("no tokenizer: give --tokenizer PATH (a local folder with tokenizer.json)")
     if not c.out:
         p.append("no output folder: give --out DIR")
-    if c.template.chat_template and c.template.name != "tokenizer":
-        p.append(f"chat_template={c.template.chat_template!r} (--chat-template) is a Jinja chat template, used as "
-                 f"`--template tokenizer` uses the tokenizer's own: drop template={c.template.name!r} or set it to "
-                 "tokenizer")
-    choice(c.read.format, FORMATS, "format")
-    choice(c.read.on_error, ON_ERROR, "on_error")
-    choice(c.tokenize.truncation, TRUNCATION, "truncation")
-    choice(c.tokenize.truncation_unit, TRUNCATION_UNITS, "truncation_unit")
-    choice(c.tokenize.train_on, TRAIN_ON, "train_on")
+    p += _check_sections(c.read, c.template, c.tokenize)
     choice(c.pack.mode, tuple(MODES), "packing")
     if c.tokenize.max_length < 8:
         p.append(f"max_length={c.tokenize.max_length} is too small (at least 8 tokens)")
@@ -278,6 +383,7 @@ def _check(c: BuildConfig) -> list[str]:
         p.append(f"workers={c.workers} must be at least 1")
     if c.part is not None:
         p += check_part(c.part, c.pack.mode)
+    p += _check_mix(c)
     if c.read.num_samples is not None and c.read.num_samples < 1:
         p.append(f"num_samples={c.read.num_samples} must be at least 1")
     if not 0 <= c.read.max_reject_ratio <= 1:
@@ -288,7 +394,22 @@ def _check(c: BuildConfig) -> list[str]:
             p.append(f"{key}={getattr(getattr(c, section), key)} must be at least 1")
     if c.template.max_render_seconds <= 0:
         p.append(f"max_render_seconds={c.template.max_render_seconds} must be more than 0")
-    t = c.template
+    return p
+
+
+def _check_sections(read: ReadConfig, template: TemplateConfig, tokenize: TokenizeConfig) -> list[str]:
+    """Problems in the settings a source may set for itself (the build's, or one source's)."""
+    p: list[str] = []
+    check_choice(p, "format=", read.format, FORMATS)
+    check_choice(p, "on_error=", read.on_error, ON_ERROR)
+    check_choice(p, "truncation=", tokenize.truncation, TRUNCATION)
+    check_choice(p, "truncation_unit=", tokenize.truncation_unit, TRUNCATION_UNITS)
+    check_choice(p, "train_on=", tokenize.train_on, TRAIN_ON)
+    t = template
+    if t.chat_template and t.name != "tokenizer":
+        p.append(f"chat_template={t.chat_template!r} (--chat-template) is a Jinja chat template, used as "
+                 f"`--template tokenizer` uses the tokenizer's own: drop template={t.name!r} or set it to "
+                 "tokenizer")
     if (t.prompt is None) != (t.completion is None):
         p.append("template.prompt and template.completion go together: give both (--prompt and --completion)")
     if t.prompt is not None and t.name is not None:
@@ -299,6 +420,140 @@ def _check(c: BuildConfig) -> list[str]:
         p.append("response_template applies to text you render yourself; it cannot be combined with "
                  f"--template {t.name} (the template already knows what the assistant says)")
     return p
+
+
+def _check_mix(c: BuildConfig) -> list[str]:
+    """Problems in the recipe: mixing, the held-out split, dedup, decontamination, and each source's own
+    settings (named by source)."""
+    m, p = c.mix, []
+    check_choice(p, "dedup=", m.dedup, DEDUP)
+    check_choice(p, "mix_by=", m.mix_by, MIX_BY)
+    p += _check_eval(m.eval_fraction, m.eval_samples, "eval")
+    if m.decontaminate_ngram < 1:
+        p.append(f"decontaminate_ngram={m.decontaminate_ngram} must be at least 1 word")
+    names = [s.name for s in c.sources]
+    for name in sorted({n for n in names if names.count(n) > 1}):
+        p.append(f"source {name!r} is listed twice: give each source its own name")
+    shares = [s.proportion for s in c.sources if s.proportion is not None]
+    for s in c.sources:
+        where = f"source {s.name!r}"
+        if not s.inputs:
+            p.append(f"{where}: no inputs: give `inputs: [FILE, ...]` (or --source {s.name}=GLOB)")
+        set_keys = [k for k in SOURCE_MIX if getattr(s, k) is not None]
+        if len(set_keys) > 1:
+            p.append(f"{where}: {' and '.join(set_keys)} both set: give at most one of choose, repeat, proportion")
+        if s.choose is not None and s.choose < 1:
+            p.append(f"{where}: choose={s.choose} must be at least 1 sample")
+        if s.repeat is not None and s.repeat <= 0:
+            p.append(f"{where}: repeat={s.repeat} must be more than 0")
+        if s.proportion is not None and not 0 < s.proportion <= 1:
+            p.append(f"{where}: proportion={s.proportion} must be more than 0 and at most 1")
+        p += [f"{where}: {x}" for x in _check_eval(s.eval_fraction, s.eval_samples, "eval")]
+        try:
+            r = resolve_source(c, s)
+        except ConfigError as e:
+            p.append(f"{where}: {e}")
+            continue
+        p += [f"{where}: {x}" for x in _check_sections(r.read, r.template, r.tokenize)]
+    if sum(shares) > 1 + 1e-9:
+        listed = ", ".join(f"{s.name} {s.proportion:g}" for s in c.sources if s.proportion is not None)
+        p.append(f"the sources' proportions sum to {sum(shares):g} ({listed}): they are shares of one build, at "
+                 "most 1 in all")
+    elif shares and len(shares) == len(c.sources) and abs(sum(shares) - 1) > 1e-9:
+        p.append(f"every source has a proportion, and they sum to {sum(shares):g}: they must sum to 1 (or take "
+                 "the proportion off a source to let it fill the rest)")
+    elif shares and abs(sum(shares) - 1) <= 1e-9 and len(shares) < len(c.sources):
+        rest = ", ".join(s.name for s in c.sources if s.proportion is None)
+        p.append(f"the proportions sum to 1, which leaves no share for {rest}: lower them, or give {rest} a "
+                 "proportion too")
+    return p
+
+
+def _check_eval(fraction: float | None, samples: int | None, key: str) -> list[str]:
+    p = []
+    if fraction is not None and samples is not None:
+        p.append(f"{key}: give fraction or samples, not both")
+    if fraction is not None and not 0 < fraction < 1:
+        p.append(f"{key}.fraction={fraction} must be between 0 and 1 (e.g. 0.01)")
+    if samples is not None and samples < 1:
+        p.append(f"{key}.samples={samples} must be at least 1")
+    return p
+
+
+def resolve_source(c: BuildConfig, s: SourceConfig) -> Source:
+    """The build's read / template / tokenize sections with source `s`'s own settings applied: a source that
+    sets any of `TEMPLATE_CHOICE` inherits none of the build's (a prompt/completion source in a chat build)."""
+    sections, _ = read_tree(BUILD_SCHEMA, s.settings, None, f"source {s.name!r}")
+    _convert(sections)
+    template = c.template
+    if any(k in sections["template"] for k in TEMPLATE_CHOICE):
+        template = dataclasses.replace(template, **{k: None for k in TEMPLATE_CHOICE})
+    try:
+        return Source(s.name, dataclasses.replace(c.read, **sections["read"], inputs=s.inputs),
+                      dataclasses.replace(template, **sections["template"]),
+                      dataclasses.replace(c.tokenize, **sections["tokenize"]), s)
+    except TypeError as e:
+        raise ConfigError(f"invalid setting: {e}") from None
+
+
+def sources_from(value: Any, where: str) -> tuple[SourceConfig, ...]:
+    """YAML `sources:` (a list of mappings) as `SourceConfig`s.
+
+    Raises:
+        ConfigError: listing every key that is unknown, build-wide, or of the wrong type, by source.
+    """
+    if not isinstance(value, (list, tuple)):
+        raise ConfigError(f"{where}: `sources` must be a list of sources (`- name: ...`), got {type(value).__name__}")
+    out, p = [], []
+    for k, item in enumerate(value):
+        if not isinstance(item, Mapping):
+            p.append(f"{where}: sources[{k}] must be a mapping (name, inputs, ...), got {type(item).__name__}")
+            continue
+        name = item.get("name")
+        if not isinstance(name, str) or not name.strip():
+            p.append(f"{where}: sources[{k}] has no `name` (each source is named: in the manifest, stats, rejects)")
+            continue
+        spec: dict[str, Any] = {"name": name.strip(), "settings": {}}
+        for key, v in item.items():
+            key = str(key)
+            if key == "name":
+                continue
+            if key in ("inputs", "input"):
+                spec["inputs"] = as_tuple(v)
+            elif key == "eval":
+                if not isinstance(v, Mapping) or set(v) - {"fraction", "samples"}:
+                    p.append(f"{where}: source {name!r}: `eval` must be {{fraction: F}} or {{samples: N}}")
+                    continue
+                spec.update({f"eval_{e}": x for e, x in v.items()})
+            elif key in (*SOURCE_MIX, "eval_fraction", "eval_samples"):  # the last two: as a manifest saves them
+                spec[key] = v
+            elif key == "settings" and isinstance(v, Mapping):  # a manifest's config (`to_dict`)
+                spec["settings"].update(v)
+            elif key in SOURCE_SETTINGS or BUILD_SCHEMA.aliases.get(key, ("",))[0] in SOURCE_SETTINGS:
+                spec["settings"][key] = v
+            elif BUILD_SCHEMA.target(key) is not None or key in BUILD_SCHEMA.sections or key in ("mix", "sources"):
+                p.append(f"{where}: source {name!r}: `{key}` is build-wide: set it at the top level of the config")
+            else:
+                known = ["name", "inputs", "eval", *SOURCE_MIX, *SOURCE_SETTINGS]
+                p.append(f"{where}: source {name!r}: unknown key `{key}`{did_you_mean(key, known)}")
+        for key in ("choose", "repeat", "proportion", "eval_fraction", "eval_samples"):
+            problem = type_problem(SourceConfig, key, spec.get(key))
+            if problem:
+                p.append(f"{where}: source {name!r}: `{key.replace('eval_', 'eval.')}` {problem}")
+        out.append(SourceConfig(**spec))
+    if p:
+        raise ConfigError.listing("build config", p)
+    return tuple(out)
+
+
+def _merge_sources(given: tuple[SourceConfig, ...], pairs: tuple[tuple[str, str], ...]) -> tuple[SourceConfig, ...]:
+    """--source NAME=GLOB on top of the YAML's sources: a named one gets these inputs; a new name, a new source."""
+    by_name = {s.name: s for s in given}
+    added: dict[str, list[str]] = {}
+    for name, pattern in pairs:
+        added.setdefault(name, []).append(pattern)
+    out = [dataclasses.replace(s, inputs=tuple(added[s.name])) if s.name in added else s for s in given]
+    return tuple(out) + tuple(SourceConfig(n, tuple(g)) for n, g in added.items() if n not in by_name)
 
 
 EXECUTORS = ("local", "ray")
@@ -389,8 +644,14 @@ SHORTCUTS: dict[str, tuple[str | None, str]] = {
     "chat_template": ("template", "chat_template"),
     "max_render_seconds": ("template", "max_render_seconds"),
     "max_render_chars": ("template", "max_render_chars"),
+    "dedup": ("mix", "dedup"),
+    "mix_by": ("mix", "mix_by"),
+    "eval_fraction": ("mix", "eval_fraction"),
+    "eval_samples": ("mix", "eval_samples"),
+    "decontaminate": ("mix", "decontaminate"),
+    "decontaminate_ngram": ("mix", "decontaminate_ngram"),
 }
-_TOP = ("out", "workers", "overwrite", "part")  # allow_code is never read from a file: a YAML file is data
+_TOP = ("out", "workers", "overwrite", "part", "sources")  # allow_code is never read from a file: a YAML file is data
 
 
 def _packing_value(value: Any) -> Any:
@@ -573,7 +834,8 @@ def as_tuple(value: Any, split: str | None = None) -> tuple[str, ...]:
 
 
 BUILD_SCHEMA = Schema("build", BuildConfig,
-                      {"read": ReadConfig, "template": TemplateConfig, "tokenize": TokenizeConfig, "pack": PackConfig},
+                      {"read": ReadConfig, "template": TemplateConfig, "tokenize": TokenizeConfig, "pack": PackConfig,
+                       "mix": MixConfig},
                       SHORTCUTS, scalars={"template": "name"}, top=_TOP,
                       values={"packing": _packing_value, "part": parse_part})
 
@@ -584,7 +846,25 @@ def config_from_dict(data: Mapping[str, Any], overrides: Mapping[str, Any] | Non
 
     `template` may be a string (the preset name) or a mapping. Unknown keys raise `ConfigError`.
     """
+    data, overrides = dict(data), dict(overrides or {})
+    given = sources_from(data.pop("sources"), source) if data.get("sources") is not None else ()
+    pairs = overrides.pop("sources", None) or ()
+    evals = data.pop("eval", None)
+    if evals is not None:  # `eval: {fraction: F}` / `{samples: N}`: the mix section's eval_* keys
+        if not isinstance(evals, Mapping) or set(evals) - {"fraction", "samples"}:
+            raise ConfigError.listing("build config", [f"{source}: `eval` must be {{fraction: F}} or {{samples: N}}"])
+        data.update({f"eval_{k}": v for k, v in evals.items()})
     sections, top = read_tree(BUILD_SCHEMA, data, overrides, source)
+    _convert(sections)
+    if "decontaminate" in sections["mix"]:
+        sections["mix"]["decontaminate"] = as_tuple(sections["mix"]["decontaminate"])
+    if given or pairs:
+        top["sources"] = _merge_sources(given, tuple(pairs))
+    return make_tree(BUILD_SCHEMA, sections, top)
+
+
+def _convert(sections: dict[str, dict[str, Any]]) -> None:
+    """List and mapping settings as the dataclasses hold them (a YAML list or string -> a tuple...)."""
     read, template = sections["read"], sections["template"]
     if "inputs" in read:
         read["inputs"] = as_tuple(read["inputs"])
@@ -594,7 +874,6 @@ def config_from_dict(data: Mapping[str, Any], overrides: Mapping[str, Any] | Non
         template["kwargs"] = dict(template["kwargs"] or {})
     if "stop_tokens" in template:
         template["stop_tokens"] = as_tuple(template["stop_tokens"])
-    return make_tree(BUILD_SCHEMA, sections, top)
 
 
 @functools.lru_cache(maxsize=None)
@@ -730,11 +1009,18 @@ def paths_from_file(data: dict[str, Any], path: str | Path, keys: Mapping[str, t
     return out
 
 
-BUILD_PATHS = {("read", "inputs"), ("tokenize", "tokenizer"), ("", "out"), ("template", "chat_template")}
+BUILD_PATHS = {("read", "inputs"), ("tokenize", "tokenizer"), ("", "out"), ("template", "chat_template"),
+               ("mix", "decontaminate")}
 """The build settings that are paths: in a YAML file, relative to the file."""
 
 
 def load_build_yaml(path: str | Path) -> dict[str, Any]:
-    """`load_yaml`, with the paths in it (inputs, tokenizer, chat_template, out) made relative to the file."""
+    """`load_yaml`, with the paths in it (inputs, tokenizer, chat_template, decontaminate, out, and each
+    source's inputs and chat_template) made relative to the file."""
     aliases = {a: SHORTCUTS[key] for a, (key, _) in BUILD_SCHEMA.aliases.items() if key in SHORTCUTS}
-    return paths_from_file(load_yaml(path), path, {**SHORTCUTS, **aliases, **{k: ("", k) for k in _TOP}}, BUILD_PATHS)
+    keys = {**SHORTCUTS, **aliases, **{k: ("", k) for k in _TOP}}
+    data = paths_from_file(load_yaml(path), path, keys, BUILD_PATHS)
+    if isinstance(data.get("sources"), list):
+        data["sources"] = [paths_from_file(item, path, {**keys, "input": ("read", "inputs")}, BUILD_PATHS)
+                           if isinstance(item, Mapping) else item for item in data["sources"]]
+    return data

@@ -9,8 +9,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "sftprep"
-STAGES = ("read", "render", "tokenize", "pack", "write", "scale")
-"""The build's folders, in the order data flows: read -> render -> tokenize+label -> pack -> write; scale
+STAGES = ("read", "render", "tokenize", "mix", "pack", "write", "scale")
+"""The build's folders, in the order data flows: read -> render -> tokenize+label -> mix -> pack -> write; scale
 runs them in parallel and merges parts."""
 SURFACE = {"__init__", "api", "cli", "config", "errors", "memory", "tokenizer"}
 """Top-level modules: the public surface, the settings and the tokenizer loader that every stage uses."""

@@ -50,15 +50,17 @@ def unpack(flat: Flat) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     return sids, off, flat.ids[pos], flat.labels[pos]
 
 
-def unpack_build(folder: Path, manifest: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """`unpack` of every shard of the build in `folder`, its ids checked against the build's vocabulary
-    before anyone decodes them."""
-    flat = flatten(load(folder))
+def unpack_build(folder: Path, manifest: dict[str, Any],
+                 split: str = "train") -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """`unpack` of every shard of the build's `split` in `folder`, its ids checked against the build's
+    vocabulary before anyone decodes them."""
+    flat = flatten(load(folder, split))
     check_ids(flat.ids, manifest["tokenizer"].get("vocab_size"), str(folder))
     return unpack(flat)
 
 
-def samples(path: str | Path, tokenizer: str | Path | None = None, decode: bool = True) -> pa.Table:
+def samples(path: str | Path, tokenizer: str | Path | None = None, decode: bool = True,
+            split: str = "train") -> pa.Table:
     """One row per kept sample, unpacked from the rows it was packed into.
 
     Columns: `sample_id`, `source` (file:line), `text` (decoded, special tokens literal),
@@ -69,9 +71,10 @@ def samples(path: str | Path, tokenizer: str | Path | None = None, decode: bool 
         path: the build folder.
         tokenizer: decode with this tokenizer folder instead of the manifest's (must be the same).
         decode: False skips `text`/`trained_text` (no tokenizer needed; much faster).
+        split: train, or validation (the build's held-out split).
     """
     folder, manifest = read_build(path)
-    sids, off, ids, labels = unpack_build(folder, manifest)
+    sids, off, ids, labels = unpack_build(folder, manifest, split)
     info = read_sample_info(folder, manifest)
     src = sources_by_id(info)
     trunc = dict(zip(info.column("sample_id").to_pylist(), info.column("truncated").to_pylist())) \

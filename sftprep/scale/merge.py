@@ -20,14 +20,14 @@ import numpy as np
 import pyarrow as pa
 
 from .. import __version__
-from ..config import BuildConfig, config_from_dict, shard_settings
+from ..config import DEFAULT_SOURCE, BuildConfig, config_from_dict, shard_settings
 from ..errors import InputError
 from ..inspect.diff import flat_items
 from ..inspect.folder import read_rejects, read_sample_info
 from ..write.files import overlaps
 from ..write.manifest import MANIFEST, read_manifest, shard_path, tokenizer_dir, write_manifest
-from ..write.output import (OutLock, build_key, build_manifest, check_rejects, empty_inputs, prepare_out, remove_temps,
-                     write_build)
+from ..write.output import (SOURCE_KEYS, OutLock, build_key, build_manifest, check_rejects, empty_inputs, prepare_out,
+                            remove_temps, write_build)
 from ..write.shards import SCHEMA, check_rows, flatten
 from ..write.store import Samples
 
@@ -182,13 +182,16 @@ def _merge(parts: list[Part], config: BuildConfig, out: Path) -> dict[str, Any]:
     tok = tokenizer_dir(parts[0].folder, first)
     if tok is None:
         raise FileNotFoundError(f"{parts[0].folder} has no tokenizer/ folder: build the part again")
-    shards, totals = write_build(config, out, samples, rejects, read, first["tokenizer"]["pad_id"], tok)
+    sources = [{k: s[k] for k in SOURCE_KEYS} for s in first.get("sources") or []] or \
+        [{"name": DEFAULT_SOURCE, "inputs": [i["path"] for i in first["inputs"]], "first_sample_id": 0, "records": read}]
+    shards, totals, extra = write_build(config, out, samples, rejects, read, sources, first["tokenizer"]["pad_id"], tok)
     manifest = build_manifest(
         config, build_id=first["part"]["of_build"], inputs=first["inputs"], template=first["template"],
-        warnings=first["warnings"] + empty_inputs([i["path"] for i in first["inputs"]], samples.sources, rejects),
+        warnings=first["warnings"] + empty_inputs([i["path"] for i in first["inputs"]], samples.sources, rejects,
+                                                  sources),
         tokenizer=first["tokenizer"],
         max_token_id=max(p.manifest["max_token_id"] for p in parts),  # each is max(its ids, pad): so is this
-        shards=shards, totals=totals,
+        shards=shards, totals=totals, **extra,
         merged_from={"count": len(parts), "build_ids": [p.manifest["build_id"] for p in parts]})
     write_manifest(out, manifest)
     return manifest

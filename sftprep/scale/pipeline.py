@@ -23,7 +23,8 @@ from typing import Any, Callable, Iterable, Iterator, TypeVar
 from . import parts
 from ..config import BuildConfig
 from ..pack.packing import mode
-from ..read import reader_for
+from ..read import Record, reader_for
+from ..read.contamination import Benchmark
 from ..tokenize.encode import Encoded, Encoder
 from ..tokenizer import load_fast
 from ..write.store import SampleStore
@@ -38,52 +39,68 @@ FIRST_BATCH = 125  # the first batches are smaller (doubling up to the batch siz
 BATCH_BYTES = 16 << 20  # and at most about this much input text (JSON Lines sizes are known)
 
 
-def _batches(config: BuildConfig, inputs: list[Path], most: int = BATCH) -> Iterator[list]:
-    """(sample_id, Record) batches of at most `most` records and about BATCH_BYTES of input, so
-    memory is bounded by the settings whatever the record sizes."""
-    records = enumerate(record for path in inputs for record in reader_for(path, config.read)(path))
-    if config.read.num_samples:
-        records = islice(records, config.read.num_samples)
-    records = parts.select(records, config.part)  # --part I/N: every N-th record (all without it)
-    batch, size, limit = [], 0, FIRST_BATCH
-    for item in records:
-        batch.append(item)
-        size += item[1].size
-        if len(batch) >= limit or size >= BATCH_BYTES:
-            yield batch
+def _batches(config: BuildConfig, inputs: list[list[Path]], counts: list[int], most: int = BATCH) -> Iterator:
+    """(source, [(sample_id, Record), ...]) batches of at most `most` records and about BATCH_BYTES of input,
+    so memory is bounded by the settings whatever the record sizes; a batch holds one source's records.
+    `inputs` are each source's files; `counts[k]` becomes the number of records source k holds (read
+    whole, or up to `num_samples` in all: what the sample ids are numbered by)."""
+    def numbered() -> Iterator[tuple[int, tuple[int, Record]]]:
+        stream = ((k, record) for k, paths in enumerate(inputs) for path in paths
+                  for record in reader_for(path, config.read)(path))
+        for sid, (k, record) in enumerate(islice(stream, config.read.num_samples or None)):
+            counts[k] += 1
+            yield sid, (k, record)
+
+    records = parts.select(numbered(), config.part)  # --part I/N: every N-th record (all without it)
+    batch, size, limit, current = [], 0, FIRST_BATCH, None
+    for sid, (k, record) in records:
+        if batch and (k != current or len(batch) >= limit or size >= BATCH_BYTES):
+            yield current, batch
             batch, size, limit = [], 0, min(2 * limit, most)
+        current = k
+        batch.append((sid, record))
+        size += record.size
     if batch:
-        yield batch
+        yield current, batch
+
+
+def encoders_for(config: BuildConfig, tok) -> list[Encoder]:
+    """One encoder per source of the build (`BuildConfig.recipe`): each stage gets its own config section;
+    samples are not truncated when the packing mode splits them (it cuts them into rows itself)."""
+    benchmark = Benchmark(config.mix.decontaminate, config.mix.decontaminate_ngram, config.read) \
+        if config.mix.decontaminate else None
+    return [Encoder(s.read, s.template, s.tokenize, tok, truncate=not mode(config.pack.mode).splits,
+                    allow_code=config.allow_code, benchmark=benchmark) for s in config.recipe()]
 
 
 def encoder_for(config: BuildConfig, tok) -> Encoder:
-    """The encoder of a build: each stage gets its own config section; samples are not truncated
-    when the packing mode splits them (it cuts them into rows itself)."""
-    return Encoder(config.read, config.template, config.tokenize, tok, truncate=not mode(config.pack.mode).splits,
-                   allow_code=config.allow_code)
+    """The encoder of a build of one source (`MemoryBuild`)."""
+    return encoders_for(config, tok)[0]
 
 
-_worker_encoder: Encoder | None = None
+_worker_encoders: list[Encoder] = []
 
 
 def _init_worker(config: BuildConfig) -> None:
-    global _worker_encoder
-    _worker_encoder = encoder_for(config, load_fast(config.tokenize.tokenizer))
+    _worker_encoders[:] = encoders_for(config, load_fast(config.tokenize.tokenizer))
 
 
-def _run_worker(batch: list) -> tuple[int, Encoded]:
-    return len(batch), _worker_encoder(batch)
+def _run_worker(item: tuple[int, list]) -> tuple[int, Encoded]:
+    k, batch = item
+    return len(batch), _worker_encoders[k](batch)
 
 
-def encode_all(config: BuildConfig, inputs: list[Path], encoder: Encoder, store: SampleStore,
+def encode_all(config: BuildConfig, inputs: list[list[Path]], encoders: list[Encoder], store: SampleStore,
                progress: Callable[[int], None] | None = None,
-               started: Callable[[], None] | None = None) -> tuple[list[dict[str, Any]], int]:
-    """Encode every record of `inputs` (resolved once, by the caller) into `store`; returns
-    (rejects, records read). `started` is called once the first batch is stored (the next ones
-    are in the tokenizer by then): work that must not delay the start begins there."""
-    rejects, read = [], 0
+               started: Callable[[], None] | None = None) -> tuple[list[dict[str, Any]], int, list[int]]:
+    """Encode every record of each source's `inputs` (resolved once, by the caller) with its encoder into
+    `store`; returns (rejects, records read, records per source: the whole input's, also in a part). `started` is called once
+    the first batch is stored (the next ones are in the tokenizer by then): work that must not delay the start
+    begins there."""
+    rejects, read, counts = [], 0, [0] * len(inputs)
     pool = None
-    batches = _batches(config, inputs, BATCH if encoder.boundaries is None else BATCH_IDS_ONLY)
+    ids_only = all(e.boundaries is not None for e in encoders)
+    batches = _batches(config, inputs, counts, BATCH_IDS_ONLY if ids_only else BATCH)
     if config.workers > 1:
         import multiprocessing as mp
 
@@ -99,9 +116,9 @@ def encode_all(config: BuildConfig, inputs: list[Path], encoder: Encoder, store:
                 os.environ["TOKENIZERS_PARALLELISM"] = previous
         results: Iterable[tuple[int, Encoded]] = pool.imap(_run_worker, batches, 1)
     else:  # a pipeline: read + render | encode_batch (releases the GIL) | label, in three threads
-        rendered = _prefetch((len(b), encoder.render(b)) for b in batches)
-        encoded = _prefetch((n, r, encoder.encode(r)) for n, r in rendered)
-        results = ((n, encoder.label(r, encs)) for n, r, encs in encoded)
+        rendered = _prefetch((len(b), k, encoders[k].render(b)) for k, b in batches)
+        encoded = _prefetch((n, k, r, encoders[k].encode(r)) for n, k, r in rendered)
+        results = ((n, encoders[k].label(r, encs)) for n, k, r, encs in encoded)
     try:
         for n, enc in results:
             store.add(enc)
@@ -118,7 +135,7 @@ def encode_all(config: BuildConfig, inputs: list[Path], encoder: Encoder, store:
     # in input order (a batch lists render rejects before label rejects), whatever the batches were,
     # so parts merged give the same rejects.jsonl as one build
     rejects.sort(key=lambda r: r["sample_id"])
-    return rejects, read
+    return rejects, read, counts
 
 
 @contextlib.contextmanager

@@ -24,6 +24,7 @@ import numpy as np
 from ..config import ReadConfig, TemplateConfig, TokenizeConfig
 from ..errors import ConfigError, RecordError
 from ..read import Record
+from ..read.contamination import Benchmark
 from ..read.formats import Conversation, FormatError, normalize
 from ..render import Renderer
 from ..tokenizer import adds_bos
@@ -36,6 +37,10 @@ from .window import Window
 # 100,000: 8.5 -> 7.4 tokenizer CPU s on 10k multi-turn chats (bench/prep.py --case chat), ~30 MB
 # more per thread. (tokenizers keeps these caches in its worker threads after the tokenizer is gone.)
 BPE_CACHE_WORDS = 100_000
+
+CHOSEN = ("contaminated", "duplicate")
+"""Reject reasons that are the recipe's choices, not faults of a record: never an error under
+`--on-error fail`, and not counted against `max_reject_ratio`."""
 
 
 @dataclass(slots=True)
@@ -81,11 +86,13 @@ class Encoder:
         tok: the build's tokenizer (`tokenizer.load_fast`).
         truncate: False keeps samples longer than max_length whole (`wrapped` packing cuts them).
         allow_code: let a `module:function` template import and run Python code.
+        benchmark: records sharing an n-gram with its items are rejected as `contaminated`.
     """
 
     def __init__(self, read: ReadConfig, template: TemplateConfig, tokenize: TokenizeConfig, tok, *,
-                 truncate: bool = True, allow_code: bool = False) -> None:
+                 truncate: bool = True, allow_code: bool = False, benchmark: Benchmark | None = None) -> None:
         self.read, self.template_name = read, template.name
+        self.benchmark = benchmark
         self.backend = tok.backend_tokenizer
         if hasattr(self.backend.model, "_resize_cache"):  # BPE
             self.backend.model._resize_cache(BPE_CACHE_WORDS)
@@ -128,6 +135,8 @@ class Encoder:
             try:
                 if rec.error is not None:
                     raise FormatError(rec.error, rec.reason)
+                if self.benchmark is not None and (shared := self.benchmark.find(rec.fields)) is not None:
+                    raise FormatError(shared, "contaminated")
                 conv = normalize(rec.fields, self.format, self.read.fields)
                 self._add(out, conv, sid, rec.source)
             except FormatError as e:
@@ -155,7 +164,7 @@ class Encoder:
         return self.by_turns and conv.kind != "text"
 
     def _reject(self, out: Encoded, sid: int, source: str, reason: str, message: str) -> None:
-        if self.fail_fast:
+        if self.fail_fast and reason not in CHOSEN:
             raise RecordError(f"{source}: {message}")
         out.rejects.append({"sample_id": sid, "source": source, "reason": reason, "message": message})
 

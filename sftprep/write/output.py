@@ -33,8 +33,10 @@ from ..errors import BuildError, ConfigError, InputError
 from ..pack.packing import fill_ratio, mode, pack
 from .files import LEDGER, claim, fsync_dir, ledger, names_path, plain_name, rewrite_ledger
 from .manifest import MANIFEST, read_manifest
-from .shards import ShardSetWriter, numpy_array, sha256_file, write_table
-from .store import Samples
+from ..mix.recipe import Plan, plan
+from ..tokenize.encode import CHOSEN
+from .shards import ShardSetWriter, numpy_array, sha256_file, string_array, write_table
+from .store import Samples, Selected
 
 SAMPLES_FILE = "samples.feather"  # Arrow IPC file too, but no `*.arrow` glob meets it
 OLD_SAMPLES_FILE = "samples.arrow"  # older builds: still read, as their manifest names it
@@ -197,7 +199,8 @@ def owned(out: Path) -> set[str]:
         m = None
     if isinstance(m, dict):
         listed = [MANIFEST, m.get("samples_file"), m.get("rejects_file"), (m.get("tokenizer") or {}).get("path")]
-        listed += [s.get("file") for s in m.get("shards") or [] if isinstance(s, dict)]
+        listed += [s.get("file") for key in ("shards", "validation_shards") for s in m.get(key) or []
+                   if isinstance(s, dict)]
         names |= {n for n in listed if plain_name(n)}
     return names
 
@@ -306,16 +309,28 @@ def build_manifest(config: BuildConfig, *, build_id: str, inputs: list[dict[str,
     }
 
 
-def write_samples(out: Path, store: Samples) -> None:
-    """Per-sample side table: provenance, length and trained tokens of every kept sample."""
-    table = pa.table({
-        "sample_id": numpy_array(np.frombuffer(store.sample_ids, np.int64), pa.int64()),
-        "source": store.sources,
-        "num_tokens": numpy_array(np.frombuffer(store.lengths, np.int64), pa.int32()),
-        "num_trained": numpy_array(np.frombuffer(store.num_trained, np.int64), pa.int32()),
-        "truncated": numpy_array(np.frombuffer(store.truncated, np.int8), pa.bool_()),
-    })
-    write_table(out / SAMPLES_FILE, table)
+def write_samples(out: Path, splits: list[tuple[str, Samples]], names: list[str], first_ids: np.ndarray) -> None:
+    """Per-sample side table: provenance (file:line, recipe source, copy), split, length and trained tokens
+    of every sample in the shards, train then validation."""
+    def table(split: str, store: Samples) -> pa.Table:
+        sids = np.frombuffer(store.sample_ids, np.int64)
+        copy = getattr(store, "copy", np.zeros(len(sids), np.int64))
+        origin = np.frombuffer(store.base.sample_ids, np.int64)[store.take] if isinstance(store, Selected) else sids
+        return pa.table({
+            "sample_id": numpy_array(sids, pa.int64()),
+            "source": store.sources,
+            "num_tokens": numpy_array(np.frombuffer(store.lengths, np.int64), pa.int32()),
+            "num_trained": numpy_array(np.frombuffer(store.num_trained, np.int64), pa.int32()),
+            "truncated": numpy_array(np.frombuffer(store.truncated, np.int8), pa.bool_()),
+            "source_name": pa.DictionaryArray.from_arrays(
+                numpy_array(np.searchsorted(first_ids, origin, side="right").astype(np.int32) - 1, pa.int32()),
+                string_array(names)),
+            "split": pa.DictionaryArray.from_arrays(numpy_array(np.zeros(len(sids), np.int32), pa.int32()),
+                                                    string_array([split])),
+            "repeat": numpy_array(copy, pa.int32()),
+        })
+    write_table(out / SAMPLES_FILE, pa.concat_tables([table(split, store) for split, store in splits]).combine_chunks()
+                if len(splits) > 1 else table(*splits[0]))
 
 
 def copy_tokenizer(source: Path, out: Path) -> None:
@@ -360,9 +375,11 @@ def remove_temps(out: Path) -> None:
 
 # -- the build's files, from its kept samples: used by a build and by a merge -------------------------
 
-def empty_inputs(inputs: list[Path] | list[str], sources: pa.Array, rejects: list[dict[str, Any]]) -> list[str]:
+def empty_inputs(inputs: list[Path] | list[str], sources: pa.Array, rejects: list[dict[str, Any]],
+                 recipe: list[dict[str, Any]] | None = None) -> list[str]:
     """A warning per input none of whose records was kept (e.g. a glob that swept in a file of
-    another format): the build succeeds on the rest, so the summary must say so."""
+    another format), and per named source none of whose records was: the build succeeds on the rest,
+    so the summary must say so."""
     out = []
     for path in inputs:
         prefixes = (f"{path}:", f"{path}[")  # file:line, file:row N; file[i], an item of a .json array
@@ -372,6 +389,12 @@ def empty_inputs(inputs: list[Path] | list[str], sources: pa.Array, rejects: lis
         if dropped:
             out.append(f"input {path}: all {len(dropped):,} records rejected ({_reasons(dropped)}); "
                        f"first: {dropped[0]['message']}")
+    for s in recipe if recipe and len(recipe) > 1 else []:
+        lo, hi = s["first_sample_id"], s["first_sample_id"] + s["records"]
+        dropped = [r for r in rejects if lo <= r["sample_id"] < hi]
+        if s["records"] and len(dropped) == s["records"]:
+            out.append(f"source {s['name']}: all {len(dropped):,} records rejected ({_reasons(dropped)}); "
+                       f"first: {dropped[0]['source']}: {dropped[0]['message']}")
     return out
 
 
@@ -385,45 +408,146 @@ def check_rejects(config: BuildConfig, rejects: list, read: int, out: Path) -> N
     is written for the user to read; no manifest)."""
     if read == 0:
         raise BuildError("the inputs hold no records")
-    ratio = len(rejects) / read
-    if rejects and ratio > config.read.max_reject_ratio:
+    faults = [r for r in rejects if r["reason"] not in CHOSEN]  # contaminated records are no fault of theirs
+    ratio = len(faults) / read
+    if faults and ratio > config.read.max_reject_ratio:
         write_rejects(out, rejects)
-        raise BuildError(f"{len(rejects)} of {read} records rejected ({ratio:.0%} > max_reject_ratio "
-                         f"{config.read.max_reject_ratio:.0%}; {_reasons(rejects)}); first: {rejects[0]['source']}: "
-                         f"{rejects[0]['message']}. All are listed in {out / REJECTS_FILE}")
+        raise BuildError(f"{len(faults)} of {read} records rejected ({ratio:.0%} > max_reject_ratio "
+                         f"{config.read.max_reject_ratio:.0%}; {_reasons(faults)}); first: {faults[0]['source']}: "
+                         f"{faults[0]['message']}. All are listed in {out / REJECTS_FILE}")
+
+
+SOURCE_KEYS = ("name", "inputs", "first_sample_id", "records")
+"""A manifest's `sources` entry before its accounting: what a merge takes from its parts."""
+
+
+def source_entries(config: BuildConfig, inputs: list[list[Path]], counts: list[int]) -> list[dict[str, Any]]:
+    """The manifest's `sources` before their accounting: name, inputs, and the sample ids their records
+    hold (`first_sample_id` and `records` on: sample ids number the records of every source in order)."""
+    firsts = np.cumsum([0, *counts])[:-1].tolist()
+    return [{"name": s.name, "inputs": [str(p) for p in paths], "first_sample_id": first, "records": n}
+            for s, paths, first, n in zip(config.recipe(), inputs, firsts, counts)]
 
 
 def write_build(config: BuildConfig, out: Path, samples: Samples, rejects: list[dict[str, Any]], read: int,
-                pad: int, tokenizer: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Everything of a build but its manifest, from its kept `samples` (in input order) and `rejects`:
-    shards, samples.feather, rejects.jsonl, tokenizer/ (copied from `tokenizer`). Returns the shards'
-    manifest entries and the manifest's totals (`read`: records read)."""
-    shards = _write_shards(config, out, samples, pad)
-    write_samples(out, samples)
+                sources: list[dict[str, Any]], pad: int,
+                tokenizer: Path) -> tuple[list[dict[str, Any]], dict[str, Any], dict[str, Any]]:
+    """Everything of a build but its manifest, from its kept `samples` (in input order), `rejects` and
+    `sources` (`source_entries`; `read`: records read, a part's share in a part): the recipe applied (`mix.recipe.plan`: duplicates, validation split,
+    weights; a part keeps every sample, and its merge applies the recipe), shards, samples.feather,
+    rejects.jsonl, tokenizer/ (copied from `tokenizer`). Returns the shards' manifest entries, the
+    manifest's totals, and its other entries (`sources`, with their accounting; `validation_shards`)."""
+    first_ids = np.asarray([s["first_sample_id"] for s in sources], np.int64)
+    recipe = config.recipe()
+    sids = np.frombuffer(samples.sample_ids, np.int64)
+    source_of = np.searchsorted(first_ids, sids, side="right") - 1
+    lengths = np.frombuffer(samples.lengths, np.int64)
+    if config.part is None and _has_choices(config):
+        key, exact = samples.hashes()
+        chosen = plan(recipe, config.mix, config.pack.seed, source_of, key, exact, lengths, config.dedups)
+    else:
+        chosen = Plan(np.arange(len(samples)), np.zeros(len(samples), np.int64), np.zeros(0, np.int64))
+    rejects = sorted(rejects + _duplicate_rejects(samples, chosen, source_of, recipe), key=lambda r: r["sample_id"])
+    train = samples if chosen.is_identity(len(samples)) else Selected(samples, chosen.train, chosen.repeat, read)
+    splits = [("train", train)]
+    if len(chosen.validation):
+        splits.append(("validation", Selected(samples, chosen.validation, np.zeros(len(chosen.validation)), read)))
+    written = {split: _write_shards(config, out, store, pad, split) for split, store in splits}
+    write_samples(out, splits, [s.name for s in recipe], first_ids)
     write_rejects(out, rejects)
     copy_tokenizer(tokenizer, out)
-    tokens = sum(s["tokens"] for s in shards)
-    n_rows = sum(s["rows"] for s in shards)
-    trained = sum(s["trained_tokens"] for s in shards)
-    totals = {
+    totals = _totals(config, written["train"], train, rejects, read)
+    extra: dict[str, Any] = {"sources": _accounting(sources, rejects, source_of, chosen, samples)}
+    if "validation" in written:
+        extra["validation_shards"] = [_entry(s) for s in written["validation"]]
+        totals["validation"] = {"samples": len(chosen.validation), **_sums(written["validation"])}
+    return written["train"], totals, extra
+
+
+def _has_choices(config: BuildConfig) -> bool:
+    """Whether the recipe may change what a build of every kept sample, once, would write."""
+    m = config.mix
+    return config.dedups or m.eval_fraction is not None or m.eval_samples is not None or any(
+        s.mixing or s.eval_fraction or s.eval_samples for s in config.sources)
+
+
+def _duplicate_rejects(samples: Samples, chosen: Plan, source_of: np.ndarray, recipe: list) -> list[dict[str, Any]]:
+    """A reject per dropped duplicate, naming the copy kept (and both sources, in a recipe)."""
+    if not chosen.duplicate_of:
+        return []
+    sids = np.frombuffer(samples.sample_ids, np.int64)
+    where = samples.sources.take(pa.array(sorted({i for pair in chosen.duplicate_of.items() for i in pair}),
+                                          pa.int64()))
+    at = dict(zip(sorted({i for pair in chosen.duplicate_of.items() for i in pair}), where.to_pylist()))
+    named = len(recipe) > 1
+    out = []
+    for dup, kept in sorted(chosen.duplicate_of.items()):
+        also = f" of source {recipe[source_of[kept]].name}" if named else ""
+        out.append({"sample_id": int(sids[dup]), "source": at[dup], "reason": "duplicate",
+                    "message": f"the same tokens and labels as sample {int(sids[kept])} ({at[kept]}{also}), which is "
+                               "kept (--dedup none keeps every copy)",
+                    **({"source_name": recipe[source_of[dup]].name, "kept_source_name": recipe[source_of[kept]].name}
+                       if named else {})})
+    return out
+
+
+def _entry(shard: dict[str, Any]) -> dict[str, Any]:
+    return {k: shard[k] for k in ("file", "rows", "tokens", "sha256")}
+
+
+def _sums(shards: list[dict[str, Any]]) -> dict[str, int]:
+    return {k: sum(s[k] for s in shards) for k in ("tokens", "trained_tokens", "rows")}
+
+
+def _totals(config: BuildConfig, shards: list[dict[str, Any]], train: Samples, rejects: list[dict[str, Any]],
+            read: int) -> dict[str, Any]:
+    sums = _sums(shards)
+    return {
         "records_read": read,
-        "samples_kept": len(samples),
+        "samples_kept": len(train),
         "samples_dropped": len(rejects),
         "dropped_by_reason": dict(sorted(Counter(r["reason"] for r in rejects).items())),
-        "samples_truncated": int(sum(samples.truncated)),
-        "tokens": tokens,
-        "trained_tokens": trained,
-        "rows": n_rows,
-        "fill_ratio": round(fill_ratio(tokens, n_rows, config.tokenize.max_length), 6)
+        "samples_truncated": int(sum(train.truncated)),
+        **sums,
+        "fill_ratio": round(fill_ratio(sums["tokens"], sums["rows"], config.tokenize.max_length), 6)
         if mode(config.pack.mode).padded else None,
     }
-    return shards, totals
 
 
-def _write_shards(config: BuildConfig, out: Path, store: Samples, pad: int) -> list[dict[str, Any]]:
+def _accounting(sources: list[dict[str, Any]], rejects: list[dict[str, Any]], source_of: np.ndarray, chosen: Plan,
+                samples: Samples) -> list[dict[str, Any]]:
+    """Each source's entry with what became of its records: read, rejected by reason, kept (unique), held out
+    for validation, selected for training (with repeats), their tokens and trained tokens, and its share of
+    the build's trained tokens."""
+    k = len(sources)
+    lengths = np.frombuffer(samples.lengths, np.int64)
+    trained = np.frombuffer(samples.num_trained, np.int64)
+    truncated = np.frombuffer(samples.truncated, np.int8)
+    alive = np.ones(len(samples), bool)
+    alive[list(chosen.duplicate_of)] = False
+    firsts = np.asarray([s["first_sample_id"] for s in sources], np.int64)
+    reject_src = np.searchsorted(firsts, np.asarray([r["sample_id"] for r in rejects], np.int64), side="right") - 1
+    by_reason = [Counter() for _ in range(k)]
+    for r, src in zip(rejects, reject_src.tolist()):
+        by_reason[src][r["reason"]] += 1
+    train_src = source_of[chosen.train]
+
+    def count(where: np.ndarray, weights: np.ndarray | None = None) -> list[int]:
+        return np.bincount(where, weights, minlength=k).astype(np.int64).tolist()
+
+    kept, held, selected = count(source_of[alive]), count(source_of[chosen.validation]), count(train_src)
+    tokens, trained_tokens = count(train_src, lengths[chosen.train]), count(train_src, trained[chosen.train])
+    cut = count(source_of[alive], truncated[alive])
+    all_trained = sum(trained_tokens) or 1
+    return [{**s, "rejected": dict(sorted(by_reason[i].items())), "kept": kept[i], "validation": held[i],
+             "selected": selected[i], "tokens": tokens[i], "trained_tokens": trained_tokens[i], "truncated": cut[i],
+             "trained_share": round(trained_tokens[i] / all_trained, 6)} for i, s in enumerate(sources)]
+
+
+def _write_shards(config: BuildConfig, out: Path, store: Samples, pad: int, split: str) -> list[dict[str, Any]]:
     """Pack the stored samples into rows and write them as shards; one manifest entry per shard."""
     max_length = config.tokenize.max_length
     rows = pack(store.lengths.tolist(), max_length, config.pack.mode, config.pack.seed)
     width = max_length if mode(config.pack.mode).padded else None
-    writer = ShardSetWriter(out, config.pack.shard_size)
+    writer = ShardSetWriter(out, config.pack.shard_size, split=split)
     return writer.write(len(rows), lambda lo, hi: store.rows_batch(rows[lo:hi], width, pad))

@@ -161,8 +161,10 @@ def _first(mask: np.ndarray, offset: int = 0) -> int | None:
     return offset + int(np.argmax(mask)) if mask.any() else None
 
 
-def shard_name(i: int) -> str:
-    return f"shard-train-{i:05d}.arrow"
+def shard_name(i: int, split: str = "train") -> str:
+    """`shard-train-00000.arrow`, `shard-validation-00000.arrow`: `datasets.load_dataset("arrow",
+    data_dir=OUT)` reads the split from the name."""
+    return f"shard-{split}-{i:05d}.arrow"
 
 
 # Arrow columns are made from buffers here, never with `pa.array`, which imports pandas on first
@@ -290,14 +292,14 @@ class ShardSetWriter:
     trained_tokens and sha256.
     """
 
-    def __init__(self, out: Path, shard_size: int, batch_rows: int = WRITE_ROWS) -> None:
-        self.out, self.shard_size, self.batch_rows = Path(out), shard_size, batch_rows
+    def __init__(self, out: Path, shard_size: int, batch_rows: int = WRITE_ROWS, split: str = "train") -> None:
+        self.out, self.shard_size, self.batch_rows, self.split = Path(out), shard_size, batch_rows, split
 
     def write(self, num_rows: int, batch: Callable[[int, int], pa.RecordBatch]) -> list[dict[str, Any]]:
         entries = []
         for k, first in enumerate(range(0, num_rows, self.shard_size)):
             last = min(first + self.shard_size, num_rows)
-            name, tokens, trained = shard_name(k), 0, 0
+            name, tokens, trained = shard_name(k, self.split), 0, 0
             with shard_writer(self.out / name) as writer:
                 for lo in range(first, last, self.batch_rows):
                     b = batch(lo, min(lo + self.batch_rows, last))
@@ -386,12 +388,27 @@ def check_ids(ids: np.ndarray, vocab_size: int | None, where: str) -> None:
                          "after the build; check it with `sftprep verify`")
 
 
-def load(path: str | Path) -> pa.Table:
-    """All shards of a build as one memory-mapped `pyarrow.Table` (zero-copy); `.to_pandas()` away.
-    Each shard is checked as it is opened (`open_shard`, `check_rows`): a damaged one is a one-line error."""
+SPLITS = {"train": "shards", "validation": "validation_shards"}
+"""A build's splits -> the manifest key listing their shards (`shard-train-*`, `shard-validation-*`)."""
+
+
+def split_shards(manifest: dict[str, Any], split: str = "train") -> list[dict[str, Any]]:
+    """The manifest's shard entries of `split` (InputError naming the fix when the build has no such split)."""
+    if split not in SPLITS:
+        raise InputError(f"split {split!r} is not one of {', '.join(SPLITS)}")
+    if split != "train" and SPLITS[split] not in manifest:
+        raise InputError(f"the build has no {split} split: build it with a held-out share (YAML `eval: {{fraction: "
+                         "0.01}` or `{samples: 500}`, --eval-fraction / --eval-samples)")
+    return manifest.get(SPLITS[split]) or []
+
+
+def load(path: str | Path, split: str = "train") -> pa.Table:
+    """All shards of a build's `split` (train, or validation when the build holds one out) as one
+    memory-mapped `pyarrow.Table` (zero-copy); `.to_pandas()` away. Each shard is checked as it is opened
+    (`open_shard`, `check_rows`): a damaged one is a one-line error."""
     manifest = read_manifest(path)
     tables = []
-    for s in manifest["shards"]:
+    for s in split_shards(manifest, split):
         file = shard_path(path, s["file"])
         table = open_shard(file)
         check_rows(table, str(file))

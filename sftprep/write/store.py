@@ -15,6 +15,7 @@ a build's parts.
 
 from __future__ import annotations
 
+import hashlib
 import mmap
 from array import array
 from pathlib import Path
@@ -96,6 +97,22 @@ class Samples:
         """The token arrays sample `i` lies in, and where it starts in them."""
         raise NotImplementedError
 
+    def hashes(self) -> tuple[np.ndarray, np.ndarray]:
+        """Per sample, two 64-bit content hashes (blake2b): of its token ids (`key`: what a recipe splits and
+        orders by) and of its ids and labels (`exact`: what makes two samples duplicates)."""
+        n = len(self)
+        key, exact = np.empty(n, np.uint64), np.empty(n, np.uint64)
+        for i, length in enumerate(self.lengths):
+            if i % RELEASE_PIECES == 0:
+                self._release()
+            ids, labels, start = self._tokens(i)
+            h = hashlib.blake2b(ids[start:start + length].tobytes(), digest_size=8)
+            key[i] = int.from_bytes(h.digest(), "little")
+            h.update(labels[start:start + length].tobytes())
+            exact[i] = int.from_bytes(h.digest(), "little")
+        self._release()
+        return key, exact
+
     def _release(self) -> None:
         """Drop the mapped pages read so far from this process's resident memory (read-only file pages:
         the kernel reads them again, from its page cache, if they are touched again). Rows gather samples
@@ -106,6 +123,26 @@ class Samples:
                 m.madvise(mmap.MADV_DONTNEED)
             except (AttributeError, OSError, ValueError):  # platforms without madvise: only RSS differs
                 pass
+
+
+class Selected(Samples):
+    """Some samples of another `Samples`, in the order given (a recipe's train or validation split): each
+    copy of a repeated sample is a sample of its own, with its own id (the sample's id + copy x `stride`, the
+    records read, so ids stay unique) and the same tokens and provenance."""
+
+    def __init__(self, base: Samples, take: np.ndarray, copy: np.ndarray, stride: int) -> None:
+        super().__init__()
+        self.base, self.take, self.copy = base, np.asarray(take, np.int64), np.asarray(copy, np.int64)
+        for name, dtype in (("lengths", np.int64), ("num_trained", np.int64), ("truncated", np.int8)):
+            values = np.frombuffer(getattr(base, name), dtype)[self.take]
+            setattr(self, name, array("q" if dtype is np.int64 else "b", values.tobytes()))
+        ids = np.frombuffer(base.sample_ids, np.int64)[self.take] + self.copy * stride
+        self.sample_ids = array("q", ids.tobytes())
+        self.sources = base.sources.take(pa.array(self.take, pa.int64()))
+        self._maps = base._maps
+
+    def _tokens(self, i: int) -> tuple[np.ndarray, np.ndarray, int]:
+        return self.base._tokens(int(self.take[i]))
 
 
 class SampleStore(Samples):

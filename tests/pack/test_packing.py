@@ -124,9 +124,11 @@ def test_batches_are_bounded_by_bytes_as_well_as_records(tmp_path, monkeypatch):
     path.write_text("".join('{"text": "%s"}\n' % ("x" * 20_000) for _ in range(50)))
     monkeypatch.setattr(pipeline, "BATCH_BYTES", 100_000)  # 1 MB of records: 10+ batches, not one
     cfg = config_from_dict({"inputs": [str(path)], "tokenizer": "t", "out": str(tmp_path / "o")})
-    batches = list(pipeline._batches(cfg, [path]))
+    counts = [0]
+    batches = [b for _, b in pipeline._batches(cfg, [[path]], counts)]
     assert [len(b) for b in batches] == [5] * 10  # 5 records of ~20 KB reach 100 KB
     assert [sid for b in batches for sid, _ in b] == list(range(50))  # ids run on across batches
+    assert counts == [50]
 
 
 def test_a_build_leaves_the_garbage_collector_as_it_found_it(tmp_path):
