@@ -289,28 +289,34 @@ def merge_(part_dirs: tuple[str, ...], out: str, overwrite: bool, quiet: bool) -
 @click.argument("build_dir", metavar="DIR", type=click.Path())
 @click.option("--row", type=int, help="Packed row to show (0-based over all shards; default 0).")
 @click.option("--sample", "sample_id", type=int, help="Sample id to show (its index in the input).")
+@click.option("--source", "source_name", help="Show the first train samples of this recipe source (its `name`).")
+@click.option("--count", type=int, default=3, show_default=True, help="Samples to show with --source.")
 @click.option("--tokens", is_flag=True, help="Token by token: position, id, piece, label.")
 @click.option("--plain", is_flag=True, help="No colour: trained text inside ⟦…⟧ (the default when piped).")
 @click.option("--color", is_flag=True, help="Colour even when piped (e.g. into `less -R`).")
 @click.option("-t", "--tokenizer", help="Decode with this tokenizer folder [the copy in BUILD_DIR/tokenizer/].")
 @user_errors
-def inspect_(build_dir: str, row: int | None, sample_id: int | None, tokens: bool, plain: bool,
-             color: bool, tokenizer: str | None) -> None:
-    """Show a packed row or one sample decoded, trained text marked, with each sample's source.
+def inspect_(build_dir: str, row: int | None, sample_id: int | None, source_name: str | None, count: int,
+             tokens: bool, plain: bool, color: bool, tokenizer: str | None) -> None:
+    """Show a packed row, one sample, or a recipe source's samples decoded, trained text marked, with each
+    sample's source.
 
     \b
       sftprep inspect shards/ --row 12
       sftprep inspect shards/ --sample 345 --tokens
+      sftprep inspect shards/ --source glaive --count 5
     """
     from .inspect.decode import load_build_tokenizer
     from .inspect.folder import read_build
-    from .inspect.view import format_plain, print_rich, view_row, view_sample
+    from .inspect.view import format_plain, print_rich, view_row, view_sample, view_source
 
-    if row is not None and sample_id is not None:
-        raise ConfigError("give --row or --sample, not both")
+    if sum(x is not None for x in (row, sample_id, source_name)) > 1:
+        raise ConfigError("give one of --row, --sample and --source")
     folder, manifest = read_build(build_dir)
     load_tok = lambda: load_build_tokenizer(folder, manifest, tokenizer)  # noqa: E731 (only once the row exists)
-    if sample_id is not None:
+    if source_name is not None:
+        blocks = view_source(folder, manifest, load_tok, source_name, count, tokens)
+    elif sample_id is not None:
         blocks = view_sample(folder, manifest, load_tok, sample_id, tokens)
     else:
         blocks = view_row(folder, manifest, load_tok, row or 0, tokens)

@@ -83,6 +83,11 @@ def check_inputs(config: TrainConfig, verify_checksums: bool = False) -> tuple[d
     if config.data.eval:
         eval_manifest = open_build(config.data.eval, verify_checksums, flag="--eval")
         check_same_tokenizer(manifest, eval_manifest, config.data.eval)
+    elif manifest.get("validation_shards"):  # the build's own held-out split
+        eval_manifest = open_build(config.data.shards, split="validation")
+    if config.train.eval_steps is not None and eval_manifest is None:
+        raise ConfigError("--eval-steps needs evaluation shards: give --eval DIR, or build the shards with a "
+                          "validation split (`eval: {fraction: 0.01}`)")
     model_config(config.model.path)
     return manifest, eval_manifest
 
@@ -151,7 +156,7 @@ def _build(s: Setup, callbacks: list, disable_tqdm: bool):
     trainer = ShardTrainer(
         model=model, args=args,
         train_dataset=ShardDataset(config.data.shards, s.manifest),
-        eval_dataset=ShardDataset(config.data.eval, s.eval_manifest) if s.eval_manifest else None,
+        eval_dataset=ShardDataset(config.data.eval or config.data.shards, s.eval_manifest) if s.eval_manifest else None,
         data_collator=collator, processing_class=s.tokenizer,
         callbacks=[stopper, *changed, *callbacks], shuffle=config.data.shuffle, run_info=_run_info(s))
     if disable_tqdm:

@@ -18,7 +18,8 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 IDENTITY_KEYS = ("vocab_size", "vocab_hash", "pad_id", "eos_id")
 
 
-def open_build(folder: str | Path, verify_checksums: bool = False, flag: str = "SHARDS") -> dict[str, Any]:
+def open_build(folder: str | Path, verify_checksums: bool = False, flag: str = "SHARDS",
+               split: str = "train") -> dict[str, Any]:
     """Read and check the manifest of a `sftprep build` folder and its shards, in time independent
     of the dataset's size: each shard must exist and open as an Arrow file (its footer, memory-mapped)
     with the manifest's row count and columns. `verify_checksums` also runs the whole `sftprep verify`
@@ -40,6 +41,10 @@ def open_build(folder: str | Path, verify_checksums: bool = False, flag: str = "
         raise ConfigError(str(e)) from None
     folder = p if p.is_dir() else p.parent
     check_schema(manifest, folder / "manifest.json")
+    if split != "train":  # its shards and totals as the manifest of that split (`split_manifest`)
+        from sftprep.write.shards import split_manifest
+
+        manifest = split_manifest(manifest, split)
     if not manifest["shards"]:
         raise ConfigError(f"{folder} holds no shards (the build kept no rows); check {folder}/rejects.jsonl")
     for s in manifest["shards"]:

@@ -37,7 +37,8 @@ class DataConfig:
     shards: str | None = None
     """Folder written by `sftprep build` (first argument of `sfttrain run`)."""
     eval: str | None = field(default=None, metadata=flag(metavar="DIR"))
-    """Folder of evaluation shards, built with the same tokenizer (--eval)."""
+    """Folder of evaluation shards, built with the same tokenizer; default: the build's own validation split,
+    when it holds one out (`eval: {fraction: 0.01}` in its recipe) (--eval)."""
     shuffle: bool = True
     """Shuffle rows each epoch (seeded by --seed and the epoch) (--shuffle/--no-shuffle)."""
     verify_checksums: bool = False
@@ -146,7 +147,8 @@ class LoopConfig:
     neftune_alpha: float | None = field(default=None, metadata=flag(aliases=(Alias("neftune_noise_alpha"),)))
     """NEFTune noise on the input embeddings while training (--neftune-alpha)."""
     eval_steps: int | None = None
-    """Evaluate every N steps (needs --eval); without it, once at the end (--eval-steps)."""
+    """Evaluate every N steps (needs --eval, or a build with a validation split); without it, once at the end
+    (--eval-steps)."""
     save_steps: int = 500
     """Save a checkpoint (adapter, tokenizer, optimizer, data position) every N steps (--save-steps)."""
     save_total_limit: int | None = 2
@@ -258,9 +260,7 @@ def _check(c: TrainConfig) -> list[str]:
     if t.neftune_alpha is not None and (not isinstance(t.neftune_alpha, (int, float)) or t.neftune_alpha <= 0):
         p.append(f"--neftune-alpha {t.neftune_alpha!r} must be a positive number")
     if t.eval_steps is not None:
-        at_least(t.eval_steps, 1, "--eval-steps")
-        if not c.data.eval:
-            p.append("--eval-steps needs evaluation shards: give --eval DIR")
+        at_least(t.eval_steps, 1, "--eval-steps")  # and evaluation shards: `api.check_inputs`, once the build is read
     if not isinstance(t.lr_scheduler_kwargs, Mapping):
         p.append(f"--lr-scheduler-kwargs {t.lr_scheduler_kwargs!r} must be a mapping, e.g. '{{\"min_lr_rate\": 0.1}}'")
     if t.accept_changes and not t.resume:

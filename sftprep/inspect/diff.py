@@ -47,6 +47,7 @@ class Diff:
     inputs: list[str] = field(default_factory=list)
     tokenizer: list[tuple[str, Any, Any]] = field(default_factory=list)
     totals: list[tuple[str, Any, Any]] = field(default_factory=list)
+    sources: list[tuple[str, str, Any, Any]] = field(default_factory=list)  # (source, key, A, B)
     only_a: list[int] = field(default_factory=list)
     only_b: list[int] = field(default_factory=list)
     tokens_differ: list[int] = field(default_factory=list)   # sample ids whose input_ids differ
@@ -55,7 +56,7 @@ class Diff:
 
     @property
     def same(self) -> bool:
-        return not (self.config or self.inputs or self.tokenizer or self.totals or self.only_a
+        return not (self.config or self.inputs or self.tokenizer or self.totals or self.sources or self.only_a
                     or self.only_b or self.tokens_differ or self.labels_differ)
 
 
@@ -86,14 +87,33 @@ def diff(path_a: str | Path, path_b: str | Path) -> Diff:
     """Compare two builds (see the module docstring)."""
     a, b = _side(path_a), _side(path_b)
     d = Diff(a, b)
-    d.config = _changes(flat_items(shard_settings(a.manifest["config"])),
-                        flat_items(shard_settings(b.manifest["config"])))
+    d.config = _changes(flat_items(_settings(a.manifest)), flat_items(_settings(b.manifest)))
     d.inputs = _input_changes(a.manifest, b.manifest)
     ta, tb = a.manifest["tokenizer"], b.manifest["tokenizer"]
     d.tokenizer = [(k, ta.get(k), tb.get(k)) for k in TOKENIZER_KEYS if ta.get(k) != tb.get(k)]
     d.totals = _changes(flat_items(a.manifest.get("totals", {})), flat_items(b.manifest.get("totals", {})))
+    d.sources = _source_changes(a.manifest, b.manifest)
     _compare_samples(d)
     return d
+
+
+def _settings(manifest: dict[str, Any]) -> dict[str, Any]:
+    """The settings that change shards, a recipe's sources keyed by name (`sources.c4.proportion`)."""
+    cfg = shard_settings(manifest["config"])
+    if isinstance(cfg.get("sources"), list):
+        cfg = {**cfg, "sources": {s.get("name"): {k: v for k, v in s.items() if k != "name"}
+                                  for s in cfg["sources"] if isinstance(s, dict)}}
+    return cfg
+
+
+def _source_changes(ma: dict[str, Any], mb: dict[str, Any]) -> list[tuple[str, str, Any, Any]]:
+    """What changed in each recipe source's accounting (a source only in one build: all its numbers)."""
+    def by_name(m: dict[str, Any]) -> dict[str, dict[str, Any]]:
+        return {s["name"]: flat_items({k: v for k, v in s.items() if k not in ("inputs", "first_sample_id")})
+                for s in m.get("sources") or [] if isinstance(s, dict) and "name" in s}
+    sa, sb = by_name(ma), by_name(mb)
+    names = [n for n in sa] + [n for n in sb if n not in sa]
+    return [(n, k, va, vb) for n in names for k, va, vb in _changes(sa.get(n, {}), sb.get(n, {})) if k != "name"]
 
 
 def _input_changes(ma: dict[str, Any], mb: dict[str, Any]) -> list[str]:
@@ -142,6 +162,9 @@ def format_diff(d: Diff, show: int = 3, tokenizer: str | None = None) -> str:
                      f"hash {str(ta.get('vocab_hash'))[:12]})")
     lines.append("totals:" if d.totals else "totals: same")
     lines += [f"  {k}: {_fmt(va)} -> {_fmt(vb)}{_delta(va, vb)}" for k, va, vb in d.totals]
+    if d.sources:
+        lines.append("sources:")
+        lines += [f"  {n}: {k}: {_fmt(va)} -> {_fmt(vb)}{_delta(va, vb)}" for n, k, va, vb in d.sources]
     lines.append(f"samples: {d.common:,} in both, {len(d.only_a):,} only in A, {len(d.only_b):,} only in B; "
                  f"{len(d.tokens_differ):,} differ in tokens, {len(d.labels_differ):,} in labels only")
     if d.only_a:

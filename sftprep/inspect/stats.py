@@ -45,6 +45,10 @@ def collect(path: str | Path) -> Collected:
     if info is None:
         raise FileNotFoundError(f"{folder / manifest.get('samples_file', 'samples.arrow')} is missing; "
                                 "rebuild with `sftprep build --overwrite`")
+    if "split" in info.schema.names:  # the distributions are the train split's (its rows are those loaded)
+        import pyarrow.compute as pc
+
+        info = info.filter(pc.equal(info.column("split").cast("string"), "train"))
     return Collected(
         folder=folder, manifest=manifest,
         sample_tokens=info.column("num_tokens").to_numpy(),
@@ -111,6 +115,7 @@ def summarize(c: Collected) -> dict[str, Any]:
             "row_fill_percent": histogram(np.round(fill * 100), 100) if packed else None,
         },
         "per_file": _per_file(c),
+        "per_source": [{k: v for k, v in s.items() if k != "inputs"} for s in m.get("sources") or []],
     }
 
 
@@ -183,10 +188,32 @@ def print_stats(stats: dict[str, Any], console) -> None:
         files.add_row(Text(r["file"], overflow="fold"), _num(r["samples"]), _num(r["dropped"]),
                       _num(r["truncated"]), _num(r["tokens"]), _num(r["trained_tokens"]))
     console.print(files)
+    if len(stats["per_source"]) > 1:
+        _print_sources(stats["per_source"], console)
     for r in stats["per_file"]:
         if r["dropped"]:
             reasons = ", ".join(f"{k} {v:,}" for k, v in r["dropped_by_reason"].items())
             console.print(Text(f"dropped from {r['file']}: {reasons}"))
+
+
+SOURCE_COLUMNS = ("records", "kept", "duplicate", "contaminated", "rejected", "validation", "selected", "tokens",
+                  "trained_tokens", "truncated", "trained_share")
+
+
+def _print_sources(sources: list[dict[str, Any]], console) -> None:
+    """The recipe's accounting: what became of each source's records, and its share of the trained tokens."""
+    from rich.table import Table
+
+    table = Table("source", title="per source", title_justify="left")
+    for name in SOURCE_COLUMNS:
+        table.add_column(name.replace("_", " "), justify="right")
+    for s in sources:
+        rejected = s.get("rejected", {})
+        cells = {**s, "duplicate": rejected.get("duplicate", 0), "contaminated": rejected.get("contaminated", 0),
+                 "rejected": sum(n for r, n in rejected.items() if r not in ("duplicate", "contaminated"))}
+        table.add_row(s["name"], *(f"{cells[c]:.1%}" if c == "trained_share" else _num(cells.get(c, 0))
+                                   for c in SOURCE_COLUMNS))
+    console.print(table)
 
 
 def text_histogram(title: str, hist: dict[str, Any], width: int = 40) -> str:

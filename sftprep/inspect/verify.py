@@ -90,13 +90,17 @@ def verify(path: str | Path) -> Report:
     report = Report(str(folder))
     seen: list[np.ndarray] = []
     lengths: list[np.ndarray] = []
-    for k, entry in enumerate(manifest["shards"]):
+    entries = [*manifest["shards"], *(manifest.get("validation_shards") or [])]  # train, then validation
+    sums = {}  # split -> (rows, tokens, trained tokens, shards read) at its end
+    for k, entry in enumerate(entries):
         found = _check_file(report, folder, manifest, k, entry)
         if found is not None:
             seen.append(found[0])
             lengths.append(found[1])
-    report.shards = len(manifest["shards"])
-    _check_build(report, folder, manifest, seen, lengths)
+        if k + 1 == len(manifest["shards"]):
+            sums["train"] = (report.rows, report.tokens, report.trained_tokens, len(seen))
+    report.shards = len(entries)
+    _check_build(report, folder, manifest, seen, lengths, sums.get("train", (0, 0, 0, 0)))
     report.violations.sort()
     return report
 
@@ -227,9 +231,9 @@ def _sample_at(flat: Flat, i: int) -> int:
     return int(flat.sample_ids[j]) if j >= 0 else -1
 
 
-def _check_build(report: Report, folder: Path, manifest: dict[str, Any], seen: list[np.ndarray],
-                 lengths: list[np.ndarray]) -> None:
-    n = len(manifest["shards"])
+def _whole_samples(manifest: dict[str, Any], seen: list[np.ndarray],
+                   lengths: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """(sample ids, lengths) of the samples in shards read (a wrapped sample's pieces joined)."""
     sids = np.concatenate(seen) if seen else np.zeros(0, np.int64)
     lens = np.concatenate(lengths) if lengths else np.zeros(0, np.int64)
     if mode(manifest.get("packing")).splits:  # pieces of one sample are adjacent: count it once
@@ -238,13 +242,23 @@ def _check_build(report: Report, folder: Path, manifest: dict[str, Any], seen: l
         starts = np.flatnonzero(keep)
         lens = cs[np.append(starts[1:], len(lens))] - cs[starts]
         sids = sids[keep]
+    return sids, lens
+
+
+def _check_build(report: Report, folder: Path, manifest: dict[str, Any], seen: list[np.ndarray],
+                 lengths: list[np.ndarray], train: tuple[int, int, int, int]) -> None:
+    """Over every shard of both splits: unique sample ids, the samples file, the manifest totals (`train`:
+    rows, tokens, trained tokens and shards read, counted to the last train shard)."""
+    n = report.shards
+    sids, lens = _whole_samples(manifest, seen, lengths)
     uniq, counts = np.unique(sids, return_counts=True)
     for s in uniq[_listed(report, "unique sample ids", counts > 1)]:
         report.add("unique sample ids", n, "shards", f"sample id {s} appears {counts[uniq == s][0]} times")
     report.samples = len(uniq)
     if len(seen) == n:  # with a shard unreadable, every count below would differ: noise
         _check_samples_file(report, folder, manifest, sids, lens)
-        _check_totals(report, manifest)
+        in_train = len(_whole_samples(manifest, seen[:train[3]], lengths[:train[3]])[0])
+        _check_totals(report, manifest, (*train[:3], in_train))
 
 
 def _check_samples_file(report: Report, folder: Path, manifest: dict[str, Any], sids: np.ndarray,
@@ -267,7 +281,7 @@ def _check_samples_file(report: Report, folder: Path, manifest: dict[str, Any], 
     missing = sorted(set(want) - set(have))
     extra = sorted(set(have) - set(want))
     wrong = [s for s in sorted(set(want) & set(have)) if want[s] != have[s]]
-    at = len(manifest["shards"]) + 1
+    at = report.shards + 1
     if missing:
         report.add("samples file", at, name, f"{len(missing)} sample(s) listed here are in no shard "
                    f"(first: {missing[:5]})")
@@ -279,14 +293,22 @@ def _check_samples_file(report: Report, folder: Path, manifest: dict[str, Any], 
         report.add("samples file", at, name, f"sample {s} has {want[s]} tokens here, {have[s]} in the shards")
 
 
-def _check_totals(report: Report, manifest: dict[str, Any]) -> None:
+def _check_totals(report: Report, manifest: dict[str, Any], train: tuple[int, int, int, int]) -> None:
+    """The manifest's totals are the train shards' sums (`train`: rows, tokens, trained tokens, samples), and
+    its `totals.validation` the validation shards'."""
     totals = manifest.get("totals", {})
-    at = len(manifest["shards"]) + 2
-    for key, have in (("rows", report.rows), ("tokens", report.tokens),
-                      ("trained_tokens", report.trained_tokens), ("samples_kept", report.samples)):
-        if key in totals and totals[key] != have:
-            report.add("manifest totals", at, "manifest.json", f"totals.{key} is {totals[key]}, the shards "
-                       f"hold {have}")
+    at = report.shards + 2
+    held = (report.rows - train[0], report.tokens - train[1], report.trained_tokens - train[2],
+            report.samples - train[3])
+    checks = [(totals, "totals", train)]
+    if isinstance(totals.get("validation"), dict):
+        checks.append((totals["validation"], "totals.validation", held))
+    for where, name, have in checks:
+        for key, value in zip(("rows", "tokens", "trained_tokens", "samples_kept" if name == "totals" else "samples"),
+                              have):
+            if key in where and where[key] != value:
+                report.add("manifest totals", at, "manifest.json", f"{name}.{key} is {where[key]}, the shards "
+                           f"hold {value}")
 
 
 def format_report(report: Report, limit: int = 20) -> str:

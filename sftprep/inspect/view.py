@@ -106,13 +106,32 @@ def view_sample(folder: Path, manifest: dict[str, Any], load_tok: Callable[[], A
     return blocks
 
 
+def view_source(folder: Path, manifest: dict[str, Any], load_tok: Callable[[], Any], name: str, count: int = 3,
+                tokens: bool = False) -> list[Block]:
+    """The first `count` train samples of recipe source `name` (`view_sample`)."""
+    known = [s.get("name") for s in manifest.get("sources") or []]
+    info = read_sample_info(folder, manifest)
+    if name not in known or info is None or "source_name" not in info.schema.names:
+        raise InputError(f"no source {name!r} in this build; its sources: {', '.join(map(str, known)) or 'none'}")
+    cols = info.select(["sample_id", "source_name", "split"]).to_pydict()
+    ids = [sid for sid, src, split in zip(cols["sample_id"], cols["source_name"], cols["split"])
+           if src == name and split == "train"][:count]
+    if not ids:
+        raise InputError(f"source {name!r} has no sample in the train split (see `sftprep stats {folder}`)")
+    return [b for sid in ids for b in view_sample(folder, manifest, load_tok, sid, tokens)]
+
+
 def _provenance(folder: Path, manifest: dict[str, Any]) -> dict[int, str]:
     """sample id -> "file:line" (plus " · truncated" for samples cut to max_length)."""
     info = read_sample_info(folder, manifest)
     if info is None:
         return {}
-    cols = (info.column(c).to_pylist() for c in ("sample_id", "source", "truncated"))
-    return {sid: src + (" · truncated" if cut else "") for sid, src, cut in zip(*cols)}
+    cols = [info.column(c).to_pylist() for c in ("sample_id", "source", "truncated")]
+    named = len(manifest.get("sources") or []) > 1 and "source_name" in info.schema.names
+    names = info.column("source_name").to_pylist() if named else [None] * len(cols[0])
+    copies = info.column("repeat").to_pylist() if "repeat" in info.schema.names else [0] * len(cols[0])
+    return {sid: src + (f" · source {name}" if name else "") + (f" · copy {k + 1}" if k else "")
+            + (" · truncated" if cut else "") for sid, src, cut, name, k in zip(*cols, names, copies)}
 
 
 def _piece_blocks(tok, flat: Flat, j: int, src: dict[int, str], tokens: bool, where: str) -> list[Block]:

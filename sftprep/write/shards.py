@@ -402,6 +402,16 @@ def split_shards(manifest: dict[str, Any], split: str = "train") -> list[dict[st
     return manifest.get(SPLITS[split]) or []
 
 
+def split_manifest(manifest: dict[str, Any], split: str) -> dict[str, Any]:
+    """The manifest as a reader of one split sees it: its `shards` and `totals` are that split's (what a
+    trainer evaluating on a build's validation split reads)."""
+    shards = split_shards(manifest, split)
+    if split == "train":
+        return manifest
+    totals = (manifest.get("totals") or {}).get(split) or {}
+    return {**manifest, "shards": shards, "totals": {**totals, "samples_kept": totals.get("samples")}, "split": split}
+
+
 def load(path: str | Path, split: str = "train") -> pa.Table:
     """All shards of a build's `split` (train, or validation when the build holds one out) as one
     memory-mapped `pyarrow.Table` (zero-copy); `.to_pandas()` away. Each shard is checked as it is opened

@@ -214,3 +214,32 @@ def test_two_sources_from_the_command_line(tmp_path):
     assert "sources (share of trained tokens): alpaca" in r.output and "tools" in r.output
     m = json.loads((tmp_path / "o" / "manifest.json").read_text())
     assert [s["name"] for s in m["sources"]] == ["alpaca", "tools"] and m["totals"]["validation"]["samples"] == 5
+
+
+def test_verify_stats_inspect_and_diff_read_a_recipe_per_source(tmp_path):
+    from sftprep import verify
+
+    recipe(tmp_path / "a", [ALPACA, {**C4, "proportion": 0.2}], eval={"fraction": 0.2})
+    recipe(tmp_path / "b", [ALPACA, {**C4, "proportion": 0.3}], eval={"fraction": 0.2})
+    assert verify(tmp_path / "a").ok
+    r = sftprep_cli("stats", tmp_path / "a", "--json")
+    per_source = {s["name"]: s for s in json.loads(r.output)["per_source"]}
+    assert r.exit_code == 0 and set(per_source) == {"alpaca", "c4"}
+    alpaca, c4 = per_source["alpaca"], per_source["c4"]
+    assert alpaca["validation"] > 0 and c4["selected"] == round(alpaca["selected"] / 0.8 * 0.2)
+    r = sftprep_cli("stats", tmp_path / "a")
+    assert "per source" in r.output and "alpaca" in r.output
+    r = sftprep_cli("inspect", tmp_path / "a", "--source", "c4", "--count", "2", "--plain")
+    assert r.exit_code == 0 and r.output.count("· source c4 ·") == 2 and "alpaca_en" not in r.output
+    r = sftprep_cli("inspect", tmp_path / "a", "--source", "c5")
+    assert r.exit_code == 2 and "no source 'c5' in this build; its sources: alpaca, c4" in r.output
+    r = sftprep_cli("diff", tmp_path / "a", tmp_path / "b", "--show", "0")
+    more = round(alpaca["selected"] / 0.7 * 0.3)
+    assert "sources.c4.proportion: 0.2 -> 0.3" in r.output and f"c4: selected: {c4['selected']} -> {more}" in r.output
+    # a changed validation shard is found like a train shard
+    val = tmp_path / "a" / "shard-validation-00000.arrow"
+    data = bytearray(val.read_bytes())
+    data[-200] ^= 1
+    val.write_bytes(bytes(data))
+    report = verify(tmp_path / "a")
+    assert not report.ok and any(v.file == "shard-validation-00000.arrow" for v in report.violations)

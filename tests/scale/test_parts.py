@@ -288,3 +288,20 @@ def test_progress_total_of_a_part_is_its_share(tmp_path):
         m = build(config_from_dict({"inputs": [str(data)], "tokenizer": MISTRAL, "out": str(tmp_path / "o"),
                                     "overwrite": True, "part": part, "num_samples": num_samples}), progress=rec)
         assert (rec.total, rec.done) == (total, m["totals"]["records_read"]), part
+
+
+@pytest.mark.slow  # starting Ray takes seconds
+def test_executor_ray_builds_a_recipe_as_one_process_would(tmp_path, local_ray):
+    """Parts on Ray tasks keep every sample; the merge applies the recipe over all of them: the same
+    dedup, validation split and weights, byte for byte."""
+    from sftprep.scale.executors import build_ray
+
+    cfg = {"tokenizer": MISTRAL, "max_length": 256, "truncation": "drop", "eval": {"fraction": 0.2}, "sources": [
+        {"name": "en", "inputs": str(DATA / "alpaca_en.json"), "template": "alpaca", "choose": 50},
+        {"name": "zh", "inputs": str(DATA / "alpaca_zh.jsonl"), "template": "alpaca", "repeat": 1.5}]}
+    build(config_from_dict({**cfg, "out": str(tmp_path / "single")}))
+    build(config_from_dict({**cfg, "out": str(tmp_path / "workers"), "workers": 2}))
+    build_ray(config_from_dict({**cfg, "out": str(tmp_path / "ray")}), parts=3)
+    for other in ("workers", "ray"):
+        for f in ("shard-train-00000.arrow", "shard-validation-00000.arrow", "samples.feather", "rejects.jsonl"):
+            assert (tmp_path / "single" / f).read_bytes() == (tmp_path / other / f).read_bytes(), (other, f)

@@ -68,3 +68,25 @@ def test_merge_refuses_a_folder_that_is_not_an_adapter(tmp_path, tiny_model):  #
     result = CliRunner().invoke(main, ["merge", str(tiny_model), "--out", str(tmp_path / "m")])
     assert result.exit_code == 2
     assert "not a LoRA adapter folder" in result.output and "holds a full model" in result.output
+
+
+def test_a_build_with_a_validation_split_is_evaluated_without_eval(tmp_path, tiny_model, one_thread):  # noqa: F811
+    """A recipe's held-out split (shard-validation-*) is what `sfttrain run` evaluates on by default."""
+    from sftprep import build, config_from_dict, load
+    from tests.conftest import write_jsonl
+    from tests.sfttrain_helpers import TOKENIZER, pair_records
+
+    more = [(f"How do you count {n} in Spanish?", f" {w}") for n, w in enumerate(
+        ["cero", "uno", "dos", "tres", "cuatro", "cinco", "seis", "siete", "ocho", "nueve"])]
+    a = write_jsonl(tmp_path / "a.jsonl", pair_records(SPANISH))
+    b = write_jsonl(tmp_path / "b.jsonl", pair_records(more))
+    shards = tmp_path / "shards"
+    build(config_from_dict({"tokenizer": str(TOKENIZER), "max_length": 64, "out": str(shards),
+                            "sources": [{"name": "words", "inputs": str(a)}, {"name": "numbers", "inputs": str(b)}],
+                            "eval": {"fraction": 0.3}}))
+    assert load(shards, split="validation").num_rows > 0
+    result = CliRunner().invoke(main, ["run", str(shards), "--model", str(tiny_model), "--output-dir",
+                                       str(tmp_path / "run"), "--max-steps", "2", "--eval-steps", "1",
+                                       "--logging-steps", "1"])
+    assert result.exit_code == 0, result.output
+    assert "eval_loss" in result.output

@@ -38,12 +38,12 @@ def test_unknown_key_suggests_the_closest_one(tmp_path):
 def test_every_problem_is_listed_once_with_its_flag():
     with pytest.raises(ConfigError) as e:
         config_from_dict({"lora_r": 0, "load_in_4bit": True, "load_in_8bit": True, "bf16": True, "fp16": True,
-                          "bnb_4bit_quant_type": "nf5", "eval_steps": 10})
+                          "bnb_4bit_quant_type": "nf5", "eval_steps": 0})
     msg = str(e.value)
     for expected in ("no shards", "--model PATH", "--output-dir DIR", "--lora-r 0",
                      "--load-in-4bit and --load-in-8bit exclude each other", "--bf16 and --fp16",
                      "--bnb-4bit-quant-type 'nf5' is not one of nf4, fp4 (did you mean 'nf4'?)",
-                     "--eval-steps needs evaluation shards"):
+                     "--eval-steps"):
         assert expected in msg
 
 
