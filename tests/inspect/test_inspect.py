@@ -109,7 +109,7 @@ def test_colour_marks_trained_text_without_brackets(built):
     (["--sample", 77], "Error: sample 77 is not in this build: its sample ids run from 0 to 4 "
                        "(4 samples kept)"),
     (["--sample", 2], ":3) was dropped at build time: unknown_format: cannot tell the record's format"),
-    (["--row", 0, "--sample", 0], "Error: give --row or --sample, not both"),
+    (["--row", 0, "--sample", 0], "Error: give one of --row, --sample and --source"),
 ])
 def test_user_errors_are_one_line_exit_2(built, args, message):
     out, _, _ = built
