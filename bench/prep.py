@@ -20,6 +20,7 @@ code is 0 whatever the verdicts, unless something crashes.
     python bench/prep.py --samples 10000 --skip-trl
     python bench/prep.py --samples 20000 --skip-trl --also-workers 0 --profile /tmp/build.prof
     python bench/prep.py --case chat --samples 10000 --family qwen2.5   # a real chat template vs TRL
+    python bench/prep.py --case recipe --repeat 3  # three sources, weights, dedup, validation, decontamination
 
 TRL is optional (`pip install trl==1.16.0`, the `bench` extra); it is imported only when used.
 """
@@ -456,13 +457,24 @@ def main(argv: list[str] | None = None) -> int:
                     help="cProfile the main sftprep build() alone: dump stats here and print the top 25 by "
                          "cumulative time (the timing then includes profiler overhead)")
     ap.add_argument("--keep", action="store_true", help="keep the temporary folder (JSONL + shards)")
-    ap.add_argument("--case", choices=["alpaca", "chat"], default="alpaca",
+    ap.add_argument("--case", choices=["alpaca", "chat", "recipe"], default="alpaca",
                     help="alpaca: single-turn records, chatml preset; chat: multi-turn chats with a family's real "
-                         "Jinja template (--family) vs TRL assistant_only_loss (default %(default)s)")
+                         "Jinja template (--family) vs TRL assistant_only_loss; recipe: the alpaca records as a "
+                         "three-source recipe (weights, dedup, 1%% validation, decontamination) vs one plain "
+                         "build (bench/recipe_case.py) (default %(default)s)")
     ap.add_argument("--family", default="qwen2.5", help="chat case: a family of fixtures/chat_templates/families.json")
     a = ap.parse_args(argv)
 
     tmp = Path(tempfile.mkdtemp(prefix="sftprep-bench-"))
+    if a.case == "recipe":
+        sys.path.insert(0, str(REPO))
+        from bench.recipe_case import run_recipe_case
+
+        try:
+            run_recipe_case(a, tmp, load_records, isolated, _git_state, _load)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return 0
     if a.case == "chat":
         try:
             run_chat_case(a, tmp)

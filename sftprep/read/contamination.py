@@ -1,13 +1,15 @@
 """Decontamination: drop training records that share a word n-gram with a benchmark item.
 
     benchmark files --items--> words (lower-cased, punctuation and white space dropped: `\\w+`)
-                    --n-grams--> sorted 64-bit keys (+ which item each came from)
-    a record's text (every string in it) --words--> ids in the benchmark's vocabulary (0: a word no item has)
-                    --n-grams of known words--> keys --searchsorted--> the first shared n-gram, checked word by word
+                    --n-grams--> sorted 64-bit keys (+ the item and word each starts at), a bitmap of them
+    a batch of records (every string of each) --words--> 64-bit word hashes, end to end
+                    --n-grams (numpy, at once)--> bitmap --> searchsorted --> confirmed word by word
 
-Memory is the benchmark's: its vocabulary, its items' word ids and one key per n-gram; nothing of the
-training data is kept. A record's words are looked up once each; its n-gram keys are a polynomial hash over
-word ids computed with numpy, so a record costs a dict lookup per word.
+Memory is the benchmark's: its items' word hashes, one key per n-gram and an 8 MiB bitmap; nothing of the training
+data is kept. A record costs a regex pass and a hash per word in Python; its n-grams are hashed and looked up
+with numpy over the whole batch. Words are hashed with Python's `hash` (the same in the process that builds
+the index and the one that checks a record: each worker builds its own). A record's strings are read as one
+text (an n-gram may run from one field into the next).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ if TYPE_CHECKING:
 
 _WORD = re.compile(r"\w+")
 _BASE = np.uint64(0x100000001B3)  # the n-gram hash's multiplier (odd: wraps modulo 2^64 without losing bits)
+_BITMAP_BITS = 23  # the bitmap's size: 2^23 flags (8 MiB); at 150k n-grams (10k items) 98% of a record's stop there
 
 
 def texts(value: Any) -> Iterator[str]:
@@ -40,83 +43,84 @@ def texts(value: Any) -> Iterator[str]:
             yield from texts(v)
 
 
+def words(fields: Any) -> list[str]:
+    """A record's words: every string in it, lower-cased, split on what is not a letter or digit."""
+    return _WORD.findall("\n".join(texts(fields)).lower())
+
+
+def _hashes(ws: list[str]) -> np.ndarray:
+    return np.fromiter(map(hash, ws), np.int64, len(ws)).view(np.uint64)
+
+
 class Benchmark:
-    """The n-grams of benchmark files; `find(fields)` names the first one a record shares."""
+    """The n-grams of benchmark files; `find_batch(records)` names the first one each record shares."""
 
     def __init__(self, patterns: tuple[str, ...], n: int, limits: ReadConfig | None = None) -> None:
         self.n = n
-        self.vocab: dict[str, int] = {}
-        self.items: list[np.ndarray] = []  # each item's word ids (0 between two of its strings)
         self.where: list[str] = []  # each item's file:line
         self.short = 0  # items of fewer than n words: no n-gram to match
-        keys, owners = [], []
+        lists = []
         for path in expand_inputs(patterns):
             for source, fields in _items(path, limits):
-                ids = self._ids(fields, grow=True)
-                grams = _grams(ids, n)
-                if not len(grams[0]):
+                ws = words(fields)
+                if len(ws) < n:
                     self.short += 1
                     continue
-                keys.append(grams[0])
-                owners.append(np.full(len(grams[0]), len(self.items), np.int64))
-                self.items.append(ids)
+                lists.append(ws)
                 self.where.append(source)
-        if not self.items:
+        if not self.where:
             raise InputError(f"--decontaminate {', '.join(patterns)}: no item has {n} words or more "
                              f"(decontaminate_ngram={n}); nothing could be matched")
-        self.words = ["", *sorted(self.vocab, key=self.vocab.__getitem__)]  # id -> word
-        keys_all, owners_all = np.concatenate(keys), np.concatenate(owners)
-        order = np.argsort(keys_all, kind="stable")
-        self.keys, self.owners = keys_all[order], owners_all[order]
+        self.flat, keys, at, self.first = _stream(lists, n)  # every item's word hashes end to end
+        order = np.argsort(keys, kind="stable")
+        self.keys, self.at = keys[order], at[order]  # sorted keys; where each n-gram starts in `flat`
+        self.owners = np.searchsorted(self.first, self.at, side="right") - 1  # the item of each key
+        self.bitmap = np.zeros(1 << _BITMAP_BITS, bool)
+        self.bitmap[self.keys >> np.uint64(64 - _BITMAP_BITS)] = True
 
-    def _ids(self, fields: Any, grow: bool = False) -> np.ndarray:
-        """The word ids of every string in `fields`, a 0 between strings (an n-gram never spans two)."""
-        vocab, out = self.vocab, []
-        for text in texts(fields):
-            words = _WORD.findall(text.lower())
-            if grow:
-                out += [vocab.setdefault(w, len(vocab) + 1) for w in words]
-            else:
-                out += [vocab.get(w, 0) for w in words]
-            out.append(0)
-        return np.asarray(out, np.uint64)
-
-    def find(self, fields: Any) -> str | None:
-        """Why a record is contaminated (the shared n-gram and the benchmark item), or None."""
-        ids = self._ids(fields)
-        keys, starts = _grams(ids, self.n)
-        if not len(keys):
-            return None
-        at = np.searchsorted(self.keys, keys)
-        hit = np.flatnonzero((at < len(self.keys)) & (self.keys[np.minimum(at, len(self.keys) - 1)] == keys))
-        for j in hit.tolist():  # confirmed word by word: a hash collision is never a reject
-            gram = ids[starts[j]:starts[j] + self.n]
-            k = int(at[j])
-            while k < len(self.keys) and self.keys[k] == keys[j]:
-                item = self.items[int(self.owners[k])]
-                item_keys, item_starts = _grams(item, self.n)
-                for s in item_starts[item_keys == keys[j]].tolist():
-                    if np.array_equal(item[s:s + self.n], gram):
-                        shown = " ".join(self.words[int(v)] for v in gram)
-                        return (f"shares the {self.n}-gram \"{shown}\" with the benchmark item "
-                                f"{self.where[int(self.owners[k])]} (--decontaminate)")
-                k += 1
-        return None
+    def find_batch(self, records: list[Any]) -> dict[int, str]:
+        """Record index -> why it is contaminated (the first n-gram it shares with an item, and the item),
+        for the records (their fields; None: skipped) that share one."""
+        n, lists = self.n, [words(f) if f is not None else [] for f in records]
+        flat, keys, at, first = _stream(lists, n)
+        maybe = np.flatnonzero(self.bitmap[keys >> np.uint64(64 - _BITMAP_BITS)])
+        where = np.minimum(np.searchsorted(self.keys, keys[maybe]), len(self.keys) - 1)
+        same = self.keys[where] == keys[maybe]
+        found: dict[int, str] = {}
+        for j, i in zip(maybe[same].tolist(), where[same].tolist()):
+            start = int(at[j])
+            k = int(np.searchsorted(first, start, side="right") - 1)
+            while k not in found and i < len(self.keys) and self.keys[i] == keys[j]:  # word by word: no collision
+                if np.array_equal(self.flat[self.at[i]:self.at[i] + n], flat[start:start + n]):
+                    gram = " ".join(lists[k][start - int(first[k]):][:n])
+                    found[k] = (f"shares the {n}-gram \"{gram}\" with the benchmark item "
+                                f"{self.where[int(self.owners[i])]} (--decontaminate)")
+                i += 1
+        return found
 
 
-def _grams(ids: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """Keys of the n-grams of `ids` made of known words (no 0 in them), and where each starts."""
-    if len(ids) < n:
-        return np.zeros(0, np.uint64), np.zeros(0, np.int64)
-    windows = np.lib.stride_tricks.sliding_window_view(ids, n)
-    zeros = np.concatenate([[0], np.cumsum(ids == 0)])
-    starts = np.flatnonzero(zeros[n:] - zeros[:-n] == 0)
-    if not len(starts):
-        return np.zeros(0, np.uint64), starts
-    powers = _BASE ** np.arange(n - 1, -1, -1, dtype=np.uint64)
+def _stream(lists: list[list[str]], n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Word lists hashed end to end: (the hashes, the key of every n-gram inside one list, where each
+    starts, where each list starts)."""
+    lengths = np.fromiter(map(len, lists), np.int64, len(lists))
+    first = np.cumsum(lengths) - lengths
+    flat = _hashes([w for ws in lists for w in ws])
+    keys = _grams(flat, n)
+    owner = np.repeat(np.arange(len(lists)), lengths)
+    at = np.flatnonzero(owner[:len(keys)] == owner[n - 1:]) if len(keys) else np.zeros(0, np.int64)
+    return flat, keys[at], at, first
+
+
+def _grams(hashes: np.ndarray, n: int) -> np.ndarray:
+    """The key of every n-gram of a word-hash sequence (a polynomial hash, modulo 2^64), by start."""
+    if len(hashes) < n:
+        return np.zeros(0, np.uint64)
     with np.errstate(over="ignore"):
-        keys = (windows[starts] * powers).sum(axis=1, dtype=np.uint64)
-    return keys, starts
+        keys = hashes[:len(hashes) - n + 1].copy()
+        for k in range(1, n):  # Horner's rule over the window, vectorized over every start
+            keys *= _BASE
+            keys += hashes[k:len(hashes) - n + 1 + k]
+    return keys
 
 
 def _items(path: Path, limits: ReadConfig | None) -> Iterator[tuple[str, Any]]:

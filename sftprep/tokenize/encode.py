@@ -131,12 +131,14 @@ class Encoder:
     def render(self, batch: list[tuple[int, Record]]) -> Rendered:
         """Normalize and render a batch (pure Python: the part that holds the GIL)."""
         out = Rendered(Encoded(), [], [], [], [], [])
-        for sid, rec in batch:
+        contaminated = self.benchmark.find_batch([rec.fields if rec.error is None else None for _, rec in batch]) \
+            if self.benchmark is not None else {}
+        for k, (sid, rec) in enumerate(batch):
             try:
                 if rec.error is not None:
                     raise FormatError(rec.error, rec.reason)
-                if self.benchmark is not None and (shared := self.benchmark.find(rec.fields)) is not None:
-                    raise FormatError(shared, "contaminated")
+                if k in contaminated:
+                    raise FormatError(contaminated[k], "contaminated")
                 conv = normalize(rec.fields, self.format, self.read.fields)
                 self._add(out, conv, sid, rec.source)
             except FormatError as e:

@@ -170,8 +170,10 @@ def test_a_benchmark_item_planted_with_other_case_spaces_and_punctuation_is_drop
     bench = write_jsonl(tmp_path / "bench.jsonl", [{"question": "unrelated words here"}, {"question": item, "answer": "B"}])
     leaked = {"instruction": "which of the following BEST describes   the function of mitochondria, in eukaryotic "
                              "cells -- and why is it called the powerhouse of the cell!", "input": "", "output": "Energy."}
+    near = {"instruction": "Which of the following best describes the function of mitochondria in eukaryotic "
+                           "organisms?", "input": "", "output": "12 words in a row are shared, not 13: kept."}
     alpaca = json.loads((DATA / "alpaca_en.json").read_text())[:10]
-    data = write_jsonl(tmp_path / "a.jsonl", alpaca[:4] + [leaked] + alpaca[4:])
+    data = write_jsonl(tmp_path / "a.jsonl", alpaca[:4] + [leaked] + alpaca[4:] + [near])
     m = recipe(tmp_path / "o", [{"name": "alpaca", "inputs": str(data), "template": "alpaca"}],
                decontaminate=[str(bench)])
     rejects = [json.loads(x) for x in (tmp_path / "o" / "rejects.jsonl").read_text().splitlines()]
@@ -179,7 +181,7 @@ def test_a_benchmark_item_planted_with_other_case_spaces_and_punctuation_is_drop
     assert f"{bench}:2" in rejects[0]["message"]
     assert '13-gram "which of the following best describes the function of mitochondria in eukaryotic cells"' in \
         rejects[0]["message"]  # the first shared 13-gram, normalized
-    assert m["sources"][0]["rejected"] == {"contaminated": 1} and m["totals"]["samples_kept"] == 10
+    assert m["sources"][0]["rejected"] == {"contaminated": 1} and m["totals"]["samples_kept"] == 11
 
 
 @pytest.mark.parametrize("source, message", [
