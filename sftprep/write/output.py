@@ -21,9 +21,8 @@ import shutil
 from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -33,8 +32,8 @@ from ..errors import BuildError, ConfigError, InputError
 from ..pack.packing import fill_ratio, mode, pack
 from .files import LEDGER, claim, fsync_dir, ledger, names_path, plain_name, rewrite_ledger
 from .manifest import MANIFEST, read_manifest
-from .shards import ShardSetWriter, numpy_array, sha256_file, write_table
-from .store import Samples
+from .shards import ShardSetWriter, sha256_file, write_batches
+from .store import SAMPLE_SCHEMA, Samples
 
 SAMPLES_FILE = "samples.feather"  # Arrow IPC file too, but no `*.arrow` glob meets it
 OLD_SAMPLES_FILE = "samples.arrow"  # older builds: still read, as their manifest names it
@@ -306,16 +305,11 @@ def build_manifest(config: BuildConfig, *, build_id: str, inputs: list[dict[str,
     }
 
 
-def write_samples(out: Path, store: Samples) -> None:
-    """Per-sample side table: provenance, length and trained tokens of every kept sample."""
-    table = pa.table({
-        "sample_id": numpy_array(np.frombuffer(store.sample_ids, np.int64), pa.int64()),
-        "source": store.sources,
-        "num_tokens": numpy_array(np.frombuffer(store.lengths, np.int64), pa.int32()),
-        "num_trained": numpy_array(np.frombuffer(store.num_trained, np.int64), pa.int32()),
-        "truncated": numpy_array(np.frombuffer(store.truncated, np.int8), pa.bool_()),
-    })
-    write_table(out / SAMPLES_FILE, table)
+def write_samples(out: Path, samples: Samples) -> None:
+    """Per-sample side table: provenance, length and trained tokens of every kept sample, written batch by
+    batch as the samples hand it over (`Samples.table_batches`)."""
+    write_batches(out / SAMPLES_FILE, SAMPLE_SCHEMA, samples.table_batches())
+    samples.table_file = out / SAMPLES_FILE
 
 
 def copy_tokenizer(source: Path, out: Path) -> None:
@@ -360,13 +354,15 @@ def remove_temps(out: Path) -> None:
 
 # -- the build's files, from its kept samples: used by a build and by a merge -------------------------
 
-def empty_inputs(inputs: list[Path] | list[str], sources: pa.Array, rejects: list[dict[str, Any]]) -> list[str]:
+def empty_inputs(inputs: list[Path] | list[str], sources: Iterable[pa.Array],
+                 rejects: list[dict[str, Any]]) -> list[str]:
     """A warning per input none of whose records was kept (e.g. a glob that swept in a file of
-    another format): the build succeeds on the rest, so the summary must say so."""
+    another format): the build succeeds on the rest, so the summary must say so. `sources`: the kept
+    samples' sources, array by array (`Samples.sources`: read from disk, so it is read again per input)."""
     out = []
     for path in inputs:
         prefixes = (f"{path}:", f"{path}[")  # file:line, file:row N; file[i], an item of a .json array
-        if any(pc.any(pc.starts_with(sources, pattern=p)).as_py() for p in prefixes):
+        if any(pc.any(pc.starts_with(chunk, pattern=p)).as_py() for chunk in sources for p in prefixes):
             continue
         dropped = [r for r in rejects if r["source"].startswith(prefixes) or r["source"] == str(path)]
         if dropped:
@@ -410,7 +406,7 @@ def write_build(config: BuildConfig, out: Path, samples: Samples, rejects: list[
         "samples_kept": len(samples),
         "samples_dropped": len(rejects),
         "dropped_by_reason": dict(sorted(Counter(r["reason"] for r in rejects).items())),
-        "samples_truncated": int(sum(samples.truncated)),
+        "samples_truncated": samples.num_truncated,
         "tokens": tokens,
         "trained_tokens": trained,
         "rows": n_rows,
@@ -423,7 +419,7 @@ def write_build(config: BuildConfig, out: Path, samples: Samples, rejects: list[
 def _write_shards(config: BuildConfig, out: Path, store: Samples, pad: int) -> list[dict[str, Any]]:
     """Pack the stored samples into rows and write them as shards; one manifest entry per shard."""
     max_length = config.tokenize.max_length
-    rows = pack(store.lengths.tolist(), max_length, config.pack.mode, config.pack.seed)
+    rows = pack(store.lengths, max_length, config.pack.mode, config.pack.seed)
     width = max_length if mode(config.pack.mode).padded else None
     writer = ShardSetWriter(out, config.pack.shard_size)
     return writer.write(len(rows), lambda lo, hi: store.rows_batch(rows[lo:hi], width, pad))
