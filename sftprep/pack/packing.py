@@ -159,8 +159,8 @@ def bfd_bins(lengths: Sequence[int], max_length: int) -> tuple[np.ndarray, np.nd
     if n and int(lengths.max()) > max_length:
         i = int(np.argmax(lengths))  # the first sample placed of those too long
         raise ValueError(f"sample {i} has {int(lengths[i])} tokens, more than max_length={max_length}")
-    # longest first, ties by index (a stable sort)
-    order = np.argsort(-lengths.astype(np.int64), kind="stable").astype(index_array(n))
+    # longest first, ties by index
+    order = stable_order(max_length - lengths.astype(np.int32), max_length + 1)
     bin_of = np.empty(n, np.int32 if n < 2**31 else np.int64)  # the bin of each sample, in placement order
     fullest = 0  # bins made so far
     by_room: dict[int, list[int]] = {}  # remaining capacity -> bins with it (a stack)
@@ -187,9 +187,32 @@ def bfd_bins(lengths: Sequence[int], max_length: int) -> tuple[np.ndarray, np.nd
                     bisect.insort(rooms, left)
                 by_room[left].append(b)
         bin_of[lo:lo + len(placed)] = placed
+    members = stable_order(bin_of, fullest, order)
     offsets = np.zeros(fullest + 1, np.int64)
-    np.cumsum(np.bincount(bin_of, minlength=fullest), out=offsets[1:])
-    return offsets, order[np.argsort(bin_of, kind="stable")]
+    for lo in range(0, n, CHUNK):
+        offsets[1:] += np.bincount(bin_of[lo:lo + CHUNK], minlength=fullest)
+    return np.cumsum(offsets), members
+
+
+def stable_order(keys: np.ndarray, num_keys: int, values: np.ndarray | None = None) -> np.ndarray:
+    """`values[np.argsort(keys, kind="stable")]` for integer `keys` in `[0, num_keys)` (`values` None: the
+    indices, as int32 below 2**31), without argsort's int64 array over every item: a counting sort, CHUNK
+    keys at a time."""
+    n = len(keys)
+    out = np.empty(n, index_array(n) if values is None else values.dtype)
+    start = np.zeros(num_keys, np.int64)  # where the next item of each key goes
+    for lo in range(0, n, CHUNK):
+        start[1:] += np.bincount(keys[lo:lo + CHUNK], minlength=num_keys)[:-1]
+    start = np.cumsum(start)
+    for lo in range(0, n, CHUNK):
+        chunk = keys[lo:lo + CHUNK]
+        local = np.argsort(chunk, kind="stable")
+        ranked = chunk[local]
+        count = np.bincount(ranked, minlength=num_keys)
+        first = np.cumsum(count) - count  # where each key's items start in `ranked`
+        out[start[ranked] + np.arange(len(ranked)) - first[ranked]] = local + lo if values is None else values[lo + local]
+        start += count
+    return out
 
 
 def pack_wrapped(lengths: Sequence[int], max_length: int) -> Rows:
