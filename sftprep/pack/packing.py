@@ -210,7 +210,8 @@ def stable_order(keys: np.ndarray, num_keys: int, values: np.ndarray | None = No
         ranked = chunk[local]
         count = np.bincount(ranked, minlength=num_keys)
         first = np.cumsum(count) - count  # where each key's items start in `ranked`
-        out[start[ranked] + np.arange(len(ranked)) - first[ranked]] = local + lo if values is None else values[lo + local]
+        at = start[ranked] + np.arange(len(ranked)) - first[ranked]
+        out[at] = local + lo if values is None else values[lo + local]
         start += count
     return out
 

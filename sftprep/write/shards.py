@@ -271,7 +271,8 @@ def write_table(path: Path, table: pa.Table, batch_rows: int = WRITE_ROWS) -> st
     return write_batches(path, table.schema, table.to_batches(), batch_rows)
 
 
-def write_batches(path: Path, schema: pa.Schema, batches: Iterable[pa.RecordBatch], batch_rows: int = WRITE_ROWS) -> str:
+def write_batches(path: Path, schema: pa.Schema, batches: Iterable[pa.RecordBatch],
+                  batch_rows: int = WRITE_ROWS) -> str:
     """Write a table that arrives in `batches` of any size atomically to `path`, as an Arrow IPC file of
     `batch_rows` rows per record batch (the file `write_table` makes of the whole table); returns its sha256.
     At most about `2 * batch_rows` rows are held at a time."""
