@@ -128,7 +128,7 @@ class ReadConfig:
     max_reject_ratio: float = 0.5
     """Stop the build when more than this share of records is rejected (--max-reject-ratio)."""
     max_record_bytes: int = 64 << 20
-    """The longest record in bytes (a JSON Lines line, a JSON array item or file); a longer one is rejected
+    """The longest record in bytes (a JSON Lines line, a JSON array item or file, a CSV row); a longer one is rejected
     as `too_large` without being read into memory (--max-record-bytes)."""
     max_gzip_ratio: float = 100.0
     """A `.gz` input may inflate to this many times its compressed size (past its first 64 MiB); more stops

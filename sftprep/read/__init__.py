@@ -76,7 +76,7 @@ def check_name(path: Path) -> None:
 
 def reader_for(path: Path, limits: ReadConfig | None = None):
     """The reader module's `read(path)` for a path, by extension (or folder layout); text readers
-    keep to `limits` (`ReadConfig`'s max_record_bytes, max_gzip_ratio, max_blank_lines)."""
+    keep to `limits` (`ReadConfig`'s max_record_bytes, max_gzip_ratio, max_blank_lines; CSV: max_record_bytes)."""
     from . import arrow, csvfile, hf_disk, jsonfile, parquet
 
     if path.is_dir():
@@ -92,7 +92,8 @@ def reader_for(path: Path, limits: ReadConfig | None = None):
         raise InputError(f"input {path}: unsupported file type {suffix or '(none)'!r}; expected one of "
                          f"{', '.join(sorted(by_suffix))} or a `datasets.save_to_disk` folder")
     read = by_suffix[suffix.lower()]
-    return functools.partial(read, limits=limits) if read in (jsonfile.read_lines, jsonfile.read_json) else read
+    bounded = (jsonfile.read_lines, jsonfile.read_json, csvfile.read)
+    return functools.partial(read, limits=limits) if read in bounded else read
 
 
 def count_records(path: Path) -> int | None:

@@ -12,9 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 import mmap
-from array import array
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -29,7 +28,7 @@ from ..write.manifest import MANIFEST, read_manifest, shard_path, tokenizer_dir,
 from ..write.output import (SOURCE_KEYS, OutLock, build_key, build_manifest, check_rejects, empty_inputs, prepare_out,
                             remove_temps, write_build)
 from ..write.shards import SCHEMA, check_rows, flatten
-from ..write.store import Samples
+from ..write.store import SAMPLE_SCHEMA, Samples
 
 # what every part of one build must agree on (besides `part.of_build`, which covers them all); a part's
 # warnings are its template's (an input with no record kept is only known, and warned of, at the merge)
@@ -212,7 +211,7 @@ class MergedSamples(Samples):
             tables.append(read_sample_info(p.folder, p.manifest))
         sid, chunk, start, length = (np.concatenate(c) for c in zip(*where))
         order = np.argsort(sid, kind="stable")
-        sid, length, self._chunk, self._start = sid[order], length[order], chunk[order].tolist(), start[order].tolist()
+        sid, length, self._chunk, self._start = sid[order], length[order], chunk[order], start[order]
         if (np.diff(sid) == 0).any():
             raise InputError(f"sample id {int(sid[np.flatnonzero(np.diff(sid) == 0)[0]])} is in two parts: "
                              "the parts overlap (built from different inputs?)")
@@ -222,11 +221,13 @@ class MergedSamples(Samples):
                 and np.array_equal(length, side.column("num_tokens").to_numpy().astype(np.int64))):
             raise InputError("a part's shards and its samples file disagree (a partial copy?): check the parts "
                              "with `sftprep verify PART_DIR`")
-        self.lengths = array("q", length.astype(np.int64).tobytes())
-        self.sample_ids = array("q", sid.astype(np.int64).tobytes())
-        self.num_trained = array("q", side.column("num_trained").to_numpy().astype(np.int64).tobytes())
-        self.truncated = array("b", side.column("truncated").to_numpy().astype(np.int8).tobytes())
-        self.sources = side.column("source").combine_chunks()
+        self.lengths = length.astype(np.int32)
+        self.sample_ids = sid.astype(np.int64)
+        self.num_truncated = int(np.count_nonzero(side.column("truncated").to_numpy()))
+        self._side = side.select(SAMPLE_SCHEMA.names).cast(SAMPLE_SCHEMA)
+
+    def table_batches(self) -> Iterator[pa.RecordBatch]:
+        return iter(self._side.to_batches())
 
     def _locate(self, path: Path) -> tuple[np.ndarray, ...]:
         """(sample id, token array index, start, length) of every sample in a shard, batch by batch (each
@@ -252,9 +253,9 @@ class MergedSamples(Samples):
             found.append((flat.sample_ids, k, flat.piece_start.astype(np.int64), flat.seq_lens))
         return tuple(np.concatenate(c) for c in zip(*found))
 
-    def _tokens(self, i: int) -> tuple[np.ndarray, np.ndarray, int]:
-        k = self._chunk[i]
-        return self._ids[k], self._labels[k], self._start[i]
+    def _tokens_of(self, samples: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray, int]]:
+        for k, start in zip(self._chunk[samples].tolist(), self._start[samples].tolist()):
+            yield self._ids[k], self._labels[k], start
 
 
 __all__ = ["merge", "check_parts", "open_part", "MergedSamples"]

@@ -21,7 +21,7 @@ import shutil
 from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -35,8 +35,8 @@ from .files import LEDGER, claim, fsync_dir, ledger, names_path, plain_name, rew
 from .manifest import MANIFEST, read_manifest
 from ..mix.recipe import Plan, plan
 from ..tokenize.encode import CHOSEN
-from .shards import ShardSetWriter, numpy_array, sha256_file, string_array, write_table
-from .store import Samples, Selected
+from .shards import ShardSetWriter, numpy_array, sha256_file, string_array, write_batches
+from .store import SAMPLE_SCHEMA, Samples, Selected
 
 SAMPLES_FILE = "samples.feather"  # Arrow IPC file too, but no `*.arrow` glob meets it
 OLD_SAMPLES_FILE = "samples.arrow"  # older builds: still read, as their manifest names it
@@ -309,28 +309,35 @@ def build_manifest(config: BuildConfig, *, build_id: str, inputs: list[dict[str,
     }
 
 
+SAMPLES_SCHEMA = pa.schema([*SAMPLE_SCHEMA, ("source_name", pa.dictionary(pa.int32(), pa.string())),
+                            ("split", pa.dictionary(pa.int32(), pa.string())), ("repeat", pa.int32())])
+"""samples.feather: `SAMPLE_SCHEMA`, then each sample's recipe source, split and copy number."""
+
+
 def write_samples(out: Path, splits: list[tuple[str, Samples]], names: list[str], first_ids: np.ndarray) -> None:
     """Per-sample side table: provenance (file:line, recipe source, copy), split, length and trained tokens
-    of every sample in the shards, train then validation."""
-    def table(split: str, store: Samples) -> pa.Table:
-        sids = np.frombuffer(store.sample_ids, np.int64)
-        copy = getattr(store, "copy", np.zeros(len(sids), np.int64))
-        origin = np.frombuffer(store.base.sample_ids, np.int64)[store.take] if isinstance(store, Selected) else sids
-        return pa.table({
-            "sample_id": numpy_array(sids, pa.int64()),
-            "source": store.sources,
-            "num_tokens": numpy_array(np.frombuffer(store.lengths, np.int64), pa.int32()),
-            "num_trained": numpy_array(np.frombuffer(store.num_trained, np.int64), pa.int32()),
-            "truncated": numpy_array(np.frombuffer(store.truncated, np.int8), pa.bool_()),
-            "source_name": pa.DictionaryArray.from_arrays(
-                numpy_array(np.searchsorted(first_ids, origin, side="right").astype(np.int32) - 1, pa.int32()),
-                string_array(names)),
-            "split": pa.DictionaryArray.from_arrays(numpy_array(np.zeros(len(sids), np.int32), pa.int32()),
-                                                    string_array([split])),
-            "repeat": numpy_array(copy, pa.int32()),
-        })
-    write_table(out / SAMPLES_FILE, pa.concat_tables([table(split, store) for split, store in splits]).combine_chunks()
-                if len(splits) > 1 else table(*splits[0]))
+    of every sample in the shards, train then validation, written batch by batch as the samples hand it over
+    (`Samples.table_batches`)."""
+    def batches():
+        for split, store in splits:
+            copy = getattr(store, "copy", None)
+            origin = getattr(store, "origin", None)
+            at = 0
+            for batch in store.table_batches():
+                n = batch.num_rows
+                sid = batch.column(0).to_numpy() if origin is None else origin[at:at + n]
+                source = np.searchsorted(first_ids, sid, side="right").astype(np.int32) - 1
+                yield pa.record_batch([*batch.columns,
+                                       pa.DictionaryArray.from_arrays(numpy_array(source, pa.int32()), names),
+                                       pa.DictionaryArray.from_arrays(numpy_array(np.zeros(n, np.int32), pa.int32()),
+                                                                      string_array([split])),
+                                       numpy_array(np.zeros(n, np.int32) if copy is None else copy[at:at + n],
+                                                   pa.int32())], schema=SAMPLES_SCHEMA)
+                at += n
+    names = string_array(names)
+    write_batches(out / SAMPLES_FILE, SAMPLES_SCHEMA, batches())
+    base = splits[0][1]
+    getattr(base, "base", base).table_file = out / SAMPLES_FILE  # read from there once the spill is gone
 
 
 def copy_tokenizer(source: Path, out: Path) -> None:
@@ -375,17 +382,21 @@ def remove_temps(out: Path) -> None:
 
 # -- the build's files, from its kept samples: used by a build and by a merge -------------------------
 
-def empty_inputs(inputs: list[Path] | list[str], sources: pa.Array, rejects: list[dict[str, Any]],
+def empty_inputs(inputs: list[Path] | list[str], sources: Iterable[pa.Array], rejects: list[dict[str, Any]],
                  recipe: list[dict[str, Any]] | None = None) -> list[str]:
     """A warning per input none of whose records was kept (e.g. a glob that swept in a file of
     another format), and per named source none of whose records was: the build succeeds on the rest,
-    so the summary must say so."""
-    out = []
+    so the summary must say so. `sources`: the kept samples' sources, array by array (`Samples.sources`:
+    read from disk, so it is read again per input)."""
+    out, kept = [], set()
+    prefixes = {str(path): (f"{path}:", f"{path}[") for path in inputs}  # file:line, file:row N; file[i] (.json)
+    for chunk in sources:  # one pass: the sources are read from disk
+        kept |= {path for path, ps in prefixes.items() if path not in kept and
+                 any(pc.any(pc.starts_with(chunk, pattern=p)).as_py() for p in ps)}
     for path in inputs:
-        prefixes = (f"{path}:", f"{path}[")  # file:line, file:row N; file[i], an item of a .json array
-        if any(pc.any(pc.starts_with(sources, pattern=p)).as_py() for p in prefixes):
+        if str(path) in kept:
             continue
-        dropped = [r for r in rejects if r["source"].startswith(prefixes) or r["source"] == str(path)]
+        dropped = [r for r in rejects if r["source"].startswith(prefixes[str(path)]) or r["source"] == str(path)]
         if dropped:
             out.append(f"input {path}: all {len(dropped):,} records rejected ({_reasons(dropped)}); "
                        f"first: {dropped[0]['message']}")
@@ -433,21 +444,21 @@ def write_build(config: BuildConfig, out: Path, samples: Samples, rejects: list[
                 sources: list[dict[str, Any]], pad: int,
                 tokenizer: Path) -> tuple[list[dict[str, Any]], dict[str, Any], dict[str, Any]]:
     """Everything of a build but its manifest, from its kept `samples` (in input order), `rejects` and
-    `sources` (`source_entries`; `read`: records read, a part's share in a part): the recipe applied (`mix.recipe.plan`: duplicates, validation split,
-    weights; a part keeps every sample, and its merge applies the recipe), shards, samples.feather,
-    rejects.jsonl, tokenizer/ (copied from `tokenizer`). Returns the shards' manifest entries, the
+    `sources` (`source_entries`; `read`: records read, a part's share in a part): the recipe applied
+    (`mix.recipe.plan`: duplicates, validation split, weights; a part keeps every sample, and its merge applies
+    the recipe), shards, samples.feather, rejects.jsonl, tokenizer/ (copied from `tokenizer`). Returns the shards' manifest entries, the
     manifest's totals, and its other entries (`sources`, with their accounting; `validation_shards`)."""
     first_ids = np.asarray([s["first_sample_id"] for s in sources], np.int64)
     recipe = config.recipe()
-    sids = np.frombuffer(samples.sample_ids, np.int64)
-    source_of = np.searchsorted(first_ids, sids, side="right") - 1
-    lengths = np.frombuffer(samples.lengths, np.int64)
+    source_of = (np.searchsorted(first_ids, samples.sample_ids, side="right") - 1).astype(np.int32)
+    lengths = samples.lengths
     if config.part is None and _has_choices(config):
         key, exact = samples.hashes()
         chosen = plan(recipe, config.mix, config.pack.seed, source_of, key, exact, lengths, config.dedups)
     else:
         chosen = Plan(np.arange(len(samples)), np.zeros(len(samples), np.int64), np.zeros(0, np.int64))
     rejects = sorted(rejects + _duplicate_rejects(samples, chosen, source_of, recipe), key=lambda r: r["sample_id"])
+    trained, truncated = samples.column(3), samples.column(4).astype(bool)  # per sample, in input order
     train = samples if chosen.is_identity(len(samples)) else Selected(samples, chosen.train, chosen.repeat, read)
     splits = [("train", train)]
     if len(chosen.validation):
@@ -456,8 +467,8 @@ def write_build(config: BuildConfig, out: Path, samples: Samples, rejects: list[
     write_samples(out, splits, [s.name for s in recipe], first_ids)
     write_rejects(out, rejects)
     copy_tokenizer(tokenizer, out)
-    totals = _totals(config, written["train"], train, rejects, read)
-    extra: dict[str, Any] = {"sources": _accounting(sources, rejects, source_of, chosen, samples)}
+    totals = _totals(config, written["train"], len(train), int(truncated[chosen.train].sum()), rejects, read)
+    extra: dict[str, Any] = {"sources": _accounting(sources, rejects, source_of, chosen, lengths, trained, truncated)}
     if "validation" in written:
         extra["validation_shards"] = [_entry(s) for s in written["validation"]]
         totals["validation"] = {"samples": len(chosen.validation), **_sums(written["validation"])}
@@ -475,10 +486,13 @@ def _duplicate_rejects(samples: Samples, chosen: Plan, source_of: np.ndarray, re
     """A reject per dropped duplicate, naming the copy kept (and both sources, in a recipe)."""
     if not chosen.duplicate_of:
         return []
-    sids = np.frombuffer(samples.sample_ids, np.int64)
-    where = samples.sources.take(pa.array(sorted({i for pair in chosen.duplicate_of.items() for i in pair}),
-                                          pa.int64()))
-    at = dict(zip(sorted({i for pair in chosen.duplicate_of.items() for i in pair}), where.to_pylist()))
+    sids = samples.sample_ids
+    wanted = np.asarray(sorted({i for pair in chosen.duplicate_of.items() for i in pair}), np.int64)
+    at, first = {}, 0
+    for chunk in samples.sources:  # the file:line of each sample named, in one pass
+        a, b = np.searchsorted(wanted, [first, first + len(chunk)])
+        at.update(zip(wanted[a:b].tolist(), chunk.take(pa.array(wanted[a:b] - first, pa.int64())).to_pylist()))
+        first += len(chunk)
     named = len(recipe) > 1
     out = []
     for dup, kept in sorted(chosen.duplicate_of.items()):
@@ -499,15 +513,15 @@ def _sums(shards: list[dict[str, Any]]) -> dict[str, int]:
     return {k: sum(s[k] for s in shards) for k in ("tokens", "trained_tokens", "rows")}
 
 
-def _totals(config: BuildConfig, shards: list[dict[str, Any]], train: Samples, rejects: list[dict[str, Any]],
-            read: int) -> dict[str, Any]:
+def _totals(config: BuildConfig, shards: list[dict[str, Any]], kept: int, truncated: int,
+            rejects: list[dict[str, Any]], read: int) -> dict[str, Any]:
     sums = _sums(shards)
     return {
         "records_read": read,
-        "samples_kept": len(train),
+        "samples_kept": kept,
         "samples_dropped": len(rejects),
         "dropped_by_reason": dict(sorted(Counter(r["reason"] for r in rejects).items())),
-        "samples_truncated": int(sum(train.truncated)),
+        "samples_truncated": int(truncated),
         **sums,
         "fill_ratio": round(fill_ratio(sums["tokens"], sums["rows"], config.tokenize.max_length), 6)
         if mode(config.pack.mode).padded else None,
@@ -515,15 +529,12 @@ def _totals(config: BuildConfig, shards: list[dict[str, Any]], train: Samples, r
 
 
 def _accounting(sources: list[dict[str, Any]], rejects: list[dict[str, Any]], source_of: np.ndarray, chosen: Plan,
-                samples: Samples) -> list[dict[str, Any]]:
+                lengths: np.ndarray, trained: np.ndarray, truncated: np.ndarray) -> list[dict[str, Any]]:
     """Each source's entry with what became of its records: read, rejected by reason, kept (unique), held out
     for validation, selected for training (with repeats), their tokens and trained tokens, and its share of
-    the build's trained tokens."""
+    the build's trained tokens (`lengths`, `trained`, `truncated`: per kept sample, in input order)."""
     k = len(sources)
-    lengths = np.frombuffer(samples.lengths, np.int64)
-    trained = np.frombuffer(samples.num_trained, np.int64)
-    truncated = np.frombuffer(samples.truncated, np.int8)
-    alive = np.ones(len(samples), bool)
+    alive = np.ones(len(lengths), bool)
     alive[list(chosen.duplicate_of)] = False
     firsts = np.asarray([s["first_sample_id"] for s in sources], np.int64)
     reject_src = np.searchsorted(firsts, np.asarray([r["sample_id"] for r in rejects], np.int64), side="right") - 1
@@ -547,7 +558,7 @@ def _accounting(sources: list[dict[str, Any]], rejects: list[dict[str, Any]], so
 def _write_shards(config: BuildConfig, out: Path, store: Samples, pad: int, split: str) -> list[dict[str, Any]]:
     """Pack the stored samples into rows and write them as shards; one manifest entry per shard."""
     max_length = config.tokenize.max_length
-    rows = pack(store.lengths.tolist(), max_length, config.pack.mode, config.pack.seed)
+    rows = pack(store.lengths, max_length, config.pack.mode, config.pack.seed)
     width = max_length if mode(config.pack.mode).padded else None
     writer = ShardSetWriter(out, config.pack.shard_size, split=split)
     return writer.write(len(rows), lambda lo, hi: store.rows_batch(rows[lo:hi], width, pad))

@@ -19,7 +19,7 @@ import os
 import stat
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import pyarrow as pa
@@ -238,12 +238,9 @@ class _AtomicIPC:
     def __enter__(self) -> "_AtomicIPC":
         return self
 
-    def write(self, batch: pa.RecordBatch | pa.Table, max_chunksize: int = WRITE_ROWS) -> None:
+    def write(self, batch: pa.RecordBatch) -> None:
         with names_path(self.path):
-            if isinstance(batch, pa.Table):
-                self.writer.write_table(batch, max_chunksize=max_chunksize)
-            else:
-                self.writer.write_batch(batch)
+            self.writer.write_batch(batch)
         self.rows += batch.num_rows
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -273,8 +270,29 @@ class _AtomicIPC:
 
 def write_table(path: Path, table: pa.Table, batch_rows: int = WRITE_ROWS) -> str:
     """Write `table` atomically to `path` as an Arrow IPC file; returns its sha256."""
-    with _AtomicIPC(path, table.schema) as f:
-        f.write(table, batch_rows)
+    return write_batches(path, table.schema, table.to_batches(), batch_rows)
+
+
+def write_batches(path: Path, schema: pa.Schema, batches: Iterable[pa.RecordBatch],
+                  batch_rows: int = WRITE_ROWS) -> str:
+    """Write a table that arrives in `batches` of any size atomically to `path`, as an Arrow IPC file of
+    `batch_rows` rows per record batch (the file `write_table` makes of the whole table); returns its sha256.
+    At most about `2 * batch_rows` rows are held at a time."""
+    with _AtomicIPC(path, schema) as f:
+        held: list[pa.RecordBatch] = []
+        count = 0
+        for batch in batches:
+            held.append(batch)
+            count += batch.num_rows
+            if count < batch_rows:
+                continue
+            table = pa.Table.from_batches(held, schema)
+            whole = count - count % batch_rows
+            for lo in range(0, whole, batch_rows):
+                f.write(table.slice(lo, batch_rows).combine_chunks().to_batches()[0])
+            held, count = table.slice(whole).to_batches(), count - whole
+        if count:
+            f.write(pa.Table.from_batches(held, schema).combine_chunks().to_batches()[0])
     return f.sha256
 
 

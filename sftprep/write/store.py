@@ -1,60 +1,76 @@
 """Tokenized samples between tokenize and pack, spilled to disk so memory stays flat.
 
     Encoded batches --add--> OUT/tokens.spill.{ids,labels}.tmp (int32, end to end)
+                             OUT/tokens.spill.samples.tmp (the samples table, an Arrow stream, batch by batch)
     seal() --> memory maps --rows_batch(rows of pieces)--> one Arrow record batch of shard rows
 
 Best-fit-decreasing needs every sample's length before the first row can be written. Rather than
 holding every token in memory, each encoded batch is appended to two flat int32 files in the output
-folder (ids, labels); writing then copies rows out of their memory maps. Only a few numbers per
-sample (offset, length, id, provenance) stay in memory.
+folder (ids, labels), and its samples' id, source, length, trained count and truncation flag to a third;
+writing then copies rows out of their memory maps. What stays in memory is independent of the number
+of samples but for two compact arrays read back by `seal`: each sample's length and id (4 bytes each
+below 2**31), and where its tokens start (the running sum of the lengths).
 
-`Samples` is what packing, the shard writer and `output.write_samples` read: per-sample numbers, and
-`rows_batch`. `SampleStore` fills it from the encoder; `sftprep.scale.merge.MergedSamples` from the shards of
-a build's parts.
+`Samples` is what packing, the shard writer and `output.write_samples` read: per-sample arrays, the samples
+table batch by batch, and `rows_batch`. `SampleStore` fills it from the encoder; `sftprep.scale.merge.MergedSamples`
+from the shards of a build's parts.
 """
 
 from __future__ import annotations
 
 import hashlib
 import mmap
-from array import array
+from itertools import repeat
 from pathlib import Path
+from typing import Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
 
-from ..pack.packing import Piece
+from ..pack.packing import Piece, index_array
 from ..tokenize.encode import Encoded
 from ..tokenize.labels import IGNORE_INDEX, mask_sample_starts
 from .files import claim, names_path
-from .shards import rows_batch, string_array
+from .shards import numpy_array, rows_batch, string_array
 
 RELEASE_PIECES = 256  # samples copied out of the spill between two releases of its pages: each page
 # fault maps up to 64 KiB around it (fault-around), so this bounds the spill pages mapped to ~32 MiB
 
+SAMPLE_SCHEMA = pa.schema([("sample_id", pa.int64()), ("source", pa.string()), ("num_tokens", pa.int32()),
+                           ("num_trained", pa.int32()), ("truncated", pa.bool_())])
+"""samples.feather: per kept sample, its id, source (file:line), tokens, trained tokens and truncation flag."""
+
 
 class Samples:
-    """Kept samples in input order: `lengths`, `sample_ids`, `num_trained`, `truncated` (int64 / int8
-    arrays), `sources` (Arrow strings), and shard rows copied out of their tokens (`rows_batch`).
-    Subclasses say where the tokens are (`_copy`)."""
+    """Kept samples in input order: `lengths` and `sample_ids` (compact integer arrays), `num_truncated`,
+    the samples table (`SAMPLE_SCHEMA`) batch by batch (`table_batches`) and its sources array by array
+    (`sources`), and shard rows copied out of their tokens (`rows_batch`). Subclasses say where the tokens
+    are (`_tokens_of`)."""
 
     def __init__(self) -> None:
-        self.lengths = array("q")
-        self.sample_ids = array("q")
-        self.num_trained = array("q")
-        self.truncated = array("b")
+        self.lengths = np.zeros(0, np.int32)
+        self.sample_ids = np.zeros(0, np.int32)
+        self.num_truncated = 0
         self._buffers = (np.empty(0, np.int32), np.empty(0, np.int32))  # reused from batch to batch
         self._maps: list[mmap.mmap] = []  # the memory maps tokens are read from (`_release`)
 
     def __len__(self) -> int:
         return len(self.lengths)
 
+    def table_batches(self) -> Iterator[pa.RecordBatch]:
+        """The samples table (`SAMPLE_SCHEMA`), in input order, in batches of any size."""
+        raise NotImplementedError
+
+    @property
+    def sources(self) -> Iterable[pa.Array]:
+        """Every kept sample's source (file:line), in input order, one string array at a time."""
+        return (batch.column(1) for batch in self.table_batches())
+
     def rows_batch(self, rows: list[list[Piece]], width: int | None, pad: int) -> pa.RecordBatch:
         """Shard rows (`shards.SCHEMA`) holding `rows` (lists of pieces, `packing.pack`), each padded
         with `pad` (label -100) to `width` tokens (None: as long as its pieces). Tokens are copied (`_copy`)
         into two buffers reused from call to call: write the batch before the next."""
-        copies, gaps, seq_lens, sids, row_off, seq_off = [], [], [], [], [0], [0]
-        sample_ids = self.sample_ids
+        copies, gaps, seq_lens, row_off, seq_off = [], [], [], [0], [0]
         cut = False
         for row in rows:
             dest = row_off[-1]
@@ -62,7 +78,6 @@ class Samples:
                 copies.append((i, a, b, dest))
                 dest += b - a
                 seq_lens.append(b - a)
-                sids.append(sample_ids[i])
                 cut = cut or a > 0
             row_off.append(row_off[-1] + width if width else dest)
             seq_off.append(len(seq_lens))
@@ -73,28 +88,29 @@ class Samples:
             self._buffers = (np.empty(n, np.int32), np.empty(n, np.int32))
         ids, labels = self._buffers[0][:n], self._buffers[1][:n]
         row_off, seq_lens, seq_off = np.asarray(row_off), np.asarray(seq_lens), np.asarray(seq_off)
+        samples = np.fromiter((c[0] for c in copies), np.int64, len(copies))
         for begin, end in gaps:
             ids[begin:end] = pad
             labels[begin:end] = IGNORE_INDEX
-        self._copy(copies, ids, labels)
+        self._copy(copies, samples, ids, labels)
         if cut:  # a piece past its sample's first token starts a sample in its row (wrapped packing):
             # mask sample starts again (whole samples had theirs masked when labelled)
             mask_sample_starts(labels, seq_lens, row_off, seq_off)
-        return rows_batch(ids, labels, row_off, seq_lens, seq_off, np.asarray(sids))
+        return rows_batch(ids, labels, row_off, seq_lens, seq_off, self.sample_ids[samples].astype(np.int64))
 
-    def _copy(self, pieces: list[tuple[int, int, int, int]], ids: np.ndarray, labels: np.ndarray) -> None:
+    def _copy(self, pieces: list[tuple[int, int, int, int]], samples: np.ndarray, ids: np.ndarray,
+              labels: np.ndarray) -> None:
         """Copy pieces `(sample, start, stop, dest)`, token range `[start, stop)` of a sample, into
         `ids`/`labels` at `dest`, releasing the mapped pages read every RELEASE_PIECES pieces."""
-        for k, (i, a, b, d) in enumerate(pieces, 1):
+        for k, ((_, a, b, d), (src_ids, src_labels, s)) in enumerate(zip(pieces, self._tokens_of(samples)), 1):
             if k % RELEASE_PIECES == 0:
                 self._release()
-            src_ids, src_labels, s = self._tokens(i)
             ids[d:d + b - a] = src_ids[s + a:s + b]
             labels[d:d + b - a] = src_labels[s + a:s + b]
         self._release()
 
-    def _tokens(self, i: int) -> tuple[np.ndarray, np.ndarray, int]:
-        """The token arrays sample `i` lies in, and where it starts in them."""
+    def _tokens_of(self, samples: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray, int]]:
+        """For each of `samples`: the token arrays it lies in, and where it starts in them."""
         raise NotImplementedError
 
     def hashes(self) -> tuple[np.ndarray, np.ndarray]:
@@ -102,16 +118,22 @@ class Samples:
         orders by) and of its ids and labels (`exact`: what makes two samples duplicates)."""
         n = len(self)
         key, exact = np.empty(n, np.uint64), np.empty(n, np.uint64)
-        for i, length in enumerate(self.lengths):
+        where = self._tokens_of(np.arange(n))
+        for i, (length, (ids, labels, start)) in enumerate(zip(self.lengths.tolist(), where)):
             if i % RELEASE_PIECES == 0:
                 self._release()
-            ids, labels, start = self._tokens(i)
             h = hashlib.blake2b(ids[start:start + length].tobytes(), digest_size=8)
             key[i] = int.from_bytes(h.digest(), "little")
             h.update(labels[start:start + length].tobytes())
             exact[i] = int.from_bytes(h.digest(), "little")
         self._release()
         return key, exact
+
+    def column(self, k: int) -> np.ndarray:
+        """Column `k` of the samples table (`SAMPLE_SCHEMA`: 3 num_trained, 4 truncated) as one array, in
+        input order (a number a sample: the compact arrays a recipe's accounting reads)."""
+        parts = [b.column(k).to_numpy(zero_copy_only=False) for b in self.table_batches()]
+        return np.concatenate(parts) if parts else np.zeros(0)
 
     def _release(self) -> None:
         """Drop the mapped pages read so far from this process's resident memory (read-only file pages:
@@ -126,23 +148,33 @@ class Samples:
 
 
 class Selected(Samples):
-    """Some samples of another `Samples`, in the order given (a recipe's train or validation split): each
-    copy of a repeated sample is a sample of its own, with its own id (the sample's id + copy x `stride`, the
-    records read, so ids stay unique) and the same tokens and provenance."""
+    """Some samples of another `Samples`, in the order given (a recipe's train or validation split: runs of
+    ascending indices, one run per copy): each copy of a repeated sample is a sample of its own, with its own
+    id (the sample's id + copy x `stride`, the records read, so ids stay unique) and the same tokens and
+    provenance. Its samples table is streamed from the other's, one pass a run."""
 
     def __init__(self, base: Samples, take: np.ndarray, copy: np.ndarray, stride: int) -> None:
         super().__init__()
         self.base, self.take, self.copy = base, np.asarray(take, np.int64), np.asarray(copy, np.int64)
-        for name, dtype in (("lengths", np.int64), ("num_trained", np.int64), ("truncated", np.int8)):
-            values = np.frombuffer(getattr(base, name), dtype)[self.take]
-            setattr(self, name, array("q" if dtype is np.int64 else "b", values.tobytes()))
-        ids = np.frombuffer(base.sample_ids, np.int64)[self.take] + self.copy * stride
-        self.sample_ids = array("q", ids.tobytes())
-        self.sources = base.sources.take(pa.array(self.take, pa.int64()))
+        self.lengths = base.lengths[self.take]
+        self.sample_ids = base.sample_ids[self.take].astype(np.int64) + self.copy * stride
+        self.origin = base.sample_ids[self.take].astype(np.int64)  # the id of the sample each one copies
         self._maps = base._maps
 
-    def _tokens(self, i: int) -> tuple[np.ndarray, np.ndarray, int]:
-        return self.base._tokens(int(self.take[i]))
+    def table_batches(self) -> Iterator[pa.RecordBatch]:
+        runs = np.flatnonzero(np.diff(self.take) < 0) + 1  # where a new ascending run starts
+        for lo, hi in zip([0, *runs.tolist()], [*runs.tolist(), len(self.take)]):
+            wanted, at = self.take[lo:hi], 0
+            for batch in self.base.table_batches():
+                a, b = np.searchsorted(wanted, [at, at + batch.num_rows])
+                if b > a:
+                    picked = batch.take(pa.array(wanted[a:b] - at, pa.int64()))
+                    ids = numpy_array(self.sample_ids[lo + a:lo + b], pa.int64())
+                    yield pa.record_batch([ids, *picked.columns[1:]], schema=picked.schema)
+                at += batch.num_rows
+
+    def _tokens_of(self, samples: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray, int]]:
+        return self.base._tokens_of(self.take[samples])
 
 
 class SampleStore(Samples):
@@ -150,49 +182,73 @@ class SampleStore(Samples):
 
     def __init__(self, folder: Path, stem: str) -> None:
         super().__init__()
-        self.paths = (folder / f"{stem}.ids.tmp", folder / f"{stem}.labels.tmp")
+        self.paths = tuple(folder / f"{stem}.{part}.tmp" for part in ("ids", "labels", "samples"))
         claim(*self.paths)
         self._files = [open(p, "wb") for p in self.paths]
-        self._sources: list[pa.Array] = []  # one string array per batch
+        with names_path(self.paths[2]):
+            self._table = pa.ipc.new_stream(self._files[2], SAMPLE_SCHEMA)
         self.total = 0
+        self.count = 0  # samples added
         self.max_id = -1  # the largest token id stored (the manifest's max_token_id bounds it)
+        self.table_file: Path | None = None  # the samples table once written (`output.write_samples`)
         self._ids = self._labels = None
-        self.starts: list[int] = []
+        self._last_id = -1
+        self.starts = np.zeros(0, np.int64)
 
     def add(self, enc: Encoded) -> None:
         with names_path(self.paths[0]):
             self._files[0].write(np.ascontiguousarray(enc.ids, dtype=np.int32).tobytes())
         with names_path(self.paths[1]):
             self._files[1].write(np.ascontiguousarray(enc.labels, dtype=np.int32).tobytes())
+        with names_path(self.paths[2]):
+            self._table.write_batch(pa.record_batch([
+                numpy_array(np.asarray(enc.sample_ids, np.int64), pa.int64()), string_array(enc.sources),
+                numpy_array(enc.lengths, pa.int32()), numpy_array(enc.num_trained, pa.int32()),
+                numpy_array(np.asarray(enc.truncated, bool), pa.bool_())], schema=SAMPLE_SCHEMA))
         self.total += len(enc.ids)
+        self.count += len(enc.lengths)
+        self.num_truncated += int(np.count_nonzero(enc.truncated))
         if len(enc.ids):
             self.max_id = max(self.max_id, int(enc.ids.max()))
-        self.lengths.extend(enc.lengths.tolist())
-        self.num_trained.extend(enc.num_trained.tolist())
-        self.sample_ids.extend(enc.sample_ids)
-        self.truncated.extend(enc.truncated)
-        self._sources.append(string_array(enc.sources))
+        if enc.sample_ids:
+            self._last_id = enc.sample_ids[-1]
 
-    @property
-    def sources(self) -> pa.Array:
-        """Every kept sample's source (file:line), in order."""
-        return pa.concat_arrays(self._sources) if self._sources else string_array([])
+    def table_batches(self) -> Iterator[pa.RecordBatch]:
+        if self.table_file is not None and self.table_file.exists():  # the spill may be gone by then
+            with pa.OSFile(str(self.table_file)) as f:
+                reader = pa.ipc.open_file(f)
+                for k in range(reader.num_record_batches):
+                    yield reader.get_batch(k)
+            return
+        with pa.OSFile(str(self.paths[2])) as f:
+            yield from pa.ipc.open_stream(f)
 
     def seal(self) -> None:
-        """Finish the files and map them back; after this, `rows_batch` works."""
+        """Finish the files, map the tokens back and read the lengths and ids; after this, `rows_batch` works."""
+        with names_path(self.paths[2]):
+            self._table.close()
         for f, p in zip(self._files, self.paths):
             with names_path(p):
                 f.close()
         if self.total:
             # plain ndarray views of the maps: slicing a np.memmap costs microseconds each
-            maps = [np.memmap(p, dtype=np.int32, mode="r", shape=(self.total,)) for p in self.paths]
+            maps = [np.memmap(p, dtype=np.int32, mode="r", shape=(self.total,)) for p in self.paths[:2]]
             self._maps = [m._mmap for m in maps if getattr(m, "_mmap", None) is not None]
             self._ids, self._labels = np.asarray(maps[0]), np.asarray(maps[1])
-        lengths = np.frombuffer(self.lengths, dtype=np.int64)
-        self.starts = (np.cumsum(lengths) - lengths).tolist()
+        self.lengths = np.empty(self.count, np.int32)
+        self.sample_ids = np.empty(self.count, index_array(self._last_id + 1))
+        self.starts = np.empty(self.count, index_array(self.total))
+        at, start = 0, 0
+        for batch in self.table_batches():
+            lengths, n = batch.column(2).to_numpy(), batch.num_rows
+            self.lengths[at:at + n] = lengths
+            self.sample_ids[at:at + n] = batch.column(0).to_numpy()
+            ends = np.cumsum(lengths, dtype=np.int64) + start
+            self.starts[at:at + n] = ends - lengths
+            at, start = at + n, int(ends[-1]) if n else start
 
-    def _tokens(self, i: int) -> tuple[np.ndarray, np.ndarray, int]:
-        return self._ids, self._labels, self.starts[i]
+    def _tokens_of(self, samples: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray, int]]:
+        return zip(repeat(self._ids), repeat(self._labels), self.starts[samples].tolist())
 
     def remove(self) -> None:
         for f in self._files:

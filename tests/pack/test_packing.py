@@ -27,7 +27,7 @@ def test_pack_bfd_refuses_oversized_sample():
 
 
 def test_pack_wrapped_cuts_constant_chunks():
-    rows = pack_wrapped([4, 7, 2], 5)
+    rows = list(pack_wrapped([4, 7, 2], 5))
     assert rows == [[(0, 0, 4), (1, 0, 1)], [(1, 1, 6)], [(1, 6, 7), (2, 0, 2)]]
     assert fill_ratio(13, 3, 5) == pytest.approx(13 / 15)
 

@@ -32,7 +32,7 @@ def gzip_bomb(path: Path, head: bytes, filler: bytes, mib: int) -> Path:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["zero.jsonl", "zero.json"])
+@pytest.mark.parametrize("name", ["zero.jsonl", "zero.json", "zero.csv"])
 def test_dev_zero_as_an_input_stops_in_one_line_within_memory(tmp_path, name):
     (tmp_path / name).symlink_to("/dev/zero")
     line = one_line_error(build_limited(tmp_path, "-i", name))
@@ -74,6 +74,18 @@ def test_a_build_lists_the_too_large_record_in_its_rejects_with_the_flag_to_rais
     rejects = [json.loads(x) for x in (tmp_path / "out" / "rejects.jsonl").read_text().splitlines()]
     assert [(r["source"].rsplit("/", 1)[-1], r["reason"]) for r in rejects] == [("d.jsonl:4", "too_large")]
     assert "--max-record-bytes" in rejects[0]["message"]
+
+
+def test_a_csv_row_past_max_record_bytes_is_a_too_large_reject_and_the_next_rows_are_read(tmp_path):
+    data = tmp_path / "d.csv"
+    data.write_bytes(b"prompt,completion\n" + b"short,one\n" + b"long," + b"y" * 5000 + b"\n"
+                     + b'"a quoted field,\nover lines ' + b"z" * 5000 + b'\nand more",x\n' + b"after,it")
+    records = list(reader_for(data, ReadConfig(max_record_bytes=1000))(data))
+    assert [(r.source.rsplit("/", 1)[-1], r.fields, r.reason if r.fields is None else None) for r in records] == [
+        ("d.csv:2", {"prompt": "short", "completion": "one"}, None), ("d.csv:3", None, "too_large"),
+        ("d.csv:4", None, "too_large"), ("d.csv:7", {"prompt": "after", "completion": "it"}, None)]
+    assert records[1].size == 5006 and "longer than max_record_bytes (1,000 bytes)" in records[1].error
+    assert "--max-record-bytes" in records[2].error
 
 
 def test_a_json_array_item_past_max_record_bytes_ends_the_array_there(tmp_path):
