@@ -24,7 +24,8 @@ from .read import count_records, expand_inputs
 from .render.export import preset_jinja
 from .render.presets import PRESETS
 from .scale.parts import part_size
-from .scale.pipeline import encode_all, encoders_for, gc_paused, in_background
+from .scale.pipeline import encode_all, encoders_for, file_tasks, gc_paused, in_background
+from .tokenize.cache import Cache, default_dir, parse_size
 from .tokenizer import install_chat_template, load_fast, pad_id, tokenizer_identity
 from .write.files import overlaps
 from .write.manifest import tokenizer_dir, write_manifest
@@ -37,7 +38,8 @@ SPILL_STEM = "tokens.spill"  # tokens.spill.{ids,labels}.tmp: removed at the end
 
 def build(config: BuildConfig, progress: Callable[[int], None] | None = None, *,
           allow_code: bool = False) -> dict[str, Any]:
-    """Read, render, tokenize, label, pack and write shards; return the manifest.
+    """Read, render, tokenize, label, pack and write shards; return the manifest (and, under `cache`, what the
+    sample cache gave: not written to manifest.json, since the shards are the same either way).
 
     Args:
         config: the resolved build configuration.
@@ -74,6 +76,9 @@ def _build(config: BuildConfig, progress: Callable[[int], None] | None) -> dict[
     encoders = encoders_for(config, tok)  # validates template settings before any work
     input_info, tokenizer_hash = hashes()
     this_build = build_id(config, input_info, tokenizer_hash)
+    samples_cache = Cache(Path(config.cache_dir).expanduser() if config.cache_dir else default_dir(),
+                          parse_size(config.cache_max_size)) if config.cache else None
+    tasks = file_tasks(config, inputs, {i["path"]: i["sha256"] for i in input_info}, tokenizer_hash, samples_cache)
     part = None
     if config.part is not None:  # what `sftprep merge` checks: parts 0..N-1 of one whole build (sftprep.scale.parts)
         part = {"index": config.part[0], "count": config.part[1],
@@ -91,7 +96,7 @@ def _build(config: BuildConfig, progress: Callable[[int], None] | None) -> dict[
     def start_identity() -> None:
         identity.append(in_background(tokenizer_identity, tok, config.tokenize.tokenizer))
     try:
-        rejects, read, counts = encode_all(config, inputs, encoders, store, progress, start_identity)
+        rejects, read, counts = encode_all(config, tasks, encoders, store, progress, start_identity, samples_cache)
         if part is None:  # a part may hold few or no records: merge checks all parts' together
             check_rejects(config, rejects, read, out)
         store.seal()
@@ -108,17 +113,20 @@ def _build(config: BuildConfig, progress: Callable[[int], None] | None) -> dict[
     finally:
         store.remove()
 
+    if samples_cache is not None:
+        samples_cache.prune()  # the bound holds after every build
     identity = identity[0]() if identity else tokenizer_identity(tok, config.tokenize.tokenizer)
     manifest = build_manifest(
         config, build_id=this_build, inputs=input_info, template=_templates(config, encoders),
         # a part may hold none of an input's records: merge warns over all parts
-        warnings=[w for e in encoders for w in e.renderer.warnings] + (
+        warnings=[w for e in encoders for w in e.renderer.warnings] + (samples_cache.warnings if samples_cache else []) + (
             [] if part else empty_inputs([p for paths in inputs for p in paths], store.sources, rejects, sources)),
         tokenizer={**identity, "files_sha256": tokenizer_hash, "path": TOKENIZER_DIR,
                    "source": str(tok.path.resolve()), "files": sorted(p.name for p in (out / TOKENIZER_DIR).iterdir())},
         max_token_id=max(store.max_id, pad), shards=shards, totals=totals, **extra, **({"part": part} if part else {}))
     write_manifest(out, manifest)
-    return manifest
+    # what came from the sample cache: for the summary, not the manifest (the build is the same either way)
+    return {**manifest, "cache": samples_cache.report()} if samples_cache else manifest
 
 
 def _hash_sources(inputs: list[Path], tokenizer: Path, chat_template: str | None) -> tuple[list[dict[str, str]], str]:

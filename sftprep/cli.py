@@ -6,6 +6,7 @@ import dataclasses
 import functools
 import sys
 import typing
+from pathlib import Path
 from typing import Any, NoReturn
 
 import click
@@ -247,6 +248,8 @@ def print_summary(manifest: dict[str, Any]) -> None:
             for s in manifest.get("sources", [])))
         if isinstance(template, dict):
             click.echo("templates: " + ", ".join(f"{k}: {v}" for k, v in template.items()))
+    if manifest.get("cache"):
+        click.echo(f"sample cache: {manifest['cache']['summary']} ({manifest['cache']['folder']})")
     for warning in manifest.get("warnings", []):
         click.echo(f"warning: {warning}", err=True)
     if t["samples_dropped"]:
@@ -391,3 +394,61 @@ def diff_(build_a: str, build_b: str, show: int, tokenizer: str | None) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+@main.group("cache")
+def cache_() -> None:
+    """The sample cache: each input file's tokenized samples, reused by a build that changes only what does
+    not decide them (max_length, truncation, packing, seed, mixing, split, dedup, other inputs).
+
+    \b
+      sftprep cache list
+      sftprep cache prune --max-size 20GB
+      sftprep cache clear
+    """
+
+
+_CACHE_DIR = click.option("--cache-dir", help=BUILD_SCHEMA.help("cache_dir"))
+
+
+@cache_.command("list")
+@_CACHE_DIR
+@user_errors
+def cache_list(cache_dir: str | None) -> None:
+    """Every entry: the input it was made from, its tokens, size on disk and last use (oldest first)."""
+    import datetime
+
+    from .tokenize.cache import default_dir, list_entries
+
+    folder = Path(cache_dir).expanduser() if cache_dir else default_dir()
+    listed = sorted(list_entries(folder), key=lambda e: e["used"])
+    for e in listed:
+        used = datetime.datetime.fromtimestamp(e["used"]).strftime("%Y-%m-%d %H:%M")
+        click.echo(f"{e['key']}  {used}  {e['size'] / 2**20:9.1f} MiB  {e['tokens']:>12,} tokens  {e['input']}")
+    total = sum(e["size"] for e in listed)
+    click.echo(f"{len(listed)} entries, {total / 2**20:.1f} MiB in {folder}")
+
+
+@cache_.command("prune")
+@_CACHE_DIR
+@click.option("--max-size", required=True, help="Keep at most this much (e.g. 20GB, 512MB): least recently used go first.")
+@user_errors
+def cache_prune(cache_dir: str | None, max_size: str) -> None:
+    """Remove entries, least recently used first, until the cache holds at most --max-size."""
+    from .tokenize.cache import Cache, default_dir, list_entries, parse_size
+
+    folder = Path(cache_dir).expanduser() if cache_dir else default_dir()
+    removed = Cache(folder).prune(parse_size(max_size))
+    left = sum(e["size"] for e in list_entries(folder))
+    click.echo(f"removed {len(removed)} entries; {left / 2**20:.1f} MiB left in {folder}")
+
+
+@cache_.command("clear")
+@_CACHE_DIR
+@user_errors
+def cache_clear(cache_dir: str | None) -> None:
+    """Remove every entry."""
+    from .tokenize.cache import clear, default_dir
+
+    folder = Path(cache_dir).expanduser() if cache_dir else default_dir()
+    click.echo(f"removed {clear(folder)} files from {folder}")

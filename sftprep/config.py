@@ -328,6 +328,15 @@ class BuildConfig:
     """Let a `module:function` template import and run Python code: a config naming code is code, so only for
     configs you trust; `build(config, allow_code=True)` from Python, never from a YAML file, which is data
     (--allow-code)."""
+    cache: bool = True
+    """Keep each input file's tokenized samples in the sample cache and reuse them when a later build changes
+    only what does not decide them (max_length, truncation, packing, seed, mixing, split, dedup, other
+    inputs): the same shards, in seconds (--cache/--no-cache)."""
+    cache_dir: str | None = None
+    """The sample cache's folder; default $SFTPREP_CACHE, else the user cache folder (~/.cache/sftprep)
+    (--cache-dir)."""
+    cache_max_size: str = "20GB"
+    """The most the sample cache holds; least recently used entries go first (--cache-max-size)."""
     part: tuple[int, int] | None = None
     """Build only part I of N, counting from 0: the records whose index in the whole input is I modulo N, e.g.
     2/8 (YAML `part: 2/8`); then `sftprep merge` the N part folders into the whole build (--part)."""
@@ -586,7 +595,7 @@ class ExecutorConfig:
             raise ConfigError.listing("build config", p)
 
 
-VOLATILE = ("out", "workers", "overwrite")
+VOLATILE = ("out", "workers", "overwrite", "cache", "cache_dir", "cache_max_size")
 """Settings that never change the shards: left out of a build's identity and of `sftprep diff`."""
 
 
@@ -651,7 +660,7 @@ SHORTCUTS: dict[str, tuple[str | None, str]] = {
     "decontaminate": ("mix", "decontaminate"),
     "decontaminate_ngram": ("mix", "decontaminate_ngram"),
 }
-_TOP = ("out", "workers", "overwrite", "part", "sources")  # allow_code is never read from a file: a YAML file is data
+_TOP = ("out", "workers", "overwrite", "part", "sources", "cache", "cache_dir", "cache_max_size")  # allow_code is never read from a file: a YAML file is data
 
 
 def _packing_value(value: Any) -> Any:
@@ -1010,7 +1019,7 @@ def paths_from_file(data: dict[str, Any], path: str | Path, keys: Mapping[str, t
 
 
 BUILD_PATHS = {("read", "inputs"), ("tokenize", "tokenizer"), ("", "out"), ("template", "chat_template"),
-               ("mix", "decontaminate")}
+               ("mix", "decontaminate"), ("", "cache_dir")}
 """The build settings that are paths: in a YAML file, relative to the file."""
 
 

@@ -24,6 +24,13 @@ SLOW_FILES = {  # every test in these trains a model, runs a subprocess or rende
 not even import them: their module-level torch / transformers imports cost seconds."""
 
 
+@pytest.fixture(autouse=True)
+def _own_sample_cache(tmp_path_factory, monkeypatch):
+    """Each test starts with an empty sample cache of its own (never the user's ~/.cache/sftprep): a build
+    twice in one test reads the first's entries, as a user's second build would."""
+    monkeypatch.setenv("SFTPREP_CACHE", str(tmp_path_factory.mktemp("sample-cache")))
+
+
 def pytest_ignore_collect(collection_path, config):
     if collection_path.name in SLOW_FILES and "not slow" in (config.getoption("markexpr") or ""):
         return True

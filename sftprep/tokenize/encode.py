@@ -24,7 +24,6 @@ import numpy as np
 from ..config import ReadConfig, TemplateConfig, TokenizeConfig
 from ..errors import ConfigError, RecordError
 from ..read import Record
-from ..read.contamination import Benchmark
 from ..read.formats import Conversation, FormatError, normalize
 from ..render import Renderer
 from ..tokenizer import adds_bos
@@ -57,6 +56,16 @@ class Encoded:
     truncated: list[bool] = field(default_factory=list)
     rejects: list[dict[str, Any]] = field(default_factory=list)
 
+    def by_sample(self) -> dict[int, Encoded]:
+        """This batch cut into one `Encoded` per record (its sample, or its reject), by sample id."""
+        out: dict[int, Encoded] = {r["sample_id"]: Encoded(rejects=[r]) for r in self.rejects}
+        ends = np.cumsum(self.lengths)
+        for k, (sid, src, cut) in enumerate(zip(self.sample_ids, self.sources, self.truncated)):
+            a, b = int(ends[k] - self.lengths[k]), int(ends[k])
+            out[sid] = Encoded(self.ids[a:b], self.labels[a:b], self.lengths[k:k + 1], self.num_trained[k:k + 1],
+                               [sid], [src], [cut])
+        return out
+
     def sample(self, k: int) -> tuple[np.ndarray, np.ndarray]:
         """ids and labels of the k-th kept sample."""
         a = int(self.lengths[:k].sum())
@@ -86,13 +95,11 @@ class Encoder:
         tok: the build's tokenizer (`tokenizer.load_fast`).
         truncate: False keeps samples longer than max_length whole (`wrapped` packing cuts them).
         allow_code: let a `module:function` template import and run Python code.
-        benchmark: records sharing an n-gram with its items are rejected as `contaminated`.
     """
 
     def __init__(self, read: ReadConfig, template: TemplateConfig, tokenize: TokenizeConfig, tok, *,
-                 truncate: bool = True, allow_code: bool = False, benchmark: Benchmark | None = None) -> None:
+                 truncate: bool = True, allow_code: bool = False) -> None:
         self.read, self.template_name = read, template.name
-        self.benchmark = benchmark
         self.backend = tok.backend_tokenizer
         if hasattr(self.backend.model, "_resize_cache"):  # BPE
             self.backend.model._resize_cache(BPE_CACHE_WORDS)
@@ -131,18 +138,14 @@ class Encoder:
     def render(self, batch: list[tuple[int, Record]]) -> Rendered:
         """Normalize and render a batch (pure Python: the part that holds the GIL)."""
         out = Rendered(Encoded(), [], [], [], [], [])
-        contaminated = self.benchmark.find_batch([rec.fields if rec.error is None else None for _, rec in batch]) \
-            if self.benchmark is not None else {}
-        for k, (sid, rec) in enumerate(batch):
+        for sid, rec in batch:
             try:
                 if rec.error is not None:
                     raise FormatError(rec.error, rec.reason)
-                if k in contaminated:
-                    raise FormatError(contaminated[k], "contaminated")
                 conv = normalize(rec.fields, self.format, self.read.fields)
                 self._add(out, conv, sid, rec.source)
             except FormatError as e:
-                self._reject(out.encoded, sid, rec.source, e.reason, str(e))
+                self.reject(out.encoded, sid, rec.source, e.reason, str(e))
         return out
 
     def _add(self, out: Rendered, conv: Conversation, sid: int, source: str) -> None:
@@ -165,7 +168,8 @@ class Encoder:
         """Whether a too long `conv` loses whole turns (`--truncation-unit turns`) rather than tokens."""
         return self.by_turns and conv.kind != "text"
 
-    def _reject(self, out: Encoded, sid: int, source: str, reason: str, message: str) -> None:
+    def reject(self, out: Encoded, sid: int, source: str, reason: str, message: str) -> None:
+        """Add a reject to `out`, or raise it under `--on-error fail` (not for the recipe's own choices)."""
         if self.fail_fast and reason not in CHOSEN:
             raise RecordError(f"{source}: {message}")
         out.rejects.append({"sample_id": sid, "source": source, "reason": reason, "message": message})
@@ -223,6 +227,16 @@ class Encoder:
         if not extra:
             return found
         return [np.concatenate([f, np.asarray(e, np.int64)]) for f, e in zip(found, zip(*extra))]
+
+    def from_cache(self, sample_ids: list[int], sources: list[str], ids: np.ndarray, labels: np.ndarray,
+                   lengths: np.ndarray, num_trained: np.ndarray) -> Encoded:
+        """Untruncated samples read back from the sample cache (`cache.replay`), truncated and filtered as
+        `label` does a batch it tokenized: the same samples, rejects and flags."""
+        out = Encoded()
+        rendered = Rendered(out, [], [], list(zip(sample_ids, sources)), [], [None] * len(sample_ids))
+        base = np.cumsum(lengths) - lengths
+        self._keep(out, rendered, ids, labels, np.asarray(lengths, np.int64), base, np.asarray(num_trained, np.int64))
+        return out
 
     def _fit_turns(self, conv: Conversation) -> tuple[np.ndarray, np.ndarray] | None:
         """The conversation with whole exchanges (a user turn and what follows it) dropped from the end
@@ -286,13 +300,13 @@ class Encoder:
             if truncated and self._cuts_turns(rendered.convs[k]):
                 fitted = self._fit_turns(rendered.convs[k])
                 if fitted is None:
-                    self._reject(out, sid, source, "too_long", f"{b - a} tokens > max_length {n}, and no whole "
+                    self.reject(out, sid, source, "too_long", f"{b - a} tokens > max_length {n}, and no whole "
                                  "turn fits (--truncation-unit turns)")
                     continue
                 s_ids, s_labels = fitted
             elif truncated:
                 if self.truncation == "drop":
-                    self._reject(out, sid, source, "too_long", f"{b - a} tokens > max_length {n} (--truncation drop)")
+                    self.reject(out, sid, source, "too_long", f"{b - a} tokens > max_length {n} (--truncation drop)")
                     continue
                 if self.truncation == "keep_start":
                     s_ids, s_labels = s_ids[:n], s_labels[:n]
@@ -304,7 +318,7 @@ class Encoder:
             count = int((s_labels != IGNORE_INDEX).sum())
             if count == 0:
                 reason = "no_trained_tokens_after_truncation" if truncated else "no_trained_tokens"
-                self._reject(out, sid, source, reason,
+                self.reject(out, sid, source, reason,
                              "no token left to train on" + (" after truncation" if truncated else ""))
                 continue
             parts_ids.append(s_ids)

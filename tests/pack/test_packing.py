@@ -125,7 +125,7 @@ def test_batches_are_bounded_by_bytes_as_well_as_records(tmp_path, monkeypatch):
     monkeypatch.setattr(pipeline, "BATCH_BYTES", 100_000)  # 1 MB of records: 10+ batches, not one
     cfg = config_from_dict({"inputs": [str(path)], "tokenizer": "t", "out": str(tmp_path / "o")})
     counts = [0]
-    batches = [b for _, b in pipeline._batches(cfg, [[path]], counts)]
+    batches = [b for _, _, b in pipeline._work(cfg, [pipeline.FileTask(0, path)], [], counts)]
     assert [len(b) for b in batches] == [5] * 10  # 5 records of ~20 KB reach 100 KB
     assert [sid for b in batches for sid, _ in b] == list(range(50))  # ids run on across batches
     assert counts == [50]
