@@ -21,6 +21,7 @@ code is 0 whatever the verdicts, unless something crashes.
     python bench/prep.py --samples 20000 --skip-trl --also-workers 0 --profile /tmp/build.prof
     python bench/prep.py --case chat --samples 10000 --family qwen2.5   # a real chat template vs TRL
     python bench/prep.py --case recipe --repeat 3  # three sources, weights, dedup, validation, decontamination
+    python bench/prep.py --case rebuild --repeat 3 # the sample cache: cold, then --max-length x2 from it
 
 TRL is optional (`pip install trl==1.16.0`, the `bench` extra); it is imported only when used.
 """
@@ -457,15 +458,25 @@ def main(argv: list[str] | None = None) -> int:
                     help="cProfile the main sftprep build() alone: dump stats here and print the top 25 by "
                          "cumulative time (the timing then includes profiler overhead)")
     ap.add_argument("--keep", action="store_true", help="keep the temporary folder (JSONL + shards)")
-    ap.add_argument("--case", choices=["alpaca", "chat", "recipe"], default="alpaca",
+    ap.add_argument("--case", choices=["alpaca", "chat", "recipe", "rebuild"], default="alpaca",
                     help="alpaca: single-turn records, chatml preset; chat: multi-turn chats with a family's real "
                          "Jinja template (--family) vs TRL assistant_only_loss; recipe: the alpaca records as a "
                          "three-source recipe (weights, dedup, 1%% validation, decontamination) vs one plain "
-                         "build (bench/recipe_case.py) (default %(default)s)")
+                         "build (bench/recipe_case.py); rebuild: the alpaca build with the sample cache cold, then "
+                         "again with twice the max_length from it (bench/rebuild_case.py) (default %(default)s)")
     ap.add_argument("--family", default="qwen2.5", help="chat case: a family of fixtures/chat_templates/families.json")
     a = ap.parse_args(argv)
 
     tmp = Path(tempfile.mkdtemp(prefix="sftprep-bench-"))
+    if a.case == "rebuild":
+        sys.path.insert(0, str(REPO))
+        from bench.rebuild_case import run_rebuild_case
+
+        try:
+            run_rebuild_case(a, tmp, load_records, write_jsonl, render_chatml, run_floor, isolated, _git_state, _load)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return 0
     if a.case == "recipe":
         sys.path.insert(0, str(REPO))
         from bench.recipe_case import run_recipe_case

@@ -424,9 +424,17 @@ def cache_list(cache_dir: str | None) -> None:
     listed = sorted(list_entries(folder), key=lambda e: e["used"])
     for e in listed:
         used = datetime.datetime.fromtimestamp(e["used"]).strftime("%Y-%m-%d %H:%M")
-        click.echo(f"{e['key']}  {used}  {e['size'] / 2**20:9.1f} MiB  {e['tokens']:>12,} tokens  {e['input']}")
+        click.echo(f"{e['key']}  {used}  {_size(e['size']):>10}  {e['tokens']:>12,} tokens  {e['input']}")
     total = sum(e["size"] for e in listed)
-    click.echo(f"{len(listed)} entries, {total / 2**20:.1f} MiB in {folder}")
+    click.echo(f"{len(listed)} entries, {_size(total)} in {folder}")
+
+
+def _size(n: int) -> str:
+    """1.5 GiB, 12.0 MiB, 340 KiB, 812 B."""
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} B"
 
 
 @cache_.command("prune")
@@ -440,7 +448,7 @@ def cache_prune(cache_dir: str | None, max_size: str) -> None:
     folder = Path(cache_dir).expanduser() if cache_dir else default_dir()
     removed = Cache(folder).prune(parse_size(max_size))
     left = sum(e["size"] for e in list_entries(folder))
-    click.echo(f"removed {len(removed)} entries; {left / 2**20:.1f} MiB left in {folder}")
+    click.echo(f"removed {len(removed)} entries; {_size(left)} left in {folder}")
 
 
 @cache_.command("clear")

@@ -45,7 +45,7 @@ from .labels import IGNORE_INDEX
 LABELS = 1
 """The label rules' version: raise it when a change to rendering or labelling changes what a build trains
 (entries of another version are never read)."""
-FORMAT = 1
+FORMAT = 2
 DEFAULT_MAX_SIZE = 20 << 30
 """The cache's size bound when none is given: 20 GiB (about 9 billion tokens of a 32k vocabulary)."""
 
@@ -200,20 +200,23 @@ class EntryWriter:
     def add(self, enc: Encoded, first_id: int) -> None:
         """The samples and rejects of one encoded batch of this file (`first_id`: the file's first sample id)."""
         rows: list[tuple[int, int, str, str, str, int]] = []  # record, kind, where, reason, message, sample k
+        cut = len(self.where)  # provenance is kept as the part after the file's path: ":12", "[3]", ":row 4"
         for r in enc.rejects:
             kind = AGAIN if r["reason"] in AGAIN_REASONS else REJECT
-            rows.append((r["sample_id"] - first_id, kind, r["source"], r["reason"], r["message"], -1))
-        for k, (sid, src, cut) in enumerate(zip(enc.sample_ids, enc.sources, enc.truncated)):
-            rows.append((sid - first_id, AGAIN if cut else SAMPLE, src, "", "", k if not cut else -1))
+            rows.append((r["sample_id"] - first_id, kind, r["source"][cut:], r["reason"], r["message"], -1))
+        for k, (sid, src, again) in enumerate(zip(enc.sample_ids, enc.sources, enc.truncated)):
+            rows.append((sid - first_id, AGAIN if again else SAMPLE, src[cut:], "", "", k if not again else -1))
         if not rows:
             return
         rows.sort()
-        ends = np.cumsum(enc.lengths)
-        starts = ends - enc.lengths
         picks = [k for *_, k in rows if k >= 0]
-        lengths = np.asarray([int(enc.lengths[k]) for k in picks], np.int64)
-        take = np.concatenate([np.arange(starts[k], ends[k]) for k in picks]) if picks else np.zeros(0, np.int64)
-        ids, trained = enc.ids[take], enc.labels[take] != IGNORE_INDEX
+        if len(picks) == len(enc.lengths):  # every sample whole (the common case): the batch's arrays as they are
+            lengths, ids, trained = enc.lengths, enc.ids, enc.labels != IGNORE_INDEX
+        else:
+            keep = np.zeros(len(enc.lengths), bool)
+            keep[picks] = True
+            tokens = np.repeat(keep, enc.lengths)
+            lengths, ids, trained = enc.lengths[keep], enc.ids[tokens], enc.labels[tokens] != IGNORE_INDEX
         offsets = np.zeros(len(rows) + 1, np.int32)
         offsets[1:][np.asarray([k >= 0 for *_, k in rows])] = lengths
         offsets = np.cumsum(offsets).astype(np.int32)
@@ -224,7 +227,7 @@ class EntryWriter:
             pa.ListArray.from_arrays(pa.array(offsets), pa.array(ids.astype(self.schema.field("ids").type.value_type
                                                                             .to_pandas_dtype()))),
             pa.ListArray.from_arrays(pa.array(offsets), pa.array(trained))], schema=self.schema))
-        self.tokens += len(take)
+        self.tokens += len(ids)
 
     def seal(self, records: int) -> None:
         """Finish the entry (`records`: how many its file holds), rename it into place, then its sidecar."""
@@ -247,55 +250,51 @@ class EntryWriter:
         self.tmp.unlink(missing_ok=True)
 
 
-def replay(table: pa.Table, first_id: int, path: str, keep, batch_rows: int = 4096
+def replay(table: pa.Table, first_id: int, path: str, keep, batch_rows: int = 65536
            ) -> Iterator[tuple[int, Any]]:
     """An entry's rows as the build takes them, in record order: `(SAMPLE, (sample ids, sources, ids,
     labels, lengths, num_trained))` batches of untruncated samples, `(REJECT, reject dict)` and `(AGAIN,
-    record index)`; only records whose sample id passes `keep` (a part, num_samples). The file:line of each
-    is re-rooted at `path` (the entry may have been made from a copy of the file elsewhere)."""
+    record index)`; only records whose sample id passes `keep` (a part, num_samples). Provenance is rooted
+    at `path` (the entry may have been made from a copy of the file elsewhere)."""
     for batch in table.to_batches(max_chunksize=batch_rows):
         record = batch.column(0).to_numpy()
         sid = record + first_id
         wanted = keep(sid)
         kind = batch.column(1).to_numpy()
         where = batch.column(2).to_pylist()
-        pending: list[int] = []  # rows of samples waiting to go out together
-
-        def flush():
-            rows = np.asarray(pending, np.int64)
-            pending.clear()
-            ids_col, trained_col = batch.column(5).take(pa.array(rows)), batch.column(6).take(pa.array(rows))
-            ids = ids_col.values.to_numpy().astype(np.int32)
-            trained = trained_col.values.to_numpy(zero_copy_only=False)
-            lengths = np.diff(ids_col.offsets.to_numpy()).astype(np.int64)
-            labels = np.where(trained, ids, IGNORE_INDEX).astype(np.int32)
-            ends = np.concatenate([[0], np.cumsum(trained, dtype=np.int64)])
-            off = np.concatenate([[0], np.cumsum(lengths)])
-            return SAMPLE, (sid[rows].tolist(), [_reroot(where[r], path) for r in rows.tolist()], ids, labels,
-                            lengths, ends[off[1:]] - ends[off[:-1]])
-
-        for r in np.flatnonzero(wanted).tolist():
-            if kind[r] == SAMPLE:
-                pending.append(r)
-                continue
-            if pending:
-                yield flush()
-            if kind[r] == REJECT:
-                yield REJECT, {"sample_id": int(sid[r]), "source": _reroot(where[r], path),
-                               "reason": batch.column(3)[r].as_py(), "message": batch.column(4)[r].as_py()}
-            else:
-                yield AGAIN, int(record[r])
-        if pending:
-            yield flush()
+        samples = wanted & (kind == SAMPLE)
+        # runs of consecutive samples go out together; a reject or a record tokenized again between them cuts
+        cuts = np.flatnonzero(wanted & (kind != SAMPLE))
+        lo = 0
+        for stop in [*cuts.tolist(), len(kind)]:
+            run = np.flatnonzero(samples[lo:stop]) + lo
+            if len(run):
+                yield SAMPLE, _samples(batch, run, sid, where, path)
+            if stop < len(kind):
+                if kind[stop] == REJECT:
+                    yield REJECT, {"sample_id": int(sid[stop]), "source": path + where[stop],
+                                   "reason": batch.column(3)[stop].as_py(), "message": batch.column(4)[stop].as_py()}
+                else:
+                    yield AGAIN, int(record[stop])
+            lo = stop + 1
 
 
-def _reroot(where: str, path: str) -> str:
-    """`old/path/a.jsonl:12` -> `path:12` (the suffix after the file name the entry was made from)."""
-    for sep in (":", "["):
-        head, found, tail = where.rpartition(sep)
-        if found and (tail[:-1] if sep == "[" else tail.removeprefix("row ")).isdigit():
-            return f"{path}{sep}{tail}"
-    return path
+def _samples(batch: pa.RecordBatch, rows: np.ndarray, sid: np.ndarray, where: list[str], path: str) -> tuple:
+    """Rows `rows` (ascending) of an entry batch as (sample ids, sources, ids, labels, lengths, num_trained)."""
+    ids_col, trained_col = batch.column(5), batch.column(6)
+    if len(rows) == rows[-1] - rows[0] + 1:  # contiguous: slices, no copy
+        ids_col, trained_col = ids_col.slice(rows[0], len(rows)), trained_col.slice(rows[0], len(rows))
+    else:
+        ids_col, trained_col = ids_col.take(pa.array(rows)), trained_col.take(pa.array(rows))
+    offsets = ids_col.offsets.to_numpy()
+    ids = ids_col.values.to_numpy()[offsets[0]:offsets[-1]].astype(np.int32)
+    trained = trained_col.values.slice(offsets[0], offsets[-1] - offsets[0]).to_numpy(zero_copy_only=False)
+    lengths = np.diff(offsets).astype(np.int64)
+    labels = np.where(trained, ids, IGNORE_INDEX).astype(np.int32)
+    counts = np.concatenate([[0], np.cumsum(trained, dtype=np.int64)])
+    off = offsets - offsets[0]
+    return (sid[rows].tolist(), [path + where[r] for r in rows.tolist()], ids, labels, lengths,
+            counts[off[1:]] - counts[off[:-1]])
 
 
 def list_entries(folder: Path) -> list[dict[str, Any]]:
