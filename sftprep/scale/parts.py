@@ -15,8 +15,7 @@ and packs their samples again as one build.
 
 from __future__ import annotations
 
-from itertools import islice
-from typing import Any, Iterator
+from typing import Any
 
 from ..errors import ConfigError
 from ..pack.packing import MODES
@@ -56,14 +55,6 @@ def check_part(part: PartSpec, packing: str) -> list[str]:
                         "label of the token a cut lands on is lost (-100), so merge could not rebuild them; "
                         "use a packing that keeps samples whole (bfd, none), or build on one machine")
     return problems
-
-
-def select(records: Iterator[tuple[int, Any]], part: PartSpec | None) -> Iterator[tuple[int, Any]]:
-    """Keep the `(index, record)` pairs of `part` from a stream numbered 0, 1, 2, ... (all of it when None)."""
-    if part is None:
-        return records
-    i, n = part
-    return islice(records, i, None, n)
 
 
 def part_size(total: int, part: PartSpec) -> int:
