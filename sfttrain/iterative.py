@@ -197,7 +197,8 @@ class IterativeTrainer:
             model = model.to(args.device)
         self.collator = PackedCollator(self.attention, self.build.identity["pad_id"])
         self.isolation = (check_isolation(model, self.collator, self.build.identity["vocab_size"],
-                                          window=self.traits.get("window"), max_length=self.build.max_length)
+                                          window=self.traits.get("window"), max_length=self.build.max_length,
+                                          chunk=self.traits.get("chunk"))
                           if self.build.packing.shared else None)
         self.trainer = ShardTrainer(model=model, args=args, data_collator=self.collator,
                                     processing_class=self.tokenizer,

@@ -6,44 +6,102 @@ import numpy as np
 import pytest
 import torch
 
-from sfttrain.attention import (REAL_TOKENS, AttentionPath, IsolationError, check_isolation, choose_attention,
-                                model_traits)
+from sfttrain.attention import (PROBE_OFFSET, REAL_TOKENS, VARLEN, AttentionPath, IsolationError,
+                                check_isolation, choose_attention, model_traits, probe_lengths, register_varlen)
+from sfttrain.config import ConfigError
 from sftprep.write.shards import row_positions
 from sfttrain.checks import open_build
 from sfttrain.data import PackedCollator, ShardDataset
-from tests.sfttrain_helpers import (FAMILIES, WINDOW, family_config, family_model, loss_and_grads,  # noqa: F401
+from tests.sfttrain_helpers import (CHUNK, FAMILIES, WINDOW, family_config, family_model, loss_and_grads,  # noqa: F401
                                     loss_and_grads_alone, one_thread, packed_row, spanish_shards, tiny_model,
                                     worst_relative)
 
 
 
-def _path(family: str) -> AttentionPath:
-    return choose_attention("auto", cuda=False, half=False, traits=model_traits(family_config(family).to_dict()))
+def _path(family: str, requested: str = "auto") -> AttentionPath:
+    return choose_attention(requested, cuda=False, half=False, traits=model_traits(family_config(family).to_dict()))
 
 
-@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "grad-ckpt"])
+ROW = (200, 100, 27)
+"""A packed row whose samples outlast the tiny models' window and chunk, the last two starting off the
+chunk's multiples and past 256 tokens in (where a bias computed in bf16 depends on the offset)."""
+REFUSED = {
+    ("gemma2", "varlen"): "soft-caps attention logits",
+    ("llama4_text", "varlen"): "chunked attention",
+    ("falcon", "varlen"): "takes no registered attention function",
+    ("falcon-alibi", "varlen"): "takes no registered attention function",
+    ("bloom", "varlen"): "takes no registered attention function",
+    ("stablelm", "varlen"): "takes no registered attention function",
+    ("falcon-alibi", "positions"): "--packing none",  # ALiBi in bf16: exact below 256 tokens in only
+    ("bloom", "positions"): "--packing none",  # alibi from the mask, no position ids
+    ("opt", "positions"): "--packing none",  # learned positions from the mask
+}
+"""(family, path) pairs sfttrain refuses, and words of the one-line refusal: at the choice of path (a
+ConfigError) or by the start-up probe (an IsolationError). Every other pair trains exactly."""
+
+
+@pytest.mark.parametrize("mode", ["positions", "varlen"])
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_packed_row_trains_exactly_like_its_samples_alone(family, checkpointing):
+def test_packed_row_trains_exactly_like_its_samples_alone_or_is_refused(family, mode, one_thread):  # noqa: F811
+    """sdpa/eager with transformers' packed mask, or varlen (the CPU reference of the varlen kernel)."""
+    refusal = REFUSED.get((family, mode))
+    dense = _path(family)
+    try:
+        path = _path(family, "auto" if mode == "positions" else "varlen")
+        assert path.mode == mode
+        if path.impl == VARLEN:
+            register_varlen()
+        model = family_model(family, path.impl)
+        traits = model_traits(family_config(family).to_dict())
+        collator = PackedCollator(path, pad_id=0)
+        check_isolation(model, collator, vocab_size=256, window=traits["window"], chunk=traits["chunk"],
+                        max_length=512)
+    except (ConfigError, IsolationError) as e:
+        assert refusal is not None, f"{family} {mode} refused: {e}"
+        assert refusal in str(e) and "\n" not in str(e)
+        if isinstance(e, IsolationError) and mode == "positions":  # no other path helps: the fix that works
+            assert "--attn-implementation" not in str(e)
+        return
+    assert refusal is None, f"{family} {mode} is not refused: it should be ({refusal})"
+
+    row = packed_row(ROW)
+    batch = collator([row])
+    assert "attention_mask" not in batch  # transformers builds the mask (positions), or none at all (varlen)
+    assert batch.pop(REAL_TOKENS) == sum(ROW)
+    packed_loss, packed_grads = loss_and_grads(model, **batch)
+    alone_model = family_model(family, dense.impl)  # same seed, same weights; the model's own masking
+    alone_loss, alone_grads = loss_and_grads_alone(alone_model, row, batch["labels"][:, :sum(ROW)])
+    assert packed_loss == pytest.approx(alone_loss, rel=1e-5)
+    assert worst_relative(packed_grads, alone_grads) < 1e-5
+
+
+@pytest.mark.parametrize("family", ["mistral", "gemma2", "llama4_text"])
+def test_packed_rows_stay_exact_with_gradient_checkpointing(family, one_thread):  # noqa: F811
     path = _path(family)
     model = family_model(family, path.impl)
-    if checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     row = packed_row()
     batch = PackedCollator(path, pad_id=0)([row])
     assert batch["input_ids"].shape == (1, 64)  # 60 tokens + 4 pads, no mask: transformers builds it
-    assert "attention_mask" not in batch
     assert batch.pop(REAL_TOKENS) == 60
-
     packed_loss, packed_grads = loss_and_grads(model, **batch)
     alone_loss, alone_grads = loss_and_grads_alone(model, row, batch["labels"])
     assert packed_loss == pytest.approx(alone_loss, rel=1e-5)
     assert worst_relative(packed_grads, alone_grads) < 1e-5
 
-    if FAMILIES[family].get("sliding_window"):
-        # What the old path fed the model: a dense block-diagonal mask of ours, which makes
-        # transformers skip the window. Proves these samples are long enough for the window to matter.
-        dense_loss, dense_grads = loss_and_grads(model, **batch, attention_mask=_block_diagonal(row, 64))
-        assert worst_relative(dense_grads, alone_grads) > 1e-3
+
+@pytest.mark.parametrize("family", [f for f in FAMILIES if FAMILIES[f].get("sliding_window")])
+def test_a_dense_mask_of_ours_would_lose_the_window(family, one_thread):  # noqa: F811
+    """What the old path fed the model: a dense block-diagonal mask of ours, which makes transformers
+    skip the window. Proves the test samples are long enough for the window to matter."""
+    path = _path(family)
+    model = family_model(family, path.impl)
+    row = packed_row()
+    batch = PackedCollator(path, pad_id=0)([row])
+    batch.pop(REAL_TOKENS)
+    alone_loss, alone_grads = loss_and_grads_alone(model, row, batch["labels"])
+    dense_loss, dense_grads = loss_and_grads(model, **batch, attention_mask=_block_diagonal(row, 64))
+    assert worst_relative(dense_grads, alone_grads) > 1e-3
 
 
 def _block_diagonal(row, length):
@@ -94,6 +152,16 @@ def test_auto_on_a_gpu_prefers_a_varlen_kernel_and_avoids_it_for_soft_capping():
         pytest.fail("torch varlen_attn cannot soft-cap: Gemma-2 must not get it")
 
 
+def test_auto_on_a_gpu_avoids_varlen_for_chunked_attention_and_classes_without_attention_functions():
+    for family, why in (("llama4_text", "chunked attention (attention_chunk_size 16)"),
+                        ("falcon", "takes no registered attention function")):
+        traits = model_traits(family_config(family).to_dict())
+        gpu = choose_attention("auto", cuda=True, half=True, traits=traits)
+        assert gpu.mode == "positions" and why in gpu.why
+        with pytest.raises(ConfigError, match=why.split(" (")[0]):
+            choose_attention("varlen", cuda=True, half=True, traits=traits)
+
+
 def test_model_traits_find_the_windows_layers_really_use():
     assert model_traits(family_config("mistral").to_dict())["window"] == WINDOW
     assert model_traits(family_config("qwen2").to_dict())["window"] == WINDOW
@@ -134,6 +202,23 @@ def test_isolation_probe_passes_the_real_path_and_refuses_leaks_and_lost_windows
         check_isolation(model, _LeakyCollator(path, pad_id=0), vocab_size=256, window=WINDOW, max_length=512)
     with pytest.raises(IsolationError, match=f"a sample of {WINDOW + 4} tokens"):  # longer than the window
         check_isolation(model, _DenseMaskCollator(path, pad_id=0), vocab_size=256, window=WINDOW, max_length=512)
+
+
+def test_probe_outlasts_window_and_chunk_and_starts_samples_past_256_tokens():
+    assert probe_lengths(WINDOW, 512) == (500, WINDOW + 4)
+    assert probe_lengths(WINDOW, 512, chunk=CHUNK) == (492, CHUNK + 4)
+    assert probe_lengths(None, 4096) == (PROBE_OFFSET, 5) and PROBE_OFFSET > 256
+    assert probe_lengths(WINDOW, 64, chunk=CHUNK) == (44, CHUNK + 4)  # rows never longer than the build's
+
+
+def test_isolation_probe_catches_a_path_that_drops_the_chunks(one_thread):  # noqa: F811
+    """A dense mask of ours drops Llama-4's chunks (as the varlen kernels do): a probe sample no longer than
+    the chunk cannot see it, one longer than the chunk does."""
+    model = family_model("llama4_text", "sdpa")
+    collator = _DenseMaskCollator(AttentionPath("sdpa", "positions"), pad_id=0)
+    assert check_isolation(model, collator, vocab_size=256, max_length=512) < 1e-4  # sized for windows only
+    with pytest.raises(IsolationError, match=f"a sample of {CHUNK + 4} tokens"):
+        check_isolation(model, collator, vocab_size=256, chunk=CHUNK, max_length=512)
 
 
 def test_packed_shard_row_trains_like_its_samples(tiny_model, spanish_shards):  # noqa: F811
