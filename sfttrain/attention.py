@@ -36,6 +36,8 @@ exact only for positions below 256) is caught before a GPU hour is spent.
 from __future__ import annotations
 
 import importlib.util
+import inspect
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -99,7 +101,7 @@ def model_traits(model_cfg: dict[str, Any]) -> dict[str, Any]:
     return {"model_type": model_cfg.get("model_type"), "window": min(windows) if windows else None,
             "chunk": min(chunks) if chunks else None, "softcap": bool(softcap),
             "sdpa": bool(getattr(cls, "_supports_sdpa", True)),
-            "attention_backend": bool(getattr(cls, "_supports_attention_backend", True))}
+            "attention_backend": _takes_attention_functions(cls)}
 
 
 def _window_used(c: dict[str, Any]) -> bool:
@@ -130,6 +132,19 @@ def _causal_lm_class(model_cfg: dict[str, Any]):
         return getattr(transformers, name) if isinstance(name, str) else None
     except (ImportError, AttributeError):
         return None
+
+
+def _takes_attention_functions(cls) -> bool:
+    """Whether transformers' class runs the attention function registered under its `attn_implementation`
+    (Falcon and Bloom have their own classes: Falcon fails on an unknown name, Bloom ignores it). The flag
+    `_supports_attention_backend` is not set on every class that does (StableLM), so its code is read too."""
+    if cls is None or getattr(cls, "_supports_attention_backend", False):
+        return True
+    try:
+        source = inspect.getsource(sys.modules[cls.__module__])
+    except (OSError, TypeError, KeyError):
+        return True
+    return "ALL_ATTENTION_FUNCTIONS" in source
 
 
 def _varlen_obstacles(t: dict[str, Any], kernel: str) -> list[str]:

@@ -31,7 +31,6 @@ REFUSED = {
     ("falcon", "varlen"): "takes no registered attention function",
     ("falcon-alibi", "varlen"): "takes no registered attention function",
     ("bloom", "varlen"): "takes no registered attention function",
-    ("stablelm", "varlen"): "takes no registered attention function",
     ("falcon-alibi", "positions"): "--packing none",  # ALiBi in bf16: exact below 256 tokens in only
     ("bloom", "positions"): "--packing none",  # alibi from the mask, no position ids
     ("opt", "positions"): "--packing none",  # learned positions from the mask
