@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterable, Iterator
 from sftprep.errors import UserError
 from sftprep.pack.packing import mode
 
-from .attention import AttentionPath, choose_attention, model_traits
+from .attention import AttentionPath, check_packed_rows, choose_attention, model_traits
 from .checks import (build_stats, check_same_tokenizer, check_tokenizer, checkpoint_problem, has_tokenizer,
                      model_config, open_build, safetensors_problem)
 from .config import DTYPES, ConfigError, TrainConfig
@@ -69,6 +69,7 @@ def setup(config: TrainConfig) -> Setup:
     tokenizer = check_tokenizer(manifest, config.data.shards, config.model.path, config.model.tokenizer,
                                 config.model.skip_tokenizer_check)
     attention = check_runtime(config, traits)
+    check_packed_rows(traits, mode(manifest.get("packing")).shared, manifest.get("max_length"))
     resume_from, changes = _resume_point(config, manifest)
     return Setup(config, manifest, eval_manifest, tokenizer, attention, resume_from, traits, changes)
 

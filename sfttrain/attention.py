@@ -91,15 +91,16 @@ def torch_varlen_available() -> bool:
 
 def model_traits(model_cfg: dict[str, Any]) -> dict[str, Any]:
     """What of a model's config.json decides the attention path: sliding windows, attention chunks,
-    soft-capping, and whether its transformers class has an sdpa implementation and takes a
+    soft-capping, ALiBi, and whether its transformers class has an sdpa implementation and takes a
     registered attention function (`attention_backend`)."""
     cfgs = [model_cfg, model_cfg.get("text_config") or {}]
     windows = [c["sliding_window"] for c in cfgs if _window_used(c)]
     chunks = [c["attention_chunk_size"] for c in cfgs if _chunk_used(c)]
     softcap = any(c.get("attn_logit_softcapping") for c in cfgs)
+    alibi = any(c.get("alibi") is True for c in cfgs)  # Falcon's flag
     cls = _causal_lm_class(model_cfg)
     return {"model_type": model_cfg.get("model_type"), "window": min(windows) if windows else None,
-            "chunk": min(chunks) if chunks else None, "softcap": bool(softcap),
+            "chunk": min(chunks) if chunks else None, "softcap": bool(softcap), "alibi": alibi,
             "sdpa": bool(getattr(cls, "_supports_sdpa", True)),
             "attention_backend": _takes_attention_functions(cls)}
 
@@ -158,6 +159,27 @@ def _varlen_obstacles(t: dict[str, Any], kernel: str) -> list[str]:
     if kernel == VARLEN and t.get("attention_backend") is False:
         why.append(f"transformers' {t.get('model_type')} class takes no registered attention function")
     return why
+
+
+ALIBI_EXACT = 256
+"""Row positions below which the ALiBi bias transformers computes in bf16 for Falcon is exact."""
+
+
+def check_packed_rows(traits: dict[str, Any], shared: bool, max_length: int | None) -> None:
+    """Refuse packed rows that no attention path trains exactly for this model, before it loads: Falcon with
+    ALiBi, whose bias transformers computes in bf16 from the position in the row, so that past position 256 a
+    packed sample's bias differs from its bias alone (in a bf16 run the probe's tolerance would hide it).
+
+    Raises:
+        ConfigError: with the fix (one sample per row, or rows that end before the bias goes inexact).
+    """
+    if traits.get("alibi") and shared and (max_length is None or max_length > ALIBI_EXACT):
+        raise ConfigError(
+            f"{traits.get('model_type')} with ALiBi (alibi: true) cannot train packed rows of {max_length} tokens "
+            f"exactly: transformers computes its position bias in bf16 from where a token sits in the row, exact for "
+            f"the first {ALIBI_EXACT} positions only, so a sample packed after them would train differently from "
+            "alone. Rebuild the shards one sample per row: `sftprep build ... --packing none --overwrite` (or "
+            f"--max-length {ALIBI_EXACT})")
 
 
 def choose_attention(requested: str, *, cuda: bool, half: bool, traits: dict[str, Any] | None = None) -> AttentionPath:
