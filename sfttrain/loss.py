@@ -181,8 +181,7 @@ class RouterLoss:
 
     def __call__(self, outputs: Any, real: torch.Tensor | None = None) -> torch.Tensor | None:
         """The aux loss of `outputs.router_logits` over the tokens where `real` (batch, length) is True."""
-        logits = outputs.get("router_logits") if isinstance(outputs, dict) else getattr(outputs, "router_logits",
-                                                                                          None)
+        logits = outputs.get("router_logits") if isinstance(outputs, dict) else None  # a ModelOutput is a dict
         if not logits:
             return None
         aux = self.balance(tuple(logits), self.num_experts, self.top_k, real)
