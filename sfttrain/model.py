@@ -160,8 +160,9 @@ ROUTER_NAMES = ("gate", "router", "shared_expert_gate")
 
 
 def all_linear_targets(model) -> tuple[list[str], str | None]:
-    """What `all-linear` adapts in `model`: the names of its linear layers but the LM head and routers,
-    and, for a MoE model, a note saying what was left out (None for a dense model).
+    """What `all-linear` adapts in `model`: the full names of its linear layers but the LM head and
+    routers (as peft's own `all-linear` lists them), and, for a MoE model, a note saying what was
+    adapted and what was left out (None for a dense model).
 
     peft's own `all-linear` wraps the routers too, and on transformers 5 the fused expert weights of
     Mixtral / Qwen-MoE (3-D parameters, not linear layers), which peft can only train without dropout:
@@ -170,21 +171,22 @@ def all_linear_targets(model) -> tuple[list[str], str | None]:
     import torch
     from transformers.pytorch_utils import Conv1D
 
+    def leaves(names):
+        return ", ".join(sorted({n.rsplit(".", 1)[-1] for n in names}))
+
     head = model.get_output_embeddings()
-    kept, routers = set(), set()
+    targets, routers = [], []
     for name, module in model.named_modules():
-        if not isinstance(module, (torch.nn.Linear, Conv1D)) or module is head:
-            continue
-        router = "Router" in type(module).__name__ or any(part in ROUTER_NAMES for part in name.split("."))
-        (routers if router else kept).add(name.rsplit(".", 1)[-1])
-    experts = sorted({f"experts.{n.rsplit('.', 1)[-1]}" for n, p in model.named_parameters() if p.dim() == 3
-                      and ".experts." in f".{n}"})
+        if isinstance(module, (torch.nn.Linear, Conv1D)) and module is not head:
+            router = "Router" in type(module).__name__ or any(part in ROUTER_NAMES for part in name.split("."))
+            (routers if router else targets).append(name)
+    experts = [n for n, p in model.named_parameters() if p.dim() == 3 and ".experts." in f".{n}"]
     if not (routers or experts):
-        return sorted(kept), None
-    left = [f"routers/gates ({', '.join(sorted(routers))})"] if routers else []
+        return targets, None
+    left = [f"routers/gates ({leaves(routers)})"] if routers else []
     if experts:
-        left.append(f"fused expert weights ({', '.join(experts)}: not linear layers)")
-    return sorted(kept), f"all-linear on this MoE model: {','.join(sorted(kept))}; not adapted: {'; '.join(left)}"
+        left.append(f"fused expert weights (experts: {leaves(experts)}; not linear layers)")
+    return targets, f"all-linear on this MoE model: {leaves(targets)}; not adapted: {'; '.join(left)}"
 
 
 def lora_targets(model, config: TrainConfig) -> tuple[Any, str | None]:
