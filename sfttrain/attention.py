@@ -91,8 +91,8 @@ def torch_varlen_available() -> bool:
 
 def model_traits(model_cfg: dict[str, Any]) -> dict[str, Any]:
     """What of a model's config.json decides the attention path: sliding windows, attention chunks,
-    soft-capping, ALiBi, and whether its transformers class has an sdpa implementation and takes a
-    registered attention function (`attention_backend`)."""
+    soft-capping, ALiBi, and whether its transformers class has an sdpa implementation, takes a
+    registered attention function (`attention_backend`) and position ids at all (`position_ids`)."""
     cfgs = [model_cfg, model_cfg.get("text_config") or {}]
     windows = [c["sliding_window"] for c in cfgs if _window_used(c)]
     chunks = [c["attention_chunk_size"] for c in cfgs if _chunk_used(c)]
@@ -102,7 +102,8 @@ def model_traits(model_cfg: dict[str, Any]) -> dict[str, Any]:
     return {"model_type": model_cfg.get("model_type"), "window": min(windows) if windows else None,
             "chunk": min(chunks) if chunks else None, "softcap": bool(softcap), "alibi": alibi,
             "sdpa": bool(getattr(cls, "_supports_sdpa", True)),
-            "attention_backend": _takes_attention_functions(cls)}
+            "attention_backend": _takes_attention_functions(cls),
+            "position_ids": cls is None or "position_ids" in inspect.signature(cls.forward).parameters}
 
 
 def _window_used(c: dict[str, Any]) -> bool:
@@ -166,13 +167,19 @@ ALIBI_EXACT = 256
 
 
 def check_packed_rows(traits: dict[str, Any], shared: bool, max_length: int | None) -> None:
-    """Refuse packed rows that no attention path trains exactly for this model, before it loads: Falcon with
-    ALiBi, whose bias transformers computes in bf16 from the position in the row, so that past position 256 a
-    packed sample's bias differs from its bias alone (in a bf16 run the probe's tolerance would hide it).
+    """Refuse packed rows that no attention path trains exactly for this model, before it loads: a model
+    whose forward takes no position ids (Bloom, MPT, state-space models) cannot be told where a sample
+    starts; Falcon with ALiBi computes its bias in bf16 from the position in the row, so that past position
+    256 a packed sample's bias differs from its bias alone (in a bf16 run the probe's tolerance hides both).
 
     Raises:
         ConfigError: with the fix (one sample per row, or rows that end before the bias goes inexact).
     """
+    if shared and traits.get("position_ids") is False:
+        raise ConfigError(
+            f"{traits.get('model_type')} models take no position ids, so nothing tells them where a packed sample "
+            "starts: its tokens would attend to the samples before it. Rebuild the shards one sample per row: "
+            "`sftprep build ... --packing none --overwrite`")
     if traits.get("alibi") and shared and (max_length is None or max_length > ALIBI_EXACT):
         raise ConfigError(
             f"{traits.get('model_type')} with ALiBi (alibi: true) cannot train packed rows of {max_length} tokens "

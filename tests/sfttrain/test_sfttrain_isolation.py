@@ -30,13 +30,14 @@ REFUSED = {
     ("llama4_text", "varlen"): "chunked attention",
     ("falcon", "varlen"): "takes no registered attention function",
     ("falcon-alibi", "varlen"): "takes no registered attention function",
-    ("bloom", "varlen"): "takes no registered attention function",
-    ("falcon-alibi", "positions"): "--packing none",  # ALiBi in bf16: exact below 256 tokens in only
-    ("bloom", "positions"): "--packing none",  # alibi from the mask, no position ids
-    ("opt", "positions"): "--packing none",  # learned positions from the mask
+    ("bloom", "varlen"): "takes no registered attention function",  # (and no position ids)
+    ("falcon-alibi", "positions"): "transformers computes its position bias in bf16",
+    ("bloom", "positions"): "bloom models take no position ids",
+    ("opt", "positions"): "--packing none",  # the probe: transformers' OPT ignores the packed positions
 }
-"""(family, path) pairs sfttrain refuses, and words of the one-line refusal: at the choice of path (a
-ConfigError) or by the start-up probe (an IsolationError). Every other pair trains exactly."""
+"""(family, path) pairs sfttrain refuses, and words of the one-line refusal: at the choice of path or
+before the model loads (a ConfigError), or by the start-up probe (an IsolationError). Every other pair
+trains exactly."""
 
 
 @pytest.mark.parametrize("mode", ["positions", "varlen"])
@@ -50,8 +51,9 @@ def test_packed_row_trains_exactly_like_its_samples_alone_or_is_refused(family, 
         assert path.mode == mode
         if path.impl == VARLEN:
             register_varlen()
-        model = family_model(family, path.impl)
         traits = model_traits(family_config(family).to_dict())
+        check_packed_rows(traits, True, 512)  # before the model loads, as `sfttrain run` does
+        model = family_model(family, path.impl)
         collator = PackedCollator(path, pad_id=0)
         check_isolation(model, collator, vocab_size=256, window=traits["window"], chunk=traits["chunk"],
                         max_length=512)
