@@ -1,6 +1,7 @@
-"""Packed samples never see each other: a packed row trains exactly like its samples one by one,
-for every architecture family (sliding windows, GQA, soft-capping), with and without gradient
-checkpointing."""
+"""Packed samples never see each other: a packed row trains exactly like its samples one by one, for
+every architecture family (sliding windows, chunked attention, GQA, soft-capping, MoE, learned and
+ALiBi positions) on both paths (sdpa/eager and varlen), with and without gradient checkpointing, or
+the pair is refused in one line."""
 
 import numpy as np
 import pytest
@@ -210,6 +211,15 @@ def test_probe_outlasts_window_and_chunk_and_starts_samples_past_256_tokens():
     assert probe_lengths(WINDOW, 512, chunk=CHUNK) == (492, CHUNK + 4)
     assert probe_lengths(None, 4096) == (PROBE_OFFSET, 5) and PROBE_OFFSET > 256
     assert probe_lengths(WINDOW, 64, chunk=CHUNK) == (44, CHUNK + 4)  # rows never longer than the build's
+
+
+def test_isolation_probe_starts_its_sample_deep_enough_to_see_an_offset_bias(one_thread):  # noqa: F811
+    """Falcon's ALiBi, computed in bf16 from the row position: invisible 7 tokens in (the old probe)."""
+    model = family_model("falcon-alibi", "sdpa")
+    collator = PackedCollator(AttentionPath("sdpa", "positions"), pad_id=0)
+    assert check_isolation(model, collator, vocab_size=256, max_length=12) < 1e-4  # 7 tokens in
+    with pytest.raises(IsolationError, match=f"packed {PROBE_OFFSET} tokens into a row"):
+        check_isolation(model, collator, vocab_size=256, max_length=2048)
 
 
 def test_isolation_probe_catches_a_path_that_drops_the_chunks(one_thread):  # noqa: F811
