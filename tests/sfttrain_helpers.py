@@ -124,6 +124,8 @@ FAMILIES: dict[str, dict[str, Any]] = {
     "olmoe": dict(num_experts=4, num_experts_per_tok=2),
     "llama4_text": dict(num_local_experts=4, num_experts_per_tok=1, intermediate_size_mlp=128,
                         attention_chunk_size=CHUNK, layer_types=["chunked_attention", "full_attention"]),
+    "gpt_oss": dict(num_local_experts=4, num_experts_per_tok=2, sliding_window=WINDOW,
+                    layer_types=["sliding_attention", "full_attention"]),  # attention sinks, no sdpa path
     "gpt_neox": {},
     "phi": {},
     "gpt2": dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0),

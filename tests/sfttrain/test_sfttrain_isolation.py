@@ -29,12 +29,14 @@ chunk's multiples and past 256 tokens in (where a bias computed in bf16 depends 
 REFUSED = {
     ("gemma2", "varlen"): "soft-caps attention logits",
     ("llama4_text", "varlen"): "chunked attention",
+    ("gpt_oss", "varlen"): "attention sinks",
     ("falcon", "varlen"): "takes no registered attention function",
     ("falcon-alibi", "varlen"): "takes no registered attention function",
     ("bloom", "varlen"): "takes no registered attention function",  # (and no position ids)
     ("falcon-alibi", "positions"): "transformers computes its position bias in bf16",
     ("bloom", "positions"): "bloom models take no position ids",
     ("opt", "positions"): "--packing none",  # the probe: transformers' OPT ignores the packed positions
+    ("gpt_oss", "positions"): "--packing none",  # the probe: its masks are built without the position ids
 }
 """(family, path) pairs sfttrain refuses, and words of the one-line refusal: at the choice of path or
 before the model loads (a ConfigError), or by the start-up probe (an IsolationError). Every other pair
