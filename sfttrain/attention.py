@@ -21,9 +21,11 @@ sliding window). Two paths keep the promise:
         attends     a: a (causally, within the window), b: b, p: p
 
 Chunked attention (Llama-4: a token sees only its own chunk of `attention_chunk_size` tokens)
-lives in transformers' mask alone, which the varlen kernels never see: such models take the
-positions path (transformers counts the chunks from each sample's restarting positions). So do
-models whose transformers class takes no registered attention function (Falcon, Bloom).
+lives in transformers' mask alone: on the positions path transformers counts the chunks from each
+sample's restarting positions; `sfttrain_varlen` cuts each sample into chunks (more `cu_seqlens`)
+on the layers that chunk; flash-attention would drop them, so such models never get it. Models
+whose transformers class takes no registered attention function (Falcon, Bloom) take the positions
+path.
 
 `check_isolation` runs the loaded model on packed probe rows whose second sample is longer than
 the model's window and chunk and starts hundreds of tokens into its row, and refuses to train when
@@ -152,9 +154,9 @@ def _takes_attention_functions(cls) -> bool:
 def _varlen_obstacles(t: dict[str, Any], kernel: str) -> list[str]:
     """Why the varlen `kernel` (sfttrain_varlen, or a flash-attention one) cannot run a model of traits `t` exactly."""
     why = []
-    if t.get("chunk"):
+    if kernel != VARLEN and t.get("chunk"):
         why.append(f"the model uses chunked attention (attention_chunk_size {t['chunk']}), which lives in "
-                   "transformers' mask and the varlen kernels never apply")
+                   "transformers' mask and flash-attention never applies (sfttrain's varlen path does)")
     if kernel == VARLEN and t.get("softcap"):
         why.append("the model soft-caps attention logits, which torch varlen_attn cannot")
     if kernel == VARLEN and t.get("attention_backend") is False:
@@ -209,11 +211,14 @@ def choose_attention(requested: str, *, cuda: bool, half: bool, traits: dict[str
             return AttentionPath(dense, "positions", dense_why or "no CUDA GPU: the varlen kernels are CUDA-only")
         if not half:
             return AttentionPath(dense, "positions", dense_why or "fp32 weights: the varlen kernels need bf16/fp16")
-        if flash_available("flash_attention_2") and not _varlen_obstacles(t, "flash_attention_2"):
+        flash = flash_available("flash_attention_2")
+        not_flash = _varlen_obstacles(t, "flash_attention_2")
+        if flash and not not_flash:
             return AttentionPath("flash_attention_2", "varlen", "CUDA + half precision + flash-attn installed")
         if torch_varlen_available() and not _varlen_obstacles(t, VARLEN):
-            return AttentionPath(VARLEN, "varlen", "CUDA + half precision; flash-attn not installed, "
-                                                   "torch.nn.attention.varlen is")
+            return AttentionPath(VARLEN, "varlen", "CUDA + half precision; " + (
+                f"torch.nn.attention.varlen, not flash-attn: {'; '.join(not_flash)}" if flash
+                else "flash-attn not installed, torch.nn.attention.varlen is"))
         why = "; ".join(_varlen_obstacles(t, VARLEN)) or "neither flash-attn nor torch.nn.attention.varlen is available"
         return AttentionPath(dense, "positions", dense_why or why)
     if requested in ("flash_attention_2", "flash_attention_3", "varlen"):
@@ -284,6 +289,9 @@ def varlen_attention_forward(module, query, key, value, attention_mask=None, dro
         cu, max_len = _cu_from_positions(kwargs.get("position_ids"), batch, query.shape[2], query.device)
     else:
         max_len = int(kwargs.get("max_length_q") or int((cu[1:] - cu[:-1]).max()))
+    chunk = layer_chunk(module)
+    if chunk:
+        cu, max_len = split_into_chunks(cu, chunk), min(max_len, chunk)
     q, k, v = (x.transpose(1, 2).reshape(-1, x.shape[1], x.shape[3]) for x in (query, key, value))
     window = (sliding_window - 1, 0) if sliding_window else (-1, 0)
     gqa = q.shape[1] != k.shape[1]
@@ -298,6 +306,25 @@ def varlen_attention_forward(module, query, key, value, attention_mask=None, dro
     else:
         out = reference_varlen(q, k, v, cu, scale=scaling, window=window[0])
     return out.reshape(batch, -1, out.shape[1], out.shape[2]), None
+
+
+def layer_chunk(module) -> int | None:
+    """The attention chunk of this layer (Llama-4's "chunked_attention" layers), else None."""
+    config, index = getattr(module, "config", None), getattr(module, "layer_idx", None)
+    types = getattr(config, "layer_types", None)
+    if index is None or not types or index >= len(types) or types[index] != "chunked_attention":
+        return None
+    return getattr(config, "attention_chunk_size", None)
+
+
+def split_into_chunks(cu, chunk: int):
+    """Sample boundaries `cu` with every sample cut into chunks of `chunk` tokens from its own start: a
+    token of a chunked layer attends within its chunk only, which the varlen kernel gets as sequences."""
+    import torch
+
+    ends = cu.tolist()
+    bounds = [start for a, b in zip(ends[:-1], ends[1:]) for start in range(a, b, chunk)] + [ends[-1]]
+    return torch.tensor(bounds, dtype=cu.dtype, device=cu.device)
 
 
 def _cu_from_positions(position_ids, batch: int, length: int, device):

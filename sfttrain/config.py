@@ -63,8 +63,8 @@ class ModelConfig:
     """Weights dtype: auto (bf16/fp16 when bf16/fp16 mixed precision is on, else fp32), bf16, fp16, fp32 (--dtype)."""
     attn_implementation: str = "auto"
     """auto, sdpa, eager, varlen (torch varlen_attn), flash_attention_2, flash_attention_3; auto: flash-attn,
-    else torch varlen on a GPU in bf16/fp16; sdpa (eager without it) elsewhere, and for models the varlen kernels
-    cannot run exactly (chunked attention as Llama-4's; Falcon, Bloom) (--attn-implementation)."""
+    else torch varlen on a GPU in bf16/fp16 (torch varlen for chunked attention as Llama-4's); sdpa (eager
+    without it) elsewhere and for Falcon, Bloom (--attn-implementation)."""
     trust_remote_code: bool = False
     """Allow the model folder's own Python code (--trust-remote-code)."""
 

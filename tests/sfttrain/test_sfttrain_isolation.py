@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from sfttrain.attention import (PROBE_OFFSET, REAL_TOKENS, VARLEN, AttentionPath, IsolationError, check_packed_rows,
-                                check_isolation, choose_attention, model_traits, probe_lengths, register_varlen)
+from sfttrain.attention import (PROBE_OFFSET, REAL_TOKENS, VARLEN, AttentionPath, IsolationError, check_isolation,
+                                check_packed_rows, choose_attention, layer_chunk, model_traits, probe_lengths,
+                                register_varlen, split_into_chunks)
 from sfttrain.config import ConfigError
 from sftprep.write.shards import row_positions
 from sfttrain.checks import open_build
@@ -28,7 +29,6 @@ ROW = (200, 100, 27)
 chunk's multiples and past 256 tokens in (where a bias computed in bf16 depends on the offset)."""
 REFUSED = {
     ("gemma2", "varlen"): "soft-caps attention logits",
-    ("llama4_text", "varlen"): "chunked attention",
     ("gpt_oss", "varlen"): "attention sinks",
     ("falcon", "varlen"): "takes no registered attention function",
     ("falcon-alibi", "varlen"): "takes no registered attention function",
@@ -156,14 +156,23 @@ def test_auto_on_a_gpu_prefers_a_varlen_kernel_and_avoids_it_for_soft_capping():
         pytest.fail("torch varlen_attn cannot soft-cap: Gemma-2 must not get it")
 
 
-def test_auto_on_a_gpu_avoids_varlen_for_chunked_attention_and_classes_without_attention_functions():
-    for family, why in (("llama4_text", "chunked attention (attention_chunk_size 16)"),
-                        ("falcon", "takes no registered attention function")):
-        traits = model_traits(family_config(family).to_dict())
-        gpu = choose_attention("auto", cuda=True, half=True, traits=traits)
-        assert gpu.mode == "positions" and why in gpu.why
-        with pytest.raises(ConfigError, match=why.split(" (")[0]):
-            choose_attention("varlen", cuda=True, half=True, traits=traits)
+def test_auto_on_a_gpu_avoids_varlen_for_classes_without_attention_functions_and_flash_for_chunks():
+    falcon = model_traits(family_config("falcon").to_dict())
+    gpu = choose_attention("auto", cuda=True, half=True, traits=falcon)
+    assert gpu.mode == "positions" and "falcon class takes no registered attention function" in gpu.why
+    with pytest.raises(ConfigError, match="takes no registered attention function"):
+        choose_attention("varlen", cuda=True, half=True, traits=falcon)
+    llama4 = model_traits(family_config("llama4_text").to_dict())
+    assert choose_attention("auto", cuda=True, half=True, traits=llama4).impl == VARLEN  # it cuts the chunks
+    with pytest.raises(ConfigError, match="chunked attention .* flash-attention never applies"):
+        choose_attention("flash_attention_2", cuda=True, half=True, traits=llama4)
+
+
+def test_varlen_cuts_each_sample_into_chunks_on_chunked_layers_only():
+    cu = torch.tensor([0, 20, 33, 60], dtype=torch.int32)
+    assert split_into_chunks(cu, CHUNK).tolist() == [0, 16, 20, 33, 49, 60]  # chunks from each sample's start
+    model = family_model("llama4_text", "sdpa")
+    assert [layer_chunk(layer.self_attn) for layer in model.model.layers] == [CHUNK, None]
 
 
 def test_model_traits_find_the_windows_layers_really_use():
@@ -225,7 +234,7 @@ def test_isolation_probe_starts_its_sample_deep_enough_to_see_an_offset_bias(one
 
 
 def test_isolation_probe_catches_a_path_that_drops_the_chunks(one_thread):  # noqa: F811
-    """A dense mask of ours drops Llama-4's chunks (as the varlen kernels do): a probe sample no longer than
+    """A dense mask of ours drops Llama-4's chunks (as flash-attention would): a probe sample no longer than
     the chunk cannot see it, one longer than the chunk does."""
     model = family_model("llama4_text", "sdpa")
     collator = _DenseMaskCollator(AttentionPath("sdpa", "positions"), pad_id=0)
