@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterable, Iterator
 from sftprep.errors import UserError
 from sftprep.pack.packing import mode
 
-from .attention import AttentionPath, choose_attention, model_traits
+from .attention import AttentionPath, check_packed_rows, choose_attention, model_traits
 from .checks import (build_stats, check_same_tokenizer, check_tokenizer, checkpoint_problem, has_tokenizer,
                      model_config, open_build, safetensors_problem)
 from .config import DTYPES, ConfigError, TrainConfig
@@ -69,6 +69,7 @@ def setup(config: TrainConfig) -> Setup:
     tokenizer = check_tokenizer(manifest, config.data.shards, config.model.path, config.model.tokenizer,
                                 config.model.skip_tokenizer_check)
     attention = check_runtime(config, traits)
+    check_packed_rows(traits, mode(manifest.get("packing")).shared, manifest.get("max_length"))
     resume_from, changes = _resume_point(config, manifest)
     return Setup(config, manifest, eval_manifest, tokenizer, attention, resume_from, traits, changes)
 
@@ -134,7 +135,7 @@ def _build(s: Setup, callbacks: list, disable_tqdm: bool):
     from .attention import check_isolation
     from .chat_template import attach_build_template
     from .data import PackedCollator, ShardDataset
-    from .model import apply_lora, load_model, parameter_counts
+    from .model import apply_lora, load_model, lora_targets, parameter_counts
     from .trainer import ApplyLearningRate, ShardTrainer, StopOnSignal, training_arguments
 
     config = s.config
@@ -142,13 +143,16 @@ def _build(s: Setup, callbacks: list, disable_tqdm: bool):
     world = int(os.environ.get("WORLD_SIZE", "1") or 1)
     args = training_arguments(config, has_eval=s.eval_manifest is not None, disable_tqdm=disable_tqdm,
                               planned_steps=_planned_steps(build_stats(s.manifest)["rows"], config, world))
-    model = apply_lora(load_model(config, s.attention), config)
+    model = load_model(config, s.attention)
+    targets_note = lora_targets(model, config)[1] if config.lora.method != "full" else None
+    model = apply_lora(model, config)
     if not config.quantized:
         model = model.to(args.device)  # the probe must run where training will (flash-attention is CUDA-only)
     collator = PackedCollator(s.attention, s.manifest["tokenizer"]["pad_id"])
     # One sample per row (packing none) needs no proof: padding is on the right, behind every token.
     isolation = (check_isolation(model, collator, s.manifest["tokenizer"]["vocab_size"],
-                                 window=s.traits.get("window"), max_length=s.manifest.get("max_length"))
+                                 window=s.traits.get("window"), max_length=s.manifest.get("max_length"),
+                                 chunk=s.traits.get("chunk"))
                  if mode(s.manifest.get("packing")).shared else None)
     stopper = StopOnSignal()
     # a resume with --accept-changes: the checkpoint's optimizer and scheduler would keep the old rate
@@ -161,7 +165,10 @@ def _build(s: Setup, callbacks: list, disable_tqdm: bool):
         callbacks=[stopper, *changed, *callbacks], shuffle=config.data.shuffle, run_info=_run_info(s))
     if disable_tqdm:
         trainer.remove_callback(PrinterCallback)
-    return trainer, stopper, _summary(s, model, parameter_counts(model), isolation, args)
+    summary = _summary(s, model, parameter_counts(model), isolation, args)
+    summary["targets_note"] = targets_note
+    summary["router_aux_coef"] = trainer.router.coef if trainer.router else None
+    return trainer, stopper, summary
 
 
 def _fit(s: Setup, trainer, stopper, summary: dict[str, Any]) -> TrainResult:

@@ -20,15 +20,26 @@ sliding window). Two paths keep the promise:
         positions   0 1 2 3 0 1 2 0 1          (padding counts as one more sequence)
         attends     a: a (causally, within the window), b: b, p: p
 
-`check_isolation` runs the loaded model on packed probe rows whose samples are longer than the
-model's window and refuses to train when a packed sample's output differs from the same sample
-run alone: a model whose code ignores the position ids (some `trust_remote_code` models do), or
-a path that drops the window, is caught before a GPU hour is spent.
+Chunked attention (Llama-4: a token sees only its own chunk of `attention_chunk_size` tokens)
+lives in transformers' mask alone: on the positions path transformers counts the chunks from each
+sample's restarting positions; `sfttrain_varlen` cuts each sample into chunks (more `cu_seqlens`)
+on the layers that chunk; flash-attention would drop them, so such models never get it. Models
+whose transformers class takes no registered attention function (Falcon, Bloom) take the positions
+path.
+
+`check_isolation` runs the loaded model on packed probe rows whose second sample is longer than
+the model's window and chunk and starts hundreds of tokens into its row, and refuses to train when
+its output differs from the same sample run alone: a model whose code ignores the position ids
+(Bloom, OPT, some `trust_remote_code` models), a path that drops the window or the chunks, or a
+bias that depends on where a sample starts (Falcon's ALiBi, which transformers computes in bf16:
+exact only for positions below 256) is caught before a GPU hour is spent.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import inspect
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -81,13 +92,20 @@ def torch_varlen_available() -> bool:
 
 
 def model_traits(model_cfg: dict[str, Any]) -> dict[str, Any]:
-    """What of a model's config.json decides the attention path: sliding windows, soft-capping and
-    whether its transformers class has an sdpa implementation."""
+    """What of a model's config.json decides the attention path: sliding windows, attention chunks,
+    soft-capping, ALiBi, and whether its transformers class has an sdpa implementation, takes a
+    registered attention function (`attention_backend`) and position ids at all (`position_ids`)."""
     cfgs = [model_cfg, model_cfg.get("text_config") or {}]
     windows = [c["sliding_window"] for c in cfgs if _window_used(c)]
+    chunks = [c["attention_chunk_size"] for c in cfgs if _chunk_used(c)]
     softcap = any(c.get("attn_logit_softcapping") for c in cfgs)
+    alibi = any(c.get("alibi") is True for c in cfgs)  # Falcon's flag
+    cls = _causal_lm_class(model_cfg)
     return {"model_type": model_cfg.get("model_type"), "window": min(windows) if windows else None,
-            "softcap": bool(softcap), "sdpa": _supports_sdpa(model_cfg)}
+            "chunk": min(chunks) if chunks else None, "softcap": bool(softcap), "alibi": alibi,
+            "sdpa": bool(getattr(cls, "_supports_sdpa", True)),
+            "attention_backend": _takes_attention_functions(cls),
+            "position_ids": cls is None or "position_ids" in inspect.signature(cls.forward).parameters}
 
 
 def _window_used(c: dict[str, Any]) -> bool:
@@ -99,17 +117,78 @@ def _window_used(c: dict[str, Any]) -> bool:
     return not layer_types or "sliding_attention" in layer_types
 
 
-def _supports_sdpa(model_cfg: dict[str, Any]) -> bool:
-    """False only when transformers' class for this model type says it has no sdpa path (Gemma-2)."""
+def _chunk_used(c: dict[str, Any]) -> bool:
+    """Chunked attention some layer applies (Llama-4: `attention_chunk_size` on its "chunked_attention" layers)."""
+    chunk = c.get("attention_chunk_size")
+    if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk <= 0:
+        return False
+    layer_types = c.get("layer_types")
+    return not layer_types or "chunked_attention" in layer_types
+
+
+def _causal_lm_class(model_cfg: dict[str, Any]):
+    """transformers' causal-LM class for the config's model type (None: unknown, e.g. remote code)."""
     try:
         import transformers
         from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
         name = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_cfg.get("model_type"))
-        cls = getattr(transformers, name) if isinstance(name, str) else None
+        return getattr(transformers, name) if isinstance(name, str) else None
     except (ImportError, AttributeError):
+        return None
+
+
+def _takes_attention_functions(cls) -> bool:
+    """Whether transformers' class runs the attention function registered under its `attn_implementation`
+    (Falcon and Bloom have their own classes: Falcon fails on an unknown name, Bloom ignores it). The flag
+    `_supports_attention_backend` is not set on every class that does (StableLM), so its code is read too."""
+    if cls is None or getattr(cls, "_supports_attention_backend", False):
         return True
-    return bool(getattr(cls, "_supports_sdpa", True)) if cls is not None else True
+    try:
+        source = inspect.getsource(sys.modules[cls.__module__])
+    except (OSError, TypeError, KeyError):
+        return True
+    return "ALL_ATTENTION_FUNCTIONS" in source
+
+
+def _varlen_obstacles(t: dict[str, Any], kernel: str) -> list[str]:
+    """Why the varlen `kernel` (sfttrain_varlen, or a flash-attention one) cannot run a model of traits `t` exactly."""
+    why = []
+    if kernel != VARLEN and t.get("chunk"):
+        why.append(f"the model uses chunked attention (attention_chunk_size {t['chunk']}), which lives in "
+                   "transformers' mask and flash-attention never applies (sfttrain's varlen path does)")
+    if kernel == VARLEN and t.get("softcap"):
+        why.append("the model soft-caps attention logits, which torch varlen_attn cannot")
+    if kernel == VARLEN and t.get("attention_backend") is False:
+        why.append(f"transformers' {t.get('model_type')} class takes no registered attention function")
+    return why
+
+
+ALIBI_EXACT = 256
+"""Row positions below which the ALiBi bias transformers computes in bf16 for Falcon is exact."""
+
+
+def check_packed_rows(traits: dict[str, Any], shared: bool, max_length: int | None) -> None:
+    """Refuse packed rows that no attention path trains exactly for this model, before it loads: a model
+    whose forward takes no position ids (Bloom, MPT, state-space models) cannot be told where a sample
+    starts; Falcon with ALiBi computes its bias in bf16 from the position in the row, so that past position
+    256 a packed sample's bias differs from its bias alone (in a bf16 run the probe's tolerance hides both).
+
+    Raises:
+        ConfigError: with the fix (one sample per row, or rows that end before the bias goes inexact).
+    """
+    if shared and traits.get("position_ids") is False:
+        raise ConfigError(
+            f"{traits.get('model_type')} models take no position ids, so nothing tells them where a packed sample "
+            "starts: its tokens would attend to the samples before it. Rebuild the shards one sample per row: "
+            "`sftprep build ... --packing none --overwrite`")
+    if traits.get("alibi") and shared and (max_length is None or max_length > ALIBI_EXACT):
+        raise ConfigError(
+            f"{traits.get('model_type')} with ALiBi (alibi: true) cannot train packed rows of {max_length} tokens "
+            f"exactly: transformers computes its position bias in bf16 from where a token sits in the row, exact for "
+            f"the first {ALIBI_EXACT} positions only, so a sample packed after them would train differently from "
+            "alone. Rebuild the shards one sample per row: `sftprep build ... --packing none --overwrite` (or "
+            f"--max-length {ALIBI_EXACT})")
 
 
 def choose_attention(requested: str, *, cuda: bool, half: bool, traits: dict[str, Any] | None = None) -> AttentionPath:
@@ -132,13 +211,15 @@ def choose_attention(requested: str, *, cuda: bool, half: bool, traits: dict[str
             return AttentionPath(dense, "positions", dense_why or "no CUDA GPU: the varlen kernels are CUDA-only")
         if not half:
             return AttentionPath(dense, "positions", dense_why or "fp32 weights: the varlen kernels need bf16/fp16")
-        if flash_available("flash_attention_2"):
+        flash = flash_available("flash_attention_2")
+        not_flash = _varlen_obstacles(t, "flash_attention_2")
+        if flash and not not_flash:
             return AttentionPath("flash_attention_2", "varlen", "CUDA + half precision + flash-attn installed")
-        if torch_varlen_available() and not t.get("softcap"):
-            return AttentionPath(VARLEN, "varlen", "CUDA + half precision; flash-attn not installed, "
-                                                   "torch.nn.attention.varlen is")
-        why = ("the model soft-caps attention logits, which torch varlen_attn cannot" if t.get("softcap")
-               else "neither flash-attn nor torch.nn.attention.varlen is available")
+        if torch_varlen_available() and not _varlen_obstacles(t, VARLEN):
+            return AttentionPath(VARLEN, "varlen", "CUDA + half precision; " + (
+                f"torch.nn.attention.varlen, not flash-attn: {'; '.join(not_flash)}" if flash
+                else "flash-attn not installed, torch.nn.attention.varlen is"))
+        why = "; ".join(_varlen_obstacles(t, VARLEN)) or "neither flash-attn nor torch.nn.attention.varlen is available"
         return AttentionPath(dense, "positions", dense_why or why)
     if requested in ("flash_attention_2", "flash_attention_3", "varlen"):
         return _explicit_varlen(requested, cuda, half, t)
@@ -153,8 +234,7 @@ def _explicit_varlen(requested: str, cuda: bool, half: bool, t: dict[str, Any]) 
     if requested == "varlen":
         if not torch_varlen_available():
             why.append("this torch has no torch.nn.attention.varlen (PyTorch >= 2.10 needed)")
-        if t.get("softcap"):
-            why.append("the model soft-caps attention logits, which torch varlen_attn cannot")
+        why.extend(_varlen_obstacles(t, VARLEN))
         if cuda and not half:
             why.append("it needs bf16 or fp16 on a GPU (add --bf16)")
         if why:
@@ -162,6 +242,7 @@ def _explicit_varlen(requested: str, cuda: bool, half: bool, t: dict[str, Any]) 
                               "Use --attn-implementation auto")
         return AttentionPath(VARLEN, "varlen", "asked for with --attn-implementation" +
                              ("" if cuda else " (no CUDA GPU: a slow per-sample reference kernel runs instead)"))
+    why.extend(_varlen_obstacles(t, requested))
     if not flash_available(requested):
         why.append("the flash-attn package is not installed" if requested == "flash_attention_2"
                    else "flash-attention 3 (flash_attn_interface) is not installed")
@@ -196,7 +277,10 @@ def varlen_attention_forward(module, query, key, value, attention_mask=None, dro
     import torch
 
     if softcap is not None:
-        raise ValueError("sfttrain_varlen cannot soft-cap attention logits; use --attn-implementation eager")
+        raise ConfigError("sfttrain_varlen cannot soft-cap attention logits; use --attn-implementation eager")
+    if kwargs.get("s_aux") is not None:
+        raise ConfigError("sfttrain_varlen cannot apply this model's attention sinks; use --attn-implementation auto "
+                          "or eager")
     if attention_mask is not None and attention_mask.dim() == 2 and not bool(attention_mask.all()):
         raise ValueError("sfttrain_varlen takes flattened rows without padding, not a padding mask")
     batch = query.shape[0]
@@ -205,6 +289,9 @@ def varlen_attention_forward(module, query, key, value, attention_mask=None, dro
         cu, max_len = _cu_from_positions(kwargs.get("position_ids"), batch, query.shape[2], query.device)
     else:
         max_len = int(kwargs.get("max_length_q") or int((cu[1:] - cu[:-1]).max()))
+    chunk = layer_chunk(module)
+    if chunk:
+        cu, max_len = split_into_chunks(cu, chunk), min(max_len, chunk)
     q, k, v = (x.transpose(1, 2).reshape(-1, x.shape[1], x.shape[3]) for x in (query, key, value))
     window = (sliding_window - 1, 0) if sliding_window else (-1, 0)
     gqa = q.shape[1] != k.shape[1]
@@ -219,6 +306,25 @@ def varlen_attention_forward(module, query, key, value, attention_mask=None, dro
     else:
         out = reference_varlen(q, k, v, cu, scale=scaling, window=window[0])
     return out.reshape(batch, -1, out.shape[1], out.shape[2]), None
+
+
+def layer_chunk(module) -> int | None:
+    """The attention chunk of this layer (Llama-4's "chunked_attention" layers), else None."""
+    config, index = getattr(module, "config", None), getattr(module, "layer_idx", None)
+    types = getattr(config, "layer_types", None)
+    if index is None or not types or index >= len(types) or types[index] != "chunked_attention":
+        return None
+    return getattr(config, "attention_chunk_size", None)
+
+
+def split_into_chunks(cu, chunk: int):
+    """Sample boundaries `cu` with every sample cut into chunks of `chunk` tokens from its own start: a
+    token of a chunked layer attends within its chunk only, which the varlen kernel gets as sequences."""
+    import torch
+
+    ends = cu.tolist()
+    bounds = [start for a, b in zip(ends[:-1], ends[1:]) for start in range(a, b, chunk)] + [ends[-1]]
+    return torch.tensor(bounds, dtype=cu.dtype, device=cu.device)
 
 
 def _cu_from_positions(position_ids, batch: int, length: int, device):
@@ -260,23 +366,32 @@ def reference_varlen(q, k, v, cu, scale: float | None = None, window: int = -1):
 
 # -- the proof ---------------------------------------------------------------------------------
 
-def probe_lengths(window: int | None, max_length: int | None) -> tuple[int, int]:
-    """Lengths of the probe's two samples: the second longer than the model's window wherever a
-    row of the build can be (so a path that drops the window is caught)."""
-    first, second = 7, 5
-    if window and (max_length is None or window < max_length):
-        second = window + 4
-    return first, second
+PROBE_OFFSET = 509
+"""Where the probe's second sample starts in its row (when the build's rows are that long): past 256,
+where bf16 stops holding every integer position (an ALiBi bias computed in bf16 then depends on the
+offset), and odd, so no multiple of a window or chunk."""
+
+
+def probe_lengths(window: int | None, max_length: int | None, chunk: int | None = None) -> tuple[int, int]:
+    """Lengths of the probe's two samples: the second longer than the model's window and chunk wherever
+    a row of the build can be (a path that drops either is caught), starting as far into the row as the
+    build's rows reach, up to `PROBE_OFFSET` (a bias that depends on the offset is caught)."""
+    span = max(window or 0, chunk or 0)
+    second = span + 4 if span and (max_length is None or span < max_length) else 5
+    room = PROBE_OFFSET if max_length is None else max_length - second
+    return max(7, min(PROBE_OFFSET, room)), second
 
 
 def check_isolation(model, collator, vocab_size: int, tolerance: float | None = None,
-                    window: int | None = None, max_length: int | None = None) -> float:
-    """Refuse a model/path pair that lets one packed sample see another, or drops its window.
+                    window: int | None = None, max_length: int | None = None, chunk: int | None = None) -> float:
+    """Refuse a model/path pair that lets one packed sample see another, drops its window or chunks,
+    or biases a sample by where it starts in the row.
 
     Runs the model on three probe rows, [A B], [A' B] (A' = A with other tokens) and [B] alone (a
-    plain forward pass, the model's own masking), and compares the logits on B. B is longer than
-    the model's sliding window. With isolation they agree to float noise; with cross-sample
-    attention, positions that do not restart, or a lost window, they do not.
+    plain forward pass, the model's own masking), and compares the logits on B (`probe_lengths`: B
+    is longer than the model's window and chunk, A as long as the build's rows allow, up to
+    `PROBE_OFFSET`). With isolation they agree to float noise; with cross-sample attention,
+    positions that do not restart, a lost window or chunk, or an offset-dependent bias, they do not.
 
     Returns:
         The larger mean absolute change of B's logits, relative to their mean magnitude.
@@ -288,7 +403,7 @@ def check_isolation(model, collator, vocab_size: int, tolerance: float | None = 
 
     gen = np.random.default_rng(0)
     high = max(4, min(vocab_size, 1000))
-    n_a, n_b = probe_lengths(window, max_length)
+    n_a, n_b = probe_lengths(window, max_length, chunk)
     a, a2, b = (gen.integers(3, high, size=n).astype(np.int32) for n in (n_a, n_a, n_b))
 
     def row(*parts):
@@ -320,12 +435,15 @@ def check_isolation(model, collator, vocab_size: int, tolerance: float | None = 
     if tolerance is None:
         tolerance = 1e-4 if _param_dtype(model) == torch.float32 else 5e-2
     if not diff <= tolerance:
+        other = (" (or --attn-implementation sdpa / eager: transformers' packed mask)"
+                 if collator.attention.mode == "varlen" else "")
         raise IsolationError(
             f"packed samples are not isolated with attention path `{collator.attention.name}`: the logits of "
             f"a sample of {n_b} tokens change by {diff:.3g} (relative; tolerance {tolerance:g}) between running it "
-            "packed behind another sample and running it alone: this model's code ignores the position ids or its "
-            "sliding window (some trust_remote_code models do). Try another --attn-implementation, or rebuild the "
-            "shards with `--packing none`")
+            f"packed {n_a} tokens into a row and running it alone: this model's code ignores the position ids, its "
+            "sliding window or chunks, or biases attention by where a sample starts in the row (Bloom, OPT, "
+            "Falcon's ALiBi, some trust_remote_code models). Rebuild the shards one sample per row: `sftprep build "
+            f"... --packing none --overwrite`{other}")
     return diff
 
 

@@ -93,7 +93,8 @@ def _print_start(console, s: dict[str, Any]) -> None:
     trained = f", {s['trained_tokens']:,} trained" if s["trained_tokens"] is not None else ""
     lines = [
         ("model", f"{s['model']} ({s['dtype']}, quantization: {s['quantization']})"),
-        ("training", f"{s['method']}"),
+        ("training", f"{s['method']}" + (f"; + router aux loss x {s['router_aux_coef']:g} (the model's "
+                                           "output_router_logits)" if s.get("router_aux_coef") else "")),
         ("parameters", f"{s['trainable_params']:,} trainable of {s['total_params']:,} ({pct:.2f}%)"),
         ("data", f"{s['rows']:,} rows, {s['tokens']:,} tokens{trained}; max_length {s['max_length']}, "
                  f"packing {s['packing']}" + (f"; eval {s['eval_rows']:,} rows" if s["eval_rows"] else "")),
@@ -105,6 +106,8 @@ def _print_start(console, s: dict[str, Any]) -> None:
         ("steps", f"{s['steps']:,}" + (f", resuming from {s['resume_from']}" if s["resume_from"] else "")),
         ("output", s["output_dir"]),
     ]
+    if s.get("targets_note"):
+        lines.insert(2, ("targets", s["targets_note"]))
     if s.get("precision_warning"):
         lines.append(("precision", s["precision_warning"]))
     if s.get("resume_changes"):

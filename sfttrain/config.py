@@ -64,7 +64,8 @@ class ModelConfig:
     """Weights dtype: auto (bf16/fp16 when bf16/fp16 mixed precision is on, else fp32), bf16, fp16, fp32 (--dtype)."""
     attn_implementation: str = "auto"
     """auto, sdpa, eager, varlen (torch varlen_attn), flash_attention_2, flash_attention_3; auto: flash-attn,
-    else torch varlen on a GPU in bf16/fp16; sdpa (eager without it) elsewhere (--attn-implementation)."""
+    else torch varlen on a GPU in bf16/fp16 (torch varlen for chunked attention as Llama-4's); sdpa (eager
+    without it) elsewhere and for Falcon, Bloom (--attn-implementation)."""
     trust_remote_code: bool = False
     """Allow the model folder's own Python code (--trust-remote-code)."""
 
@@ -101,7 +102,8 @@ class LoraConfig:
     bias: str = "none"
     """Which biases train: none, all, lora_only (--lora-bias)."""
     target_modules: tuple[str, ...] = ("all-linear",)
-    """Module names that get adapters, or all-linear (--target-modules, comma separated)."""
+    """Module names that get adapters, or all-linear: every linear layer but the LM head and a MoE model's
+    routers/gates; fused expert weights are not linear layers (--target-modules, comma separated)."""
     modules_to_save: tuple[str, ...] = ()
     """Modules trained in full and saved with the adapter, e.g. lm_head,embed_tokens (--modules-to-save)."""
 

@@ -25,6 +25,26 @@ from .checks import id_bound
 from .config import ConfigError
 
 
+class RealTokens(int):
+    """`num_real_tokens` of a batch: its tokens that are not padding (an int), and `per_row`, each row's
+    count. A row's padding follows its tokens, so `mask(length)` says which positions are real (the
+    router aux loss of a MoE model counts those only, `loss.RouterLoss`)."""
+
+    per_row: tuple[int, ...]
+
+    def __new__(cls, per_row) -> "RealTokens":
+        self = super().__new__(cls, sum(int(n) for n in per_row))
+        self.per_row = tuple(int(n) for n in per_row)
+        return self
+
+    def __reduce__(self):
+        return RealTokens, (self.per_row,)
+
+    def mask(self, length: int, device=None) -> torch.Tensor:
+        """(rows, length) bool: True at each row's real tokens."""
+        counts = torch.tensor(self.per_row, device=device)
+        return torch.arange(length, device=device)[None] < counts[:, None]
+
 
 class ShardDataset(torch.utils.data.Dataset):
     """Rows of a `sftprep build` folder: dicts of numpy arrays `input_ids`, `labels`, `seq_lens`.
@@ -123,7 +143,8 @@ class PackedCollator:
     packed, window-aware mask from the restarting position ids. varlen path: the rows flattened to
     (1, tokens) without padding, plus `cu_seq_lens_q/k` and `max_length_q/k` for the varlen kernel.
 
-    Both add `num_real_tokens` (not padding), which `ShardTrainer` counts and never passes on.
+    Both add `num_real_tokens` (not padding, a `RealTokens`), which `ShardTrainer` counts and never
+    passes on.
     The label of every sample's first token is forced to -100 (sftprep writes it so already):
     nothing may be learnt across a sample boundary.
     """
@@ -149,7 +170,7 @@ class PackedCollator:
             labels[i, :n] = mask_sample_starts(r["labels"][:n].astype(np.int64), r["seq_lens"])
             positions[i] = row_positions(r["seq_lens"], length)[0]
         return {"input_ids": torch.from_numpy(ids), "labels": torch.from_numpy(labels),
-                "position_ids": torch.from_numpy(positions), REAL_TOKENS: sum(used)}
+                "position_ids": torch.from_numpy(positions), REAL_TOKENS: RealTokens(used)}
 
     def _flatten(self, rows: list[dict[str, np.ndarray]]) -> dict[str, Any]:
         ids, labels, positions, lens = [], [], [], []
@@ -165,7 +186,7 @@ class PackedCollator:
             "labels": torch.from_numpy(np.concatenate(labels).astype(np.int64))[None],
             "position_ids": torch.from_numpy(np.concatenate(positions))[None],
             "cu_seq_lens_q": cu, "cu_seq_lens_k": cu,
-            "max_length_q": max(lens), "max_length_k": max(lens), REAL_TOKENS: int(cu[-1]),
+            "max_length_q": max(lens), "max_length_k": max(lens), REAL_TOKENS: RealTokens([int(cu[-1])]),
         }
 
 

@@ -155,7 +155,7 @@ class IterativeTrainer:
         from sftprep.tokenizer import load_tokenizer
 
         from .api import _resume_point, check_runtime
-        from .attention import model_traits
+        from .attention import check_packed_rows, model_traits
         from .checks import check_tokenizer, has_tokenizer, model_config
 
         c = self.config
@@ -168,6 +168,7 @@ class IterativeTrainer:
         self.tokenizer = check_tokenizer({"tokenizer": self.build.identity}, tok_path, c.model.path) \
             or load_tokenizer(tok_path)
         self.attention = check_runtime(c, self.traits)
+        check_packed_rows(self.traits, self.build.packing.shared, self.build.max_length)
         self.resume_from, _ = _resume_point(c, {})
         self.tokenizer_path = tok_path
 
@@ -197,7 +198,8 @@ class IterativeTrainer:
             model = model.to(args.device)
         self.collator = PackedCollator(self.attention, self.build.identity["pad_id"])
         self.isolation = (check_isolation(model, self.collator, self.build.identity["vocab_size"],
-                                          window=self.traits.get("window"), max_length=self.build.max_length)
+                                          window=self.traits.get("window"), max_length=self.build.max_length,
+                                          chunk=self.traits.get("chunk"))
                           if self.build.packing.shared else None)
         self.trainer = ShardTrainer(model=model, args=args, data_collator=self.collator,
                                     processing_class=self.tokenizer,

@@ -20,12 +20,26 @@ logit scaling) is applied by `logit_transform`, read from the config; every call
 model's own logits for its first row with ours, so a family whose head does something else is
 refused in one line instead of training on wrong logits. Loss and gradients are those of the
 full-logits computation.
+
+A MoE model whose config sets `output_router_logits` adds its routers' load-balancing loss to the
+language-model loss, `router_aux_loss_coef x aux`, in its own forward; `RouterLoss` adds the same
+term, computed by the model's own `load_balancing_loss_func` over the batch's real tokens:
+
+    one micro-batch    loss = CE summed / trained tokens of the step + coef x aux(real tokens)
+                       = the model's forward with labels on the same tokens (pads left out)
+    one step           the aux term is the mean over its micro-batches and ranks
+
+so a packed row's aux loss is the model's own over that row (the balance of the row's tokens, not
+a sum over its samples), a sample alone in a padded row gets the aux loss of that sample alone,
+and the term's weight does not grow with gradient accumulation or processes (transformers' Trainer
+with the model's own loss sums it over micro-batches).
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import sys
 from typing import Any, Callable
 
 import torch
@@ -155,12 +169,47 @@ def chunked_ce_sum(rows: torch.Tensor, targets: torch.Tensor, chunk: int,
     return total, correct
 
 
-class LossMeter:
-    """Summed loss, trained tokens, correct top-1 predictions and real (non-pad) tokens since the
-    meter was last taken: per-token eval loss, mean token accuracy and throughput. Counts stay on
-    the device until taken (no host sync per micro-batch)."""
+@dataclasses.dataclass(frozen=True)
+class RouterLoss:
+    """The router load-balancing loss a MoE model's forward adds to its loss (see the module docstring)."""
 
-    FIELDS = ("loss_sum", "correct", "trained", "real")
+    coef: float
+    balance: Callable[..., torch.Tensor]
+    """The model's own `load_balancing_loss_func(router_logits, num_experts, top_k, attention_mask)`."""
+    num_experts: int
+    top_k: int
+
+    def __call__(self, outputs: Any, real: torch.Tensor | None = None) -> torch.Tensor | None:
+        """The aux loss of `outputs.router_logits` over the tokens where `real` (batch, length) is True."""
+        logits = outputs.get("router_logits") if isinstance(outputs, dict) else None  # a ModelOutput is a dict
+        if not logits:
+            return None
+        aux = self.balance(tuple(logits), self.num_experts, self.top_k, real)
+        return aux if torch.is_tensor(aux) else None
+
+
+def router_loss(model) -> RouterLoss | None:
+    """`RouterLoss` of `model` (peft-wrapped or not) when its forward adds a router aux loss, else None."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = getattr(base, "config", None)
+    if not getattr(config, "output_router_logits", False):
+        return None
+    balance = getattr(sys.modules.get(type(base).__module__), "load_balancing_loss_func", None)
+    coef = getattr(base, "router_aux_loss_coef", getattr(config, "router_aux_loss_coef", None))
+    experts = getattr(base, "num_experts", None)
+    top_k = getattr(base, "num_experts_per_tok", None)
+    if balance is None or None in (coef, experts, top_k):
+        return None
+    return RouterLoss(float(coef), balance, int(experts), int(top_k))
+
+
+class LossMeter:
+    """Summed loss, trained tokens, correct top-1 predictions, real (non-pad) tokens and router aux
+    losses (summed, and the micro-batches that had one) since the meter was last taken: per-token
+    eval loss, mean token accuracy, throughput and mean aux loss. Counts stay on the device until
+    taken (no host sync per micro-batch)."""
+
+    FIELDS = ("loss_sum", "correct", "trained", "real", "aux_sum", "aux_batches")
 
     def __init__(self) -> None:
         self.values: dict[str, Any] = dict.fromkeys(self.FIELDS, 0)
@@ -170,6 +219,10 @@ class LossMeter:
             self.values["loss_sum"] = self.values["loss_sum"] + loss_sum.detach().double()
             self.values["correct"] = self.values["correct"] + correct
             self.values["trained"] = self.values["trained"] + int(targets.numel())
+
+    def add_aux(self, aux: torch.Tensor) -> None:
+        self.values["aux_sum"] = self.values["aux_sum"] + aux.detach().double()
+        self.values["aux_batches"] = self.values["aux_batches"] + 1
 
     def add_real(self, tokens: int) -> None:
         self.values["real"] = self.values["real"] + int(tokens)

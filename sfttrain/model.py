@@ -154,6 +154,49 @@ def load_model(config: TrainConfig, attention: AttentionPath):
     return model
 
 
+ROUTER_NAMES = ("gate", "router", "shared_expert_gate")
+"""Names of a MoE model's routers / expert gates (or of the module holding one): never a LoRA target of
+`all-linear` (their output picks experts; Llama-4's router returns a tuple, which a LoRA layer breaks)."""
+
+
+def all_linear_targets(model) -> tuple[list[str], str | None]:
+    """What `all-linear` adapts in `model`: the full names of its linear layers but the LM head and
+    routers (as peft's own `all-linear` lists them), and, for a MoE model, a note saying what was
+    adapted and what was left out (None for a dense model).
+
+    peft's own `all-linear` wraps the routers too, and on transformers 5 the fused expert weights of
+    Mixtral / Qwen-MoE (3-D parameters, not linear layers), which peft can only train without dropout:
+    the defaults would stop at `lora_dropout != 0`.
+    """
+    import torch
+    from transformers.pytorch_utils import Conv1D
+
+    def leaves(names):
+        return ", ".join(sorted({n.rsplit(".", 1)[-1] for n in names}))
+
+    head = model.get_output_embeddings()
+    targets, routers = [], []
+    for name, module in model.named_modules():
+        if isinstance(module, (torch.nn.Linear, Conv1D)) and module is not head:
+            router = "Router" in type(module).__name__ or any(part in ROUTER_NAMES for part in name.split("."))
+            (routers if router else targets).append(name)
+    experts = [n for n, p in model.named_parameters() if p.dim() == 3 and ".experts." in f".{n}"]
+    if not (routers or experts):
+        return targets, None
+    left = [f"routers/gates ({leaves(routers)})"] if routers else []
+    if experts:
+        left.append(f"fused expert weights (experts: {leaves(experts)}; not linear layers)")
+    return targets, f"all-linear on this MoE model: {leaves(targets)}; not adapted: {'; '.join(left)}"
+
+
+def lora_targets(model, config: TrainConfig) -> tuple[Any, str | None]:
+    """peft's `target_modules` for --target-modules, and what to say about it at start-up (or None)."""
+    given = config.lora.target_modules
+    if tuple(given) == ("all-linear",):
+        return all_linear_targets(model)
+    return (given[0] if len(given) == 1 else list(given)), None
+
+
 def apply_lora(model, config: TrainConfig):
     """Wrap `model` in a peft LoRA model (or return it unchanged for full fine-tuning)."""
     if config.lora.method == "full":
@@ -163,16 +206,16 @@ def apply_lora(model, config: TrainConfig):
 
     torch.manual_seed(config.train.seed)  # the LoRA init is reproducible
     lc = config.lora
-    target: Any = lc.target_modules
-    if len(target) == 1:
-        target = target[0]  # "all-linear" is only understood as a plain string
+    target, _ = lora_targets(model, config)
     peft_config = LoraConfig(
         r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout, bias=lc.bias, target_modules=target,
         modules_to_save=list(lc.modules_to_save) or None, task_type="CAUSAL_LM")
     try:
         return get_peft_model(model, peft_config)
     except ValueError as e:  # e.g. a target module name that matches nothing
-        raise ConfigError(f"--target-modules {','.join(lc.target_modules)}: {e}") from None
+        fix = (" (peft wraps this MoE model's fused expert weights for these names, and trains them only without "
+               "dropout): pass --lora-dropout 0, or --target-modules all-linear" if "lora_dropout" in str(e) else "")
+        raise ConfigError(f"--target-modules {','.join(lc.target_modules)}: {e}{fix}") from None
 
 
 def parameter_counts(model) -> tuple[int, int]:

@@ -11,8 +11,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from transformers import TrainerCallback
 
-_SHOWN = ("loss", "mean_token_accuracy", "eval_loss", "eval_mean_token_accuracy", "learning_rate", "grad_norm",
-          "tokens_per_s", "trained_tokens_seen", "epoch")
+_SHOWN = ("loss", "aux_loss", "mean_token_accuracy", "eval_loss", "eval_aux_loss", "eval_mean_token_accuracy",
+          "learning_rate", "grad_norm", "tokens_per_s", "trained_tokens_seen", "epoch")
 _WHOLE = ("tokens_per_s", "trained_tokens_seen")  # counts and rates: read as whole numbers
 
 

@@ -36,7 +36,7 @@ from sftprep.errors import UserError
 from .attention import REAL_TOKENS
 from .config import ConfigError, TrainConfig, did_you_mean
 from .data import EpochSampler
-from .loss import LossMeter, next_token_targets, per_token_loss, trained_head
+from .loss import LossMeter, next_token_targets, per_token_loss, router_loss, trained_head
 from .model import bf16_on
 
 RUN_FILE = "sfttrain.json"
@@ -68,6 +68,7 @@ class ShardTrainer(Trainer):
         self._warned_frozen = False
         self._head = None  # the trained positions' hidden states, caught during compute_loss (loss.py)
         super().__init__(*args, compute_loss_func=self._loss, **kwargs)
+        self.router = router_loss(self.model)  # a MoE model's load-balancing loss, or None
         self.add_callback(SetSamplerEpoch(self))
         self.add_callback(CheckGradients(self))
 
@@ -76,13 +77,28 @@ class ShardTrainer(Trainer):
         return per_token_loss(outputs, labels, num_items_in_batch, meter=meter, head=self._head)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        """The Trainer's own, with the LM head computed at trained positions only (see `loss.py`)."""
+        """The Trainer's own, with the LM head computed at trained positions only, plus a MoE model's
+        router aux loss over the real tokens (see `loss.py`)."""
         real = inputs.pop(REAL_TOKENS, None)
         if real is not None and model.training:
             self.meter.add_real(int(real))
         keep, _ = next_token_targets(inputs["labels"])
         with trained_head(self.accelerator.unwrap_model(model), keep) as self._head:
-            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            loss, outputs = super().compute_loss(model, inputs, True, num_items_in_batch)
+        aux = self._aux_loss(outputs, real, tuple(keep.shape))
+        if aux is not None:
+            (self.meter if model.training else self.eval_meter).add_aux(aux)
+            if model.training:  # the step's mean over its micro-batches (and, through DDP's average, ranks)
+                loss = loss + self.router.coef * aux.to(loss.device) / self.args.gradient_accumulation_steps
+        return (loss, outputs) if return_outputs else loss
+
+    def _aux_loss(self, outputs, real, shape: tuple[int, int]):
+        """The router aux loss of this batch's real tokens (None for a model without one)."""
+        if self.router is None:
+            return None
+        per_row = getattr(real, "per_row", None)
+        mask = real.mask(shape[1]) if per_row is not None and len(per_row) == shape[0] else None
+        return self.router(outputs, mask)
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """The Trainer's, then sfttrain.json beside the weights: a checkpoint saves its model first and
@@ -152,6 +168,8 @@ class ShardTrainer(Trainer):
                "tokens_seen": self.seen["tokens"], "trained_tokens_seen": self.seen["trained"]}
         if values["trained"]:
             out["mean_token_accuracy"] = values["correct"] / values["trained"]
+        if values["aux_batches"]:
+            out["aux_loss"] = values["aux_sum"] / values["aux_batches"]
         self._since = now
         return out
 
@@ -172,6 +190,8 @@ class ShardTrainer(Trainer):
             output.metrics[f"{prefix}_loss"] = values["loss_sum"] / values["trained"]
             output.metrics[f"{prefix}_mean_token_accuracy"] = values["correct"] / values["trained"]
             output.metrics[f"{prefix}_trained_tokens"] = int(values["trained"])
+        if values["aux_batches"]:
+            output.metrics[f"{prefix}_aux_loss"] = values["aux_sum"] / values["aux_batches"]
         return output
 
     def get_train_dataloader(self) -> torch.utils.data.DataLoader:

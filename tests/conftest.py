@@ -18,7 +18,7 @@ SLOW_FILES = {  # every test in these trains a model, runs a subprocess or rende
     "test_sfttrain_isolation.py", "test_sfttrain_learns.py", "test_sfttrain_logs.py", "test_sfttrain_quantized.py",
     "test_sfttrain_resume.py", "test_sfttrain_template.py", "test_sfttrain_varlen.py", "test_iterative.py",
     "test_fuzz.py", "test_window.py", "test_sfttrain_manifest.py", "test_sfttrain_first_hour.py",
-    "test_sfttrain_safety.py", "test_sfttrain_files.py",
+    "test_sfttrain_safety.py", "test_sfttrain_files.py", "test_sfttrain_moe.py",
 }
 """Marked `slow` as whole files (other slow tests carry `@pytest.mark.slow`). `pytest -m "not slow"` does
 not even import them: their module-level torch / transformers imports cost seconds."""
