@@ -228,7 +228,7 @@ class _Entries:
 
     def __init__(self, tasks: list[FileTask], to: cache.Cache | None, vocab_size: int) -> None:
         self.tasks, self.to, self.vocab_size = tasks, to, vocab_size
-        self.open: dict[int, cache.EntryWriter] = {}
+        self.open: dict[int, cache.EntryWriter | None] = {}  # None: the cache could not be written
         self.done = 0  # tasks before this one are finished
 
     def add(self, t: int, enc: Encoded) -> None:
@@ -240,12 +240,14 @@ class _Entries:
             return
         if t not in self.open:
             self.open[t] = self.to.writer(task.key, self.vocab_size, str(task.path))
-        self.open[t].add(enc, task.first)
+        if self.open[t] is not None:
+            self.open[t].add(enc, task.first)
 
     def finish(self, upto: int) -> None:
         """Seal (or discard) the entries of the tasks before `upto`, and count what came from the cache."""
         for t in range(self.done, upto):
-            task, writer = self.tasks[t], self.open.pop(t, None)
+            task, had = self.tasks[t], t in self.open
+            writer = self.open.pop(t, None)
             if self.to is None:
                 continue
             if task.entry is not None:
@@ -255,8 +257,9 @@ class _Entries:
             if task.key is None:
                 self.to.tokenized.append(str(task.path))
             elif task.complete:
-                writer = writer or self.to.writer(task.key, self.vocab_size, str(task.path))
-                writer.seal(task.records)
+                writer = writer if had else self.to.writer(task.key, self.vocab_size, str(task.path))
+                if writer is not None:
+                    writer.seal(task.records)
                 self.to.tokenized.append(str(task.path))
             elif writer is not None:
                 writer.discard()
@@ -264,7 +267,8 @@ class _Entries:
 
     def discard(self) -> None:
         for writer in self.open.values():
-            writer.discard()
+            if writer is not None:
+                writer.discard()
         self.open.clear()
 
 

@@ -118,6 +118,7 @@ class Cache:
     reused_tokens: int = 0
     tokenized: list[str] = field(default_factory=list)  # input files tokenized (and written, when complete)
     again: int = 0  # records of reused entries tokenized again
+    unwritable: bool = False  # the folder refused a write: no more entries are tried
 
     @property
     def entries(self) -> Path:
@@ -148,9 +149,19 @@ class Cache:
             p.unlink(missing_ok=True)
         return None
 
-    def writer(self, key: str, vocab_size: int, where: str) -> EntryWriter:
-        self.entries.mkdir(parents=True, exist_ok=True)
-        return EntryWriter(self, key, pa.uint16() if vocab_size <= 1 << 16 else pa.int32(), where)
+    def writer(self, key: str, vocab_size: int, where: str) -> EntryWriter | None:
+        """A writer for entry `key`, or None (with a warning, once) when the cache folder cannot be written:
+        the build goes on without filling it."""
+        if self.unwritable:
+            return None
+        try:
+            self.entries.mkdir(parents=True, exist_ok=True)
+            return EntryWriter(self, key, pa.uint16() if vocab_size <= 1 << 16 else pa.int32(), where)
+        except OSError as e:
+            self.unwritable = True
+            self.warnings.append(f"the sample cache {self.folder} cannot be written ({e.strerror or e}): this build "
+                                 "fills no entry (--cache-dir DIR for another folder, --no-cache to skip it)")
+            return None
 
     def prune(self, max_size: int | None = None) -> list[Path]:
         """Remove entries, least recently used first, until the cache holds at most `max_size` bytes (its own
@@ -230,7 +241,16 @@ class EntryWriter:
         self.tokens += len(ids)
 
     def seal(self, records: int) -> None:
-        """Finish the entry (`records`: how many its file holds), rename it into place, then its sidecar."""
+        """Finish the entry (`records`: how many its file holds), rename it into place, then its sidecar; a
+        failed write (disk full) leaves no entry, and a warning."""
+        try:
+            self._seal(records)
+        except OSError as e:
+            self.discard()
+            self.cache.warnings.append(f"the sample cache entry for {self.where} could not be written "
+                                       f"({e.strerror or e}); the next build tokenizes it again")
+
+    def _seal(self, records: int) -> None:
         self.out.close()
         self.sink.close()
         arrow = self.cache.entries / f"{self.key}.arrow"

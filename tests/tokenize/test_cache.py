@@ -163,3 +163,13 @@ def test_no_cache_writes_nothing_and_parts_and_workers_read_entries(tmp_path):
     m, shards = built(tmp_path, "w2", workers=2, max_length=600)
     _, fresh = built(tmp_path, "w2-fresh", cache=False, max_length=600)
     assert m["cache"]["inputs_reused"] == 2 and shards == fresh
+
+
+def test_a_cache_folder_that_cannot_be_written_is_a_warning_not_a_failure(tmp_path):
+    blocked = tmp_path / "not-a-folder"
+    blocked.write_text("a file where the cache folder would be")
+    m, shards = built(tmp_path, "a", cache_dir=str(blocked))
+    _, fresh = built(tmp_path, "b", cache=False)
+    assert shards == fresh
+    assert any(w.startswith(f"the sample cache {blocked} cannot be written") for w in m["warnings"]), m["warnings"]
+    assert sum("cannot be written" in w for w in m["warnings"]) == 1  # said once, not once per input
