@@ -35,7 +35,7 @@ from .files import LEDGER, claim, fsync_dir, ledger, names_path, plain_name, rew
 from .manifest import MANIFEST, read_manifest
 from ..mix.recipe import Plan, plan
 from ..tokenize.encode import CHOSEN
-from .shards import ShardSetWriter, numpy_array, sha256_file, string_array, write_batches
+from .shards import SPLITS, ShardSetWriter, numpy_array, sha256_file, string_array, write_batches
 from .store import SAMPLE_SCHEMA, Samples, Selected
 
 SAMPLES_FILE = "samples.feather"  # Arrow IPC file too, but no `*.arrow` glob meets it
@@ -329,12 +329,13 @@ def write_samples(out: Path, splits: list[tuple[str, Samples]], names: list[str]
                 source = np.searchsorted(first_ids, sid, side="right").astype(np.int32) - 1
                 yield pa.record_batch([*batch.columns,
                                        pa.DictionaryArray.from_arrays(numpy_array(source, pa.int32()), names),
-                                       pa.DictionaryArray.from_arrays(numpy_array(np.zeros(n, np.int32), pa.int32()),
-                                                                      string_array([split])),
+                                       pa.DictionaryArray.from_arrays(
+                                           numpy_array(np.full(n, list(SPLITS).index(split), np.int32), pa.int32()),
+                                           split_names),
                                        numpy_array(np.zeros(n, np.int32) if copy is None else copy[at:at + n],
                                                    pa.int32())], schema=SAMPLES_SCHEMA)
                 at += n
-    names = string_array(names)
+    names, split_names = string_array(names), string_array(list(SPLITS))  # one dictionary a column, file-wide
     write_batches(out / SAMPLES_FILE, SAMPLES_SCHEMA, batches())
     base = splits[0][1]
     getattr(base, "base", base).table_file = out / SAMPLES_FILE  # read from there once the spill is gone

@@ -245,3 +245,16 @@ def test_verify_stats_inspect_and_diff_read_a_recipe_per_source(tmp_path):
     val.write_bytes(bytes(data))
     report = verify(tmp_path / "a")
     assert not report.ok and any(v.file == "shard-validation-00000.arrow" for v in report.violations)
+
+
+def test_a_samples_file_of_many_batches_holds_both_splits(tmp_path):
+    """samples.feather is written 1,024 rows a record batch: its source and split columns keep one dictionary
+    over the file (an Arrow IPC file allows no other), train rows then validation rows."""
+    records = [{"text": f"record number {i} of a long list"} for i in range(3000)]
+    data = write_jsonl(tmp_path / "many.jsonl", records)
+    m = recipe(tmp_path / "o", [{"name": "many", "inputs": str(data), "repeat": 1.5}], eval={"fraction": 0.1})
+    info = feather.read_table(tmp_path / "o" / "samples.feather").to_pandas()
+    held = m["totals"]["validation"]["samples"]
+    assert 200 < held < 400 and len(info) == m["totals"]["samples_kept"] + held
+    assert list(info.split.unique()) == ["train", "validation"] and (info.split == "validation").sum() == held
+    assert info.source_name.unique().tolist() == ["many"] and info.sample_id.is_unique
