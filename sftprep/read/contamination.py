@@ -81,7 +81,11 @@ class Benchmark:
     def find_batch(self, records: list[Any]) -> dict[int, str]:
         """Record index -> why it is contaminated (the first n-gram it shares with an item, and the item),
         for the records (their fields; None: skipped) that share one."""
-        n, lists = self.n, [words(f) if f is not None else [] for f in records]
+        return self.find_words([words(f) if f is not None else [] for f in records])
+
+    def find_words(self, lists: list[list[str]]) -> dict[int, str]:
+        """`find_batch` of texts already cut into normalized words (lower-cased runs of letters and digits)."""
+        n = self.n
         flat, keys, at, first = _stream(lists, n)
         maybe = np.flatnonzero(self.bitmap[keys >> np.uint64(64 - _BITMAP_BITS)])
         where = np.minimum(np.searchsorted(self.keys, keys[maybe]), len(self.keys) - 1)
