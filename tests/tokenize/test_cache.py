@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -45,12 +46,20 @@ CHANGES = {  # a setting changed alone -> how many of the inputs are still read 
 }
 
 
-@pytest.mark.parametrize("change", CHANGES)
-def test_a_setting_that_decides_no_token_reuses_the_entries_and_writes_the_same_shards(tmp_path, change):
-    settings, reused = CHANGES[change]
-    first, _ = built(tmp_path, "first")
+@pytest.fixture(scope="module")
+def primed(tmp_path_factory) -> Path:
+    """A cache holding the entries of the base build (made once; each test works on a copy)."""
+    folder = tmp_path_factory.mktemp("primed")
+    first, _ = built(folder, "first", cache_dir=str(folder / "cache"))
     assert first["cache"]["inputs_tokenized"] == 2 and first["cache"]["inputs_reused"] == 0
-    again, shards = built(tmp_path, "again", **settings)
+    return folder / "cache"
+
+
+@pytest.mark.parametrize("change", CHANGES)
+def test_a_setting_that_decides_no_token_reuses_the_entries_and_writes_the_same_shards(tmp_path, change, primed):
+    settings, reused = CHANGES[change]
+    shutil.copytree(primed, tmp_path / "cache")
+    again, shards = built(tmp_path, "again", cache_dir=str(tmp_path / "cache"), **settings)
     _, fresh = built(tmp_path, "fresh", cache=False, **settings)
     assert shards == fresh and shards  # byte for byte
     assert again["cache"]["inputs_reused"] == reused, again["cache"]
