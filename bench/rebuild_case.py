@@ -55,7 +55,8 @@ def run_rebuild_case(a, tmp: Path, load_records, write_jsonl, render_chatml, run
     for rep in range(a.repeat):
         shutil.rmtree(tmp / "cache", ignore_errors=True)
         runs = {
-            "floor": lambda: isolated(run_floor, texts, a.tokenizer, [0]),
+            "floor": lambda: isolated(run_floor, texts, a.tokenizer,
+                                      [int(x) for x in a.floor_batches.split(",") if x.strip()]),
             "no cache": lambda: isolated(run_build, {**base, "out": str(tmp / "plain"), "cache": False}),
             "cold": lambda: isolated(run_build, {**base, "out": str(tmp / "cold"), "cache_dir": str(tmp / "cache")}),
             "rebuild": lambda: isolated(run_build, {**base, "out": str(tmp / "rebuild"), "cache_dir": str(tmp / "cache"),
