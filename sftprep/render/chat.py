@@ -325,9 +325,12 @@ class ChatTemplate:
             if last is None:
                 last = start
             end, append = self._turn_end(text, last, bound)
+            if end < 0:
+                raise FormatError(self._not_located(text, i, start, bound, "no stop token (a stop string or special "
+                                                    "token) ends this assistant turn"), "turn_not_located")
             if end <= start and not append:
                 raise FormatError(self._not_located(text, i, start, bound, "the assistant turn renders no text "
-                                                    "of its own, or no stop token ends it"), "turn_not_located")
+                                                    "of its own"), "turn_not_located")
             spans.append((start, end, append, group))
             done, group = end, group + 1
         return spans
@@ -365,13 +368,16 @@ class ChatTemplate:
         return think.end() if think and think.start() <= start <= think.end() else start
 
     def _turn_end(self, text: str, last: int, bound: int) -> tuple[int, bool]:
+        """Where the turn whose last text ends at `last` ends, and whether the stop token is appended;
+        -1 where no stop token ends it (neither a stop string nor a special token, and the template ends
+        its turns with a token that is not a stop token of this tokenizer, or writes more turns)."""
         for pattern in (self.stop_re, self.special_re):
             m = pattern.search(text, last, bound) if pattern else None
             if m:
                 return m.end(), False
-        if bound == len(text) and self.stop_tokens:
+        if bound == len(text) and self.stop_tokens and not self._unstopped_marker(text, last, bound):
             return len(text), True  # the template writes no stop token after the last turn
-        return last, False
+        return -1, False
 
     def _call_end(self, text: str, start: int, results: int) -> int:
         """The end of a tool call written before its results inside the turn: its stop token (Gemma 4's
@@ -387,11 +393,17 @@ class ChatTemplate:
         a, b = max(0, start - 40), min(len(text), bound + 40)
         around = repr(text[a:b]) if b - a <= 320 else f"{text[a:a + 200]!r} ... {text[b - 100:b]!r}"
         message = f"messages[{i}]: {why}; the template wrote ...{around}... around it"
-        end = self._turn_marker()
-        if end and end not in self.stop_tokens and end in text[start:bound + len(end)]:
+        end = self._unstopped_marker(text, start, bound)
+        if end:
             message += (f"; {end!r} ends the template's turns but is not a stop token of this tokenizer: "
                         f"add --stop-token {end!r}")
         return message
+
+    def _unstopped_marker(self, text: str, start: int, bound: int) -> str | None:
+        """The token that ends the template's user turns (`_turn_marker`) where it is written in
+        `text[start:bound]` (or runs past `bound`) and is no stop token."""
+        end = self._turn_marker()
+        return end if end and end not in self.stop_tokens and end in text[start:bound + len(end)] else None
 
     def _turn_marker(self) -> str | None:
         """The token the template writes right after a user turn's text (`<|im_end|>`), if any."""
