@@ -10,9 +10,11 @@ operations.
 Templates also ask questions of a text: Qwen3 tests `'</think>' in content` and splits it there,
 DeepSeek-R1 too, gpt-oss looks for channel tags in it. A slot answers such a question from the text
 it stands for in the conversation being planned, and the plan records the question and its answer
-(a *guard*): questions whose answer is a value (`in`, `==`, `startswith`, `length`...), and text
-operations that give the text back unchanged (`split('</think>')` on a text without `</think>` is
-`[text]`, `replace(a, b)` on one without `a` is the text). The template's path through the render
+(a *guard*): questions whose answer is a value (`in`, `==`, `startswith`, `| length > 0`: a length is
+only compared, `Length`), text operations that give the text back unchanged (`split('</think>')` on a
+text without `</think>` is `[text]`, `replace(a, b)` on one without `a` is the text), and splits of
+a text joined to the template's strings at separators that only those strings hold (Nemotron splits
+`"<think></think>" ~ content` at `</think>`). The template's path through the render
 depends on nothing else, so the plan is exact for every conversation of the shape whose texts give
 the same answers; one that answers differently gets a plan of its own (`Planning`, `guards_hold`),
 up to a few per shape. Anything else (indexing, iterating, converting to a string, JSON, escaping,
@@ -316,8 +318,9 @@ def written(base: int, slot: Slot) -> str:
 
 def planning_environment(env, base: int, marks: re.Pattern) -> None:
     """Make a template environment write slots (`written`), give back output it captures as `Joined`
-    where slots were written in it (`marks`: a pattern capturing the characters slots are written as), and give the tests
-    and filters that would silently treat a slot unlike a string the string's answer (or `Unsupported`)."""
+    where slots were written in it (`marks`: a pattern capturing the characters slots are written as),
+    join `~` as `+`, and give the tests and filters that would silently treat a slot unlike a string the
+    string's answer (or `Unsupported`)."""
     def finalize(value):
         if isinstance(value, Slot):
             return written(base, value)
