@@ -371,15 +371,18 @@ class ChatTemplate:
 
     def _turn_end(self, text: str, last: int, bound: int) -> tuple[int, bool]:
         """Where the turn whose last text ends at `last` ends, and whether the stop token is appended;
-        -1 where no stop token ends it (neither a stop string nor a special token, and the template ends
-        its turns with a token that is not a stop token of this tokenizer, or writes more turns)."""
+        -1 where no stop token ends it: neither a stop string nor a special token follows, but the token
+        the template ends its turns with, which is no stop token of this tokenizer (`<|im_end|>` added as a
+        plain token)."""
         for pattern in (self.stop_re, self.special_re):
             m = pattern.search(text, last, bound) if pattern else None
             if m:
                 return m.end(), False
-        if bound == len(text) and self.stop_tokens and not self._unstopped_marker(text, last, bound):
+        if self._unstopped_marker(text, last, bound) in self.boundaries:
+            return -1, False
+        if bound == len(text) and self.stop_tokens:
             return len(text), True  # the template writes no stop token after the last turn
-        return -1, False
+        return last, False
 
     def _call_end(self, text: str, start: int, results: int) -> int:
         """The end of a tool call written before its results inside the turn: its stop token (Gemma 4's
