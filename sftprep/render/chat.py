@@ -25,9 +25,9 @@ For each assistant turn the trained span runs from the end of its *header* to th
   `eos_token_id` list, `--stop-token`) after the turn's last text and before the next message's,
   else the first special token there (gpt-oss `<|end|>`). The newline after it and the next
   header are not trained. When the last turn ends the text with no stop token (GLM-4.5 writes
-  none; its stop token is the next turn's `<|user|>`), the first stop string is appended. A turn that
-  no stop token ends is rejected (`turn_not_located`, naming `--stop-token` where it fixes it), never
-  trained without its end.
+  none; its stop token is the next turn's `<|user|>`), the first stop string is appended. A turn the
+  template ends with a token that is no stop token (`<|im_end|>` added as a plain token) is rejected
+  (`turn_not_located`, naming `--stop-token '<|im_end|>'`), never trained without its end.
 - tool results that the template writes inside the assistant's turn, before its text (Gemma 4), are
   cut out: the call is trained up to its stop token, the text after the results from its start.
 
