@@ -20,6 +20,7 @@ code is 0 whatever the verdicts, unless something crashes.
     python bench/prep.py --samples 10000 --skip-trl
     python bench/prep.py --samples 20000 --skip-trl --also-workers 0 --profile /tmp/build.prof
     python bench/prep.py --case chat --samples 10000 --family qwen2.5   # a real chat template vs TRL
+    python bench/prep.py --case chat --skip-trl --family all             # every family's template vs its floor
     python bench/prep.py --case recipe --repeat 3  # three sources, weights, dedup, validation, decontamination
     python bench/prep.py --case rebuild --repeat 3 # the sample cache: cold, then --max-length x2 from it
 
@@ -387,21 +388,47 @@ def run_chat_build(jsonl: Path, tok_dir: Path, max_length: int, out: Path) -> di
 
 def run_chat_case(a, tmp: Path) -> None:
     """Multi-turn chats with a real Jinja chat template: sftprep `--template tokenizer` vs the floor
-    vs TRL `SFTTrainer(assistant_only_loss=True)` with TRL's `_training` variant of the same template."""
+    vs TRL `SFTTrainer(assistant_only_loss=True)` with TRL's `_training` variant of the same template.
+    With several families (`--family a,b` or `all`), each in turn, then a table of their ratios."""
     sys.path.insert(0, str(REPO))
     from bench.chat_data import make_chats
-    from tests.chat_families import family_tokenizer, template_text
+    from tests.chat_families import FAMILIES
 
-    tok_dir = family_tokenizer(a.family, tmp / "tokenizer")
-    jsonl = make_chats(a.samples, tmp / "chats.jsonl", a.data_dir.parent)
-    rows = [json.loads(line) for line in open(jsonl, encoding="utf-8")]
+    families = list(FAMILIES) if a.family == "all" else [f.strip() for f in a.family.split(",") if f.strip()]
+    unknown = [f for f in families if f not in FAMILIES]
+    if unknown:
+        sys.exit(f"error: unknown --family {', '.join(unknown)} (known: {', '.join(FAMILIES)})")
+    chats = make_chats(a.samples, tmp / "chats.jsonl", a.data_dir.parent)
+    print(f"sftprep chat benchmark: {a.samples:,} multi-turn chats (Alpaca EN+ZH chained, 2-4 exchanges), "
+          f"max_length {a.max_length}, bfd; each family's real chat template on the DeepSeek-V4 BPE")
+    print(f"sftprep code: {_git_state()}; load average {_load()}")
+    summary = [_chat_family(a, family, chats, tmp / family) for family in families]
+    if len(families) > 1:
+        print()
+        _print_families([r for r in summary if r])
+
+
+def _chat_family(a, family: str, chats: Path, tmp: Path) -> dict[str, Any] | None:
+    """One family's chat benchmark (printed); its ratios, or None where its template renders none of the chats."""
+    from tests.chat_families import family_tokenizer, template_text
     from transformers import AutoTokenizer
 
+    tok_dir = family_tokenizer(family, tmp / "tokenizer")
     hf = AutoTokenizer.from_pretrained(str(tok_dir))
-    texts = [hf.apply_chat_template(r["messages"], tokenize=False) for r in rows]  # untimed
-    print(f"sftprep chat benchmark: {a.samples:,} multi-turn chats (Alpaca EN+ZH chained, 2-4 exchanges), "
-          f"family {a.family} (its real chat template on the DeepSeek-V4 BPE), max_length {a.max_length}, bfd")
-    print(f"sftprep code: {_git_state()}; load average {_load()}")
+    rows, texts = [], []
+    for line in open(chats, encoding="utf-8"):  # untimed: the floor's input
+        row = json.loads(line)
+        try:
+            texts.append(hf.apply_chat_template(row["messages"], tokenize=False))
+        except Exception:  # the template refuses the chat (Gemma 2: no system role): left out of both
+            continue
+        rows.append(row)
+    print(f"\n== family {family}: {len(rows):,} chats" + (f" ({a.samples - len(rows):,} the template refuses, "
+                                                          "left out)" if len(rows) < a.samples else ""))
+    if not rows:
+        return None
+    jsonl = tmp / "chats.jsonl"
+    write_jsonl(rows, jsonl)
     floor = cached = sft = None
     for rep in range(a.repeat):
         fl = isolated(run_floor, texts, tok_dir, [int(x) for x in a.floor_batches.split(",") if x.strip()])
@@ -413,16 +440,17 @@ def run_chat_case(a, tmp: Path) -> None:
         print(f"[{rep + 1}/{a.repeat}] floor {fl['seconds']:.2f}s (with sftprep's word cache {fc['seconds']:.2f}s), "
               f"sftprep {r['seconds']:.2f}s")
         sys.stdout.flush()
+    shutil.rmtree(tmp / "out", ignore_errors=True)
     results = [{"name": f"floor: Rust encode_batch (batch {floor['batch']})", **floor, "fill": None},
                {"name": CACHED_FLOOR, **cached, "fill": None},
                {"name": "sftprep build --template tokenizer", **sft}]
+    training = template_text(family, training=True)
     trl = None
-    if not a.skip_trl:
-        trl = run_trl(rows, tok_dir, a.max_length, a.trl_workers or a.workers, "messages", tmp,
-                      chat_template=template_text(a.family, training=True))
+    if not a.skip_trl and training:
+        trl = run_trl(rows, tok_dir, a.max_length, a.trl_workers or a.workers, "messages", tmp, chat_template=training)
         results.append({"name": "TRL 1.16 SFTTrainer prep (assistant_only_loss)", **trl})
     print()
-    print_table(results, a.samples, floor["seconds"])
+    print_table(results, len(rows), floor["seconds"])
     x = sft["seconds"] / floor["seconds"]
     print(f"  [{verdict(x <= TARGET_CHAT_FLOOR)}] sftprep <= {TARGET_CHAT_FLOOR}x floor: {x:.2f}x")
     print(f"  [info] against the floor given sftprep's BPE word cache: {sft['seconds'] / cached['seconds']:.2f}x")
@@ -430,6 +458,25 @@ def run_chat_case(a, tmp: Path) -> None:
         print(f"  [info] sftprep {trl['seconds'] / sft['seconds']:.1f}x faster than TRL; tokens/trained "
               f"sftprep {sft['tokens']:,}/{sft['trained']:,}, TRL {trl['tokens']:,}/{trl['trained']:,} "
               "(TRL also trains the newline after each end-of-turn token)")
+    elif not a.skip_trl:
+        print("  [SKIP] TRL: the family has no training template with {% generation %} blocks")
+    sys.stdout.flush()
+    return {"family": family, "chats": len(rows), "floor": floor["seconds"], "cached": cached["seconds"],
+            "sftprep": sft["seconds"], "x": x, "cpu_x": sft["cpu"] / floor["cpu"]}
+
+
+def _print_families(summary: list[dict[str, Any]]) -> None:
+    head = ["family", "chats", "floor s", "sftprep s", "x floor", "x cached floor", "x floor CPU s",
+            f"<= {TARGET_CHAT_FLOOR}x"]
+    body = [[r["family"], f"{r['chats']:,}", f"{r['floor']:.2f}", f"{r['sftprep']:.2f}", f"{r['x']:.2f}x",
+             f"{r['sftprep'] / r['cached']:.2f}x", f"{r['cpu_x']:.2f}x", verdict(r["x"] <= TARGET_CHAT_FLOOR)]
+            for r in summary]
+    widths = [max(len(x[i]) for x in [head, *body]) for i in range(len(head))]
+    print(fmt_row(head, widths))
+    print("-+-".join("-" * w for w in widths))
+    for row in body:
+        print(fmt_row(row, widths))
+    print(f"load average at the end: {_load()}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -464,7 +511,9 @@ def main(argv: list[str] | None = None) -> int:
                          "three-source recipe (weights, dedup, 1%% validation, decontamination) vs one plain "
                          "build (bench/recipe_case.py); rebuild: the alpaca build with the sample cache cold, then "
                          "again with twice the max_length from it (bench/rebuild_case.py) (default %(default)s)")
-    ap.add_argument("--family", default="qwen2.5", help="chat case: a family of fixtures/chat_templates/families.json")
+    ap.add_argument("--family", default="qwen2.5",
+                    help="chat case: a family of fixtures/chat_templates/families.json, several separated by commas, "
+                         "or all (then a table of every family's ratio to its floor; default %(default)s)")
     a = ap.parse_args(argv)
 
     tmp = Path(tempfile.mkdtemp(prefix="sftprep-bench-"))

@@ -25,7 +25,9 @@ For each assistant turn the trained span runs from the end of its *header* to th
   `eos_token_id` list, `--stop-token`) after the turn's last text and before the next message's,
   else the first special token there (gpt-oss `<|end|>`). The newline after it and the next
   header are not trained. When the last turn ends the text with no stop token (GLM-4.5 writes
-  none; its stop token is the next turn's `<|user|>`), the first stop string is appended.
+  none; its stop token is the next turn's `<|user|>`), the first stop string is appended. A turn the
+  template ends with a token that is no stop token (`<|im_end|>` added as a plain token) is rejected
+  (`turn_not_located`, naming `--stop-token '<|im_end|>'`), never trained without its end.
 - tool results that the template writes inside the assistant's turn, before its text (Gemma 4), are
   cut out: the call is trained up to its stop token, the text after the results from its start.
 
@@ -99,7 +101,7 @@ def compile_template(source: str, planning: bool = False):
     env.globals.update(raise_exception=raise_exception, strftime_now=lambda f: datetime.now().strftime(f),
                        dict=dict, namespace=jinja2.utils.Namespace)
     if planning:
-        plans.planning_environment(env, _MARK0)
+        plans.planning_environment(env, _MARK0, _MARK_SPLIT)
     limits.guard(env)
     try:
         return env.from_string(source)
@@ -153,7 +155,7 @@ class ChatTemplate:
             self.header, self.user_tail, self.think_at = self._header()
         self.headers = self._header_prefixes()
         self.source = source
-        self._plans: dict[tuple, _Plan | None] = {}
+        self._plans: dict[tuple, list[_Plan]] = {}
         self._planning = None  # the template compiled for plans, on first use
 
     # -- the one render -----------------------------------------------------------------------
@@ -169,17 +171,12 @@ class ChatTemplate:
             return self._segments_of(conv)
 
     def _segments_of(self, conv: Conversation) -> list[Segment]:
-        if not (self.generation_blocks or self.captures):
+        if not self.generation_blocks:
             key = _shape(conv)
             if key is not None:
-                plan = self._plans.get(key, _UNSEEN)
-                if plan is _UNSEEN:
-                    if len(self._plans) >= _MAX_PLANS:  # beyond that many shapes, new ones are rendered
-                        plan = None
-                    else:
-                        plan = self._plans[key] = self._plan(conv)
-                if plan is not None:
-                    return plan.segments(conv.messages)
+                segments = self._planned(key, conv.messages)
+                if segments is not None:
+                    return segments
         try:
             return self._segments(conv, openai=False)
         except FormatError as e:
@@ -209,39 +206,62 @@ class ChatTemplate:
             spans = self._turn_spans(text, conv.messages, marks, opens)
         return self._cut(text, spans)
 
-    def _plan(self, conv: Conversation) -> _Plan | None:
-        """Render `conv`'s shape with slots for its texts (`plans`); None where the template does
+    def _planned(self, key: tuple, messages: list[Message]) -> list[Segment] | None:
+        """The segments of a conversation of shape `key` from the first of the shape's plans whose
+        guards its texts pass (`plans.guards_hold`), planning it where none does; None where that
+        plan is one of a render that failed (the conversation is rendered)."""
+        variants = self._plans.get(key)
+        if variants is None:
+            if len(self._plans) >= _MAX_PLANS:  # beyond that many shapes, new ones are rendered
+                return None
+            variants = self._plans[key] = []
+        cores = None
+        for plan in variants:
+            cores = cores or plan.cores(messages)
+            if plans.guards_hold(plan.guards, cores):
+                return plan.segments(cores)
+        if len(variants) >= _MAX_VARIANTS:  # texts that the template answers about in too many ways
+            return None
+        plan = self._plan(messages)
+        variants.append(plan)
+        return plan.segments(cores or plan.cores(messages))
+
+    def _plan(self, messages: list[Message]) -> _Plan:
+        """Render a conversation's shape with slots for its texts (`plans`), the template's questions
+        answered from the conversation's texts. The plan has no segments where the template does
         something with a text that a slot cannot stand for, or writes texts out of message order."""
         sources: list[tuple[int, str]] = []
+        planning = plans.Planning()
 
         def slot(i: int, key: str, value: str) -> str | plans.Slot:
             if not value:  # an empty text is part of the shape
                 return value
             sources.append((i, _TEXT_KEYS[key]))
-            return plans.Slot(len(sources) - 1, *_edges(value))
+            return planning.slot(value)
 
-        messages = _chat_messages(conv.messages, False, slot)
+        chat = _chat_messages(messages, False, slot)
         if len(sources) > _MAX_MARKS:  # rendering says why
-            return None
+            return _Plan(None, sources, [])
         if self._planning is None:
             self._planning = compile_template(self.source, planning=True)
         try:
-            text = self.render(messages, None, template=self._planning)
+            with planning:
+                text = self.render(chat, None, template=self._planning)
         except Exception:  # plans.Unsupported, or the template's own error (which rendering will report)
-            return None
+            return _Plan(None, sources, planning.guards)
         marks: dict[int, tuple[int, int]] = {}
         owner = -1
         for m in _MARK_RE.finditer(text):
             i = sources[ord(m.group()) - _MARK0][0]
             if i < owner:  # a text written after a later message's: turns are not where they seem
-                return None
+                return _Plan(None, sources, planning.guards)
             owner, at = i, m.start()
             marks[i] = (marks[i][0] if i in marks else at, at + 1)
         try:
-            spans = self._turn_spans(text, conv.messages, marks)
+            spans = self._turn_spans(text, messages, marks)
         except FormatError:  # rendering will say so, record by record
-            return None
-        return _Plan(self._cut(text, spans), sources)
+            return _Plan(None, sources, planning.guards)
+        return _Plan(self._cut(text, spans), sources, planning.guards)
 
     def _plain(self, conv: Conversation, tools: list | None, openai: bool) -> str:
         plain = self.render([m.to_chat(openai) for m in conv.messages], tools)
@@ -307,9 +327,12 @@ class ChatTemplate:
             if last is None:
                 last = start
             end, append = self._turn_end(text, last, bound)
+            if end < 0:
+                raise FormatError(self._not_located(text, i, start, bound, "no stop token (a stop string or special "
+                                                    "token) ends this assistant turn"), "turn_not_located")
             if end <= start and not append:
                 raise FormatError(self._not_located(text, i, start, bound, "the assistant turn renders no text "
-                                                    "of its own, or no stop token ends it"), "turn_not_located")
+                                                    "of its own"), "turn_not_located")
             spans.append((start, end, append, group))
             done, group = end, group + 1
         return spans
@@ -347,10 +370,16 @@ class ChatTemplate:
         return think.end() if think and think.start() <= start <= think.end() else start
 
     def _turn_end(self, text: str, last: int, bound: int) -> tuple[int, bool]:
+        """Where the turn whose last text ends at `last` ends, and whether the stop token is appended;
+        -1 where no stop token ends it: neither a stop string nor a special token follows, but the token
+        the template ends its turns with, which is no stop token of this tokenizer (`<|im_end|>` added as a
+        plain token)."""
         for pattern in (self.stop_re, self.special_re):
             m = pattern.search(text, last, bound) if pattern else None
             if m:
                 return m.end(), False
+        if self._unstopped_marker(text, last, bound) in self.boundaries:
+            return -1, False
         if bound == len(text) and self.stop_tokens:
             return len(text), True  # the template writes no stop token after the last turn
         return last, False
@@ -369,11 +398,17 @@ class ChatTemplate:
         a, b = max(0, start - 40), min(len(text), bound + 40)
         around = repr(text[a:b]) if b - a <= 320 else f"{text[a:a + 200]!r} ... {text[b - 100:b]!r}"
         message = f"messages[{i}]: {why}; the template wrote ...{around}... around it"
-        end = self._turn_marker()
-        if end and end not in self.stop_tokens and end in text[start:bound + len(end)]:
+        end = self._unstopped_marker(text, start, bound)
+        if end:
             message += (f"; {end!r} ends the template's turns but is not a stop token of this tokenizer: "
                         f"add --stop-token {end!r}")
         return message
+
+    def _unstopped_marker(self, text: str, start: int, bound: int) -> str | None:
+        """The token that ends the template's user turns (`_turn_marker`) where it is written in
+        `text[start:bound]` (or runs past `bound`) and is no stop token."""
+        end = self._turn_marker()
+        return end if end and end not in self.stop_tokens and end in text[start:bound + len(end)] else None
 
     def _turn_marker(self) -> str | None:
         """The token the template writes right after a user turn's text (`<|im_end|>`), if any."""
@@ -496,9 +531,9 @@ class ChatTemplate:
 def _captures_output(env, source: str) -> bool:
     """Whether the template turns rendered output into values it can inspect or transform: `{% set
     x %}` and `{% filter %}` blocks, macros, call blocks, autoescape (not `{% generation %}` blocks,
-    which only bracket theirs). Marked or slotted texts inside such output are not watched (GLM-4.5
-    tests `visible_text(m.content).endswith("/nothink")`), so renders of these templates are always
-    checked against the plain render, and never planned."""
+    which only bracket theirs). Marked texts inside such output are not watched (GLM-4.5 tests
+    `visible_text(m.content).endswith("/nothink")`), so renders of these templates are always checked
+    against the plain render. (Plans see such output as `plans.Joined` values, opaque as slots are.)"""
     from jinja2 import nodes
 
     kinds = (nodes.AssignBlock, nodes.FilterBlock, nodes.Macro, nodes.CallBlock, nodes.Block,
@@ -515,25 +550,32 @@ _PROBE_TOOLS = (None, [], [{"type": "function", "function": {"name": "f", "descr
     "type": "object", "properties": {"x": {"type": "string", "description": "x"}}, "required": ["x"]}}}])
 _THINKING_SWITCHES = ("enable_thinking", "thinking")  # the variables templates turn reasoning on with
 
-_UNSEEN = object()
 _MAX_PLANS = 4096  # shapes remembered per template (a dataset has a handful; beyond, conversations render)
+_MAX_VARIANTS = 8  # plans per shape, for texts the template answers about differently
 
 
 class _Plan:
     """A shape's segments with its texts left out: each segment a list of literal strings and
-    indices into `sources`, the (message index, attribute) of each text, written stripped."""
+    indices into `sources`, the (message index, attribute) of each text, written stripped; valid for
+    the conversations whose texts pass `guards` (`plans.guards_hold`). Without segments (None), those
+    conversations are rendered."""
 
-    def __init__(self, segments: list[Segment], sources: list[tuple[int, str]]) -> None:
-        self.sources = sources
-        self.parts: list[tuple[list, int | None]] = []
-        for seg, group in segments:
+    def __init__(self, segments: list[Segment] | None, sources: list[tuple[int, str]], guards: list[tuple]) -> None:
+        self.sources, self.guards = sources, guards
+        self.parts: list[tuple[list, int | None]] | None = None if segments is None else []
+        for seg, group in segments or ():
             pieces = _MARK_SPLIT.split(seg)  # text, slot, text, slot, ..., text
             parts = [ord(p) - _MARK0 if j % 2 else p for j, p in enumerate(pieces) if p]
             self.parts.append((parts, group))
 
-    def segments(self, messages: list[Message]) -> list[Segment]:
-        texts = [getattr(messages[i], attr).strip() for i, attr in self.sources]
-        return [("".join([p if p.__class__ is str else texts[p] for p in parts]), group)
+    def cores(self, messages: list[Message]) -> list[str]:
+        """The texts of a conversation of the shape, stripped, in slot order."""
+        return [getattr(messages[i], attr).strip() for i, attr in self.sources]
+
+    def segments(self, cores: list[str] | None) -> list[Segment] | None:
+        if self.parts is None:
+            return None
+        return [("".join([p if p.__class__ is str else cores[p] for p in parts]), group)
                 for parts, group in self.parts]
 
 
@@ -554,18 +596,11 @@ def _shape(conv: Conversation) -> tuple | None:
             elif text.isspace() or (not text.isascii() and _MARK_RE.search(text)):
                 return None
             elif text[0].isspace() or text[-1].isspace():  # the edge whitespace itself
-                state.append(_edges(text))
+                state.append(plans.edges(text))
             else:
                 state.append(0)
         key.append((m.role, *state))
     return tuple(key)
-
-
-def _edges(text: str) -> tuple[str, str]:
-    """The leading and trailing whitespace of a text that is not all whitespace."""
-    core = text.strip()
-    lead = text.index(core[0])
-    return text[:lead], text[lead + len(core):]
 
 
 def _common_prefix(a: str, b: str) -> int:

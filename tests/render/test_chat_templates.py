@@ -351,9 +351,11 @@ def test_deepseek_v3_tool_calls_after_the_first_are_trained(tmp_path):
 
 
 def test_a_turn_marker_that_is_no_stop_token_is_named_in_the_message(tmp_path):
-    """Qwen 2.5's template on a tokenizer where `<|im_end|>` is neither special nor EOS: a tool-call turn
-    cannot be located; the message shows what the template wrote there and says `--stop-token
-    '<|im_end|>'`, which builds it."""
+    """Qwen 2.5's template on a tokenizer where `<|im_end|>` is neither special nor EOS: no turn, a
+    tool call or plain text, can be located with its end; the message shows what the template wrote
+    there and says `--stop-token '<|im_end|>'`, which builds it, every turn trained up to `<|im_end|>`.
+    (Plain turns used to be built with no end trained, but the last, which got `<|im_end|>\\n` and an
+    appended EOS: a model that never learns to end a turn.)"""
     import shutil
 
     tok_dir = tmp_path / "tok"
@@ -366,10 +368,17 @@ def test_a_turn_marker_that_is_no_stop_token_is_named_in_the_message(tmp_path):
     config["eos_token"] = "<|endoftext|>"
     (tok_dir / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
     (tok_dir / "generation_config.json").unlink()
-    chat = [r for k, r in RECORDS if k == "chat_tools"][1]
-    _, rejects = build_family(tmp_path / "a", "qwen2.5", [chat], tokenizer=tok_dir)
-    message = rejects[0]["message"]
-    assert rejects[0]["reason"] == "turn_not_located"
-    assert "<tool_call>" in message and message.endswith("add --stop-token '<|im_end|>'")
-    samples, rejects = build_family(tmp_path / "b", "qwen2.5", [chat], tokenizer=tok_dir, stop_tokens=["<|im_end|>"])
-    assert not rejects and trained_runs(load_family("qwen2.5"), samples[0][1])[0].endswith("</tool_call><|im_end|>")
+    tools = [r for k, r in RECORDS if k == "chat_tools"][1]
+    plain = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
+                          {"role": "user", "content": "Bye"}, {"role": "assistant", "content": "Goodbye."}]}
+    _, rejects = build_family(tmp_path / "a", "qwen2.5", [tools, plain, {"messages": plain["messages"][:2]}],
+                              tokenizer=tok_dir)
+    for sid, seen in ((0, "<tool_call>"), (1, "Hello!<|im_end|>"), (2, "Hello!<|im_end|>")):
+        message = rejects[sid]["message"]
+        assert rejects[sid]["reason"] == "turn_not_located"
+        assert seen in message and message.endswith("add --stop-token '<|im_end|>'"), sid
+    samples, rejects = build_family(tmp_path / "b", "qwen2.5", [tools, plain], tokenizer=tok_dir,
+                                    stop_tokens=["<|im_end|>"])
+    tok = load_family("qwen2.5")
+    assert not rejects and trained_runs(tok, samples[0][1])[0].endswith("</tool_call><|im_end|>")
+    assert trained_runs(tok, samples[1][1]) == ["Hello!<|im_end|>", "Goodbye.<|im_end|>"]
