@@ -89,8 +89,9 @@ class PackingMode:
     """How a packing strategy forms rows, and what a reader of its rows must know."""
 
     name: str
-    rows: Callable[[Sequence[int], int, int], list[list[Piece]]]
-    """`rows(lengths, max_length, seed)`: every sample's tokens, placed as pieces in rows."""
+    rows: Callable[[Sequence[int], int, int], Sequence[list[Piece]]]
+    """`rows(lengths, max_length, seed)`: every sample's tokens, placed as pieces in rows (a list of lists, or
+    `Rows`: the same held in flat arrays, for millions of samples)."""
     padded: bool
     """Rows are padded to `max_length` (else each row is as long as what it holds)."""
     shared: bool
@@ -104,7 +105,7 @@ class PackingMode:
 def _bfd_rows(lengths: Sequence[int], max_length: int, seed: int) -> Rows:
     lengths = np.asarray(lengths)
     offsets, members = bfd_bins(lengths, max_length)
-    # rows shuffled as random.shuffle shuffles a list, in an array (4 bytes a row, not a Python int)
+    # rows shuffled as random.shuffle shuffles a list, in an array (8 bytes a row, not a Python int each)
     random.Random(seed).shuffle(order := array("q", range(len(offsets) - 1)))
     return Rows(offsets, members, lengths, order=np.frombuffer(order, np.int64))
 

@@ -35,11 +35,21 @@ from .window import Window
 # first ~1,000 chats and then stops caching: words met after that are merged again at every use.
 # 100,000: 8.5 -> 7.4 tokenizer CPU s on 10k multi-turn chats (bench/prep.py --case chat), ~30 MB
 # more per thread. (tokenizers keeps these caches in its worker threads after the tokenizer is gone.)
+# Only where the pre-tokenizer cuts text into words: one that does not (Mistral's Metaspace, split: false)
+# hands BPE each text between special tokens whole, so the cache holds whole texts (a few KB each): at
+# 100,000 it grew a build's memory by ~250 bytes a record over its first million short records, for
+# hits on repeated texts only. Those keep tokenizers' default.
 BPE_CACHE_WORDS = 100_000
 
 CHOSEN = ("contaminated", "duplicate")
 """Reject reasons that are the recipe's choices, not faults of a record: never an error under
 `--on-error fail`, and not counted against `max_reject_ratio`."""
+
+
+def _splits_words(backend) -> bool:
+    """Whether the tokenizer's pre-tokenizer cuts a text into words (else BPE's "words" are whole texts)."""
+    pre = backend.pre_tokenizer
+    return pre is not None and len(pre.pre_tokenize_str("one two three")) > 1
 
 
 @dataclass(slots=True)
@@ -101,7 +111,7 @@ class Encoder:
                  truncate: bool = True, allow_code: bool = False) -> None:
         self.read, self.template_name = read, template.name
         self.backend = tok.backend_tokenizer
-        if hasattr(self.backend.model, "_resize_cache"):  # BPE
+        if hasattr(self.backend.model, "_resize_cache") and _splits_words(self.backend):  # BPE
             self.backend.model._resize_cache(BPE_CACHE_WORDS)
         self.boundaries = ByteBoundaries.of(self.backend)
         self.renderer = Renderer(template, tokenize.train_on, tok.eos_token, tok, allow_code)

@@ -51,6 +51,7 @@ class Samples:
         self.lengths = np.zeros(0, np.int32)
         self.sample_ids = np.zeros(0, np.int32)
         self.num_truncated = 0
+        self.table_file: Path | None = None  # the samples table once written (`output.write_samples`)
         self._buffers = (np.empty(0, np.int32), np.empty(0, np.int32))  # reused from batch to batch
         self._maps: list[mmap.mmap] = []  # the memory maps tokens are read from (`_release`)
 
@@ -190,7 +191,6 @@ class SampleStore(Samples):
         self.total = 0
         self.count = 0  # samples added
         self.max_id = -1  # the largest token id stored (the manifest's max_token_id bounds it)
-        self.table_file: Path | None = None  # the samples table once written (`output.write_samples`)
         self._ids = self._labels = None
         self._last_id = -1
         self.starts = np.zeros(0, np.int64)
