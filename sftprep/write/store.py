@@ -102,7 +102,22 @@ class Samples:
     def _copy(self, pieces: list[tuple[int, int, int, int]], samples: np.ndarray, ids: np.ndarray,
               labels: np.ndarray) -> None:
         """Copy pieces `(sample, start, stop, dest)`, token range `[start, stop)` of a sample, into
-        `ids`/`labels` at `dest`, releasing the mapped pages read every RELEASE_PIECES pieces."""
+        `ids`/`labels` at `dest`, releasing the mapped pages read every RELEASE_PIECES pieces. Samples laid in
+        one pair of arrays (`_flat`) are gathered RELEASE_PIECES pieces at a time with numpy."""
+        flat = self._flat()
+        if flat is not None and pieces:
+            src_ids, src_labels, starts = flat
+            table = np.asarray(pieces, np.int64)
+            for lo in range(0, len(table), RELEASE_PIECES):
+                a, b, d = table[lo:lo + RELEASE_PIECES, 1:].T
+                lens = b - a
+                within = np.arange(int(lens.sum())) - np.repeat(np.cumsum(lens) - lens, lens)
+                src = np.repeat(starts[samples[lo:lo + RELEASE_PIECES]] + a, lens) + within
+                dst = np.repeat(d, lens) + within
+                ids[dst] = src_ids[src]
+                labels[dst] = src_labels[src]
+                self._release()
+            return
         for k, ((_, a, b, d), (src_ids, src_labels, s)) in enumerate(zip(pieces, self._tokens_of(samples)), 1):
             if k % RELEASE_PIECES == 0:
                 self._release()
@@ -113,6 +128,11 @@ class Samples:
     def _tokens_of(self, samples: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray, int]]:
         """For each of `samples`: the token arrays it lies in, and where it starts in them."""
         raise NotImplementedError
+
+    def _flat(self) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+        """(ids, labels, where each sample starts in them) when every sample lies in one pair of arrays, else
+        None (`_tokens_of` then says, sample by sample)."""
+        return None
 
     def hashes(self) -> tuple[np.ndarray, np.ndarray]:
         """Per sample, two 64-bit content hashes (blake2b): of its token ids (`key`: what a recipe splits and
@@ -176,6 +196,10 @@ class Selected(Samples):
 
     def _tokens_of(self, samples: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray, int]]:
         return self.base._tokens_of(self.take[samples])
+
+    def _flat(self) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+        flat = self.base._flat()
+        return None if flat is None else (flat[0], flat[1], flat[2][self.take])
 
 
 class SampleStore(Samples):
@@ -249,6 +273,9 @@ class SampleStore(Samples):
 
     def _tokens_of(self, samples: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray, int]]:
         return zip(repeat(self._ids), repeat(self._labels), self.starts[samples].tolist())
+
+    def _flat(self) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+        return (self._ids, self._labels, self.starts) if self._ids is not None else None
 
     def remove(self) -> None:
         for f in self._files:
