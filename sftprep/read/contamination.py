@@ -1,15 +1,15 @@
-"""Decontamination: drop training records that share a word n-gram with a benchmark item.
+"""Decontamination: the word n-grams of benchmark items, and which texts share one.
 
     benchmark files --items--> words (lower-cased, punctuation and white space dropped: `\\w+`)
                     --n-grams--> sorted 64-bit keys (+ the item and word each starts at), a bitmap of them
-    a batch of records (every string of each) --words--> 64-bit word hashes, end to end
+    a batch of texts, as word lists (`tokenize.screen`: samples) --> 64-bit word hashes, end to end
                     --n-grams (numpy, at once)--> bitmap --> searchsorted --> confirmed word by word
 
 Memory is the benchmark's: its items' word hashes, one key per n-gram and an 8 MiB bitmap; nothing of the training
-data is kept. A record costs a regex pass and a hash per word in Python; its n-grams are hashed and looked up
-with numpy over the whole batch. Words are hashed with Python's `hash` (the same in the process that builds
-the index and the one that checks a record: each worker builds its own). A record's strings are read as one
-text (an n-gram may run from one field into the next).
+data is kept. A text costs a hash per word in Python; its n-grams are hashed and looked up with numpy over the
+whole batch. Words are hashed with Python's `hash` (the same in the process that builds the index and the one
+that checks a text: each worker builds its own). An item's strings are read as one text (an n-gram may run
+from one field into the next).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 
 _WORD = re.compile(r"\w+")
 _BASE = np.uint64(0x100000001B3)  # the n-gram hash's multiplier (odd: wraps modulo 2^64 without losing bits)
-_BITMAP_BITS = 23  # the bitmap's size: 2^23 flags (8 MiB); at 150k n-grams (10k items) 98% of a record's stop there
+_BITMAP_BITS = 23  # the bitmap's size: 2^23 flags (8 MiB); at 150k n-grams (10k items) 98% of a text's stop there
 
 
 def texts(value: Any) -> Iterator[str]:
@@ -53,7 +53,7 @@ def _hashes(ws: list[str]) -> np.ndarray:
 
 
 class Benchmark:
-    """The n-grams of benchmark files; `find_batch(records)` names the first one each record shares."""
+    """The n-grams of benchmark files; `find_words(texts)` names the first one each text shares."""
 
     def __init__(self, patterns: tuple[str, ...], n: int, limits: ReadConfig | None = None) -> None:
         self.n = n
@@ -78,13 +78,9 @@ class Benchmark:
         self.bitmap = np.zeros(1 << _BITMAP_BITS, bool)
         self.bitmap[self.keys >> np.uint64(64 - _BITMAP_BITS)] = True
 
-    def find_batch(self, records: list[Any]) -> dict[int, str]:
-        """Record index -> why it is contaminated (the first n-gram it shares with an item, and the item),
-        for the records (their fields; None: skipped) that share one."""
-        return self.find_words([words(f) if f is not None else [] for f in records])
-
     def find_words(self, lists: list[list[str]]) -> dict[int, str]:
-        """`find_batch` of texts already cut into normalized words (lower-cased runs of letters and digits)."""
+        """Text index -> why it is contaminated (the first n-gram it shares with an item, and the item), for
+        the texts, given as normalized words (`words`: lower-cased runs of letters and digits), that share one."""
         n = self.n
         flat, keys, at, first = _stream(lists, n)
         maybe = np.flatnonzero(self.bitmap[keys >> np.uint64(64 - _BITMAP_BITS)])

@@ -2,7 +2,7 @@
 (`read.contamination.Benchmark`) is dropped as `contaminated`.
 
     Encoded batch --each token's text (a table made once from the decoder), joined--> each sample's text
-                  --Benchmark.find_batch--> contaminated samples --> rejects; the rest go on
+                  --split, Benchmark.find_words--> contaminated samples --> rejects; the rest go on
 
 It runs on samples, not records, so it is the same for samples tokenized now and samples read back from the
 sample cache (whose entries therefore do not depend on the benchmark), and it runs as batches arrive, beside
