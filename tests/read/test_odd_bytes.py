@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import pyarrow as pa
+import pytest
 from click.testing import CliRunner
 
 from sftprep.cli import main
@@ -27,26 +28,25 @@ def _latin1_table() -> pa.Table:
     return pa.table({"prompt": prompts, "completion": pa.array([" a", " b"])})
 
 
-def test_an_arrow_string_column_holding_invalid_utf8_names_the_row_and_column(tmp_path):
-    table = _latin1_table()
-    with pa.ipc.new_file(tmp_path / "latin1.arrow", table.schema) as w:
+def _write_arrow(table, path):
+    with pa.ipc.new_file(path, table.schema) as w:
         w.write_table(table)
-    code, out = _build("-i", tmp_path / "latin1.arrow", "-t", MISTRAL, "-o", tmp_path / "out")
-    assert code == 2
-    assert out.splitlines()[-1] == (f"Error: {tmp_path / 'latin1.arrow'}:row 1: column 'prompt' holds bytes that "
-                                    "are not UTF-8 (invalid continuation byte at byte 3); re-encode the file's "
-                                    "text as UTF-8")
 
 
-def test_a_parquet_string_column_holding_invalid_utf8_names_the_row_and_column(tmp_path):
+def _write_parquet(table, path):
     import pyarrow.parquet as pq
 
-    pq.write_table(_latin1_table(), tmp_path / "latin1.parquet")
-    code, out = _build("-i", tmp_path / "latin1.parquet", "-t", MISTRAL, "-o", tmp_path / "out")
+    pq.write_table(table, path)
+
+
+@pytest.mark.parametrize("suffix, write", [(".arrow", _write_arrow), (".parquet", _write_parquet)])
+def test_a_string_column_holding_invalid_utf8_names_the_row_and_column(tmp_path, suffix, write):
+    path = tmp_path / f"latin1{suffix}"
+    write(_latin1_table(), path)
+    code, out = _build("-i", path, "-t", MISTRAL, "-o", tmp_path / "out")
     assert code == 2
-    assert out.splitlines()[-1] == (f"Error: {tmp_path / 'latin1.parquet'}:row 1: column 'prompt' holds bytes that "
-                                    "are not UTF-8 (invalid continuation byte at byte 3); re-encode the file's "
-                                    "text as UTF-8")
+    assert out.splitlines()[-1] == (f"Error: {path}:row 1: column 'prompt' holds bytes that are not UTF-8 "
+                                    "(invalid continuation byte at byte 3); re-encode the file's text as UTF-8")
 
 
 def test_a_save_to_disk_folder_holding_invalid_utf8_names_the_row_and_column(tmp_path):
