@@ -459,7 +459,8 @@ def write_build(config: BuildConfig, out: Path, samples: Samples, rejects: list[
     else:
         chosen = Plan(np.arange(len(samples)), np.zeros(len(samples), np.int64), np.zeros(0, np.int64))
     rejects = sorted(rejects + _duplicate_rejects(samples, chosen, source_of, recipe), key=lambda r: r["sample_id"])
-    trained, truncated = samples.column(3), samples.column(4).astype(bool)  # per sample, in input order
+    trained, truncated = samples.columns(3, 4)  # per sample, in input order
+    truncated = truncated.astype(bool)
     train = samples if chosen.is_identity(len(samples)) else Selected(samples, chosen.train, chosen.repeat, read)
     splits = [("train", train)]
     if len(chosen.validation):

@@ -150,11 +150,14 @@ class Samples:
         self._release()
         return key, exact
 
-    def column(self, k: int) -> np.ndarray:
-        """Column `k` of the samples table (`SAMPLE_SCHEMA`: 3 num_trained, 4 truncated) as one array, in
-        input order (a number a sample: the compact arrays a recipe's accounting reads)."""
-        parts = [b.column(k).to_numpy(zero_copy_only=False) for b in self.table_batches()]
-        return np.concatenate(parts) if parts else np.zeros(0)
+    def columns(self, *ks: int) -> list[np.ndarray]:
+        """Columns `ks` of the samples table (`SAMPLE_SCHEMA`: 3 num_trained, 4 truncated), each as one array in
+        input order (a number a sample: the compact arrays a recipe's accounting reads), in one pass."""
+        parts: list[list[np.ndarray]] = [[] for _ in ks]
+        for batch in self.table_batches():
+            for part, k in zip(parts, ks):
+                part.append(batch.column(k).to_numpy(zero_copy_only=False))
+        return [np.concatenate(p) if p else np.zeros(0) for p in parts]
 
     def _release(self) -> None:
         """Drop the mapped pages read so far from this process's resident memory (read-only file pages:
