@@ -80,12 +80,25 @@ def _run(config) -> None:
     _quiet(config.quantized)
     console = Console(stderr=True)
     main_rank = int(os.environ.get("RANK", "0")) == 0  # under torchrun, one rank speaks
-    result = train(config, callbacks=[RichProgress(console)], disable_tqdm=True,
-                   on_start=(lambda s: _print_start(console, s)) if main_rank else None)
+    try:
+        result = train(config, callbacks=[RichProgress(console)], disable_tqdm=True,
+                       on_start=(lambda s: _print_start(console, s)) if main_rank else None)
+    finally:
+        _leave_process_group()
     if main_rank:
         _print_end(console, result)
     if result.interrupted_by:
         sys.exit(130 if result.interrupted_by == "SIGINT" else 143)
+
+
+def _leave_process_group() -> None:
+    """Under torchrun, close the job's process group before the process exits: left to the interpreter's
+    exit, gloo's threads can be torn down while still running and a rank aborts ("terminate called
+    without an active exception") after its last step, failing a run that finished."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _print_start(console, s: dict[str, Any]) -> None:
