@@ -246,7 +246,7 @@ class MixConfig:
     sample that shares a word n-gram with any of their items is dropped as `contaminated` (repeatable)
     (--decontaminate)."""
     decontaminate_ngram: int = 13
-    """Words per n-gram for --decontaminate, after lower-casing and dropping punctuation (13, as GPT-3 and
+    """Words per n-gram for --decontaminate, after case-folding and dropping punctuation (13, as GPT-3 and
     Tulu 3) (--decontaminate-ngram)."""
 
 
