@@ -189,7 +189,7 @@ def run_sftprep(jsonl: Path, tokenizer_dir: Path, max_length: int, workers: int,
     cfg = config_from_dict({
         "inputs": [str(jsonl)], "tokenizer": str(tokenizer_dir), "template": "chatml",
         "max_length": max_length, "packing": "bfd", "out": str(out), "overwrite": True,
-        "workers": workers,
+        "workers": workers, "cache": False,  # every build tokenizes (a warm sample cache would skip it)
     })
     if profile:
         m, elapsed, cpu = _profiled_build(build, cfg, profile, workers)
@@ -381,7 +381,8 @@ def run_chat_build(jsonl: Path, tok_dir: Path, max_length: int, out: Path) -> di
 
     c0, t0 = cpu_seconds(), time.perf_counter()
     m = build(config_from_dict({"inputs": [str(jsonl)], "tokenizer": str(tok_dir), "template": "tokenizer",
-                                "max_length": max_length, "out": str(out), "overwrite": True}))
+                                "max_length": max_length, "out": str(out), "overwrite": True,
+                                "cache": False}))  # every build tokenizes (a warm sample cache would skip it)
     return {"seconds": time.perf_counter() - t0, "cpu": cpu_seconds() - c0, "tokens": m["totals"]["tokens"],
             "trained": m["totals"]["trained_tokens"], "fill": m["totals"]["fill_ratio"]}
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -148,10 +149,15 @@ def tokenizer_identity(tok, path: str | Path) -> dict[str, Any]:
 
     Two tokenizers with the same hash map every text to the same ids.
     """
-    vocab = tok.backend_tokenizer.get_vocab(with_added_tokens=True)
+    backend = tok.backend_tokenizer
+    tokens = tokens_by_id(backend)
+    if None in tokens or len(set(tokens)) != len(tokens):  # ids without a token, or a token at two ids
+        pairs = sorted(backend.get_vocab(with_added_tokens=True).items(), key=lambda kv: kv[1])
+    else:  # the same pairs, without building get_vocab's dict (0.3 s at 129k tokens)
+        pairs = list(zip(tokens, range(len(tokens))))
     special = {f"{k}_token": getattr(tok, f"{k}_token") for k in ("bos", "eos", "pad", "unk")}
     h = hashlib.sha256()
-    h.update(json.dumps(sorted(vocab.items(), key=lambda kv: kv[1]), ensure_ascii=False).encode())
+    h.update(json.dumps(pairs, ensure_ascii=False).encode())
     h.update(json.dumps(special, sort_keys=True).encode())
     return {
         "path": str(path),
@@ -163,6 +169,21 @@ def tokenizer_identity(tok, path: str | Path) -> dict[str, Any]:
         "pad_id": pad_id(tok),
         "special_tokens": special,
     }
+
+
+_last_tokens: tuple[Any, list[str | None]] = (None, [])
+_tokens_lock = threading.Lock()
+
+
+def tokens_by_id(backend) -> list[str | None]:
+    """Each id's token (None where an id has none), up to the vocabulary size with added tokens: read once per
+    tokenizer object, for the last one asked (a build's identity and its token byte table both need them)."""
+    global _last_tokens
+    with _tokens_lock:
+        if _last_tokens[0] is not backend:
+            size = backend.get_vocab_size(with_added_tokens=True)
+            _last_tokens = backend, [backend.id_to_token(i) for i in range(size)]
+        return _last_tokens[1]
 
 
 def pad_id(tok) -> int:

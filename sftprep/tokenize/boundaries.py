@@ -34,6 +34,8 @@ from typing import Sequence
 
 import numpy as np
 
+from ..tokenizer import tokens_by_id
+
 # pre-tokenizers that split text without dropping or adding any of it (Split's "Removed" drops)
 _SPLITTERS = {"Split", "Digits", "Punctuation", "ByteLevel"}
 _IDENTITY_NORMALIZERS = ({"type": "Sequence", "normalizers": []},)
@@ -129,7 +131,7 @@ class ByteBoundaries:
         backend = self.backend
         model = backend.model
         added = backend.get_added_tokens_decoder()
-        tokens = [backend.id_to_token(i) or "" for i in range(backend.get_vocab_size(with_added_tokens=False))]
+        tokens = [t or "" for t in tokens_by_id(backend)[:backend.get_vocab_size(with_added_tokens=False)]]
         for i in added:  # their bytes are their content (below)
             if i < len(tokens):
                 tokens[i] = ""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import pytest
@@ -91,6 +92,33 @@ def test_fast_loader_matches_transformers(tmp_path):
             [full(t, add_special_tokens=False)["input_ids"] for t in texts]
         assert (fast.bos_token_id, fast.eos_token_id, fast.chat_template) == \
             (full.bos_token_id, full.eos_token_id, full.chat_template)
+
+
+def _vocab_digest(backend, special):
+    """The vocab hash as builds have always computed it: get_vocab's pairs, sorted by id."""
+    pairs = sorted(backend.get_vocab(with_added_tokens=True).items(), key=lambda kv: kv[1])
+    h = hashlib.sha256(json.dumps(pairs, ensure_ascii=False).encode())
+    h.update(json.dumps(special, sort_keys=True).encode())
+    return h.hexdigest()
+
+
+@pytest.mark.parametrize("name", ["mistral", "deepseek-v4", "holes"])
+def test_the_vocab_hash_a_manifest_records_is_unchanged(tmp_path, name):
+    """Shards are tied to their tokenizer by `vocab_hash`: its value must not change with how it is computed
+    (read from the token list where ids run without holes, from get_vocab's dict where they do not)."""
+    from tokenizers import Tokenizer, models
+
+    from sftprep.tokenizer import load_fast, tokenizer_identity
+    from tests.conftest import FIXTURES
+
+    folder = FIXTURES / "tokenizers" / name
+    if name == "holes":  # ids 0, 2, 5: no token at 1, 3, 4
+        folder = tmp_path / name
+        folder.mkdir()
+        Tokenizer(models.BPE({"a": 0, "b": 2, "ab": 5}, [("a", "b")])).save(str(folder / "tokenizer.json"))
+    tok = load_fast(folder)
+    special = {f"{k}_token": getattr(tok, f"{k}_token") for k in ("bos", "eos", "pad", "unk")}
+    assert tokenizer_identity(tok, folder)["vocab_hash"] == _vocab_digest(tok.backend_tokenizer, special)
 
 
 # -- .json arrays are streamed: memory bounded by the chunk and the largest record ---------------
