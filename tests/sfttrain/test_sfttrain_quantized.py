@@ -81,11 +81,16 @@ def test_merging_a_qlora_adapter_folds_it_into_the_dequantized_nf4_base(tmp_path
     trained = _logits(PeftModel.from_pretrained(
         AutoModelForCausalLM.from_pretrained(tiny_model, quantization_config=nf4, dtype=torch.float32), nf4_adapter), ids)
     merged = _logits(AutoModelForCausalLM.from_pretrained(tmp_path / "merged"), ids)
+    dequantized = AutoModelForCausalLM.from_pretrained(tiny_model, quantization_config=nf4, dtype=torch.float32)
+    unmerged = _logits(PeftModel.from_pretrained(dequantized.dequantize(), nf4_adapter), ids)
     full_precision = _logits(PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model),
                                                        nf4_adapter).merge_and_unload(), ids)
+    assert (merged - unmerged).abs().max().item() < 1e-5  # the adapter folded into the dequantized weights
+    # against the model as it trained: bitsandbytes' CPU 4-bit matmul rounds (measured 3.5e-3 with 0.50.2,
+    # 0 with older kernels), an order of magnitude below what merging into the full-precision weights is off
     into_dequantized = (merged - trained).abs().max().item()
     into_full = (full_precision - trained).abs().max().item()  # what merge did before: measured 6.0e-2
-    assert into_dequantized < 1e-5 and into_full > 1e-3, (into_dequantized, into_full)
+    assert into_dequantized < into_full / 5 and into_full > 1e-2, (into_dequantized, into_full)
 
 
 def test_merging_a_qlora_adapter_without_bitsandbytes_is_refused_with_the_reason(tmp_path, nf4_adapter,
