@@ -15,8 +15,10 @@ the next batch is tokenized costs more than labelling itself).
 The rule stays `labels.first_token_from`'s: a trained span `[a, b)` trains tokens `[i, j)` where `i`
 is the first token whose first non-whitespace character is at or after `a`. Where a span boundary
 is a token start, that token is the answer; where a token straddles the boundary (`"\\n\\n"`
-merged across it), the answer depends on the token's characters, and that sample is labelled
-from a full offsets encoding instead (`ByteBoundaries.ranges` lists it). So are samples this
+merged across it, `" It"` whose space the template wrote), the answer depends on the token's
+characters, read from the text around the boundary (`_straddled`); where those bytes are not whole
+characters, the sample is labelled from a full offsets encoding instead (`ByteBoundaries.ranges`
+lists it). So are samples this
 module cannot vouch for: a token with no fixed bytes (unk), a text holding `▁` itself (Metaspace),
 a text the NFC normalizer would change, a byte count that does not add up. (A lone leading `▁` token
 is left with no byte: it still starts the text, as its offsets say.) Other tokenizers (WordPiece,
@@ -84,6 +86,27 @@ def _kind(pre: dict | None) -> tuple[str, bool] | None:
 
 
 _BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
+
+
+def _straddled(text: str, c: int, before: int, after: int) -> int | None:
+    """The offsets rule at character `c` of `text` for the token that holds `before` bytes before it and `after`
+    from it on: 1 (the next token) where the token's first character that is not white space comes before `c`
+    or it has none (it anchors at its start), 0 (this token) where that character is at or after `c`; None
+    where its bytes are not whole characters (it begins or ends inside one: offsets decide)."""
+    data = text[max(0, c - before):c].encode("utf-8", "surrogatepass")
+    try:
+        head = data[len(data) - before:].decode("utf-8") if len(data) >= before else None
+    except UnicodeDecodeError:
+        head = None  # the token begins inside a character
+    if head is None:
+        return None
+    if head.strip():
+        return 1
+    data = text[c:c + after].encode("utf-8", "surrogatepass")[:after]
+    tail = data.decode("utf-8", "ignore")
+    if tail.strip():
+        return 0
+    return 1 if len(tail.encode("utf-8", "surrogatepass")) == after else None
 
 
 class ByteBoundaries:
@@ -179,6 +202,7 @@ class ByteBoundaries:
         who: list[int] = []
         at: list[int] = []
         redo: list[int] = []
+        pos: list[int] = []  # each boundary's character in its text
         for k, (text, sp) in enumerate(zip(texts, spans)):
             if sample_unfixed[k] or not sp:
                 if sp:
@@ -191,18 +215,20 @@ class ByteBoundaries:
                     continue
                 for s, e in sp:
                     at += (b + s, b + e)
+                    pos += (s, e)
             else:
                 if (self.nfc and not unicodedata.is_normalized("NFC", text)) or (self.metaspace and "▁" in text) or \
                         len(text.encode("utf-8", "surrogatepass")) != sample_bytes[k]:
                     redo.append(k)
                     continue
-                pos = 0
+                done = 0
                 for s, e in sp:
-                    b += len(text[pos:s].encode("utf-8", "surrogatepass"))
+                    b += len(text[done:s].encode("utf-8", "surrogatepass"))
                     at.append(b)
                     b += len(text[s:e].encode("utf-8", "surrogatepass"))
                     at.append(b)
-                    pos = e
+                    pos += (s, e)
+                    done = e
             who += (k, k) * len(sp)
         if not at:
             empty = np.zeros(0, np.int64)
@@ -214,6 +240,12 @@ class ByteBoundaries:
         # a text's start is its first token's, even one with no byte of its own (a lone leading `▁`)
         tok = np.where(at_a == before[first[who_a]], first[who_a], tok)
         straddles = (tok < last[who_a]) & (before[tok] != at_a)
+        for x in np.flatnonzero(straddles).tolist():
+            k = int(who_a[x])
+            answer = _straddled(texts[k], pos[x], int(at_a[x] - before[tok[x]]), int(ends[tok[x]] - at_a[x]))
+            if answer is not None:
+                tok[x] += answer
+                straddles[x] = False
         if straddles.any():
             bad = set(who_a[straddles].tolist())
             redo = sorted(set(redo) | bad)

@@ -98,16 +98,30 @@ def test_most_samples_are_labelled_from_byte_lengths(name):
     assert redo == []
 
 
-def test_a_token_merged_across_a_span_boundary_sends_its_sample_to_offsets():
-    # "\n\n\n" is one token; the span starts after its first newline: only offsets can say which
-    # characters the token holds
-    text, spans = "Question:\n\n\nAnswer", [(10, 18)]
+@pytest.mark.parametrize("text, spans", [
+    ("Question:\n\n\nAnswer", [(10, 18)]),  # ":\n\n\n" is one token; the span starts after its first newline
+    ("[INST] Hi [/INST] It is 4.</s>", [(18, 30)]),  # " It": the template's space, then the trained text
+    ("a\n\n\n\nb", [(2, 4)]),  # a token all of white space, cut by both boundaries
+    ("x 你好 y", [(2, 6)]),  # non-ASCII after the space
+])
+def test_a_token_straddling_a_span_boundary_is_read_from_the_text(text, spans):
+    """A token merged across a span boundary gets the offsets rule from the characters around the boundary,
+    without an offsets encoding (the sample is not handed back)."""
     other, other_spans = "Hi there", [(2, 8)]
     encs = BACKEND.encode_batch_fast([other, text], add_special_tokens=False)
     ids = np.asarray([t for e in encs for t in e.ids], dtype=np.int32)
     k, i, j, redo = BYTES.ranges(ids, [len(e) for e in encs], [other, text], [other_spans, spans])
-    assert redo == [1]
+    assert redo == []
     assert _labels(ids, k, i, j, 0, 0, len(encs[0])) == _reference(BACKEND, other, other_spans)
+    assert _labels(ids, k, i, j, 1, 0, len(encs[1])) == _reference(BACKEND, text, spans)
+
+
+def test_a_token_beginning_inside_a_character_at_a_boundary_sends_its_sample_to_offsets():
+    from sftprep.tokenize.boundaries import _straddled
+
+    text = "é x"  # a token holding the second byte of é and the space: its bytes are no whole characters
+    assert _straddled(text, 2, 2, 1) is None
+    assert _straddled("a\n\nb", 2, 1, 1) == 1 and _straddled("a \nb", 2, 1, 2) == 0
 
 
 def test_the_encoder_labels_byte_level_and_offsets_samples_alike():
