@@ -2,12 +2,13 @@
 
     Encoded batches --add--> OUT/tokens.spill.{ids,labels}.tmp (int32, end to end)
                              OUT/tokens.spill.samples.tmp (the samples table, an Arrow stream, batch by batch)
-    seal() --> memory maps --rows_batch(rows of pieces)--> one Arrow record batch of shard rows
+    seal() --> the files read back --rows_batch(rows of pieces)--> one Arrow record batch of shard rows
 
 Best-fit-decreasing needs every sample's length before the first row can be written. Rather than
 holding every token in memory, each encoded batch is appended to two flat int32 files in the output
 folder (ids, labels), and its samples' id, source, length, trained count and truncation flag to a third;
-writing then copies rows out of their memory maps. What stays in memory is independent of the number
+writing then reads each row's samples from them into the row's buffers (content hashes, for a recipe, read
+them through memory maps). What stays in memory is independent of the number
 of samples but for two compact arrays read back by `seal`: each sample's length and id (4 bytes each
 below 2**31), and where its tokens start (the running sum of the lengths).
 
@@ -22,7 +23,7 @@ import hashlib
 import mmap
 from itertools import repeat
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import BinaryIO, Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -33,7 +34,7 @@ from ..tokenize.labels import IGNORE_INDEX, mask_sample_starts
 from .files import claim, names_path
 from .shards import numpy_array, rows_batch, string_array
 
-RELEASE_PIECES = 256  # samples copied out of the spill between two releases of its pages: each page
+RELEASE_PIECES = 256  # samples read from a memory map between two releases of its pages: each page
 # fault maps up to 64 KiB around it (fault-around), so this bounds the spill pages mapped to ~32 MiB
 
 SAMPLE_SCHEMA = pa.schema([("sample_id", pa.int64()), ("source", pa.string()), ("num_tokens", pa.int32()),
@@ -102,21 +103,17 @@ class Samples:
     def _copy(self, pieces: list[tuple[int, int, int, int]], samples: np.ndarray, ids: np.ndarray,
               labels: np.ndarray) -> None:
         """Copy pieces `(sample, start, stop, dest)`, token range `[start, stop)` of a sample, into
-        `ids`/`labels` at `dest`, releasing the mapped pages read every RELEASE_PIECES pieces. Samples laid in
-        one pair of arrays (`_flat`) are gathered RELEASE_PIECES pieces at a time with numpy."""
-        flat = self._flat()
-        if flat is not None and pieces:
-            src_ids, src_labels, starts = flat
-            table = np.asarray(pieces, np.int64)
-            for lo in range(0, len(table), RELEASE_PIECES):
-                a, b, d = table[lo:lo + RELEASE_PIECES, 1:].T
-                lens = b - a
-                within = np.arange(int(lens.sum())) - np.repeat(np.cumsum(lens) - lens, lens)
-                src = np.repeat(starts[samples[lo:lo + RELEASE_PIECES]] + a, lens) + within
-                dst = np.repeat(d, lens) + within
-                ids[dst] = src_ids[src]
-                labels[dst] = src_labels[src]
-                self._release()
+        `ids`/`labels` at `dest`. Samples laid in one pair of files (`_token_files`) are read straight into place,
+        with no memory map: a row gathers samples from all over the files, and mapping their pages costs more
+        than reading them (the pages faulted in, then released). Otherwise they are copied from the arrays
+        `_tokens_of` names, releasing the mapped pages read every RELEASE_PIECES pieces."""
+        files = self._token_files()
+        if files is not None:
+            src_ids, src_labels, starts = files
+            dst_ids, dst_labels = memoryview(ids).cast("B"), memoryview(labels).cast("B")
+            for (_, a, b, d), s in zip(pieces, starts[samples].tolist()):
+                _read_at(src_ids, dst_ids[4 * d:4 * (d + b - a)], 4 * (s + a))
+                _read_at(src_labels, dst_labels[4 * d:4 * (d + b - a)], 4 * (s + a))
             return
         for k, ((_, a, b, d), (src_ids, src_labels, s)) in enumerate(zip(pieces, self._tokens_of(samples)), 1):
             if k % RELEASE_PIECES == 0:
@@ -129,9 +126,9 @@ class Samples:
         """For each of `samples`: the token arrays it lies in, and where it starts in them."""
         raise NotImplementedError
 
-    def _flat(self) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
-        """(ids, labels, where each sample starts in them) when every sample lies in one pair of arrays, else
-        None (`_tokens_of` then says, sample by sample)."""
+    def _token_files(self) -> tuple[BinaryIO, BinaryIO, np.ndarray] | None:
+        """(ids file, labels file, where each sample starts in them, in tokens) when every sample lies in one
+        pair of unbuffered files of int32 tokens, else None (`_tokens_of` then says, sample by sample)."""
         return None
 
     def hashes(self) -> tuple[np.ndarray, np.ndarray]:
@@ -200,9 +197,9 @@ class Selected(Samples):
     def _tokens_of(self, samples: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray, int]]:
         return self.base._tokens_of(self.take[samples])
 
-    def _flat(self) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
-        flat = self.base._flat()
-        return None if flat is None else (flat[0], flat[1], flat[2][self.take])
+    def _token_files(self) -> tuple[BinaryIO, BinaryIO, np.ndarray] | None:
+        files = self.base._token_files()
+        return None if files is None else (files[0], files[1], files[2][self.take])
 
 
 class SampleStore(Samples):
@@ -219,14 +216,15 @@ class SampleStore(Samples):
         self.count = 0  # samples added
         self.max_id = -1  # the largest token id stored (the manifest's max_token_id bounds it)
         self._ids = self._labels = None
+        self._readers: list[BinaryIO] = []  # the ids and labels files, read back by `_copy`
         self._last_id = -1
         self.starts = np.zeros(0, np.int64)
 
     def add(self, enc: Encoded) -> None:
         with names_path(self.paths[0]):
-            self._files[0].write(np.ascontiguousarray(enc.ids, dtype=np.int32).tobytes())
+            self._files[0].write(np.ascontiguousarray(enc.ids, dtype=np.int32))
         with names_path(self.paths[1]):
-            self._files[1].write(np.ascontiguousarray(enc.labels, dtype=np.int32).tobytes())
+            self._files[1].write(np.ascontiguousarray(enc.labels, dtype=np.int32))
         with names_path(self.paths[2]):
             self._table.write_batch(pa.record_batch([
                 numpy_array(np.asarray(enc.sample_ids, np.int64), pa.int64()), string_array(enc.sources),
@@ -262,6 +260,7 @@ class SampleStore(Samples):
             maps = [np.memmap(p, dtype=np.int32, mode="r", shape=(self.total,)) for p in self.paths[:2]]
             self._maps = [m._mmap for m in maps if getattr(m, "_mmap", None) is not None]
             self._ids, self._labels = np.asarray(maps[0]), np.asarray(maps[1])
+            self._readers = [open(p, "rb", buffering=0) for p in self.paths[:2]]
         self.lengths = np.empty(self.count, np.int32)
         self.sample_ids = np.empty(self.count, index_array(self._last_id + 1))
         self.starts = np.empty(self.count, index_array(self.total))
@@ -277,8 +276,8 @@ class SampleStore(Samples):
     def _tokens_of(self, samples: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray, int]]:
         return zip(repeat(self._ids), repeat(self._labels), self.starts[samples].tolist())
 
-    def _flat(self) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
-        return (self._ids, self._labels, self.starts) if self._ids is not None else None
+    def _token_files(self) -> tuple[BinaryIO, BinaryIO, np.ndarray] | None:
+        return (*self._readers, self.starts) if self._readers else None
 
     def remove(self) -> None:
         for f in self._files:
@@ -286,7 +285,16 @@ class SampleStore(Samples):
                 f.close()
             except OSError:  # buffered bytes that cannot be written (disk full): the files go anyway
                 pass
+        for f in self._readers:
+            f.close()
         self._ids = self._labels = None
-        self._maps = []
+        self._maps, self._readers = [], []
         for p in self.paths:
             p.unlink(missing_ok=True)
+
+
+def _read_at(f: BinaryIO, into: memoryview, offset: int) -> None:
+    """Fill `into` with the bytes of `f` from `offset` on."""
+    f.seek(offset)
+    if f.readinto(into) != len(into):
+        raise OSError(f"{f.name} ends before byte {offset + len(into)}: the build's spill file was cut short")
