@@ -30,7 +30,7 @@ import pyarrow.compute as pc
 from .. import __version__
 from ..config import BuildConfig, shard_settings
 from ..errors import BuildError, ConfigError, InputError
-from ..pack.packing import fill_ratio, mode, pack
+from ..pack.packing import fill_ratio, mode, pack, piece_arrays
 from .files import LEDGER, claim, fsync_dir, ledger, names_path, plain_name, rewrite_ledger
 from .manifest import MANIFEST, read_manifest
 from ..mix.recipe import Plan, plan
@@ -563,4 +563,4 @@ def _write_shards(config: BuildConfig, out: Path, store: Samples, pad: int, spli
     rows = pack(store.lengths, max_length, config.pack.mode, config.pack.seed)
     width = max_length if mode(config.pack.mode).padded else None
     writer = ShardSetWriter(out, config.pack.shard_size, split=split)
-    return writer.write(len(rows), lambda lo, hi: store.rows_batch(rows[lo:hi], width, pad))
+    return writer.write(len(rows), lambda lo, hi: store.rows_batch(piece_arrays(rows, lo, hi), width, pad))

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import os
 import stat
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -307,7 +308,9 @@ class ShardSetWriter:
 
     `write(num_rows, batch)` asks `batch(lo, hi)` for the record batch of rows `[lo, hi)` (it never spans
     two shards) and returns one manifest entry per shard: file, rows, tokens (not padding),
-    trained_tokens and sha256.
+    trained_tokens and sha256. A batch is written (hashed, copied to the file) in a second thread while
+    `batch` makes the next one, which must therefore not reuse its memory (`Samples.rows_batch` takes two
+    pairs of buffers in turn).
     """
 
     def __init__(self, out: Path, shard_size: int, batch_rows: int = WRITE_ROWS, split: str = "train") -> None:
@@ -318,12 +321,18 @@ class ShardSetWriter:
         for k, first in enumerate(range(0, num_rows, self.shard_size)):
             last = min(first + self.shard_size, num_rows)
             name, tokens, trained = shard_name(k, self.split), 0, 0
-            with shard_writer(self.out / name) as writer:
+            # the pool exits first (waiting for the last write), then the shard is closed (or discarded)
+            with shard_writer(self.out / name) as writer, ThreadPoolExecutor(1, "sftprep-shard") as pool:
+                written = None
                 for lo in range(first, last, self.batch_rows):
                     b = batch(lo, min(lo + self.batch_rows, last))
-                    writer.write(b)
                     tokens += int(_values(b.column("seq_lens")).sum(dtype=np.int64))
                     trained += int(np.count_nonzero(_values(b.column("labels")) != IGNORE_INDEX))
+                    if written is not None:
+                        written.result()  # in order, and at most one batch held beside the one being made
+                    written = pool.submit(writer.write, b)
+                if written is not None:
+                    written.result()
             entries.append({"file": name, "rows": writer.rows, "tokens": tokens, "trained_tokens": trained,
                             "sha256": writer.sha256})
         return entries

@@ -28,7 +28,7 @@ from typing import BinaryIO, Iterable, Iterator
 import numpy as np
 import pyarrow as pa
 
-from ..pack.packing import Piece, index_array
+from ..pack.packing import PieceArrays, index_array
 from ..tokenize.encode import Encoded
 from ..tokenize.labels import IGNORE_INDEX, mask_sample_starts
 from .files import claim, names_path
@@ -53,7 +53,7 @@ class Samples:
         self.sample_ids = np.zeros(0, np.int32)
         self.num_truncated = 0
         self.table_file: Path | None = None  # the samples table once written (`output.write_samples`)
-        self._buffers = (np.empty(0, np.int32), np.empty(0, np.int32))  # reused from batch to batch
+        self._buffers = [(np.empty(0, np.int32), np.empty(0, np.int32))] * 2  # ids, labels: taken in turn
         self._maps: list[mmap.mmap] = []  # the memory maps tokens are read from (`_release`)
 
     def __len__(self) -> int:
@@ -68,58 +68,60 @@ class Samples:
         """Every kept sample's source (file:line), in input order, one string array at a time."""
         return (batch.column(1) for batch in self.table_batches())
 
-    def rows_batch(self, rows: list[list[Piece]], width: int | None, pad: int) -> pa.RecordBatch:
-        """Shard rows (`shards.SCHEMA`) holding `rows` (lists of pieces, `packing.pack`), each padded
+    def rows_batch(self, rows: PieceArrays, width: int | None, pad: int) -> pa.RecordBatch:
+        """Shard rows (`shards.SCHEMA`) holding `rows` (their pieces: `packing.piece_arrays`), each padded
         with `pad` (label -100) to `width` tokens (None: as long as its pieces). Tokens are copied (`_copy`)
-        into two buffers reused from call to call: write the batch before the next."""
-        copies, gaps, seq_lens, row_off, seq_off = [], [], [], [0], [0]
-        cut = False
-        for row in rows:
-            dest = row_off[-1]
-            for i, a, b in row:
-                copies.append((i, a, b, dest))
-                dest += b - a
-                seq_lens.append(b - a)
-                cut = cut or a > 0
-            row_off.append(row_off[-1] + width if width else dest)
-            seq_off.append(len(seq_lens))
-            if dest < row_off[-1]:
-                gaps.append((dest, row_off[-1]))
-        n = row_off[-1]
-        if n > len(self._buffers[0]):
-            self._buffers = (np.empty(n, np.int32), np.empty(n, np.int32))
-        ids, labels = self._buffers[0][:n], self._buffers[1][:n]
-        row_off, seq_lens, seq_off = np.asarray(row_off), np.asarray(seq_lens), np.asarray(seq_off)
-        samples = np.fromiter((c[0] for c in copies), np.int64, len(copies))
-        for begin, end in gaps:
-            ids[begin:end] = pad
-            labels[begin:end] = IGNORE_INDEX
-        self._copy(copies, samples, ids, labels)
-        if cut:  # a piece past its sample's first token starts a sample in its row (wrapped packing):
-            # mask sample starts again (whole samples had theirs masked when labelled)
+        into one of two pairs of buffers, taken in turn: write a batch before asking for the one after next
+        (the shard writer writes one while the next is made)."""
+        seq_lens = rows.stop - rows.start
+        seq_off = np.concatenate([[0], np.cumsum(rows.sizes)])
+        ends = np.concatenate([[0], np.cumsum(seq_lens)])
+        used = ends[seq_off[1:]] - ends[seq_off[:-1]]  # each row's tokens
+        row_off = np.concatenate([[0], np.cumsum(np.full(len(used), width) if width else used)])
+        n = int(row_off[-1])
+        self._buffers.reverse()
+        if n > len(self._buffers[0][0]):
+            self._buffers[0] = (np.empty(n, np.int32), np.empty(n, np.int32))
+        ids, labels = self._buffers[0][0][:n], self._buffers[0][1][:n]
+        for begin, end in zip((row_off[:-1] + used).tolist(), row_off[1:].tolist()):
+            if begin < end:
+                ids[begin:end] = pad
+                labels[begin:end] = IGNORE_INDEX
+        row = np.repeat(np.arange(len(used)), rows.sizes)
+        dest = row_off[:-1][row] + ends[:-1] - ends[seq_off[:-1]][row]  # where each piece goes
+        self._copy(rows.sample, rows.start, seq_lens, dest, ids, labels)
+        if rows.start.any():  # a piece past its sample's first token starts a sample in its row (wrapped
+            # packing): mask sample starts again (whole samples had theirs masked when labelled)
             mask_sample_starts(labels, seq_lens, row_off, seq_off)
-        return rows_batch(ids, labels, row_off, seq_lens, seq_off, self.sample_ids[samples].astype(np.int64))
+        return rows_batch(ids, labels, row_off, seq_lens, seq_off, self.sample_ids[rows.sample].astype(np.int64))
 
-    def _copy(self, pieces: list[tuple[int, int, int, int]], samples: np.ndarray, ids: np.ndarray,
+    def _copy(self, samples: np.ndarray, start: np.ndarray, length: np.ndarray, dest: np.ndarray, ids: np.ndarray,
               labels: np.ndarray) -> None:
-        """Copy pieces `(sample, start, stop, dest)`, token range `[start, stop)` of a sample, into
-        `ids`/`labels` at `dest`. Samples laid in one pair of files (`_token_files`) are read straight into place,
-        with no memory map: a row gathers samples from all over the files, and mapping their pages costs more
-        than reading them (the pages faulted in, then released). Otherwise they are copied from the arrays
-        `_tokens_of` names, releasing the mapped pages read every RELEASE_PIECES pieces."""
+        """Copy `length[k]` tokens of sample `samples[k]` from its token `start[k]` into `ids`/`labels` at
+        `dest[k]`, for every k. Samples laid in one pair of files (`_token_files`) are read straight into
+        place, with no memory map: a row gathers samples from all over the files, and mapping their pages
+        costs more than reading them (each page faulted in, then released). Otherwise they are copied from
+        the arrays `_tokens_of` names, releasing the mapped pages read every RELEASE_PIECES pieces."""
         files = self._token_files()
         if files is not None:
             src_ids, src_labels, starts = files
             dst_ids, dst_labels = memoryview(ids).cast("B"), memoryview(labels).cast("B")
-            for (_, a, b, d), s in zip(pieces, starts[samples].tolist()):
-                _read_at(src_ids, dst_ids[4 * d:4 * (d + b - a)], 4 * (s + a))
-                _read_at(src_labels, dst_labels[4 * d:4 * (d + b - a)], 4 * (s + a))
+            got = 0
+            for s, b, d in zip((4 * (starts[samples] + start)).tolist(), (4 * length).tolist(), (4 * dest).tolist()):
+                src_ids.seek(s)
+                got += src_ids.readinto(dst_ids[d:d + b])
+                src_labels.seek(s)
+                got += src_labels.readinto(dst_labels[d:d + b])
+            if got != 8 * int(length.sum()):
+                raise OSError(f"{src_ids.name} or {src_labels.name} was cut short while the build read it back")
             return
-        for k, ((_, a, b, d), (src_ids, src_labels, s)) in enumerate(zip(pieces, self._tokens_of(samples)), 1):
+        where = self._tokens_of(samples)
+        for k, (a, b, d, (src_ids, src_labels, s)) in enumerate(zip(start.tolist(), length.tolist(), dest.tolist(),
+                                                                     where), 1):
             if k % RELEASE_PIECES == 0:
                 self._release()
-            ids[d:d + b - a] = src_ids[s + a:s + b]
-            labels[d:d + b - a] = src_labels[s + a:s + b]
+            ids[d:d + b] = src_ids[s + a:s + a + b]
+            labels[d:d + b] = src_labels[s + a:s + a + b]
         self._release()
 
     def _tokens_of(self, samples: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray, int]]:
@@ -292,9 +294,3 @@ class SampleStore(Samples):
         for p in self.paths:
             p.unlink(missing_ok=True)
 
-
-def _read_at(f: BinaryIO, into: memoryview, offset: int) -> None:
-    """Fill `into` with the bytes of `f` from `offset` on."""
-    f.seek(offset)
-    if f.readinto(into) != len(into):
-        raise OSError(f"{f.name} ends before byte {offset + len(into)}: the build's spill file was cut short")
