@@ -35,7 +35,7 @@ from .files import LEDGER, claim, fsync_dir, ledger, names_path, plain_name, rew
 from .manifest import MANIFEST, read_manifest
 from ..mix.recipe import Plan, plan
 from ..tokenize.encode import CHOSEN
-from .shards import SPLITS, ShardSetWriter, numpy_array, sha256_file, string_array, write_batches
+from .shards import SPLITS, ShardSetWriter, as_numpy, numpy_array, sha256_file, string_array, write_batches
 from .store import SAMPLE_SCHEMA, Samples, Selected
 
 SAMPLES_FILE = "samples.feather"  # Arrow IPC file too, but no `*.arrow` glob meets it
@@ -325,7 +325,7 @@ def write_samples(out: Path, splits: list[tuple[str, Samples]], names: list[str]
             at = 0
             for batch in store.table_batches():
                 n = batch.num_rows
-                sid = batch.column(0).to_numpy() if origin is None else origin[at:at + n]
+                sid = as_numpy(batch.column(0)) if origin is None else origin[at:at + n]
                 source = np.searchsorted(first_ids, sid, side="right").astype(np.int32) - 1
                 yield pa.record_batch([*batch.columns,
                                        pa.DictionaryArray.from_arrays(numpy_array(source, pa.int32()), names),
@@ -493,7 +493,7 @@ def _duplicate_rejects(samples: Samples, chosen: Plan, source_of: np.ndarray, re
     at, first = {}, 0
     for chunk in samples.sources:  # the file:line of each sample named, in one pass
         a, b = np.searchsorted(wanted, [first, first + len(chunk)])
-        at.update(zip(wanted[a:b].tolist(), chunk.take(pa.array(wanted[a:b] - first, pa.int64())).to_pylist()))
+        at.update(zip(wanted[a:b].tolist(), chunk.take(numpy_array(wanted[a:b] - first, pa.int64())).to_pylist()))
         first += len(chunk)
     named = len(recipe) > 1
     out = []

@@ -76,8 +76,8 @@ def cu_seqlens(seq_lens: np.ndarray | list[int]) -> np.ndarray:
 def list_parts(column: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndarray]:
     """A list column as (flat values, zero-based offsets with one entry per row plus one)."""
     arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
-    offsets = arr.offsets.to_numpy().astype(np.int64)
-    return arr.flatten().to_numpy(), offsets - offsets[0]
+    offsets = as_numpy(arr.offsets).astype(np.int64)
+    return as_numpy(arr.flatten()), offsets - offsets[0]
 
 
 @dataclass(slots=True)
@@ -178,6 +178,25 @@ def numpy_array(values: np.ndarray, dtype: pa.DataType) -> pa.Array:
         return pa.Array.from_buffers(dtype, len(values), [None, pa.py_buffer(bits)])
     values = np.ascontiguousarray(values, dtype=dtype.to_pandas_dtype())
     return pa.Array.from_buffers(dtype, len(values), [None, pa.py_buffer(values)])
+
+
+def as_numpy(values: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """A numpy array of an Arrow array of numbers or bools, without nulls (a view of numbers, bools unpacked
+    from their bits); `to_numpy()` would import pandas."""
+    if isinstance(values, pa.ChunkedArray):
+        parts = [as_numpy(c) for c in values.chunks]
+        return np.concatenate(parts) if parts else np.zeros(0, bool if values.type == pa.bool_() else
+                                                            values.type.to_pandas_dtype())
+    if values.type == pa.bool_():
+        if not len(values):
+            return np.zeros(0, bool)
+        first, skip = divmod(values.offset, 8)
+        bits = np.frombuffer(values.buffers()[1], np.uint8, (skip + len(values) + 7) // 8, first)
+        return np.unpackbits(bits, bitorder="little")[skip:skip + len(values)].view(bool)
+    dtype = np.dtype(values.type.to_pandas_dtype())
+    if not len(values):
+        return np.zeros(0, dtype)
+    return np.frombuffer(values.buffers()[1], dtype, len(values), values.offset * dtype.itemsize)
 
 
 def string_array(values: list[str]) -> pa.Array:

@@ -32,7 +32,7 @@ from ..pack.packing import PieceArrays, index_array
 from ..tokenize.encode import Encoded
 from ..tokenize.labels import IGNORE_INDEX, mask_sample_starts
 from .files import claim, names_path
-from .shards import numpy_array, rows_batch, string_array
+from .shards import as_numpy, numpy_array, rows_batch, string_array
 
 RELEASE_PIECES = 256  # samples read from a memory map between two releases of its pages: each page
 # fault maps up to 64 KiB around it (fault-around), so this bounds the spill pages mapped to ~32 MiB
@@ -155,7 +155,7 @@ class Samples:
         parts: list[list[np.ndarray]] = [[] for _ in ks]
         for batch in self.table_batches():
             for part, k in zip(parts, ks):
-                part.append(batch.column(k).to_numpy(zero_copy_only=False))
+                part.append(as_numpy(batch.column(k)))
         return [np.concatenate(p) if p else np.zeros(0) for p in parts]
 
     def _release(self) -> None:
@@ -191,7 +191,7 @@ class Selected(Samples):
             for batch in self.base.table_batches():
                 a, b = np.searchsorted(wanted, [at, at + batch.num_rows])
                 if b > a:
-                    picked = batch.take(pa.array(wanted[a:b] - at, pa.int64()))
+                    picked = batch.take(numpy_array(wanted[a:b] - at, pa.int64()))
                     ids = numpy_array(self.sample_ids[lo + a:lo + b], pa.int64())
                     yield pa.record_batch([ids, *picked.columns[1:]], schema=picked.schema)
                 at += batch.num_rows
@@ -268,9 +268,9 @@ class SampleStore(Samples):
         self.starts = np.empty(self.count, index_array(self.total))
         at, start = 0, 0
         for batch in self.table_batches():
-            lengths, n = batch.column(2).to_numpy(), batch.num_rows
+            lengths, n = as_numpy(batch.column(2)), batch.num_rows
             self.lengths[at:at + n] = lengths
-            self.sample_ids[at:at + n] = batch.column(0).to_numpy()
+            self.sample_ids[at:at + n] = as_numpy(batch.column(0))
             ends = np.cumsum(lengths, dtype=np.int64) + start
             self.starts[at:at + n] = ends - lengths
             at, start = at + n, int(ends[-1]) if n else start
