@@ -27,10 +27,10 @@ from ..pack.packing import mode
 from ..read import reader_for
 from ..read.contamination import Benchmark
 from ..tokenize import cache
+from ..tokenize.arrow import as_numpy
 from ..tokenize.encode import Encoded, Encoder
 from ..tokenize.screen import Screen
 from ..tokenizer import load_fast
-from ..write.shards import as_numpy
 from ..write.store import SampleStore
 
 T = TypeVar("T")

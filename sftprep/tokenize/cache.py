@@ -39,7 +39,7 @@ import pyarrow as pa
 from .. import __version__
 from ..config import Source
 from ..errors import ConfigError
-from ..write.shards import as_numpy, numpy_array, string_array
+from .arrow import as_numpy, numpy_array, string_array
 from .encode import Encoded
 from .labels import IGNORE_INDEX
 

@@ -34,8 +34,9 @@ from ..pack.packing import fill_ratio, mode, pack, piece_arrays
 from .files import LEDGER, claim, fsync_dir, ledger, names_path, plain_name, rewrite_ledger
 from .manifest import MANIFEST, read_manifest
 from ..mix.recipe import Plan, plan
+from ..tokenize.arrow import as_numpy, numpy_array, string_array
 from ..tokenize.encode import CHOSEN
-from .shards import SPLITS, ShardSetWriter, as_numpy, numpy_array, sha256_file, string_array, write_batches
+from .shards import SPLITS, ShardSetWriter, sha256_file, write_batches
 from .store import SAMPLE_SCHEMA, Samples, Selected
 
 SAMPLES_FILE = "samples.feather"  # Arrow IPC file too, but no `*.arrow` glob meets it

@@ -27,6 +27,7 @@ import pyarrow as pa
 
 from ..errors import InputError
 from ..pack.packing import mode
+from ..tokenize.arrow import as_numpy, numpy_array
 from ..tokenize.labels import IGNORE_INDEX, sample_starts
 from .files import claim, names_path
 from .manifest import read_manifest, shard_path
@@ -168,52 +169,6 @@ def shard_name(i: int, split: str = "train") -> str:
     return f"shard-{split}-{i:05d}.arrow"
 
 
-# Arrow columns are made from buffers here, never with `pa.array`, which imports pandas on first
-# use (~0.4 s, a few percent of a build).
-
-def numpy_array(values: np.ndarray, dtype: pa.DataType) -> pa.Array:
-    """A zero-copy Arrow view of a numpy array, cast to `dtype` (a number type or bool)."""
-    if dtype == pa.bool_():
-        bits = np.packbits(np.asarray(values, dtype=bool), bitorder="little")
-        return pa.Array.from_buffers(dtype, len(values), [None, pa.py_buffer(bits)])
-    values = np.ascontiguousarray(values, dtype=dtype.to_pandas_dtype())
-    return pa.Array.from_buffers(dtype, len(values), [None, pa.py_buffer(values)])
-
-
-def as_numpy(values: pa.Array | pa.ChunkedArray) -> np.ndarray:
-    """A numpy array of an Arrow array of numbers or bools, without nulls (a view of numbers, bools unpacked
-    from their bits); `to_numpy()` would import pandas."""
-    if isinstance(values, pa.ChunkedArray):
-        parts = [as_numpy(c) for c in values.chunks]
-        return np.concatenate(parts) if parts else np.zeros(0, bool if values.type == pa.bool_() else
-                                                            values.type.to_pandas_dtype())
-    if values.type == pa.bool_():
-        if not len(values):
-            return np.zeros(0, bool)
-        first, skip = divmod(values.offset, 8)
-        bits = np.frombuffer(values.buffers()[1], np.uint8, (skip + len(values) + 7) // 8, first)
-        return np.unpackbits(bits, bitorder="little")[skip:skip + len(values)].view(bool)
-    dtype = np.dtype(values.type.to_pandas_dtype())
-    if not len(values):
-        return np.zeros(0, dtype)
-    return np.frombuffer(values.buffers()[1], dtype, len(values), values.offset * dtype.itemsize)
-
-
-def string_array(values: list[str]) -> pa.Array:
-    """Arrow strings from Python strings."""
-    data = [v.encode("utf-8", "backslashreplace") for v in values]
-    offsets = np.zeros(len(data) + 1, dtype=np.int64)
-    np.cumsum([len(d) for d in data], out=offsets[1:])
-    return pa.Array.from_buffers(pa.large_string(), len(data), [None, pa.py_buffer(offsets),
-                                                               pa.py_buffer(b"".join(data))]).cast(pa.string())
-
-
-def _values(column: pa.ListArray) -> np.ndarray:
-    """The int32 values of a list column as a numpy view (`to_numpy()` would import pandas)."""
-    child = column.values
-    return np.frombuffer(child.buffers()[1], np.int32, len(child), child.offset * 4)
-
-
 def _list_array(values: np.ndarray, offsets: np.ndarray, dtype: pa.DataType) -> pa.Array:
     return pa.ListArray.from_arrays(numpy_array(offsets, pa.int32()), numpy_array(values, dtype))
 
@@ -345,8 +300,8 @@ class ShardSetWriter:
                 written = None
                 for lo in range(first, last, self.batch_rows):
                     b = batch(lo, min(lo + self.batch_rows, last))
-                    tokens += int(_values(b.column("seq_lens")).sum(dtype=np.int64))
-                    trained += int(np.count_nonzero(_values(b.column("labels")) != IGNORE_INDEX))
+                    tokens += int(as_numpy(b.column("seq_lens").values).sum(dtype=np.int64))
+                    trained += int(np.count_nonzero(as_numpy(b.column("labels").values) != IGNORE_INDEX))
                     if written is not None:
                         written.result()  # in order, and at most one batch held beside the one being made
                     written = pool.submit(writer.write, b)

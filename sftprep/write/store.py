@@ -29,10 +29,11 @@ import numpy as np
 import pyarrow as pa
 
 from ..pack.packing import PieceArrays, index_array
+from ..tokenize.arrow import as_numpy, numpy_array, string_array
 from ..tokenize.encode import Encoded
 from ..tokenize.labels import IGNORE_INDEX, mask_sample_starts
 from .files import claim, names_path
-from .shards import as_numpy, numpy_array, rows_batch, string_array
+from .shards import rows_batch
 
 RELEASE_PIECES = 256  # samples read from a memory map between two releases of its pages: each page
 # fault maps up to 64 KiB around it (fault-around), so this bounds the spill pages mapped to ~32 MiB
