@@ -41,5 +41,9 @@ def string_array(values: list[str]) -> pa.Array:
     data = [v.encode("utf-8", "backslashreplace") for v in values]
     offsets = np.zeros(len(data) + 1, dtype=np.int64)
     np.cumsum([len(d) for d in data], out=offsets[1:])
+    if offsets[-1] < 2**31:
+        return pa.Array.from_buffers(pa.string(), len(data), [None, pa.py_buffer(offsets.astype(np.int32)),
+                                                             pa.py_buffer(b"".join(data))])
+    # 2 GiB of text or more: the cast raises (int32 offsets would wrap)
     return pa.Array.from_buffers(pa.large_string(), len(data), [None, pa.py_buffer(offsets),
                                                                pa.py_buffer(b"".join(data))]).cast(pa.string())

@@ -106,9 +106,16 @@ class Samples:
         files = self._token_files()
         if files is not None:
             src_ids, src_labels, starts = files
+            src = starts[samples] + start
+            # pieces that continue each other in the files and in the rows (wrapped packing, or none) are read
+            # as one
+            heads = np.flatnonzero(np.concatenate([[True], (src[1:] != src[:-1] + length[:-1]) |
+                                                   (dest[1:] != dest[:-1] + length[:-1])]))
+            if len(heads) < len(src):
+                src, dest, length = src[heads], dest[heads], np.add.reduceat(length, heads)
             dst_ids, dst_labels = memoryview(ids).cast("B"), memoryview(labels).cast("B")
             got = 0
-            for s, b, d in zip((4 * (starts[samples] + start)).tolist(), (4 * length).tolist(), (4 * dest).tolist()):
+            for s, b, d in zip((4 * src).tolist(), (4 * length).tolist(), (4 * dest).tolist()):
                 src_ids.seek(s)
                 got += src_ids.readinto(dst_ids[d:d + b])
                 src_labels.seek(s)
