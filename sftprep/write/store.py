@@ -7,10 +7,10 @@
 Best-fit-decreasing needs every sample's length before the first row can be written. Rather than
 holding every token in memory, each encoded batch is appended to two flat int32 files in the output
 folder (ids, labels), and its samples' id, source, length, trained count and truncation flag to a third;
-writing then reads each row's samples from them into the row's buffers (content hashes, for a recipe, read
-them through memory maps). What stays in memory is independent of the number
-of samples but for two compact arrays read back by `seal`: each sample's length and id (4 bytes each
-below 2**31), and where its tokens start (the running sum of the lengths).
+writing then reads each row's samples from them straight into the row's buffers (a recipe's content hashes
+read them through memory maps). What stays in memory is independent of the number of samples but for two
+compact arrays read back by `seal`: each sample's length and id (4 bytes each below 2**31), and where its
+tokens start (the running sum of the lengths).
 
 `Samples` is what packing, the shard writer and `output.write_samples` read: per-sample arrays, the samples
 table batch by batch, and `rows_batch`. `SampleStore` fills it from the encoder; `sftprep.scale.merge.MergedSamples`
@@ -36,7 +36,7 @@ from .files import claim, names_path
 from .shards import rows_batch
 
 RELEASE_PIECES = 256  # samples read from a memory map between two releases of its pages: each page
-# fault maps up to 64 KiB around it (fault-around), so this bounds the spill pages mapped to ~32 MiB
+# fault maps up to 64 KiB around it (fault-around), so this bounds the pages mapped to ~32 MiB
 
 SAMPLE_SCHEMA = pa.schema([("sample_id", pa.int64()), ("source", pa.string()), ("num_tokens", pa.int32()),
                            ("num_trained", pa.int32()), ("truncated", pa.bool_())])
