@@ -28,8 +28,8 @@ import bisect
 import random
 from array import array
 from dataclasses import dataclass
-from itertools import islice, repeat
-from typing import Callable, Sequence
+from itertools import islice
+from typing import Callable, NamedTuple, Sequence
 
 import numpy as np
 
@@ -68,15 +68,38 @@ class Rows(Sequence[list[Piece]]):
         return self._rows(k, k + 1)[0]
 
     def _rows(self, lo: int, hi: int) -> list[list[Piece]]:
+        sample, start, stop, sizes = self.pieces(lo, hi)
+        pieces = iter(zip(sample.tolist(), start.tolist(), stop.tolist()))
+        return [list(islice(pieces, n)) for n in sizes.tolist()]
+
+    def pieces(self, lo: int, hi: int) -> PieceArrays:
+        """Rows `[lo, hi)` as flat arrays (`PieceArrays`), no Python object per piece."""
         bins = np.arange(lo, hi) if self.order is None else self.order[lo:hi].astype(np.int64)
         first, sizes = self.offsets[bins], self.offsets[bins + 1] - self.offsets[bins]
         k = np.repeat(first - np.cumsum(sizes) + sizes, sizes) + np.arange(int(sizes.sum()))  # the rows' pieces
-        sample = self.sample[k]
+        sample = self.sample[k].astype(np.int64)
         if self.start is None:
-            pieces = iter(zip(sample.tolist(), repeat(0), self.lengths[sample].tolist()))
-        else:
-            pieces = iter(zip(sample.tolist(), self.start[k].tolist(), self.stop[k].tolist()))
-        return [list(islice(pieces, n)) for n in sizes.tolist()]
+            return PieceArrays(sample, np.zeros(len(k), np.int64), self.lengths[sample].astype(np.int64), sizes)
+        return PieceArrays(sample, self.start[k].astype(np.int64), self.stop[k].astype(np.int64), sizes)
+
+
+class PieceArrays(NamedTuple):
+    """Some rows' pieces laid end to end: piece `k` is tokens `[start[k], stop[k])` of sample `sample[k]`,
+    and each row holds the next `sizes[r]` pieces (int64 arrays)."""
+
+    sample: np.ndarray
+    start: np.ndarray
+    stop: np.ndarray
+    sizes: np.ndarray
+
+
+def piece_arrays(rows: Sequence[list[Piece]], lo: int, hi: int) -> PieceArrays:
+    """Rows `[lo, hi)` of a packing (`Rows`, or lists of `Piece`s) as `PieceArrays`."""
+    if isinstance(rows, Rows):
+        return rows.pieces(lo, hi)
+    chosen = rows[lo:hi]
+    flat = np.asarray([p for row in chosen for p in row], np.int64).reshape(-1, 3)
+    return PieceArrays(flat[:, 0], flat[:, 1], flat[:, 2], np.asarray([len(r) for r in chosen], np.int64))
 
 
 def index_array(n: int) -> np.dtype:

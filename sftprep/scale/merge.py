@@ -23,6 +23,7 @@ from ..config import DEFAULT_SOURCE, BuildConfig, config_from_dict, shard_settin
 from ..errors import InputError
 from ..inspect.diff import flat_items
 from ..inspect.folder import read_rejects, read_sample_info
+from ..tokenize.arrow import as_numpy, numpy_array
 from ..write.files import overlaps
 from ..write.manifest import MANIFEST, read_manifest, shard_path, tokenizer_dir, write_manifest
 from ..write.output import (SOURCE_KEYS, OutLock, build_key, build_manifest, check_rejects, empty_inputs, prepare_out,
@@ -216,14 +217,14 @@ class MergedSamples(Samples):
             raise InputError(f"sample id {int(sid[np.flatnonzero(np.diff(sid) == 0)[0]])} is in two parts: "
                              "the parts overlap (built from different inputs?)")
         side = pa.concat_tables([t for t in tables if t is not None])
-        side = side.take(pa.array(np.argsort(side.column("sample_id").to_numpy(), kind="stable"), pa.int64()))
-        if not (np.array_equal(sid, side.column("sample_id").to_numpy())
-                and np.array_equal(length, side.column("num_tokens").to_numpy().astype(np.int64))):
+        side = side.take(numpy_array(np.argsort(as_numpy(side.column("sample_id")), kind="stable"), pa.int64()))
+        if not (np.array_equal(sid, as_numpy(side.column("sample_id")))
+                and np.array_equal(length, as_numpy(side.column("num_tokens")).astype(np.int64))):
             raise InputError("a part's shards and its samples file disagree (a partial copy?): check the parts "
                              "with `sftprep verify PART_DIR`")
         self.lengths = length.astype(np.int32)
         self.sample_ids = sid.astype(np.int64)
-        self.num_truncated = int(np.count_nonzero(side.column("truncated").to_numpy()))
+        self.num_truncated = int(np.count_nonzero(as_numpy(side.column("truncated"))))
         self._side = side.select(SAMPLE_SCHEMA.names).cast(SAMPLE_SCHEMA)
 
     def table_batches(self) -> Iterator[pa.RecordBatch]:

@@ -27,6 +27,7 @@ from ..pack.packing import mode
 from ..read import reader_for
 from ..read.contamination import Benchmark
 from ..tokenize import cache
+from ..tokenize.arrow import as_numpy
 from ..tokenize.encode import Encoded, Encoder
 from ..tokenize.screen import Screen
 from ..tokenizer import load_fast
@@ -118,8 +119,8 @@ def _replayed(config: BuildConfig, t: FileTask, encoder: Encoder, keep) -> Itera
     """A cached file's records as `(records, Encoded)`, in order: its samples truncated as this build says, its
     rejects as they were, and the records tokenized again (`cache.AGAIN`) tokenized here."""
     table = t.entry
-    record = table.column("record").to_numpy()
-    again = np.flatnonzero((table.column("kind").to_numpy() == cache.AGAIN) & keep(record + t.first))
+    record = as_numpy(table.column("record"))
+    again = np.flatnonzero((as_numpy(table.column("kind")) == cache.AGAIN) & keep(record + t.first))
     redone: dict[int, Encoded] = {}
     t.again = len(again)
     if len(again):

@@ -39,6 +39,7 @@ import pyarrow as pa
 from .. import __version__
 from ..config import Source
 from ..errors import ConfigError
+from .arrow import as_numpy, numpy_array, string_array
 from .encode import Encoded
 from .labels import IGNORE_INDEX
 
@@ -233,11 +234,12 @@ class EntryWriter:
         offsets = np.cumsum(offsets).astype(np.int32)
         cols = list(zip(*rows))
         self.out.write_batch(pa.record_batch([
-            pa.array(cols[0], pa.int64()), pa.array(cols[1], pa.int8()), pa.array(cols[2], pa.string()),
-            pa.array(cols[3], pa.string()), pa.array(cols[4], pa.string()),
-            pa.ListArray.from_arrays(pa.array(offsets), pa.array(ids.astype(self.schema.field("ids").type.value_type
-                                                                            .to_pandas_dtype()))),
-            pa.ListArray.from_arrays(pa.array(offsets), pa.array(trained))], schema=self.schema))
+            numpy_array(np.asarray(cols[0]), pa.int64()), numpy_array(np.asarray(cols[1]), pa.int8()),
+            string_array(cols[2]), string_array(cols[3]), string_array(cols[4]),
+            pa.ListArray.from_arrays(numpy_array(offsets, pa.int32()),
+                                     numpy_array(ids, self.schema.field("ids").type.value_type)),
+            pa.ListArray.from_arrays(numpy_array(offsets, pa.int32()), numpy_array(trained, pa.bool_()))],
+            schema=self.schema))
         self.tokens += len(ids)
 
     def seal(self, records: int) -> None:
@@ -277,10 +279,10 @@ def replay(table: pa.Table, first_id: int, path: str, keep, batch_rows: int = 65
     record index)`; only records whose sample id passes `keep` (a part, num_samples). Provenance is rooted
     at `path` (the entry may have been made from a copy of the file elsewhere)."""
     for batch in table.to_batches(max_chunksize=batch_rows):
-        record = batch.column(0).to_numpy()
+        record = as_numpy(batch.column(0))
         sid = record + first_id
         wanted = keep(sid)
-        kind = batch.column(1).to_numpy()
+        kind = as_numpy(batch.column(1))
         where = batch.column(2).to_pylist()
         samples = wanted & (kind == SAMPLE)
         # runs of consecutive samples go out together; a reject or a record tokenized again between them cuts
@@ -305,10 +307,11 @@ def _samples(batch: pa.RecordBatch, rows: np.ndarray, sid: np.ndarray, where: li
     if len(rows) == rows[-1] - rows[0] + 1:  # contiguous: slices, no copy
         ids_col, trained_col = ids_col.slice(rows[0], len(rows)), trained_col.slice(rows[0], len(rows))
     else:
-        ids_col, trained_col = ids_col.take(pa.array(rows)), trained_col.take(pa.array(rows))
-    offsets = ids_col.offsets.to_numpy()
-    ids = ids_col.values.to_numpy()[offsets[0]:offsets[-1]].astype(np.int32)
-    trained = trained_col.values.slice(offsets[0], offsets[-1] - offsets[0]).to_numpy(zero_copy_only=False)
+        picks = numpy_array(rows, pa.int64())
+        ids_col, trained_col = ids_col.take(picks), trained_col.take(picks)
+    offsets = as_numpy(ids_col.offsets)
+    ids = as_numpy(ids_col.values)[offsets[0]:offsets[-1]].astype(np.int32)
+    trained = as_numpy(trained_col.values.slice(offsets[0], offsets[-1] - offsets[0]))
     lengths = np.diff(offsets).astype(np.int64)
     labels = np.where(trained, ids, IGNORE_INDEX).astype(np.int32)
     counts = np.concatenate([[0], np.cumsum(trained, dtype=np.int64)])

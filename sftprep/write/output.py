@@ -30,12 +30,13 @@ import pyarrow.compute as pc
 from .. import __version__
 from ..config import BuildConfig, shard_settings
 from ..errors import BuildError, ConfigError, InputError
-from ..pack.packing import fill_ratio, mode, pack
+from ..pack.packing import fill_ratio, mode, pack, piece_arrays
 from .files import LEDGER, claim, fsync_dir, ledger, names_path, plain_name, rewrite_ledger
 from .manifest import MANIFEST, read_manifest
 from ..mix.recipe import Plan, plan
+from ..tokenize.arrow import as_numpy, numpy_array, string_array
 from ..tokenize.encode import CHOSEN
-from .shards import SPLITS, ShardSetWriter, numpy_array, sha256_file, string_array, write_batches
+from .shards import SPLITS, ShardSetWriter, sha256_file, write_batches
 from .store import SAMPLE_SCHEMA, Samples, Selected
 
 SAMPLES_FILE = "samples.feather"  # Arrow IPC file too, but no `*.arrow` glob meets it
@@ -325,7 +326,7 @@ def write_samples(out: Path, splits: list[tuple[str, Samples]], names: list[str]
             at = 0
             for batch in store.table_batches():
                 n = batch.num_rows
-                sid = batch.column(0).to_numpy() if origin is None else origin[at:at + n]
+                sid = as_numpy(batch.column(0)) if origin is None else origin[at:at + n]
                 source = np.searchsorted(first_ids, sid, side="right").astype(np.int32) - 1
                 yield pa.record_batch([*batch.columns,
                                        pa.DictionaryArray.from_arrays(numpy_array(source, pa.int32()), names),
@@ -493,7 +494,7 @@ def _duplicate_rejects(samples: Samples, chosen: Plan, source_of: np.ndarray, re
     at, first = {}, 0
     for chunk in samples.sources:  # the file:line of each sample named, in one pass
         a, b = np.searchsorted(wanted, [first, first + len(chunk)])
-        at.update(zip(wanted[a:b].tolist(), chunk.take(pa.array(wanted[a:b] - first, pa.int64())).to_pylist()))
+        at.update(zip(wanted[a:b].tolist(), chunk.take(numpy_array(wanted[a:b] - first, pa.int64())).to_pylist()))
         first += len(chunk)
     named = len(recipe) > 1
     out = []
@@ -563,4 +564,4 @@ def _write_shards(config: BuildConfig, out: Path, store: Samples, pad: int, spli
     rows = pack(store.lengths, max_length, config.pack.mode, config.pack.seed)
     width = max_length if mode(config.pack.mode).padded else None
     writer = ShardSetWriter(out, config.pack.shard_size, split=split)
-    return writer.write(len(rows), lambda lo, hi: store.rows_batch(rows[lo:hi], width, pad))
+    return writer.write(len(rows), lambda lo, hi: store.rows_batch(piece_arrays(rows, lo, hi), width, pad))

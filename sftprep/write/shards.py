@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import os
 import stat
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -26,6 +27,7 @@ import pyarrow as pa
 
 from ..errors import InputError
 from ..pack.packing import mode
+from ..tokenize.arrow import as_numpy, numpy_array
 from ..tokenize.labels import IGNORE_INDEX, sample_starts
 from .files import claim, names_path
 from .manifest import read_manifest, shard_path
@@ -75,8 +77,8 @@ def cu_seqlens(seq_lens: np.ndarray | list[int]) -> np.ndarray:
 def list_parts(column: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndarray]:
     """A list column as (flat values, zero-based offsets with one entry per row plus one)."""
     arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
-    offsets = arr.offsets.to_numpy().astype(np.int64)
-    return arr.flatten().to_numpy(), offsets - offsets[0]
+    offsets = as_numpy(arr.offsets).astype(np.int64)
+    return as_numpy(arr.flatten()), offsets - offsets[0]
 
 
 @dataclass(slots=True)
@@ -165,33 +167,6 @@ def shard_name(i: int, split: str = "train") -> str:
     """`shard-train-00000.arrow`, `shard-validation-00000.arrow`: `datasets.load_dataset("arrow",
     data_dir=OUT)` reads the split from the name."""
     return f"shard-{split}-{i:05d}.arrow"
-
-
-# Arrow columns are made from buffers here, never with `pa.array`, which imports pandas on first
-# use (~0.4 s, a few percent of a build).
-
-def numpy_array(values: np.ndarray, dtype: pa.DataType) -> pa.Array:
-    """A zero-copy Arrow view of a numpy array, cast to `dtype` (a number type or bool)."""
-    if dtype == pa.bool_():
-        bits = np.packbits(np.asarray(values, dtype=bool), bitorder="little")
-        return pa.Array.from_buffers(dtype, len(values), [None, pa.py_buffer(bits)])
-    values = np.ascontiguousarray(values, dtype=dtype.to_pandas_dtype())
-    return pa.Array.from_buffers(dtype, len(values), [None, pa.py_buffer(values)])
-
-
-def string_array(values: list[str]) -> pa.Array:
-    """Arrow strings from Python strings."""
-    data = [v.encode("utf-8", "backslashreplace") for v in values]
-    offsets = np.zeros(len(data) + 1, dtype=np.int64)
-    np.cumsum([len(d) for d in data], out=offsets[1:])
-    return pa.Array.from_buffers(pa.large_string(), len(data), [None, pa.py_buffer(offsets),
-                                                               pa.py_buffer(b"".join(data))]).cast(pa.string())
-
-
-def _values(column: pa.ListArray) -> np.ndarray:
-    """The int32 values of a list column as a numpy view (`to_numpy()` would import pandas)."""
-    child = column.values
-    return np.frombuffer(child.buffers()[1], np.int32, len(child), child.offset * 4)
 
 
 def _list_array(values: np.ndarray, offsets: np.ndarray, dtype: pa.DataType) -> pa.Array:
@@ -307,7 +282,9 @@ class ShardSetWriter:
 
     `write(num_rows, batch)` asks `batch(lo, hi)` for the record batch of rows `[lo, hi)` (it never spans
     two shards) and returns one manifest entry per shard: file, rows, tokens (not padding),
-    trained_tokens and sha256.
+    trained_tokens and sha256. A batch is written (hashed, copied to the file) in a second thread while
+    `batch` makes the next one, which must therefore not reuse its memory (`Samples.rows_batch` takes two
+    pairs of buffers in turn).
     """
 
     def __init__(self, out: Path, shard_size: int, batch_rows: int = WRITE_ROWS, split: str = "train") -> None:
@@ -318,12 +295,18 @@ class ShardSetWriter:
         for k, first in enumerate(range(0, num_rows, self.shard_size)):
             last = min(first + self.shard_size, num_rows)
             name, tokens, trained = shard_name(k, self.split), 0, 0
-            with shard_writer(self.out / name) as writer:
+            # the pool exits first (waiting for the last write), then the shard is closed (or discarded)
+            with shard_writer(self.out / name) as writer, ThreadPoolExecutor(1, "sftprep-shard") as pool:
+                written = None
                 for lo in range(first, last, self.batch_rows):
                     b = batch(lo, min(lo + self.batch_rows, last))
-                    writer.write(b)
-                    tokens += int(_values(b.column("seq_lens")).sum(dtype=np.int64))
-                    trained += int(np.count_nonzero(_values(b.column("labels")) != IGNORE_INDEX))
+                    tokens += int(as_numpy(b.column("seq_lens").values).sum(dtype=np.int64))
+                    trained += int(np.count_nonzero(as_numpy(b.column("labels").values) != IGNORE_INDEX))
+                    if written is not None:
+                        written.result()  # in order, and at most one batch held beside the one being made
+                    written = pool.submit(writer.write, b)
+                if written is not None:
+                    written.result()
             entries.append({"file": name, "rows": writer.rows, "tokens": tokens, "trained_tokens": trained,
                             "sha256": writer.sha256})
         return entries

@@ -2,14 +2,15 @@
 
     Encoded batches --add--> OUT/tokens.spill.{ids,labels}.tmp (int32, end to end)
                              OUT/tokens.spill.samples.tmp (the samples table, an Arrow stream, batch by batch)
-    seal() --> memory maps --rows_batch(rows of pieces)--> one Arrow record batch of shard rows
+    seal() --> the files read back --rows_batch(rows of pieces)--> one Arrow record batch of shard rows
 
 Best-fit-decreasing needs every sample's length before the first row can be written. Rather than
 holding every token in memory, each encoded batch is appended to two flat int32 files in the output
 folder (ids, labels), and its samples' id, source, length, trained count and truncation flag to a third;
-writing then copies rows out of their memory maps. What stays in memory is independent of the number
-of samples but for two compact arrays read back by `seal`: each sample's length and id (4 bytes each
-below 2**31), and where its tokens start (the running sum of the lengths).
+writing then reads each row's samples from them straight into the row's buffers (a recipe's content hashes
+read them through memory maps). What stays in memory is independent of the number of samples but for two
+compact arrays read back by `seal`: each sample's length and id (4 bytes each below 2**31), and where its
+tokens start (the running sum of the lengths).
 
 `Samples` is what packing, the shard writer and `output.write_samples` read: per-sample arrays, the samples
 table batch by batch, and `rows_batch`. `SampleStore` fills it from the encoder; `sftprep.scale.merge.MergedSamples`
@@ -22,19 +23,20 @@ import hashlib
 import mmap
 from itertools import repeat
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import BinaryIO, Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
 
-from ..pack.packing import Piece, index_array
+from ..pack.packing import PieceArrays, index_array
+from ..tokenize.arrow import as_numpy, numpy_array, string_array
 from ..tokenize.encode import Encoded
 from ..tokenize.labels import IGNORE_INDEX, mask_sample_starts
 from .files import claim, names_path
-from .shards import numpy_array, rows_batch, string_array
+from .shards import rows_batch
 
-RELEASE_PIECES = 256  # samples copied out of the spill between two releases of its pages: each page
-# fault maps up to 64 KiB around it (fault-around), so this bounds the spill pages mapped to ~32 MiB
+RELEASE_PIECES = 256  # samples read from a memory map between two releases of its pages: each page
+# fault maps up to 64 KiB around it (fault-around), so this bounds the pages mapped to ~32 MiB
 
 SAMPLE_SCHEMA = pa.schema([("sample_id", pa.int64()), ("source", pa.string()), ("num_tokens", pa.int32()),
                            ("num_trained", pa.int32()), ("truncated", pa.bool_())])
@@ -52,7 +54,7 @@ class Samples:
         self.sample_ids = np.zeros(0, np.int32)
         self.num_truncated = 0
         self.table_file: Path | None = None  # the samples table once written (`output.write_samples`)
-        self._buffers = (np.empty(0, np.int32), np.empty(0, np.int32))  # reused from batch to batch
+        self._buffers = [(np.empty(0, np.int32), np.empty(0, np.int32))] * 2  # ids, labels: taken in turn
         self._maps: list[mmap.mmap] = []  # the memory maps tokens are read from (`_release`)
 
     def __len__(self) -> int:
@@ -67,71 +69,76 @@ class Samples:
         """Every kept sample's source (file:line), in input order, one string array at a time."""
         return (batch.column(1) for batch in self.table_batches())
 
-    def rows_batch(self, rows: list[list[Piece]], width: int | None, pad: int) -> pa.RecordBatch:
-        """Shard rows (`shards.SCHEMA`) holding `rows` (lists of pieces, `packing.pack`), each padded
+    def rows_batch(self, rows: PieceArrays, width: int | None, pad: int) -> pa.RecordBatch:
+        """Shard rows (`shards.SCHEMA`) holding `rows` (their pieces: `packing.piece_arrays`), each padded
         with `pad` (label -100) to `width` tokens (None: as long as its pieces). Tokens are copied (`_copy`)
-        into two buffers reused from call to call: write the batch before the next."""
-        copies, gaps, seq_lens, row_off, seq_off = [], [], [], [0], [0]
-        cut = False
-        for row in rows:
-            dest = row_off[-1]
-            for i, a, b in row:
-                copies.append((i, a, b, dest))
-                dest += b - a
-                seq_lens.append(b - a)
-                cut = cut or a > 0
-            row_off.append(row_off[-1] + width if width else dest)
-            seq_off.append(len(seq_lens))
-            if dest < row_off[-1]:
-                gaps.append((dest, row_off[-1]))
-        n = row_off[-1]
-        if n > len(self._buffers[0]):
-            self._buffers = (np.empty(n, np.int32), np.empty(n, np.int32))
-        ids, labels = self._buffers[0][:n], self._buffers[1][:n]
-        row_off, seq_lens, seq_off = np.asarray(row_off), np.asarray(seq_lens), np.asarray(seq_off)
-        samples = np.fromiter((c[0] for c in copies), np.int64, len(copies))
-        for begin, end in gaps:
-            ids[begin:end] = pad
-            labels[begin:end] = IGNORE_INDEX
-        self._copy(copies, samples, ids, labels)
-        if cut:  # a piece past its sample's first token starts a sample in its row (wrapped packing):
-            # mask sample starts again (whole samples had theirs masked when labelled)
+        into one of two pairs of buffers, taken in turn: write a batch before asking for the one after next
+        (the shard writer writes one while the next is made)."""
+        seq_lens = rows.stop - rows.start
+        seq_off = np.concatenate([[0], np.cumsum(rows.sizes)])
+        ends = np.concatenate([[0], np.cumsum(seq_lens)])
+        used = ends[seq_off[1:]] - ends[seq_off[:-1]]  # each row's tokens
+        row_off = np.concatenate([[0], np.cumsum(np.full(len(used), width) if width else used)])
+        n = int(row_off[-1])
+        self._buffers.reverse()
+        if n > len(self._buffers[0][0]):
+            self._buffers[0] = (np.empty(n, np.int32), np.empty(n, np.int32))
+        ids, labels = self._buffers[0][0][:n], self._buffers[0][1][:n]
+        for begin, end in zip((row_off[:-1] + used).tolist(), row_off[1:].tolist()):
+            if begin < end:
+                ids[begin:end] = pad
+                labels[begin:end] = IGNORE_INDEX
+        row = np.repeat(np.arange(len(used)), rows.sizes)
+        dest = row_off[:-1][row] + ends[:-1] - ends[seq_off[:-1]][row]  # where each piece goes
+        self._copy(rows.sample, rows.start, seq_lens, dest, ids, labels)
+        if rows.start.any():  # a piece past its sample's first token starts a sample in its row (wrapped
+            # packing): mask sample starts again (whole samples had theirs masked when labelled)
             mask_sample_starts(labels, seq_lens, row_off, seq_off)
-        return rows_batch(ids, labels, row_off, seq_lens, seq_off, self.sample_ids[samples].astype(np.int64))
+        return rows_batch(ids, labels, row_off, seq_lens, seq_off, self.sample_ids[rows.sample].astype(np.int64))
 
-    def _copy(self, pieces: list[tuple[int, int, int, int]], samples: np.ndarray, ids: np.ndarray,
+    def _copy(self, samples: np.ndarray, start: np.ndarray, length: np.ndarray, dest: np.ndarray, ids: np.ndarray,
               labels: np.ndarray) -> None:
-        """Copy pieces `(sample, start, stop, dest)`, token range `[start, stop)` of a sample, into
-        `ids`/`labels` at `dest`, releasing the mapped pages read every RELEASE_PIECES pieces. Samples laid in
-        one pair of arrays (`_flat`) are gathered RELEASE_PIECES pieces at a time with numpy."""
-        flat = self._flat()
-        if flat is not None and pieces:
-            src_ids, src_labels, starts = flat
-            table = np.asarray(pieces, np.int64)
-            for lo in range(0, len(table), RELEASE_PIECES):
-                a, b, d = table[lo:lo + RELEASE_PIECES, 1:].T
-                lens = b - a
-                within = np.arange(int(lens.sum())) - np.repeat(np.cumsum(lens) - lens, lens)
-                src = np.repeat(starts[samples[lo:lo + RELEASE_PIECES]] + a, lens) + within
-                dst = np.repeat(d, lens) + within
-                ids[dst] = src_ids[src]
-                labels[dst] = src_labels[src]
-                self._release()
+        """Copy `length[k]` tokens of sample `samples[k]` from its token `start[k]` into `ids`/`labels` at
+        `dest[k]`, for every k. Samples laid in one pair of files (`_token_files`) are read straight into
+        place, with no memory map: a row gathers samples from all over the files, and mapping their pages
+        costs more than reading them (each page faulted in, then released). Otherwise they are copied from
+        the arrays `_tokens_of` names, releasing the mapped pages read every RELEASE_PIECES pieces."""
+        files = self._token_files()
+        if files is not None:
+            src_ids, src_labels, starts = files
+            src = starts[samples] + start
+            # pieces that continue each other in the files and in the rows (wrapped packing, or none) are read
+            # as one
+            heads = np.flatnonzero(np.concatenate([[True], (src[1:] != src[:-1] + length[:-1]) |
+                                                   (dest[1:] != dest[:-1] + length[:-1])]))
+            if len(heads) < len(src):
+                src, dest, length = src[heads], dest[heads], np.add.reduceat(length, heads)
+            dst_ids, dst_labels = memoryview(ids).cast("B"), memoryview(labels).cast("B")
+            got = 0
+            for s, b, d in zip((4 * src).tolist(), (4 * length).tolist(), (4 * dest).tolist()):
+                src_ids.seek(s)
+                got += src_ids.readinto(dst_ids[d:d + b])
+                src_labels.seek(s)
+                got += src_labels.readinto(dst_labels[d:d + b])
+            if got != 8 * int(length.sum()):
+                raise OSError(f"{src_ids.name} or {src_labels.name} was cut short while the build read it back")
             return
-        for k, ((_, a, b, d), (src_ids, src_labels, s)) in enumerate(zip(pieces, self._tokens_of(samples)), 1):
+        where = self._tokens_of(samples)
+        for k, (a, b, d, (src_ids, src_labels, s)) in enumerate(zip(start.tolist(), length.tolist(), dest.tolist(),
+                                                                     where), 1):
             if k % RELEASE_PIECES == 0:
                 self._release()
-            ids[d:d + b - a] = src_ids[s + a:s + b]
-            labels[d:d + b - a] = src_labels[s + a:s + b]
+            ids[d:d + b] = src_ids[s + a:s + a + b]
+            labels[d:d + b] = src_labels[s + a:s + a + b]
         self._release()
 
     def _tokens_of(self, samples: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray, int]]:
         """For each of `samples`: the token arrays it lies in, and where it starts in them."""
         raise NotImplementedError
 
-    def _flat(self) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
-        """(ids, labels, where each sample starts in them) when every sample lies in one pair of arrays, else
-        None (`_tokens_of` then says, sample by sample)."""
+    def _token_files(self) -> tuple[BinaryIO, BinaryIO, np.ndarray] | None:
+        """(ids file, labels file, where each sample starts in them, in tokens) when every sample lies in one
+        pair of unbuffered files of int32 tokens, else None (`_tokens_of` then says, sample by sample)."""
         return None
 
     def hashes(self) -> tuple[np.ndarray, np.ndarray]:
@@ -156,7 +163,7 @@ class Samples:
         parts: list[list[np.ndarray]] = [[] for _ in ks]
         for batch in self.table_batches():
             for part, k in zip(parts, ks):
-                part.append(batch.column(k).to_numpy(zero_copy_only=False))
+                part.append(as_numpy(batch.column(k)))
         return [np.concatenate(p) if p else np.zeros(0) for p in parts]
 
     def _release(self) -> None:
@@ -192,7 +199,7 @@ class Selected(Samples):
             for batch in self.base.table_batches():
                 a, b = np.searchsorted(wanted, [at, at + batch.num_rows])
                 if b > a:
-                    picked = batch.take(pa.array(wanted[a:b] - at, pa.int64()))
+                    picked = batch.take(numpy_array(wanted[a:b] - at, pa.int64()))
                     ids = numpy_array(self.sample_ids[lo + a:lo + b], pa.int64())
                     yield pa.record_batch([ids, *picked.columns[1:]], schema=picked.schema)
                 at += batch.num_rows
@@ -200,9 +207,9 @@ class Selected(Samples):
     def _tokens_of(self, samples: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray, int]]:
         return self.base._tokens_of(self.take[samples])
 
-    def _flat(self) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
-        flat = self.base._flat()
-        return None if flat is None else (flat[0], flat[1], flat[2][self.take])
+    def _token_files(self) -> tuple[BinaryIO, BinaryIO, np.ndarray] | None:
+        files = self.base._token_files()
+        return None if files is None else (files[0], files[1], files[2][self.take])
 
 
 class SampleStore(Samples):
@@ -219,14 +226,15 @@ class SampleStore(Samples):
         self.count = 0  # samples added
         self.max_id = -1  # the largest token id stored (the manifest's max_token_id bounds it)
         self._ids = self._labels = None
+        self._readers: list[BinaryIO] = []  # the ids and labels files, read back by `_copy`
         self._last_id = -1
         self.starts = np.zeros(0, np.int64)
 
     def add(self, enc: Encoded) -> None:
         with names_path(self.paths[0]):
-            self._files[0].write(np.ascontiguousarray(enc.ids, dtype=np.int32).tobytes())
+            self._files[0].write(np.ascontiguousarray(enc.ids, dtype=np.int32))
         with names_path(self.paths[1]):
-            self._files[1].write(np.ascontiguousarray(enc.labels, dtype=np.int32).tobytes())
+            self._files[1].write(np.ascontiguousarray(enc.labels, dtype=np.int32))
         with names_path(self.paths[2]):
             self._table.write_batch(pa.record_batch([
                 numpy_array(np.asarray(enc.sample_ids, np.int64), pa.int64()), string_array(enc.sources),
@@ -262,14 +270,15 @@ class SampleStore(Samples):
             maps = [np.memmap(p, dtype=np.int32, mode="r", shape=(self.total,)) for p in self.paths[:2]]
             self._maps = [m._mmap for m in maps if getattr(m, "_mmap", None) is not None]
             self._ids, self._labels = np.asarray(maps[0]), np.asarray(maps[1])
+            self._readers = [open(p, "rb", buffering=0) for p in self.paths[:2]]
         self.lengths = np.empty(self.count, np.int32)
         self.sample_ids = np.empty(self.count, index_array(self._last_id + 1))
         self.starts = np.empty(self.count, index_array(self.total))
         at, start = 0, 0
         for batch in self.table_batches():
-            lengths, n = batch.column(2).to_numpy(), batch.num_rows
+            lengths, n = as_numpy(batch.column(2)), batch.num_rows
             self.lengths[at:at + n] = lengths
-            self.sample_ids[at:at + n] = batch.column(0).to_numpy()
+            self.sample_ids[at:at + n] = as_numpy(batch.column(0))
             ends = np.cumsum(lengths, dtype=np.int64) + start
             self.starts[at:at + n] = ends - lengths
             at, start = at + n, int(ends[-1]) if n else start
@@ -277,8 +286,8 @@ class SampleStore(Samples):
     def _tokens_of(self, samples: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray, int]]:
         return zip(repeat(self._ids), repeat(self._labels), self.starts[samples].tolist())
 
-    def _flat(self) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
-        return (self._ids, self._labels, self.starts) if self._ids is not None else None
+    def _token_files(self) -> tuple[BinaryIO, BinaryIO, np.ndarray] | None:
+        return (*self._readers, self.starts) if self._readers else None
 
     def remove(self) -> None:
         for f in self._files:
@@ -286,7 +295,10 @@ class SampleStore(Samples):
                 f.close()
             except OSError:  # buffered bytes that cannot be written (disk full): the files go anyway
                 pass
+        for f in self._readers:
+            f.close()
         self._ids = self._labels = None
-        self._maps = []
+        self._maps, self._readers = [], []
         for p in self.paths:
             p.unlink(missing_ok=True)
+
