@@ -156,7 +156,8 @@ class Samples:
         parts: list[list[np.ndarray]] = [[] for _ in ks]
         for batch in self.table_batches():
             for part, k in zip(parts, ks):
-                part.append(batch.column(k).to_numpy(zero_copy_only=False))
+                # a copy: a zero-copy view would keep the whole batch (sources too) in memory until concatenated
+                part.append(np.array(batch.column(k).to_numpy(zero_copy_only=False)))
         return [np.concatenate(p) if p else np.zeros(0) for p in parts]
 
     def _release(self) -> None:
