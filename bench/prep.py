@@ -102,10 +102,13 @@ def _run_child(send, fn, args) -> None:
         send.send((False, e))
 
 
-def _cache_words() -> int:
-    from sftprep.tokenize.encode import BPE_CACHE_WORDS
+def _cache_words(tokenizer_dir: Path) -> int:
+    """The BPE word cache sftprep's builds give this tokenizer (none where the pre-tokenizer keeps texts whole)."""
+    from tokenizers import Tokenizer
 
-    return BPE_CACHE_WORDS
+    from sftprep.tokenize.encode import BPE_CACHE_WORDS, _splits_words
+
+    return BPE_CACHE_WORDS if _splits_words(Tokenizer.from_file(str(Path(tokenizer_dir) / "tokenizer.json"))) else 0
 
 
 def cpu_seconds() -> float:
@@ -151,14 +154,14 @@ def run_floor(texts: list[str], tokenizer_dir: Path, batch_sizes: list[int], cac
               ) -> dict[str, Any]:
     """Time `encode_batch` alone for each batch size (a fresh Tokenizer each, so no warm BPE cache
     from a previous variant); the floor is the fastest. `cache_words`: the BPE word cache size
-    (default: tokenizers' own, 10,000; sftprep's builds use `encode.BPE_CACHE_WORDS`)."""
+    (default: tokenizers' own, 10,000; sftprep's builds: `_cache_words`)."""
     from tokenizers import Tokenizer
 
     variants = []
     tokens = None
     for bs in batch_sizes:
         tok = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
-        if cache_words:
+        if cache_words is not None:
             tok.model._resize_cache(cache_words)
         bs = bs if bs > 0 else len(texts)
         batches = [texts[i:i + bs] for i in range(0, len(texts), bs)]
@@ -434,7 +437,7 @@ def _chat_family(a, family: str, chats: Path, tmp: Path) -> dict[str, Any] | Non
     for rep in range(a.repeat):
         fl = isolated(run_floor, texts, tok_dir, [int(x) for x in a.floor_batches.split(",") if x.strip()])
         floor = fl if floor is None or fl["seconds"] < floor["seconds"] else floor
-        fc = isolated(run_floor, texts, tok_dir, [0], _cache_words())
+        fc = isolated(run_floor, texts, tok_dir, [0], _cache_words(tok_dir))
         cached = fc if cached is None or fc["seconds"] < cached["seconds"] else cached
         r = isolated(run_chat_build, jsonl, tok_dir, a.max_length, tmp / "out")
         sft = r if sft is None or r["seconds"] < sft["seconds"] else sft
@@ -569,7 +572,7 @@ def main(argv: list[str] | None = None) -> int:
             for v in fl["variants"]:
                 if v["batch"] not in floor_best or v["seconds"] < floor_best[v["batch"]]["seconds"]:
                     floor_best[v["batch"]] = v
-            fc = isolated(run_floor, texts, a.tokenizer, [0], _cache_words())
+            fc = isolated(run_floor, texts, a.tokenizer, [0], _cache_words(a.tokenizer))
             cached = fc if cached is None or fc["seconds"] < cached["seconds"] else cached
             tried = ", ".join(f"batch {v['batch']}: {v['seconds']:.2f}s ({v['cpu']:.1f}s CPU)"
                               for v in fl["variants"])

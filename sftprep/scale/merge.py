@@ -34,6 +34,7 @@ from ..write.store import SAMPLE_SCHEMA, Samples
 # what every part of one build must agree on (besides `part.of_build`, which covers them all); a part's
 # warnings are its template's (an input with no record kept is only known, and warned of, at the merge)
 _SAME = ("template", "warnings", "max_length", "packing")
+SIDE_ROWS = 1 << 16  # samples table rows taken from the parts' maps into memory at a time
 
 
 @dataclasses.dataclass
@@ -216,19 +217,22 @@ class MergedSamples(Samples):
         if (np.diff(sid) == 0).any():
             raise InputError(f"sample id {int(sid[np.flatnonzero(np.diff(sid) == 0)[0]])} is in two parts: "
                              "the parts overlap (built from different inputs?)")
-        side = pa.concat_tables([t for t in tables if t is not None])
-        side = side.take(numpy_array(np.argsort(as_numpy(side.column("sample_id")), kind="stable"), pa.int64()))
-        if not (np.array_equal(sid, as_numpy(side.column("sample_id")))
-                and np.array_equal(length, as_numpy(side.column("num_tokens")).astype(np.int64))):
+        # the parts' samples tables stay memory-mapped: `table_batches` interleaves them a batch at a time
+        side = pa.concat_tables([t.select(SAMPLE_SCHEMA.names).cast(SAMPLE_SCHEMA) for t in tables if t is not None])
+        ids = as_numpy(side.column("sample_id"))
+        self._order = np.argsort(ids, kind="stable")
+        if not (np.array_equal(sid, ids[self._order])
+                and np.array_equal(length, as_numpy(side.column("num_tokens"))[self._order].astype(np.int64))):
             raise InputError("a part's shards and its samples file disagree (a partial copy?): check the parts "
                              "with `sftprep verify PART_DIR`")
         self.lengths = length.astype(np.int32)
         self.sample_ids = sid.astype(np.int64)
         self.num_truncated = int(np.count_nonzero(as_numpy(side.column("truncated"))))
-        self._side = side.select(SAMPLE_SCHEMA.names).cast(SAMPLE_SCHEMA)
+        self._side = side
 
     def table_batches(self) -> Iterator[pa.RecordBatch]:
-        return iter(self._side.to_batches())
+        for lo in range(0, len(self._order), SIDE_ROWS):
+            yield from self._side.take(numpy_array(self._order[lo:lo + SIDE_ROWS], pa.int64())).to_batches()
 
     def _locate(self, path: Path) -> tuple[np.ndarray, ...]:
         """(sample id, token array index, start, length) of every sample in a shard, batch by batch (each

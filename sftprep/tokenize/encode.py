@@ -36,9 +36,10 @@ from .window import Window
 # 100,000: 8.5 -> 7.4 tokenizer CPU s on 10k multi-turn chats (bench/prep.py --case chat), ~30 MB
 # more per thread. (tokenizers keeps these caches in its worker threads after the tokenizer is gone.)
 # Only where the pre-tokenizer cuts text into words: one that does not (Mistral's Metaspace, split: false)
-# hands BPE each text between special tokens whole, so the cache holds whole texts (a few KB each): at
-# 100,000 it grew a build's memory by ~250 bytes a record over its first million short records, for
-# hits on repeated texts only. Those keep tokenizers' default.
+# hands BPE each text between special tokens whole, so the cache holds whole texts: even at tokenizers'
+# default (10,000) a build's memory grew ~250 bytes a record without bound (tokenizers 0.23, Mistral, 600k
+# short records: 71 -> 175 MiB; flat at 52 MiB without the cache, and 74 s of CPU, not 86), for hits on
+# repeated texts only. Those run without a cache.
 BPE_CACHE_WORDS = 100_000
 
 CHOSEN = ("contaminated", "duplicate")
@@ -111,8 +112,8 @@ class Encoder:
                  truncate: bool = True, allow_code: bool = False) -> None:
         self.read, self.template_name = read, template.name
         self.backend = tok.backend_tokenizer
-        if hasattr(self.backend.model, "_resize_cache") and _splits_words(self.backend):  # BPE
-            self.backend.model._resize_cache(BPE_CACHE_WORDS)
+        if hasattr(self.backend.model, "_resize_cache"):  # BPE
+            self.backend.model._resize_cache(BPE_CACHE_WORDS if _splits_words(self.backend) else 0)
         self.boundaries = ByteBoundaries.of(self.backend)
         self.renderer = Renderer(template, tokenize.train_on, tok.eos_token, tok, allow_code)
         self.bos_id = tok.bos_token_id if adds_bos(tok) else None

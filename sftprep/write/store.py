@@ -163,7 +163,8 @@ class Samples:
         parts: list[list[np.ndarray]] = [[] for _ in ks]
         for batch in self.table_batches():
             for part, k in zip(parts, ks):
-                part.append(as_numpy(batch.column(k)))
+                # a copy: a view would keep the whole batch (sources too) in memory until concatenated
+                part.append(np.array(as_numpy(batch.column(k))))
         return [np.concatenate(p) if p else np.zeros(0) for p in parts]
 
     def _release(self) -> None:
