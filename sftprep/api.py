@@ -96,12 +96,15 @@ def _build(config: BuildConfig, progress: Callable[[int], None] | None) -> dict[
     def start_identity() -> None:
         identity.append(in_background(tokenizer_identity, tok, config.tokenize.tokenizer))
     try:
-        rejects, read, counts = encode_all(config, tasks, encoders, store, progress, start_identity, samples_cache)
+        read, counts = encode_all(config, tasks, encoders, store, progress, start_identity, samples_cache)
+        rejects = store.rejects
         if part is None:  # a part may hold few or no records: merge checks all parts' together
             check_rejects(config, rejects, read, out)
         store.seal()
         sources = source_entries(config, inputs, counts)
         shards, totals, extra = write_build(config, out, store, rejects, read, sources, pad, Path(config.tokenize.tokenizer))
+        # a part may hold none of an input's records: merge warns over all parts
+        empty = [] if part else empty_inputs([p for paths in inputs for p in paths], store.sources, rejects, sources)
         # --chat-template (the build's, not a source's own): the copy carries it
         chosen = [e.renderer.template_file for s, e in zip(config.recipe(), encoders)
                   if config.template.chat_template and s.template.chat_template == config.template.chat_template]
@@ -118,9 +121,8 @@ def _build(config: BuildConfig, progress: Callable[[int], None] | None) -> dict[
     identity = identity[0]() if identity else tokenizer_identity(tok, config.tokenize.tokenizer)
     manifest = build_manifest(
         config, build_id=this_build, inputs=input_info, template=_templates(config, encoders),
-        # a part may hold none of an input's records: merge warns over all parts
-        warnings=[w for e in encoders for w in e.renderer.warnings] + (samples_cache.warnings if samples_cache else []) + (
-            [] if part else empty_inputs([p for paths in inputs for p in paths], store.sources, rejects, sources)),
+        warnings=[w for e in encoders for w in e.renderer.warnings] + (samples_cache.warnings if samples_cache else [])
+        + empty,
         tokenizer={**identity, "files_sha256": tokenizer_hash, "path": TOKENIZER_DIR,
                    "source": str(tok.path.resolve()), "files": sorted(p.name for p in (out / TOKENIZER_DIR).iterdir())},
         max_token_id=max(store.max_id, pad), shards=shards, totals=totals, **extra, **({"part": part} if part else {}))

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import pyarrow as pa
 
@@ -53,10 +53,14 @@ def sources_by_id(info: pa.Table | None) -> dict[int, str]:
 
 def read_rejects(folder: Path, manifest: dict[str, Any]) -> list[dict[str, Any]]:
     """Every line of `rejects.jsonl`: a JSON object with source, reason and message."""
+    return list(iter_rejects(folder, manifest))
+
+
+def iter_rejects(folder: Path, manifest: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """The lines of `rejects.jsonl` one at a time (`read_rejects`)."""
     path = member(folder, manifest.get("rejects_file", "rejects.jsonl"), "rejects_file")
     if not path.exists():
-        return []
-    rejects = []
+        return
     with open(path, encoding="utf-8", errors="replace") as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
@@ -67,8 +71,7 @@ def read_rejects(folder: Path, manifest: dict[str, Any]) -> list[dict[str, Any]]
                 raise InputError(f"{path}:{n}: not a JSON line ({e}); the rejects file was changed after the build")
             if not isinstance(r, dict) or not all(k in r for k in ("source", "reason", "message")):
                 raise InputError(f"{path}:{n}: a reject is an object with source, reason and message")
-            rejects.append(r)
-    return rejects
+            yield r
 
 
 def source_file(source: str) -> str:

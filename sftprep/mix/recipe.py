@@ -41,17 +41,23 @@ def mix64(x: np.ndarray, salt: int) -> np.ndarray:
 class Plan:
     """What a recipe makes of the kept samples (indices into them, input order)."""
 
-    train: np.ndarray
-    """The train samples, with repeats: all first copies in input order, then the second copies..."""
-    repeat: np.ndarray
+    train: np.ndarray | None
+    """The train samples, with repeats: all first copies in input order, then the second copies... (None:
+    every sample once, in input order: `identity`)"""
+    repeat: np.ndarray | None
     """Which copy each train entry is (0: the sample itself)."""
     validation: np.ndarray
     duplicate_of: dict[int, int] = field(default_factory=dict)
     """A dropped duplicate -> the sample kept in its place."""
 
+    @classmethod
+    def identity(cls) -> Plan:
+        """Every sample once, in order: a build without choices (no array over its samples)."""
+        return cls(None, None, np.zeros(0, np.int64))
+
     def is_identity(self, n: int) -> bool:
         """Every sample once, in order, none held out: the build as it would be without a recipe."""
-        return len(self.validation) == 0 and len(self.train) == n and not self.repeat.any()
+        return self.train is None or (len(self.validation) == 0 and len(self.train) == n and not self.repeat.any())
 
 
 def plan(sources: list[Source], mix: MixConfig, seed: int, source_of: np.ndarray, key: np.ndarray,

@@ -184,7 +184,7 @@ def bfd_bins(lengths: Sequence[int], max_length: int) -> tuple[np.ndarray, np.nd
         i = int(np.argmax(lengths))  # the first sample placed of those too long
         raise ValueError(f"sample {i} has {int(lengths[i])} tokens, more than max_length={max_length}")
     # longest first, ties by index
-    order = stable_order(max_length - lengths.astype(np.int32), max_length + 1)
+    order = stable_order(np.subtract(max_length, lengths, dtype=np.int32, casting="unsafe"), max_length + 1)
     bin_of = np.empty(n, np.int32 if n < 2**31 else np.int64)  # the bin of each sample, in placement order
     fullest = 0  # bins made so far
     by_room: dict[int, list[int]] = {}  # remaining capacity -> bins with it (a stack)

@@ -11,6 +11,8 @@ manifest differs only in `config.out`, `config.workers` (as the parts were built
 from __future__ import annotations
 
 import dataclasses
+import heapq
+import itertools
 import mmap
 from pathlib import Path
 from typing import Any, Iterator
@@ -22,13 +24,14 @@ from .. import __version__
 from ..config import DEFAULT_SOURCE, BuildConfig, config_from_dict, shard_settings
 from ..errors import InputError
 from ..inspect.diff import flat_items
-from ..inspect.folder import read_rejects, read_sample_info
+from ..inspect.folder import iter_rejects, read_sample_info
 from ..tokenize.arrow import as_numpy, numpy_array
 from ..write.files import overlaps
 from ..write.manifest import MANIFEST, read_manifest, shard_path, tokenizer_dir, write_manifest
 from ..write.output import (SOURCE_KEYS, OutLock, build_key, build_manifest, check_rejects, empty_inputs, prepare_out,
                             remove_temps, write_build)
 from ..write.shards import SCHEMA, check_rows, flatten
+from ..write.rejects import Rejects
 from ..write.store import SAMPLE_SCHEMA, Samples
 
 # what every part of one build must agree on (besides `part.of_build`, which covers them all); a part's
@@ -174,10 +177,20 @@ def _whole_config(cfg: dict[str, Any], out: str | Path, overwrite: bool) -> Buil
 
 
 def _merge(parts: list[Part], config: BuildConfig, out: Path) -> dict[str, Any]:
-    first = parts[0].manifest
     samples = MergedSamples(parts)
-    rejects = sorted((r for p in parts for r in read_rejects(p.folder, p.manifest)),
-                     key=lambda r: r["sample_id"])  # in input order: sample ids are global
+    rejects = Rejects(out / "tokens.spill.rejects.tmp")  # every part's, in input order: sample ids are global
+    try:
+        return _merge_into(parts, config, out, samples, rejects)
+    finally:
+        rejects.remove()
+
+
+def _merge_into(parts: list[Part], config: BuildConfig, out: Path, samples: MergedSamples,
+                rejects: Rejects) -> dict[str, Any]:
+    first = parts[0].manifest
+    merged = heapq.merge(*(iter_rejects(p.folder, p.manifest) for p in parts), key=lambda r: r["sample_id"])
+    while batch := list(itertools.islice(merged, 10_000)):
+        rejects.add(batch)
     read = sum(p.manifest["totals"]["records_read"] for p in parts)
     check_rejects(config, rejects, read, out)
     tok = tokenizer_dir(parts[0].folder, first)

@@ -165,13 +165,13 @@ def _run_worker(item: tuple[int, int, int, Any]) -> tuple[int, int, Encoded]:
 
 def encode_all(config: BuildConfig, tasks: list[FileTask], encoders: list[Encoder], store: SampleStore,
                progress: Callable[[int], None] | None = None, started: Callable[[], None] | None = None,
-               cache_to: cache.Cache | None = None) -> tuple[list[dict[str, Any]], int, list[int]]:
+               cache_to: cache.Cache | None = None) -> tuple[int, list[int]]:
     """Encode every record of the input files (`tasks`, resolved once, by the caller) with their source's
-    encoder into `store`, files with a cache entry read from it; returns (rejects, records read, records per
-    source: the whole input's, also in a part). Files tokenized whole are written to `cache_to` as they go
+    encoder into `store` (samples and rejects), files with a cache entry read from it; returns (records read,
+    records per source: the whole input's, also in a part). Files tokenized whole are written to `cache_to` as they go
     (their `key` set). `started` is called once the first batch is stored (the next ones are in the tokenizer
     by then): work that must not delay the start begins there."""
-    rejects, read, counts = [], 0, [0] * len(encoders)
+    read, counts = 0, [0] * len(encoders)
     pool = None
     ids_only = all(e.boundaries is not None for e in encoders)
     work = _work(config, tasks, encoders, counts, BATCH_IDS_ONLY if ids_only else BATCH)
@@ -208,7 +208,6 @@ def encode_all(config: BuildConfig, tasks: list[FileTask], encoders: list[Encode
             if started is not None:  # the next batches are in the tokenizer and rendered ahead
                 started()
                 started = None
-            rejects += enc.rejects
             read += n
             if progress:
                 progress(n)
@@ -217,10 +216,7 @@ def encode_all(config: BuildConfig, tasks: list[FileTask], encoders: list[Encode
         entries.discard()
         if pool is not None:
             pool.terminate()
-    # in input order (a batch lists render rejects before label rejects), whatever the batches were,
-    # so parts merged give the same rejects.jsonl as one build
-    rejects.sort(key=lambda r: r["sample_id"])
-    return rejects, read, counts
+    return read, counts
 
 
 class _Entries:

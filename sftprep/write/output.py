@@ -37,11 +37,11 @@ from ..mix.recipe import Plan, plan
 from ..tokenize.arrow import as_numpy, numpy_array, string_array
 from ..tokenize.encode import CHOSEN
 from .shards import SPLITS, ShardSetWriter, sha256_file, write_batches
+from .rejects import REJECTS_FILE, Rejects
 from .store import SAMPLE_SCHEMA, Samples, Selected
 
 SAMPLES_FILE = "samples.feather"  # Arrow IPC file too, but no `*.arrow` glob meets it
 OLD_SAMPLES_FILE = "samples.arrow"  # older builds: still read, as their manifest names it
-REJECTS_FILE = "rejects.jsonl"
 TOKENIZER_DIR = "tokenizer"  # a copy of the build's tokenizer: the folder is usable anywhere
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                    "generation_config.json")
@@ -358,20 +358,6 @@ def copy_tokenizer(source: Path, out: Path) -> None:
     os.replace(tmp, final)
 
 
-# characters that JSON leaves raw but str.splitlines() (and so many JSON Lines readers) splits lines at
-_LINE_BREAKS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
-
-
-def write_rejects(out: Path, rejects: list[dict[str, Any]]) -> None:
-    """rejects.jsonl: one JSON object per line, under any line splitter (record text can hold U+0085...)."""
-    tmp = out / (REJECTS_FILE + ".tmp")
-    claim(out / REJECTS_FILE, tmp)
-    with names_path(out / REJECTS_FILE), open(tmp, "w", encoding="utf-8") as f:
-        for r in rejects:
-            f.write(json.dumps(r, ensure_ascii=False).translate(_LINE_BREAKS) + "\n")
-    os.replace(tmp, out / REJECTS_FILE)
-
-
 def remove_temps(out: Path) -> None:
     """Remove the build's temporary files and folders (`*.tmp` that it claimed) from `out`, after an error."""
     for name in ledger(out):
@@ -384,7 +370,7 @@ def remove_temps(out: Path) -> None:
 
 # -- the build's files, from its kept samples: used by a build and by a merge -------------------------
 
-def empty_inputs(inputs: list[Path] | list[str], sources: Iterable[pa.Array], rejects: list[dict[str, Any]],
+def empty_inputs(inputs: list[Path] | list[str], sources: Iterable[pa.Array], rejects: Rejects,
                  recipe: list[dict[str, Any]] | None = None) -> list[str]:
     """A warning per input none of whose records was kept (e.g. a glob that swept in a file of
     another format), and per named source none of whose records was: the build succeeds on the rest,
@@ -400,34 +386,35 @@ def empty_inputs(inputs: list[Path] | list[str], sources: Iterable[pa.Array], re
             continue
         dropped = [r for r in rejects if r["source"].startswith(prefixes[str(path)]) or r["source"] == str(path)]
         if dropped:
-            out.append(f"input {path}: all {len(dropped):,} records rejected ({_reasons(dropped)}); "
+            out.append(f"input {path}: all {len(dropped):,} records rejected ({_reasons(Counter(r['reason'] for r in dropped))}); "
                        f"first: {dropped[0]['message']}")
     for s in recipe if recipe and len(recipe) > 1 else []:
         lo, hi = s["first_sample_id"], s["first_sample_id"] + s["records"]
-        dropped = [r for r in rejects if lo <= r["sample_id"] < hi]
-        if s["records"] and len(dropped) == s["records"]:
-            out.append(f"source {s['name']}: all {len(dropped):,} records rejected ({_reasons(dropped)}); "
+        if s["records"] and rejects.count(lo, hi) == s["records"]:
+            dropped = [r for r in rejects if lo <= r["sample_id"] < hi]
+            out.append(f"source {s['name']}: all {len(dropped):,} records rejected ({_reasons(Counter(r['reason'] for r in dropped))}); "
                        f"first: {dropped[0]['source']}: {dropped[0]['message']}")
     return out
 
 
-def _reasons(rejects: list[dict[str, Any]]) -> str:
+def _reasons(counts: Counter) -> str:
     """`reason: count, ...`, the most frequent first."""
-    return ", ".join(f"{k}: {v}" for k, v in Counter(r["reason"] for r in rejects).most_common())
+    return ", ".join(f"{k}: {v}" for k, v in counts.most_common())
 
 
-def check_rejects(config: BuildConfig, rejects: list, read: int, out: Path) -> None:
+def check_rejects(config: BuildConfig, rejects: Rejects, read: int, out: Path) -> None:
     """Refuse a build that read no record or rejected more than `max_reject_ratio` of them (rejects.jsonl
     is written for the user to read; no manifest)."""
     if read == 0:
         raise BuildError("the inputs hold no records")
-    faults = [r for r in rejects if r["reason"] not in CHOSEN]  # contaminated records are no fault of theirs
-    ratio = len(faults) / read
+    faults = rejects.by_reason(faults_only=True)  # contaminated records are no fault of theirs
+    ratio = sum(faults.values()) / read
     if faults and ratio > config.read.max_reject_ratio:
-        write_rejects(out, rejects)
-        raise BuildError(f"{len(faults)} of {read} records rejected ({ratio:.0%} > max_reject_ratio "
-                         f"{config.read.max_reject_ratio:.0%}; {_reasons(faults)}); first: {faults[0]['source']}: "
-                         f"{faults[0]['message']}. All are listed in {out / REJECTS_FILE}")
+        rejects.write(out)
+        first = rejects.first_fault
+        raise BuildError(f"{sum(faults.values())} of {read} records rejected ({ratio:.0%} > max_reject_ratio "
+                         f"{config.read.max_reject_ratio:.0%}; {_reasons(faults)}); first: {first['source']}: "
+                         f"{first['message']}. All are listed in {out / REJECTS_FILE}")
 
 
 SOURCE_KEYS = ("name", "inputs", "first_sample_id", "records")
@@ -442,7 +429,7 @@ def source_entries(config: BuildConfig, inputs: list[list[Path]], counts: list[i
             for s, paths, first, n in zip(config.recipe(), inputs, firsts, counts)]
 
 
-def write_build(config: BuildConfig, out: Path, samples: Samples, rejects: list[dict[str, Any]], read: int,
+def write_build(config: BuildConfig, out: Path, samples: Samples, rejects: Rejects, read: int,
                 sources: list[dict[str, Any]], pad: int,
                 tokenizer: Path) -> tuple[list[dict[str, Any]], dict[str, Any], dict[str, Any]]:
     """Everything of a build but its manifest, from its kept `samples` (in input order), `rejects` and
@@ -452,30 +439,34 @@ def write_build(config: BuildConfig, out: Path, samples: Samples, rejects: list[
     manifest's totals, and its other entries (`sources`, with their accounting; `validation_shards`)."""
     first_ids = np.asarray([s["first_sample_id"] for s in sources], np.int64)
     recipe = config.recipe()
-    source_of = (np.searchsorted(first_ids, samples.sample_ids, side="right") - 1).astype(np.int32)
-    lengths = samples.lengths
     if config.part is None and _has_choices(config):
+        source_of = _source_of(first_ids, np.asarray(samples.sample_ids))
         key, exact = samples.hashes()
-        chosen = plan(recipe, config.mix, config.pack.seed, source_of, key, exact, lengths, config.dedups)
+        chosen = plan(recipe, config.mix, config.pack.seed, source_of, key, exact, samples.lengths, config.dedups)
+        del source_of, key, exact
     else:
-        chosen = Plan(np.arange(len(samples)), np.zeros(len(samples), np.int64), np.zeros(0, np.int64))
-    rejects = sorted(rejects + _duplicate_rejects(samples, chosen, source_of, recipe), key=lambda r: r["sample_id"])
-    trained, truncated = samples.columns(3, 4)  # per sample, in input order
-    truncated = truncated.astype(bool)
+        chosen = Plan.identity()
+    rejects.add(_duplicate_rejects(samples, chosen, first_ids, recipe))
+    tally = _Tally(samples, chosen, first_ids)  # before the samples table is rewritten as samples.feather
     train = samples if chosen.is_identity(len(samples)) else Selected(samples, chosen.train, chosen.repeat, read)
     splits = [("train", train)]
     if len(chosen.validation):
         splits.append(("validation", Selected(samples, chosen.validation, np.zeros(len(chosen.validation)), read)))
     written = {split: _write_shards(config, out, store, pad, split) for split, store in splits}
     write_samples(out, splits, [s.name for s in recipe], first_ids)
-    write_rejects(out, rejects)
+    rejects.write(out)
     copy_tokenizer(tokenizer, out)
-    totals = _totals(config, written["train"], len(train), int(truncated[chosen.train].sum()), rejects, read)
-    extra: dict[str, Any] = {"sources": _accounting(sources, rejects, source_of, chosen, lengths, trained, truncated)}
+    totals = _totals(config, written["train"], len(train), tally.truncated_train, rejects, read)
+    extra: dict[str, Any] = {"sources": _accounting(sources, rejects, tally)}
     if "validation" in written:
         extra["validation_shards"] = [_entry(s) for s in written["validation"]]
         totals["validation"] = {"samples": len(chosen.validation), **_sums(written["validation"])}
     return written["train"], totals, extra
+
+
+def _source_of(first_ids: np.ndarray, sample_ids: np.ndarray) -> np.ndarray:
+    """The recipe source of each sample id (sources hold consecutive ids from their `first_sample_id`)."""
+    return (np.searchsorted(first_ids, sample_ids, side="right") - 1).astype(np.int32)
 
 
 def _has_choices(config: BuildConfig) -> bool:
@@ -485,12 +476,14 @@ def _has_choices(config: BuildConfig) -> bool:
         s.mixing or s.eval_fraction or s.eval_samples for s in config.sources)
 
 
-def _duplicate_rejects(samples: Samples, chosen: Plan, source_of: np.ndarray, recipe: list) -> list[dict[str, Any]]:
+def _duplicate_rejects(samples: Samples, chosen: Plan, first_ids: np.ndarray, recipe: list) -> list[dict[str, Any]]:
     """A reject per dropped duplicate, naming the copy kept (and both sources, in a recipe)."""
     if not chosen.duplicate_of:
         return []
-    sids = samples.sample_ids
     wanted = np.asarray(sorted({i for pair in chosen.duplicate_of.items() for i in pair}), np.int64)
+    ids = samples.sample_ids[wanted]
+    sids = dict(zip(wanted.tolist(), ids.tolist()))
+    source_of = dict(zip(wanted.tolist(), _source_of(first_ids, ids).tolist()))
     at, first = {}, 0
     for chunk in samples.sources:  # the file:line of each sample named, in one pass
         a, b = np.searchsorted(wanted, [first, first + len(chunk)])
@@ -500,8 +493,8 @@ def _duplicate_rejects(samples: Samples, chosen: Plan, source_of: np.ndarray, re
     out = []
     for dup, kept in sorted(chosen.duplicate_of.items()):
         also = f" of source {recipe[source_of[kept]].name}" if named else ""
-        out.append({"sample_id": int(sids[dup]), "source": at[dup], "reason": "duplicate",
-                    "message": f"the same tokens and labels as sample {int(sids[kept])} ({at[kept]}{also}), which is "
+        out.append({"sample_id": sids[dup], "source": at[dup], "reason": "duplicate",
+                    "message": f"the same tokens and labels as sample {sids[kept]} ({at[kept]}{also}), which is "
                                "kept (--dedup none keeps every copy)",
                     **({"source_name": recipe[source_of[dup]].name, "kept_source_name": recipe[source_of[kept]].name}
                        if named else {})})
@@ -517,13 +510,13 @@ def _sums(shards: list[dict[str, Any]]) -> dict[str, int]:
 
 
 def _totals(config: BuildConfig, shards: list[dict[str, Any]], kept: int, truncated: int,
-            rejects: list[dict[str, Any]], read: int) -> dict[str, Any]:
+            rejects: Rejects, read: int) -> dict[str, Any]:
     sums = _sums(shards)
     return {
         "records_read": read,
         "samples_kept": kept,
         "samples_dropped": len(rejects),
-        "dropped_by_reason": dict(sorted(Counter(r["reason"] for r in rejects).items())),
+        "dropped_by_reason": dict(sorted(rejects.by_reason().items())),
         "samples_truncated": int(truncated),
         **sums,
         "fill_ratio": round(fill_ratio(sums["tokens"], sums["rows"], config.tokenize.max_length), 6)
@@ -531,31 +524,54 @@ def _totals(config: BuildConfig, shards: list[dict[str, Any]], kept: int, trunca
     }
 
 
-def _accounting(sources: list[dict[str, Any]], rejects: list[dict[str, Any]], source_of: np.ndarray, chosen: Plan,
-                lengths: np.ndarray, trained: np.ndarray, truncated: np.ndarray) -> list[dict[str, Any]]:
-    """Each source's entry with what became of its records: read, rejected by reason, kept (unique), held out
-    for validation, selected for training (with repeats), their tokens and trained tokens, and its share of
-    the build's trained tokens (`lengths`, `trained`, `truncated`: per kept sample, in input order)."""
-    k = len(sources)
-    alive = np.ones(len(lengths), bool)
-    alive[list(chosen.duplicate_of)] = False
-    firsts = np.asarray([s["first_sample_id"] for s in sources], np.int64)
-    reject_src = np.searchsorted(firsts, np.asarray([r["sample_id"] for r in rejects], np.int64), side="right") - 1
-    by_reason = [Counter() for _ in range(k)]
-    for r, src in zip(rejects, reject_src.tolist()):
-        by_reason[src][r["reason"]] += 1
-    train_src = source_of[chosen.train]
+class _Tally:
+    """Per recipe source, what became of its kept samples, from one pass over the samples table (no array over
+    every sample but the plan's own): kept (unique), held out for validation, selected for training (with
+    repeats), their tokens and trained tokens, truncated (of the unique ones); and the truncated samples of
+    the train split (with repeats)."""
 
-    def count(where: np.ndarray, weights: np.ndarray | None = None) -> list[int]:
-        return np.bincount(where, weights, minlength=k).astype(np.int64).tolist()
+    def __init__(self, samples: Samples, chosen: Plan, first_ids: np.ndarray) -> None:
+        k, n = len(first_ids), len(samples)
+        copies = None  # per sample, its copies in the train split (None: one each)
+        if not chosen.is_identity(n):
+            copies = np.zeros(n, np.int32)
+            runs = np.flatnonzero(np.diff(chosen.train) < 0) + 1  # ascending runs: no index twice in one
+            for lo, hi in zip([0, *runs.tolist()], [*runs.tolist(), len(chosen.train)]):
+                copies[chosen.train[lo:hi]] += 1
+        alive = np.ones(n, bool) if chosen.duplicate_of else None
+        if alive is not None:
+            alive[list(chosen.duplicate_of)] = False
+        held = np.zeros(n, bool) if len(chosen.validation) else None
+        if held is not None:
+            held[chosen.validation] = True
+        sums = np.zeros((7, k), np.int64)
+        at = 0
+        for batch in samples.table_batches():
+            m = batch.num_rows
+            src = _source_of(first_ids, as_numpy(batch.column(0)))
+            lengths, trained = as_numpy(batch.column(2)), as_numpy(batch.column(3))
+            cut = as_numpy(batch.column(4)).astype(bool)
+            w = np.ones(m, np.int64) if copies is None else copies[at:at + m].astype(np.int64)
+            live = np.ones(m, bool) if alive is None else alive[at:at + m]
+            out = np.zeros(m, bool) if held is None else held[at:at + m]
+            for row, values in enumerate((live, out, w, w * lengths, w * trained, live & cut, w * cut)):
+                sums[row] += np.bincount(src, values, minlength=k).astype(np.int64)
+            at += m
+        (self.kept, self.validation, self.selected, self.tokens, self.trained_tokens, self.truncated,
+         train_cut) = sums.tolist()
+        self.truncated_train = sum(train_cut)
 
-    kept, held, selected = count(source_of[alive]), count(source_of[chosen.validation]), count(train_src)
-    tokens, trained_tokens = count(train_src, lengths[chosen.train]), count(train_src, trained[chosen.train])
-    cut = count(source_of[alive], truncated[alive])
-    all_trained = sum(trained_tokens) or 1
-    return [{**s, "rejected": dict(sorted(by_reason[i].items())), "kept": kept[i], "validation": held[i],
-             "selected": selected[i], "tokens": tokens[i], "trained_tokens": trained_tokens[i], "truncated": cut[i],
-             "trained_share": round(trained_tokens[i] / all_trained, 6)} for i, s in enumerate(sources)]
+
+def _accounting(sources: list[dict[str, Any]], rejects: Rejects, tally: _Tally) -> list[dict[str, Any]]:
+    """Each source's entry with what became of its records: read, rejected by reason, and its `tally`
+    (kept, validation, selected, tokens, trained tokens, truncated), with its share of the build's trained
+    tokens."""
+    by_reason = rejects.by_source(np.asarray([s["first_sample_id"] for s in sources], np.int64))
+    all_trained = sum(tally.trained_tokens) or 1
+    return [{**s, "rejected": dict(sorted(by_reason[i].items())), "kept": tally.kept[i],
+             "validation": tally.validation[i], "selected": tally.selected[i], "tokens": tally.tokens[i],
+             "trained_tokens": tally.trained_tokens[i], "truncated": tally.truncated[i],
+             "trained_share": round(tally.trained_tokens[i] / all_trained, 6)} for i, s in enumerate(sources)]
 
 
 def _write_shards(config: BuildConfig, out: Path, store: Samples, pad: int, split: str) -> list[dict[str, Any]]:

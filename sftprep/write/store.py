@@ -2,6 +2,7 @@
 
     Encoded batches --add--> OUT/tokens.spill.{ids,labels}.tmp (int32, end to end)
                              OUT/tokens.spill.samples.tmp (the samples table, an Arrow stream, batch by batch)
+                             OUT/tokens.spill.rejects.tmp (the rejected records: `rejects.Rejects`)
     seal() --> the files read back --rows_batch(rows of pieces)--> one Arrow record batch of shard rows
 
 Best-fit-decreasing needs every sample's length before the first row can be written. Rather than
@@ -9,8 +10,8 @@ holding every token in memory, each encoded batch is appended to two flat int32 
 folder (ids, labels), and its samples' id, source, length, trained count and truncation flag to a third;
 writing then reads each row's samples from them straight into the row's buffers (a recipe's content hashes
 read them through memory maps). What stays in memory is independent of the number of samples but for two
-compact arrays read back by `seal`: each sample's length and id (4 bytes each below 2**31), and where its
-tokens start (the running sum of the lengths).
+compact arrays read back by `seal`: each sample's length and where its tokens start (the running sum of the
+lengths; 4 bytes each below 2**31); sample ids are held as runs of consecutive ids (`IdRuns`).
 
 `Samples` is what packing, the shard writer and `output.write_samples` read: per-sample arrays, the samples
 table batch by batch, and `rows_batch`. `SampleStore` fills it from the encoder; `sftprep.scale.merge.MergedSamples`
@@ -33,6 +34,7 @@ from ..tokenize.arrow import as_numpy, numpy_array, string_array
 from ..tokenize.encode import Encoded
 from ..tokenize.labels import IGNORE_INDEX, mask_sample_starts
 from .files import claim, names_path
+from .rejects import Rejects
 from .shards import rows_batch
 
 RELEASE_PIECES = 256  # samples read from a memory map between two releases of its pages: each page
@@ -43,11 +45,32 @@ SAMPLE_SCHEMA = pa.schema([("sample_id", pa.int64()), ("source", pa.string()), (
 """samples.feather: per kept sample, its id, source (file:line), tokens, trained tokens and truncation flag."""
 
 
+class IdRuns:
+    """Increasing sample ids held as runs of consecutive ids (a run's first position and first id): a build
+    that rejects few records holds a few numbers, not one per sample. Indexed like the int64 array it stands
+    for (`ids[k]`, `np.asarray(ids)`)."""
+
+    def __init__(self, starts: np.ndarray, firsts: np.ndarray, n: int) -> None:
+        self.starts, self.firsts, self.n = starts, firsts, n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, k):
+        k = np.asarray(k, np.int64)
+        run = np.searchsorted(self.starts, k, side="right") - 1
+        return self.firsts[run] + (k - self.starts[run])
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        ids = self[np.arange(self.n)]
+        return ids if dtype is None else ids.astype(dtype)
+
+
 class Samples:
-    """Kept samples in input order: `lengths` and `sample_ids` (compact integer arrays), `num_truncated`,
-    the samples table (`SAMPLE_SCHEMA`) batch by batch (`table_batches`) and its sources array by array
-    (`sources`), and shard rows copied out of their tokens (`rows_batch`). Subclasses say where the tokens
-    are (`_tokens_of`)."""
+    """Kept samples in input order: `lengths` (a compact integer array), `sample_ids` (one, or `IdRuns`),
+    `num_truncated`, the samples table (`SAMPLE_SCHEMA`) batch by batch (`table_batches`) and its sources array
+    by array (`sources`), and shard rows copied out of their tokens (`rows_batch`). Subclasses say where the
+    tokens are (`_tokens_of`)."""
 
     def __init__(self) -> None:
         self.lengths = np.zeros(0, np.int32)
@@ -157,16 +180,6 @@ class Samples:
         self._release()
         return key, exact
 
-    def columns(self, *ks: int) -> list[np.ndarray]:
-        """Columns `ks` of the samples table (`SAMPLE_SCHEMA`: 3 num_trained, 4 truncated), each as one array in
-        input order (a number a sample: the compact arrays a recipe's accounting reads), in one pass."""
-        parts: list[list[np.ndarray]] = [[] for _ in ks]
-        for batch in self.table_batches():
-            for part, k in zip(parts, ks):
-                # a copy: a view would keep the whole batch (sources too) in memory until concatenated
-                part.append(np.array(as_numpy(batch.column(k))))
-        return [np.concatenate(p) if p else np.zeros(0) for p in parts]
-
     def _release(self) -> None:
         """Drop the mapped pages read so far from this process's resident memory (read-only file pages:
         the kernel reads them again, from its page cache, if they are touched again). Rows gather samples
@@ -221,6 +234,7 @@ class SampleStore(Samples):
         self.paths = tuple(folder / f"{stem}.{part}.tmp" for part in ("ids", "labels", "samples"))
         claim(*self.paths)
         self._files = [open(p, "wb") for p in self.paths]
+        self.rejects = Rejects(folder / f"{stem}.rejects.tmp")  # the records encoding dropped, spilled too
         with names_path(self.paths[2]):
             self._table = pa.ipc.new_stream(self._files[2], SAMPLE_SCHEMA)
         self.total = 0
@@ -241,6 +255,7 @@ class SampleStore(Samples):
                 numpy_array(np.asarray(enc.sample_ids, np.int64), pa.int64()), string_array(enc.sources),
                 numpy_array(enc.lengths, pa.int32()), numpy_array(enc.num_trained, pa.int32()),
                 numpy_array(np.asarray(enc.truncated, bool), pa.bool_())], schema=SAMPLE_SCHEMA))
+        self.rejects.add(enc.rejects)
         self.total += len(enc.ids)
         self.count += len(enc.lengths)
         self.num_truncated += int(np.count_nonzero(enc.truncated))
@@ -273,16 +288,24 @@ class SampleStore(Samples):
             self._ids, self._labels = np.asarray(maps[0]), np.asarray(maps[1])
             self._readers = [open(p, "rb", buffering=0) for p in self.paths[:2]]
         self.lengths = np.empty(self.count, np.int32)
-        self.sample_ids = np.empty(self.count, index_array(self._last_id + 1))
         self.starts = np.empty(self.count, index_array(self.total))
-        at, start = 0, 0
+        runs: list[tuple[np.ndarray, np.ndarray]] = []  # (position, id) where a run of consecutive ids begins
+        at, start, last = 0, 0, -2
         for batch in self.table_batches():
             lengths, n = as_numpy(batch.column(2)), batch.num_rows
             self.lengths[at:at + n] = lengths
-            self.sample_ids[at:at + n] = as_numpy(batch.column(0))
             ends = np.cumsum(lengths, dtype=np.int64) + start
             self.starts[at:at + n] = ends - lengths
+            if n:
+                sid = as_numpy(batch.column(0))
+                heads = np.flatnonzero(np.diff(sid, prepend=last) != 1)
+                runs.append((heads + at, sid[heads]))
+                last = int(sid[-1])
             at, start = at + n, int(ends[-1]) if n else start
+        heads, firsts = (np.concatenate(c).astype(np.int64) for c in zip(*runs)) if runs else (np.zeros(0, np.int64),) * 2
+        self.sample_ids = IdRuns(heads, firsts, self.count)
+        if len(heads) > self.count // 4:  # ids that jump everywhere (a --part): one array is smaller
+            self.sample_ids = np.asarray(self.sample_ids).astype(index_array(self._last_id + 1))
 
     def _tokens_of(self, samples: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray, int]]:
         return zip(repeat(self._ids), repeat(self._labels), self.starts[samples].tolist())
@@ -291,6 +314,7 @@ class SampleStore(Samples):
         return (*self._readers, self.starts) if self._readers else None
 
     def remove(self) -> None:
+        self.rejects.remove()
         for f in self._files:
             try:
                 f.close()
