@@ -155,7 +155,7 @@ def _take(members: np.ndarray, lengths: np.ndarray, amount: float, samples: bool
     else:
         total = int(lengths[members].sum())
         full, left = divmod(int(round(amount)), total) if total else (0, 0)
-        cum = np.cumsum(lengths[members])
+        cum = np.cumsum(lengths[members], dtype=np.int64)
         rest = int(np.searchsorted(cum, left, side="right"))  # the longest prefix within what is left
         if rest < n and rest and (cum[rest] - left) < (left - cum[rest - 1]):
             rest += 1  # one more comes nearer

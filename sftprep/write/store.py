@@ -10,8 +10,9 @@ holding every token in memory, each encoded batch is appended to two flat int32 
 folder (ids, labels), and its samples' id, source, length, trained count and truncation flag to a third;
 writing then reads each row's samples from them straight into the row's buffers (a recipe's content hashes
 read them through memory maps). What stays in memory is independent of the number of samples but for two
-compact arrays read back by `seal`: each sample's length and where its tokens start (the running sum of the
-lengths; 4 bytes each below 2**31); sample ids are held as runs of consecutive ids (`IdRuns`).
+compact arrays read back by `seal`: each sample's length (2 bytes below 65,536 tokens) and where its tokens
+start (the running sum of the lengths; 4 bytes below 2**31); sample ids are held as runs of consecutive ids
+(`IdRuns`).
 
 `Samples` is what packing, the shard writer and `output.write_samples` read: per-sample arrays, the samples
 table batch by batch, and `rows_batch`. `SampleStore` fills it from the encoder; `sftprep.scale.merge.MergedSamples`
@@ -240,6 +241,7 @@ class SampleStore(Samples):
         self.total = 0
         self.count = 0  # samples added
         self.max_id = -1  # the largest token id stored (the manifest's max_token_id bounds it)
+        self.longest = 0  # the most tokens of a sample
         self._ids = self._labels = None
         self._readers: list[BinaryIO] = []  # the ids and labels files, read back by `_copy`
         self._last_id = -1
@@ -261,6 +263,7 @@ class SampleStore(Samples):
         self.num_truncated += int(np.count_nonzero(enc.truncated))
         if len(enc.ids):
             self.max_id = max(self.max_id, int(enc.ids.max()))
+            self.longest = max(self.longest, int(enc.lengths.max()))
         if enc.sample_ids:
             self._last_id = enc.sample_ids[-1]
 
@@ -287,7 +290,7 @@ class SampleStore(Samples):
             self._maps = [m._mmap for m in maps if getattr(m, "_mmap", None) is not None]
             self._ids, self._labels = np.asarray(maps[0]), np.asarray(maps[1])
             self._readers = [open(p, "rb", buffering=0) for p in self.paths[:2]]
-        self.lengths = np.empty(self.count, np.int32)
+        self.lengths = np.empty(self.count, np.uint16 if self.longest < 2**16 else np.int32)  # 2 bytes a sample, mostly
         self.starts = np.empty(self.count, index_array(self.total))
         runs: list[tuple[np.ndarray, np.ndarray]] = []  # (position, id) where a run of consecutive ids begins
         at, start, last = 0, 0, -2
