@@ -30,8 +30,8 @@ from ..write.files import overlaps
 from ..write.manifest import MANIFEST, read_manifest, shard_path, tokenizer_dir, write_manifest
 from ..write.output import (SOURCE_KEYS, OutLock, build_key, build_manifest, check_rejects, empty_inputs, prepare_out,
                             remove_temps, write_build)
-from ..write.shards import SCHEMA, check_rows, flatten
 from ..write.rejects import Rejects
+from ..write.shards import SCHEMA, check_rows, flatten
 from ..write.store import SAMPLE_SCHEMA, Samples
 
 # what every part of one build must agree on (besides `part.of_build`, which covers them all); a part's

@@ -35,9 +35,8 @@ from .files import LEDGER, claim, fsync_dir, ledger, names_path, plain_name, rew
 from .manifest import MANIFEST, read_manifest
 from ..mix.recipe import Plan, plan
 from ..tokenize.arrow import as_numpy, numpy_array, string_array
-from ..tokenize.encode import CHOSEN
-from .shards import SPLITS, ShardSetWriter, sha256_file, write_batches
 from .rejects import REJECTS_FILE, Rejects
+from .shards import SPLITS, ShardSetWriter, sha256_file, write_batches
 from .store import SAMPLE_SCHEMA, Samples, Selected
 
 SAMPLES_FILE = "samples.feather"  # Arrow IPC file too, but no `*.arrow` glob meets it
@@ -386,19 +385,20 @@ def empty_inputs(inputs: list[Path] | list[str], sources: Iterable[pa.Array], re
             continue
         dropped = [r for r in rejects if r["source"].startswith(prefixes[str(path)]) or r["source"] == str(path)]
         if dropped:
-            out.append(f"input {path}: all {len(dropped):,} records rejected ({_reasons(Counter(r['reason'] for r in dropped))}); "
+            out.append(f"input {path}: all {len(dropped):,} records rejected ({_reasons(dropped)}); "
                        f"first: {dropped[0]['message']}")
     for s in recipe if recipe and len(recipe) > 1 else []:
         lo, hi = s["first_sample_id"], s["first_sample_id"] + s["records"]
         if s["records"] and rejects.count(lo, hi) == s["records"]:
             dropped = [r for r in rejects if lo <= r["sample_id"] < hi]
-            out.append(f"source {s['name']}: all {len(dropped):,} records rejected ({_reasons(Counter(r['reason'] for r in dropped))}); "
+            out.append(f"source {s['name']}: all {len(dropped):,} records rejected ({_reasons(dropped)}); "
                        f"first: {dropped[0]['source']}: {dropped[0]['message']}")
     return out
 
 
-def _reasons(counts: Counter) -> str:
-    """`reason: count, ...`, the most frequent first."""
+def _reasons(rejects: Counter | list[dict[str, Any]]) -> str:
+    """`reason: count, ...` of some rejects (or their counts by reason), the most frequent first."""
+    counts = rejects if isinstance(rejects, Counter) else Counter(r["reason"] for r in rejects)
     return ", ".join(f"{k}: {v}" for k, v in counts.most_common())
 
 
