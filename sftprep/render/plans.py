@@ -74,17 +74,14 @@ class Planning:
         """`fn(subject, *args)` (a string method, or a question about the length) on the texts being
         planned, recorded: the slot or `Joined` for an operation that gives the text back, the answer
         where it is a value, the pieces of a split at separators written by the template; else refused."""
-        def question(cores: list[str]):
-            return fn(value(subject, cores), *(value(a, cores) for a in args))
-
+        question = _question(fn, subject, args)
         answer = question(self.cores)
         if answer is None or isinstance(answer, (bool, int, float)):
             return self._answered(question, answer, answer)
         text = value(subject, self.cores)
         if answer == text or answer == [text]:  # the text given back (`replace`, `split` where nothing matches)
-            same = answer == text
-            return self._answered(lambda cores: question(cores) == (value(subject, cores) if same else
-                                                                   [value(subject, cores)]), True,
+            same, get = answer == text, reader(subject)
+            return self._answered(lambda cores: question(cores) == (get(cores) if same else [get(cores)]), True,
                                   subject if same else [subject])
         if fn is str.split and isinstance(subject, Joined) and len(args) == 1 and type(args[0]) is str:
             where = _separators(subject.parts, args[0], self.cores)
@@ -152,6 +149,28 @@ def value(x: Any, cores: list[str]) -> Any:
     if isinstance(x, Joined):
         return "".join([value(p, cores) for p in x.parts])
     return x
+
+
+def reader(x: Any):
+    """`value` as a function of the cores alone, made once per question: a plan's guards are asked for
+    every conversation of its shape (Qwen3: a question per assistant turn), so what each reads is
+    resolved when it is planned, not walked again per conversation."""
+    if isinstance(x, Slot):
+        k, lead, trail = x.k, x.lead, x.trail
+        return operator.itemgetter(k) if not (lead or trail) else lambda cores: lead + cores[k] + trail
+    if isinstance(x, Joined):
+        parts = [reader(p) for p in x.parts]
+        return lambda cores: "".join([p(cores) for p in parts])
+    return lambda _cores: x
+
+
+def _question(fn, subject: _Opaque, args: tuple):
+    """`fn(subject, *args)` as a function of the cores (`reader`)."""
+    get = reader(subject)
+    if not any(isinstance(a, _Opaque) for a in args):  # the template's own strings or numbers
+        return lambda cores: fn(get(cores), *args)
+    gets = [reader(a) for a in args]
+    return lambda cores: fn(get(cores), *[g(cores) for g in gets])
 
 
 def guards_hold(guards: list[tuple], cores: list[str]) -> bool:
