@@ -380,10 +380,12 @@ def empty_inputs(inputs: list[Path] | list[str], sources: Iterable[pa.Array], re
     for chunk in sources:  # one pass: the sources are read from disk
         kept |= {path for path, ps in prefixes.items() if path not in kept and
                  any(pc.any(pc.starts_with(chunk, pattern=p)).as_py() for p in ps)}
-    for path in inputs:
-        if str(path) in kept:
-            continue
-        dropped = [r for r in rejects if r["source"].startswith(prefixes[str(path)]) or r["source"] == str(path)]
+    empty = {str(path): [] for path in inputs if str(path) not in kept}
+    for r in rejects if empty else ():  # one pass: the rejects are read from disk
+        for path, dropped in empty.items():
+            if r["source"].startswith(prefixes[path]) or r["source"] == path:
+                dropped.append(r)
+    for path, dropped in empty.items():
         if dropped:
             out.append(f"input {path}: all {len(dropped):,} records rejected ({_reasons(dropped)}); "
                        f"first: {dropped[0]['message']}")
