@@ -177,33 +177,26 @@ def _whole_config(cfg: dict[str, Any], out: str | Path, overwrite: bool) -> Buil
 
 
 def _merge(parts: list[Part], config: BuildConfig, out: Path) -> dict[str, Any]:
-    samples = MergedSamples(parts)
-    rejects = Rejects(out / "tokens.spill.rejects.tmp")  # every part's, in input order: sample ids are global
-    try:
-        return _merge_into(parts, config, out, samples, rejects)
-    finally:
-        rejects.remove()
-
-
-def _merge_into(parts: list[Part], config: BuildConfig, out: Path, samples: MergedSamples,
-                rejects: Rejects) -> dict[str, Any]:
     first = parts[0].manifest
-    merged = heapq.merge(*(iter_rejects(p.folder, p.manifest) for p in parts), key=lambda r: r["sample_id"])
-    while batch := list(itertools.islice(merged, 10_000)):
-        rejects.add(batch)
+    samples = MergedSamples(parts)
     read = sum(p.manifest["totals"]["records_read"] for p in parts)
-    check_rejects(config, rejects, read, out)
-    tok = tokenizer_dir(parts[0].folder, first)
-    if tok is None:
-        raise FileNotFoundError(f"{parts[0].folder} has no tokenizer/ folder: build the part again")
     sources = [{k: s[k] for k in SOURCE_KEYS} for s in first.get("sources") or []] or \
         [{"name": DEFAULT_SOURCE, "inputs": [i["path"] for i in first["inputs"]], "first_sample_id": 0, "records": read}]
-    shards, totals, extra = write_build(config, out, samples, rejects, read, sources, first["tokenizer"]["pad_id"], tok)
+    # every part's rejects, in input order (sample ids are global), spilled as a build's are
+    with Rejects(out / "tokens.spill.rejects.tmp") as rejects:
+        merged = heapq.merge(*(iter_rejects(p.folder, p.manifest) for p in parts), key=lambda r: r["sample_id"])
+        while batch := list(itertools.islice(merged, 10_000)):
+            rejects.add(batch)
+        check_rejects(config, rejects, read, out)
+        tok = tokenizer_dir(parts[0].folder, first)
+        if tok is None:
+            raise FileNotFoundError(f"{parts[0].folder} has no tokenizer/ folder: build the part again")
+        shards, totals, extra = write_build(config, out, samples, rejects, read, sources, first["tokenizer"]["pad_id"],
+                                            tok)
+        empty = empty_inputs([i["path"] for i in first["inputs"]], samples.sources, rejects, sources)
     manifest = build_manifest(
         config, build_id=first["part"]["of_build"], inputs=first["inputs"], template=first["template"],
-        warnings=first["warnings"] + empty_inputs([i["path"] for i in first["inputs"]], samples.sources, rejects,
-                                                  sources),
-        tokenizer=first["tokenizer"],
+        warnings=first["warnings"] + empty, tokenizer=first["tokenizer"],
         max_token_id=max(p.manifest["max_token_id"] for p in parts),  # each is max(its ids, pad): so is this
         shards=shards, totals=totals, **extra,
         merged_from={"count": len(parts), "build_ids": [p.manifest["build_id"] for p in parts]})

@@ -410,11 +410,11 @@ def check_rejects(config: BuildConfig, rejects: Rejects, read: int, out: Path) -
     if read == 0:
         raise BuildError("the inputs hold no records")
     faults = rejects.by_reason(faults_only=True)  # contaminated records are no fault of theirs
-    ratio = sum(faults.values()) / read
+    ratio = faults.total() / read
     if faults and ratio > config.read.max_reject_ratio:
         rejects.write(out)
         first = rejects.first_fault
-        raise BuildError(f"{sum(faults.values())} of {read} records rejected ({ratio:.0%} > max_reject_ratio "
+        raise BuildError(f"{faults.total()} of {read} records rejected ({ratio:.0%} > max_reject_ratio "
                          f"{config.read.max_reject_ratio:.0%}; {_reasons(faults)}); first: {first['source']}: "
                          f"{first['message']}. All are listed in {out / REJECTS_FILE}")
 

@@ -45,8 +45,8 @@ class Rejects:
         with names_path(path):
             self._file = open(path, "w", encoding="utf-8", newline="\n")
         self.ids = array("q")  # each spilled reject's sample id, in spill order
-        self._codes = array("H")  # and its reason (`self.reasons`)
-        self.reasons: list[str] = []
+        self._codes = array("H")  # and its reason's code
+        self._code: dict[str, int] = {}  # reason -> code, in order of first appearance
         self._late: list[dict[str, Any]] = []  # those that came after a later sample id (kept in memory)
         self.first_fault: dict[str, Any] | None = None  # the fault (not `CHOSEN`) of the lowest sample id
 
@@ -59,10 +59,8 @@ class Rejects:
             if self.ids and r["sample_id"] < self.ids[-1]:
                 self._late.append(r)
                 continue
-            if r["reason"] not in self.reasons:
-                self.reasons.append(r["reason"])
             self.ids.append(r["sample_id"])
-            self._codes.append(self.reasons.index(r["reason"]))
+            self._codes.append(self._code.setdefault(r["reason"], len(self._code)))
             with names_path(self.path):
                 self._file.write(reject_line(r))
 
@@ -71,8 +69,8 @@ class Rejects:
 
     def by_reason(self, faults_only: bool = False) -> Counter:
         """How many of each reason (`faults_only`: leaving out the recipe's choices, `CHOSEN`)."""
-        counts = Counter({reason: int(n) for reason, n in zip(self.reasons, np.bincount(
-            np.frombuffer(self._codes, np.uint16), minlength=len(self.reasons)))})
+        counts = Counter(dict(zip(self._code, np.bincount(np.frombuffer(self._codes, np.uint16),
+                                                          minlength=len(self._code)).tolist())))
         counts.update(r["reason"] for r in self._late)
         return Counter({k: v for k, v in counts.items() if v and not (faults_only and k in CHOSEN)})
 
@@ -82,9 +80,9 @@ class Rejects:
         ids, codes = np.frombuffer(self.ids, np.int64), np.frombuffer(self._codes, np.uint16)
         source = np.searchsorted(first_ids, ids, side="right") - 1
         for k in range(len(first_ids)):
-            for code, n in enumerate(np.bincount(codes[source == k], minlength=len(self.reasons)).tolist()):
+            for reason, n in zip(self._code, np.bincount(codes[source == k], minlength=len(self._code)).tolist()):
                 if n:
-                    out[k][self.reasons[code]] += n
+                    out[k][reason] += n
         for r in self._late:
             out[int(np.searchsorted(first_ids, r["sample_id"], side="right")) - 1][r["reason"]] += 1
         return out
@@ -113,6 +111,12 @@ class Rejects:
             for _, line in self._lines():
                 f.write(line)
         os.replace(tmp, out / REJECTS_FILE)
+
+    def __enter__(self) -> Rejects:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
 
     def remove(self) -> None:
         try:

@@ -290,9 +290,10 @@ class SampleStore(Samples):
             self._maps = [m._mmap for m in maps if getattr(m, "_mmap", None) is not None]
             self._ids, self._labels = np.asarray(maps[0]), np.asarray(maps[1])
             self._readers = [open(p, "rb", buffering=0) for p in self.paths[:2]]
-        self.lengths = np.empty(self.count, np.uint16 if self.longest < 2**16 else np.int32)  # 2 bytes a sample, mostly
+        # 2 bytes a sample below 65,536 tokens
+        self.lengths = np.empty(self.count, np.uint16 if self.longest < 2**16 else np.int32)
         self.starts = np.empty(self.count, index_array(self.total))
-        runs: list[tuple[np.ndarray, np.ndarray]] = []  # (position, id) where a run of consecutive ids begins
+        heads, firsts = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]  # where runs of consecutive ids begin
         at, start, last = 0, 0, -2
         for batch in self.table_batches():
             lengths, n = as_numpy(batch.column(2)), batch.num_rows
@@ -301,13 +302,14 @@ class SampleStore(Samples):
             self.starts[at:at + n] = ends - lengths
             if n:
                 sid = as_numpy(batch.column(0))
-                heads = np.flatnonzero(np.diff(sid, prepend=last) != 1)
-                runs.append((heads + at, sid[heads]))
+                head = np.flatnonzero(np.diff(sid, prepend=last) != 1)
+                heads.append(head + at)
+                firsts.append(sid[head])
                 last = int(sid[-1])
             at, start = at + n, int(ends[-1]) if n else start
-        heads, firsts = (np.concatenate(c).astype(np.int64) for c in zip(*runs)) if runs else (np.zeros(0, np.int64),) * 2
-        self.sample_ids = IdRuns(heads, firsts, self.count)
-        if len(heads) > self.count // 4:  # ids that jump everywhere (a --part): one array is smaller
+        self.sample_ids = IdRuns(np.concatenate(heads).astype(np.int64), np.concatenate(firsts).astype(np.int64),
+                                 self.count)
+        if len(self.sample_ids.starts) > self.count // 4:  # ids that jump everywhere (a --part): one array is smaller
             self.sample_ids = np.asarray(self.sample_ids).astype(index_array(self._last_id + 1))
 
     def _tokens_of(self, samples: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray, int]]:

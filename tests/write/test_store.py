@@ -4,6 +4,7 @@ from it carry the right sample ids whatever the gaps between them."""
 import numpy as np
 import pyarrow as pa
 
+from sftprep.pack.packing import PieceArrays
 from sftprep.tokenize.encode import Encoded
 from sftprep.write.store import SampleStore
 
@@ -56,9 +57,7 @@ def test_ids_that_jump_everywhere_are_one_compact_array(tmp_path):
         store.remove()
 
 
-def _pieces(samples: np.ndarray, lengths: np.ndarray):
-    from sftprep.pack.packing import PieceArrays
-
+def _pieces(samples: np.ndarray, lengths: np.ndarray) -> PieceArrays:
     samples = samples.astype(np.int64)
     return PieceArrays(samples, np.zeros(len(samples), np.int64), lengths[samples].astype(np.int64),
                        np.ones(len(samples), np.int64))
