@@ -80,24 +80,33 @@ def _run(config) -> None:
     _quiet(config.quantized)
     console = Console(stderr=True)
     main_rank = int(os.environ.get("RANK", "0")) == 0  # under torchrun, one rank speaks
+    result = None
     try:
         result = train(config, callbacks=[RichProgress(console)], disable_tqdm=True,
                        on_start=(lambda s: _print_start(console, s)) if main_rank else None)
     finally:
-        _leave_process_group()
+        _leave_process_group(finished=result is not None)
     if main_rank:
         _print_end(console, result)
     if result.interrupted_by:
         sys.exit(130 if result.interrupted_by == "SIGINT" else 143)
 
 
-def _leave_process_group() -> None:
-    """Under torchrun, close the job's process group before the process exits: left to the interpreter's
-    exit, gloo's threads can be torn down while still running and a rank aborts ("terminate called
-    without an active exception") after its last step, failing a run that finished."""
+def _leave_process_group(finished: bool) -> None:
+    """Under torchrun, close the job's process group while the interpreter is whole. Left to the
+    interpreter's exit, gloo's threads are torn down with it and a rank can abort ("terminate called
+    without an active exception") after its last step, failing a run that finished. The group outlives
+    `destroy_process_group` while the finished Trainer's DDP wrapper (freed only by the garbage
+    collector: the Trainer holds cycles) still references it, so: every rank done, the wrapper
+    collected, then the group destroyed, its threads joined here. (A rank that failed waits for no other.)"""
+    import gc
+
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
+        if finished:
+            dist.barrier()
+        gc.collect()
         dist.destroy_process_group()
 
 
