@@ -9,10 +9,10 @@ Best-fit-decreasing needs every sample's length before the first row can be writ
 holding every token in memory, each encoded batch is appended to two flat int32 files in the output
 folder (ids, labels), and its samples' id, source, length, trained count and truncation flag to a third;
 writing then reads each row's samples from them straight into the row's buffers (a recipe's content hashes
-read them through memory maps). What stays in memory is independent of the number of samples but for two
-compact arrays read back by `seal`: each sample's length (2 bytes below 65,536 tokens) and where its tokens
-start (the running sum of the lengths; 4 bytes below 2**31); sample ids are held as runs of consecutive ids
-(`IdRuns`).
+read them through memory maps). What stays in memory is independent of the number of samples but for one
+compact array read back by `seal`: each sample's length (2 bytes below 65,536 tokens). Where a sample's tokens
+start is the running sum of the lengths, kept for one sample in STARTS_EVERY; sample ids are held as runs of
+consecutive ids (`IdRuns`).
 
 `Samples` is what packing, the shard writer and `output.write_samples` read: per-sample arrays, the samples
 table batch by batch, and `rows_batch`. `SampleStore` fills it from the encoder; `sftprep.scale.merge.MergedSamples`
@@ -25,12 +25,12 @@ import hashlib
 import mmap
 from itertools import repeat
 from pathlib import Path
-from typing import BinaryIO, Iterable, Iterator
+from typing import BinaryIO, Callable, Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
 
-from ..pack.packing import PieceArrays, index_array
+from ..pack.packing import CHUNK, PieceArrays, index_array
 from ..tokenize.arrow import as_numpy, numpy_array, string_array
 from ..tokenize.encode import Encoded
 from ..tokenize.labels import IGNORE_INDEX, mask_sample_starts
@@ -38,6 +38,8 @@ from .files import claim, names_path
 from .rejects import Rejects
 from .shards import rows_batch
 
+STARTS_EVERY = 32  # a sample's first token is kept for one sample in STARTS_EVERY (8 bytes); the others' are summed
+# from the lengths when asked (`SampleStore.starts_of`)
 RELEASE_PIECES = 256  # samples read from a memory map between two releases of its pages: each page
 # fault maps up to 64 KiB around it (fault-around), so this bounds the pages mapped to ~32 MiB
 
@@ -129,8 +131,8 @@ class Samples:
         the arrays `_tokens_of` names, releasing the mapped pages read every RELEASE_PIECES pieces."""
         files = self._token_files()
         if files is not None:
-            src_ids, src_labels, starts = files
-            src = starts[samples] + start
+            src_ids, src_labels, starts_of = files
+            src = starts_of(samples) + start
             # pieces that continue each other in the files and in the rows (wrapped packing, or none) are read
             # as one
             heads = np.flatnonzero(np.concatenate([[True], (src[1:] != src[:-1] + length[:-1]) |
@@ -160,9 +162,10 @@ class Samples:
         """For each of `samples`: the token arrays it lies in, and where it starts in them."""
         raise NotImplementedError
 
-    def _token_files(self) -> tuple[BinaryIO, BinaryIO, np.ndarray] | None:
-        """(ids file, labels file, where each sample starts in them, in tokens) when every sample lies in one
-        pair of unbuffered files of int32 tokens, else None (`_tokens_of` then says, sample by sample)."""
+    def _token_files(self) -> tuple[BinaryIO, BinaryIO, Callable[[np.ndarray], np.ndarray]] | None:
+        """(ids file, labels file, where samples start in them, in tokens: a function of their indices) when every
+        sample lies in one pair of unbuffered files of int32 tokens, else None (`_tokens_of` then says, sample by
+        sample)."""
         return None
 
     def hashes(self) -> tuple[np.ndarray, np.ndarray]:
@@ -222,9 +225,9 @@ class Selected(Samples):
     def _tokens_of(self, samples: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray, int]]:
         return self.base._tokens_of(self.take[samples])
 
-    def _token_files(self) -> tuple[BinaryIO, BinaryIO, np.ndarray] | None:
+    def _token_files(self) -> tuple[BinaryIO, BinaryIO, Callable[[np.ndarray], np.ndarray]] | None:
         files = self.base._token_files()
-        return None if files is None else (files[0], files[1], files[2][self.take])
+        return None if files is None else (files[0], files[1], lambda samples: files[2](self.take[samples]))
 
 
 class SampleStore(Samples):
@@ -245,7 +248,7 @@ class SampleStore(Samples):
         self._ids = self._labels = None
         self._readers: list[BinaryIO] = []  # the ids and labels files, read back by `_copy`
         self._last_id = -1
-        self.starts = np.zeros(0, np.int64)
+        self._every_start = np.zeros(1, np.int64)  # the first token of samples 0, STARTS_EVERY, 2 x STARTS_EVERY...
 
     def add(self, enc: Encoded) -> None:
         with names_path(self.paths[0]):
@@ -292,14 +295,12 @@ class SampleStore(Samples):
             self._readers = [open(p, "rb", buffering=0) for p in self.paths[:2]]
         # 2 bytes a sample below 65,536 tokens
         self.lengths = np.empty(self.count, np.uint16 if self.longest < 2**16 else np.int32)
-        self.starts = np.empty(self.count, index_array(self.total))
         heads, firsts = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]  # where runs of consecutive ids begin
         at, start, last = 0, 0, -2
         for batch in self.table_batches():
             lengths, n = as_numpy(batch.column(2)), batch.num_rows
             self.lengths[at:at + n] = lengths
             ends = np.cumsum(lengths, dtype=np.int64) + start
-            self.starts[at:at + n] = ends - lengths
             if n:
                 sid = as_numpy(batch.column(0))
                 head = np.flatnonzero(np.diff(sid, prepend=last) != 1)
@@ -307,16 +308,33 @@ class SampleStore(Samples):
                 firsts.append(sid[head])
                 last = int(sid[-1])
             at, start = at + n, int(ends[-1]) if n else start
+        if self.count:
+            blocks = np.add.reduceat(self.lengths, np.arange(0, self.count, STARTS_EVERY), dtype=np.int64)
+            self._every_start = np.concatenate([[0], np.cumsum(blocks)])
         self.sample_ids = IdRuns(np.concatenate(heads).astype(np.int64), np.concatenate(firsts).astype(np.int64),
                                  self.count)
         if len(self.sample_ids.starts) > self.count // 4:  # ids that jump everywhere (a --part): one array is smaller
             self.sample_ids = np.asarray(self.sample_ids).astype(index_array(self._last_id + 1))
 
-    def _tokens_of(self, samples: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray, int]]:
-        return zip(repeat(self._ids), repeat(self._labels), self.starts[samples].tolist())
+    def starts_of(self, samples: np.ndarray) -> np.ndarray:
+        """Where each of `samples` (indices) starts in the token files: the kept start before it plus the lengths
+        between (fewer than STARTS_EVERY), summed a column at a time."""
+        samples = np.asarray(samples, np.int64)
+        block, within = np.divmod(samples, STARTS_EVERY)
+        out = self._every_start[block]
+        for j in range(1, STARTS_EVERY):
+            later = np.flatnonzero(within >= j)
+            if not len(later):
+                break
+            out[later] += self.lengths[samples[later] - within[later] + j - 1]
+        return out
 
-    def _token_files(self) -> tuple[BinaryIO, BinaryIO, np.ndarray] | None:
-        return (*self._readers, self.starts) if self._readers else None
+    def _tokens_of(self, samples: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray, int]]:
+        for lo in range(0, len(samples), CHUNK):  # a Python int per sample, but only CHUNK at a time
+            yield from zip(repeat(self._ids), repeat(self._labels), self.starts_of(samples[lo:lo + CHUNK]).tolist())
+
+    def _token_files(self) -> tuple[BinaryIO, BinaryIO, Callable[[np.ndarray], np.ndarray]] | None:
+        return (*self._readers, self.starts_of) if self._readers else None
 
     def remove(self) -> None:
         self.rejects.remove()
