@@ -296,18 +296,17 @@ class SampleStore(Samples):
         # 2 bytes a sample below 65,536 tokens
         self.lengths = np.empty(self.count, np.uint16 if self.longest < 2**16 else np.int32)
         heads, firsts = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]  # where runs of consecutive ids begin
-        at, start, last = 0, 0, -2
+        at, last = 0, -2
         for batch in self.table_batches():
-            lengths, n = as_numpy(batch.column(2)), batch.num_rows
-            self.lengths[at:at + n] = lengths
-            ends = np.cumsum(lengths, dtype=np.int64) + start
+            n = batch.num_rows
+            self.lengths[at:at + n] = as_numpy(batch.column(2))
             if n:
                 sid = as_numpy(batch.column(0))
                 head = np.flatnonzero(np.diff(sid, prepend=last) != 1)
                 heads.append(head + at)
                 firsts.append(sid[head])
                 last = int(sid[-1])
-            at, start = at + n, int(ends[-1]) if n else start
+            at += n
         if self.count:
             blocks = np.add.reduceat(self.lengths, np.arange(0, self.count, STARTS_EVERY), dtype=np.int64)
             self._every_start = np.concatenate([[0], np.cumsum(blocks)])
