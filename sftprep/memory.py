@@ -170,7 +170,7 @@ class MemoryBuild:
     # -- samples -> rows ----------------------------------------------------------------------------
     def rows(self, samples: Sequence[Sample]) -> list[dict[str, np.ndarray]]:
         """Rows as a build writes them (without the padding a collator adds): input_ids, labels, seq_lens."""
-        lengths = [len(ids) for ids, _ in samples]
+        lengths = np.asarray([len(ids) for ids, _ in samples], np.int64)  # as a build hands them: an array
         rows = []
         for row in self.packing.rows(lengths, self.max_length, self.config.pack.seed):
             seq_lens = np.array([b - a for _, a, b in row], np.int32)

@@ -112,9 +112,11 @@ class PackingMode:
     """How a packing strategy forms rows, and what a reader of its rows must know."""
 
     name: str
-    rows: Callable[[Sequence[int], int, int], Sequence[list[Piece]]]
+    rows: Callable[[np.ndarray, int, int], Sequence[list[Piece]]]
     """`rows(lengths, max_length, seed)`: every sample's tokens, placed as pieces in rows (a list of lists, or
-    `Rows`: the same held in flat arrays, for millions of samples)."""
+    `Rows`: the same held in flat arrays, for millions of samples). `lengths` is a numpy integer array, compact
+    in a build (uint16 when every sample is under 65,536 tokens): take `.tolist()` or `.astype(np.int64)`
+    before arithmetic that may leave its range (`-lengths[i]`, a sum of two lengths)."""
     padded: bool
     """Rows are padded to `max_length` (else each row is as long as what it holds)."""
     shared: bool

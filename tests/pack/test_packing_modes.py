@@ -3,6 +3,7 @@ inspected, verified, summarised and trained on like the built-in ones."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from sftprep.pack import packing
@@ -11,8 +12,9 @@ from tests.conftest import sftprep_cli
 from tests.sfttrain_helpers import SPANISH, build_shards, make_tiny_model, one_thread, train_config  # noqa: F401
 
 
-def first_fit_decreasing(lengths: list[int], max_length: int, seed: int) -> list[list[Piece]]:
+def first_fit_decreasing(lengths, max_length: int, seed: int) -> list[list[Piece]]:
     """Longest first, each sample into the first row it fits in (not the fullest, as bfd does)."""
+    lengths = lengths.tolist()  # a compact numpy array (uint16 below 65,536 tokens): Python ints for arithmetic
     rows: list[list[int]] = []
     room: list[int] = []
     for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
@@ -45,7 +47,7 @@ def test_a_new_packing_mode_is_built_inspected_verified_summarised_and_trained(t
     lengths = load(shards).column("seq_lens").to_pylist()
     samples = sorted(n for row in lengths for n in row)
     assert len(samples) == len(pairs) and all(sum(row) <= 48 for row in lengths)
-    expected = first_fit_decreasing(sorted(samples, reverse=True), 48, 0)
+    expected = first_fit_decreasing(np.asarray(sorted(samples, reverse=True)), 48, 0)
     assert sorted(len(r) for r in lengths) == sorted(len(r) for r in expected)  # rows as first-fit makes them
 
     report = verify(shards)
