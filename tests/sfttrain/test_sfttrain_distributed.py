@@ -6,7 +6,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
@@ -53,3 +52,25 @@ def test_world_size_without_a_process_group_is_refused(tmp_path, tiny_model, mon
     assert "WORLD_SIZE=2 is set but this process joined a job of 1" in result.output
     assert "torchrun" in result.output
     assert not (tmp_path / "r" / "final").exists()
+
+
+def test_leaving_the_job_frees_the_wrapper_that_holds_the_process_group(tmp_path, monkeypatch):
+    """The group must go while the interpreter is whole: a finished Trainer's DDP wrapper (kept alive by a
+    reference cycle, as the Trainer's are) holds it past `destroy_process_group`, and left to the interpreter's
+    exit gloo's threads can abort the rank. After `sfttrain run` leaves the job, no wrapper is left."""
+    import weakref
+
+    import torch
+    import torch.distributed as dist
+
+    from sfttrain.cli import _leave_process_group
+
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    wrapped = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(2, 2))
+    wrapped.cycle = {"trainer": wrapped}  # freed only by the garbage collector
+    alive = weakref.ref(wrapped)
+    del wrapped
+    assert alive() is not None
+    _leave_process_group(finished=True)
+    assert not dist.is_initialized() and alive() is None
