@@ -67,10 +67,14 @@ def test_leaving_the_job_frees_the_wrapper_that_holds_the_process_group(tmp_path
 
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
-    wrapped = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(2, 2))
-    wrapped.cycle = {"trainer": wrapped}  # freed only by the garbage collector
-    alive = weakref.ref(wrapped)
-    del wrapped
-    assert alive() is not None
-    _leave_process_group(finished=True)
-    assert not dist.is_initialized() and alive() is None
+    try:
+        wrapped = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(2, 2))
+        wrapped.cycle = {"trainer": wrapped}  # freed only by the garbage collector
+        alive = weakref.ref(wrapped)
+        del wrapped
+        assert alive() is not None
+        _leave_process_group(finished=True)
+        assert not dist.is_initialized() and alive() is None
+    finally:  # no group left behind for the tests after this one
+        if dist.is_initialized():
+            dist.destroy_process_group()
