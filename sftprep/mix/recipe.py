@@ -60,6 +60,12 @@ class Plan:
         return self.train is None or (len(self.validation) == 0 and len(self.train) == n and not self.repeat.any())
 
 
+def source_index(first_ids: np.ndarray, sample_ids) -> np.ndarray:
+    """The recipe source of each sample id: sources hold consecutive ids from their `first_sample_id`
+    (`first_ids`, ascending)."""
+    return (np.searchsorted(first_ids, sample_ids, side="right") - 1).astype(np.int32)
+
+
 def plan(sources: list[Source], mix: MixConfig, seed: int, source_of: np.ndarray, key: np.ndarray,
          exact: np.ndarray, lengths: np.ndarray, dedup: bool) -> Plan:
     """The recipe's choices for kept samples numbered 0..n-1 (see the module's docstring); `dedup`: drop

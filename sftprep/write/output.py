@@ -33,7 +33,7 @@ from ..errors import BuildError, ConfigError, InputError
 from ..pack.packing import fill_ratio, mode, pack, piece_arrays
 from .files import LEDGER, claim, fsync_dir, ledger, names_path, plain_name, rewrite_ledger
 from .manifest import MANIFEST, read_manifest
-from ..mix.recipe import Plan, plan
+from ..mix.recipe import Plan, plan, source_index
 from ..tokenize.arrow import as_numpy, numpy_array, string_array
 from .rejects import REJECTS_FILE, Rejects
 from .shards import SPLITS, ShardSetWriter, sha256_file, write_batches
@@ -326,9 +326,9 @@ def write_samples(out: Path, splits: list[tuple[str, Samples]], names: list[str]
             for batch in store.table_batches():
                 n = batch.num_rows
                 sid = as_numpy(batch.column(0)) if origin is None else origin[at:at + n]
-                source = np.searchsorted(first_ids, sid, side="right").astype(np.int32) - 1
                 yield pa.record_batch([*batch.columns,
-                                       pa.DictionaryArray.from_arrays(numpy_array(source, pa.int32()), names),
+                                       pa.DictionaryArray.from_arrays(numpy_array(source_index(first_ids, sid),
+                                                                                  pa.int32()), names),
                                        pa.DictionaryArray.from_arrays(
                                            numpy_array(np.full(n, list(SPLITS).index(split), np.int32), pa.int32()),
                                            split_names),
@@ -442,7 +442,7 @@ def write_build(config: BuildConfig, out: Path, samples: Samples, rejects: Rejec
     first_ids = np.asarray([s["first_sample_id"] for s in sources], np.int64)
     recipe = config.recipe()
     if config.part is None and _has_choices(config):
-        source_of = _source_of(first_ids, np.asarray(samples.sample_ids))
+        source_of = source_index(first_ids, np.asarray(samples.sample_ids))
         key, exact = samples.hashes()
         chosen = plan(recipe, config.mix, config.pack.seed, source_of, key, exact, samples.lengths, config.dedups)
         del source_of, key, exact
@@ -466,11 +466,6 @@ def write_build(config: BuildConfig, out: Path, samples: Samples, rejects: Rejec
     return written["train"], totals, extra
 
 
-def _source_of(first_ids: np.ndarray, sample_ids: np.ndarray) -> np.ndarray:
-    """The recipe source of each sample id (sources hold consecutive ids from their `first_sample_id`)."""
-    return (np.searchsorted(first_ids, sample_ids, side="right") - 1).astype(np.int32)
-
-
 def _has_choices(config: BuildConfig) -> bool:
     """Whether the recipe may change what a build of every kept sample, once, would write."""
     m = config.mix
@@ -485,7 +480,7 @@ def _duplicate_rejects(samples: Samples, chosen: Plan, first_ids: np.ndarray, re
     wanted = np.asarray(sorted({i for pair in chosen.duplicate_of.items() for i in pair}), np.int64)
     ids = samples.sample_ids[wanted]
     sids = dict(zip(wanted.tolist(), ids.tolist()))
-    source_of = dict(zip(wanted.tolist(), _source_of(first_ids, ids).tolist()))
+    source = dict(zip(wanted.tolist(), source_index(first_ids, ids).tolist()))
     at, first = {}, 0
     for chunk in samples.sources:  # the file:line of each sample named, in one pass
         a, b = np.searchsorted(wanted, [first, first + len(chunk)])
@@ -494,11 +489,11 @@ def _duplicate_rejects(samples: Samples, chosen: Plan, first_ids: np.ndarray, re
     named = len(recipe) > 1
     out = []
     for dup, kept in sorted(chosen.duplicate_of.items()):
-        also = f" of source {recipe[source_of[kept]].name}" if named else ""
+        also = f" of source {recipe[source[kept]].name}" if named else ""
         out.append({"sample_id": sids[dup], "source": at[dup], "reason": "duplicate",
                     "message": f"the same tokens and labels as sample {sids[kept]} ({at[kept]}{also}), which is "
                                "kept (--dedup none keeps every copy)",
-                    **({"source_name": recipe[source_of[dup]].name, "kept_source_name": recipe[source_of[kept]].name}
+                    **({"source_name": recipe[source[dup]].name, "kept_source_name": recipe[source[kept]].name}
                        if named else {})})
     return out
 
@@ -550,7 +545,7 @@ class _Tally:
         at = 0
         for batch in samples.table_batches():
             m = batch.num_rows
-            src = _source_of(first_ids, as_numpy(batch.column(0)))
+            src = source_index(first_ids, as_numpy(batch.column(0)))
             lengths, trained = as_numpy(batch.column(2)), as_numpy(batch.column(3))
             cut = as_numpy(batch.column(4)).astype(bool)
             w = np.ones(m, np.int64) if copies is None else copies[at:at + m].astype(np.int64)

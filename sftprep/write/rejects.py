@@ -20,6 +20,7 @@ from typing import Any, Iterable, Iterator
 
 import numpy as np
 
+from ..mix.recipe import source_index
 from ..tokenize.encode import CHOSEN
 from .files import claim, names_path
 
@@ -76,15 +77,13 @@ class Rejects:
 
     def by_source(self, first_ids: np.ndarray) -> list[Counter]:
         """Per recipe source (sources hold consecutive sample ids from `first_ids`), how many of each reason."""
-        out = [Counter() for _ in first_ids]
-        ids, codes = np.frombuffer(self.ids, np.int64), np.frombuffer(self._codes, np.uint16)
-        source = np.searchsorted(first_ids, ids, side="right") - 1
-        for k in range(len(first_ids)):
-            for reason, n in zip(self._code, np.bincount(codes[source == k], minlength=len(self._code)).tolist()):
-                if n:
-                    out[k][reason] += n
-        for r in self._late:
-            out[int(np.searchsorted(first_ids, r["sample_id"], side="right")) - 1][r["reason"]] += 1
+        k, m = len(first_ids), len(self._code)
+        cell = source_index(first_ids, np.frombuffer(self.ids, np.int64)).astype(np.int64) * m \
+            + np.frombuffer(self._codes, np.uint16)  # (source, reason code), one number each
+        grid = np.bincount(cell, minlength=k * m).reshape(k, m).tolist()
+        out = [Counter({reason: n for reason, n in zip(self._code, row) if n}) for row in grid]
+        for r, source in zip(self._late, source_index(first_ids, [r["sample_id"] for r in self._late]).tolist()):
+            out[source][r["reason"]] += 1
         return out
 
     def count(self, lo: int, hi: int) -> int:

@@ -206,8 +206,8 @@ class Selected(Samples):
         super().__init__()
         self.base, self.take, self.copy = base, np.asarray(take, np.int64), np.asarray(copy, np.int64)
         self.lengths = base.lengths[self.take]
-        self.sample_ids = base.sample_ids[self.take].astype(np.int64) + self.copy * stride
         self.origin = base.sample_ids[self.take].astype(np.int64)  # the id of the sample each one copies
+        self.sample_ids = self.origin + self.copy * stride
         self._maps = base._maps
 
     def table_batches(self) -> Iterator[pa.RecordBatch]:
