@@ -27,11 +27,15 @@ def _path(family: str, requested: str = "auto") -> AttentionPath:
 ROW = (200, 100, 27)
 """A packed row whose samples outlast the tiny models' window and chunk, the last two starting off the
 chunk's multiples and past 256 tokens in (where a bias computed in bf16 depends on the offset)."""
+FALCON_FUNCTIONS = model_traits(family_config("falcon").to_dict())["attention_backend"]
+"""Whether the installed transformers runs Falcon through registered attention functions (5.25 and later): then
+varlen trains Falcon, and only ALiBi's bias stops Falcon-ALiBi's packed rows."""
 REFUSED = {
     ("gemma2", "varlen"): "soft-caps attention logits",
     ("gpt_oss", "varlen"): "attention sinks",
-    ("falcon", "varlen"): "takes no registered attention function",
-    ("falcon-alibi", "varlen"): "takes no registered attention function",
+    **({("falcon-alibi", "varlen"): "transformers computes its position bias in bf16"} if FALCON_FUNCTIONS else
+       {("falcon", "varlen"): "takes no registered attention function",
+        ("falcon-alibi", "varlen"): "takes no registered attention function"}),
     ("bloom", "varlen"): "takes no registered attention function",  # (and no position ids)
     ("falcon-alibi", "positions"): "transformers computes its position bias in bf16",
     ("bloom", "positions"): "bloom models take no position ids",
@@ -159,9 +163,14 @@ def test_auto_on_a_gpu_prefers_a_varlen_kernel_and_avoids_it_for_soft_capping():
 def test_auto_on_a_gpu_avoids_varlen_for_classes_without_attention_functions_and_flash_for_chunks():
     falcon = model_traits(family_config("falcon").to_dict())
     gpu = choose_attention("auto", cuda=True, half=True, traits=falcon)
-    assert gpu.mode == "positions" and "falcon class takes no registered attention function" in gpu.why
-    with pytest.raises(ConfigError, match="takes no registered attention function"):
-        choose_attention("varlen", cuda=True, half=True, traits=falcon)
+    if FALCON_FUNCTIONS:  # transformers 5.25+: Falcon's class runs the registered function, varlen included
+        assert gpu.mode == "varlen"
+    else:
+        assert gpu.mode == "positions" and "falcon class takes no registered attention function" in gpu.why
+    bloom = model_traits(family_config("bloom").to_dict())  # a class of its own in every transformers 5
+    assert choose_attention("auto", cuda=True, half=True, traits=bloom).mode == "positions"
+    with pytest.raises(ConfigError, match="bloom class takes no registered attention function"):
+        choose_attention("varlen", cuda=True, half=True, traits=bloom)
     llama4 = model_traits(family_config("llama4_text").to_dict())
     assert choose_attention("auto", cuda=True, half=True, traits=llama4).impl == VARLEN  # it cuts the chunks
     with pytest.raises(ConfigError, match="chunked attention .* flash-attention never applies"):
